@@ -3,12 +3,17 @@ ReduceLROnPlateau, epoch timing, and the resume state."""
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from carclf.train import runs
+
+log = logging.getLogger(__name__)
 
 
 def _get_lr(model) -> float:
@@ -72,6 +77,7 @@ class ResumeState(keras.callbacks.Callback):
         self.history.append({"stage": self.stage_name, "epoch": epoch + 1,
                              **{k: float(v) for k, v in logs.items()}})
         self.model.save_weights(str(self.dir / runs.LAST_WEIGHTS))
+        save_optimizer_state(self.model.optimizer, self.dir / runs.OPTIMIZER_STATE)
         runs.write_json(self.dir / runs.STATE, {
             "stage_index": self.stage_index, "stage_epochs_done": epoch + 1 - self.offset,
             "global_epoch": epoch + 1, "best": self.best, "lr": _get_lr(self.model),
@@ -91,3 +97,33 @@ class TimeBudget(keras.callbacks.Callback):
         if time.time() >= self.deadline:
             self.expired = True
             self.model.stop_training = True
+
+
+def save_optimizer_state(optimizer, path: Path) -> None:
+    """Every optimizer variable (step count, learning rate, moments) in order, written atomically."""
+    values = {f"v{i:04d}": keras.ops.convert_to_numpy(v) for i, v in enumerate(optimizer.variables)}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **values)
+    os.replace(tmp, path)
+
+
+def restore_optimizer_state(optimizer, trainable_variables, path: Path) -> bool:
+    """Load what ``save_optimizer_state`` wrote into a freshly compiled optimizer of the same stage.
+
+    Returns False (and the optimizer stays fresh) when the file is missing or does not fit these variables.
+    """
+    if not path.is_file():
+        log.warning("no optimizer state in %s: the resumed stage starts with a fresh optimizer", path)
+        return False
+    optimizer.build(trainable_variables)
+    with np.load(path) as saved:
+        values = [saved[key] for key in sorted(saved.files)]
+    variables = optimizer.variables
+    if len(values) != len(variables) or any(tuple(v.shape) != a.shape for v, a in zip(variables, values,
+                                                                                       strict=True)):
+        log.warning("optimizer state in %s does not fit this model (%d saved variables, %d expected): "
+                    "starting the stage with a fresh optimizer", path, len(values), len(variables))
+        return False
+    for variable, value in zip(variables, values, strict=True):
+        variable.assign(value)
+    return True

@@ -22,10 +22,10 @@ from carclf.errors import FailedPrecondition
 from carclf.train import data as data_mod
 from carclf.train import evaluate, pipeline, runs
 from carclf.train.augment import Augmenter
-from carclf.train.callbacks import ExponentialDecay, ResumeState, TimeBudget, Timing
+from carclf.train.callbacks import ExponentialDecay, ResumeState, TimeBudget, Timing, restore_optimizer_state
 from carclf.train.model import build_classifier, set_trainable, transfer_weights
 from carclf.train.plots import plot_curves
-from carclf.train.recipe import OptimizerConfig, Recipe
+from carclf.train.recipe import LossConfig, OptimizerConfig, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,22 @@ def make_optimizer(config: OptimizerConfig, lr: float):
     if config.name == "sgd":
         return keras.optimizers.SGD(learning_rate=lr, momentum=config.momentum, nesterov=True)
     return keras.optimizers.Adam(learning_rate=lr, amsgrad=config.amsgrad)
+
+
+def make_loss(config: LossConfig, num_classes: int):
+    """Sparse categorical cross-entropy; with label smoothing, the same on one-hot targets."""
+    import keras
+
+    if not config.label_smoothing:
+        return "sparse_categorical_crossentropy"
+    smoothing = config.label_smoothing
+
+    def smoothed_sparse_categorical_crossentropy(y_true, y_pred):
+        ids = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
+        return keras.losses.categorical_crossentropy(keras.ops.one_hot(ids, num_classes), y_pred,
+                                                     label_smoothing=smoothing)
+
+    return smoothed_sparse_categorical_crossentropy
 
 
 @dataclass
@@ -61,7 +77,8 @@ def train(recipe: Recipe, runs_root: str | Path = "runs", run_dir: str | Path | 
 
 
 def resume(run_dir: str | Path, verbose: int | None = None, time_budget_s: float | None = None) -> Path:
-    """Continue a run from its last completed epoch (weights of that epoch; a fresh optimizer state)."""
+    """Continue a run from its last completed epoch: that epoch's weights, and the optimizer's state (step,
+    learning rate, moments) when the run stopped inside a stage."""
     path = Path(run_dir)
     state_file = path / runs.CHECKPOINTS / runs.STATE
     if not state_file.is_file() or not (path / runs.CHECKPOINTS / runs.LAST_WEIGHTS).is_file():
@@ -140,7 +157,12 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
         final_size = size
         counts = set_trainable(model, spec, stage.unfreeze, freeze_batchnorm=weights_used is not None)
         model.compile(optimizer=make_optimizer(recipe.optimizer, stage.lr),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                      loss=make_loss(recipe.loss, dataset.num_classes), metrics=["accuracy"])
+        if index == state.stage_index and state.stage_epochs_done:
+            restored = restore_optimizer_state(model.optimizer, model.trainable_variables,
+                                               run_dir / runs.CHECKPOINTS / runs.OPTIMIZER_STATE)
+            log.info("resuming stage %r after epoch %d (optimizer state %s)", stage.name, state.stage_epochs_done,
+                     "restored" if restored else "fresh")
         log.info("stage %d/%d %r: %d epochs at %d px, batch %d, lr %g, unfreeze %s (%d trainable / %d frozen "
                  "backbone layers with weights)", index + 1, len(recipe.stages), stage.name, stage.epochs, size,
                  stage.batch_size, stage.lr, stage.unfreeze, counts["trainable_layers"], counts["frozen_layers"])

@@ -86,6 +86,13 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class LossConfig:
+    """Cross-entropy on the class ids; ``label_smoothing`` moves that share of the target to the other classes."""
+
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
 class ScheduleConfig:
     """Learning-rate and stopping policy shared by all stages."""
 
@@ -110,6 +117,7 @@ class Recipe:
     head: HeadConfig = HeadConfig()
     augmentation: tuple[dict[str, Any], ...] = ()
     optimizer: OptimizerConfig = OptimizerConfig()
+    loss: LossConfig = LossConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     tta: tuple[str, ...] = ("none", "hflip", "hflip_crops")
     source: str = field(default="<memory>", compare=False)
@@ -252,6 +260,7 @@ def parse_recipe(data: Any, source: str = "<memory>") -> Recipe:
     """Build a validated Recipe from plain data (the content of a recipe YAML file)."""
     f = _Fields(data, source)
     d, s, h, o, sc = f.sub("data"), f.sub("split"), f.sub("head"), f.sub("optimizer"), f.sub("schedule")
+    lo = f.sub("loss")
     stages_raw = f.raw("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
         raise ConfigError(f"expected a non-empty list of stages, received {stages_raw!r}", source=source,
@@ -284,6 +293,7 @@ def parse_recipe(data: Any, source: str = "<memory>") -> Recipe:
         optimizer=OptimizerConfig(name=o.get("name", str, "adam", choices=OPTIMIZERS),
                                   amsgrad=o.get("amsgrad", bool, True),
                                   momentum=o.get("momentum", float, 0.9, minimum=0.0, maximum=1.0)),
+        loss=LossConfig(label_smoothing=lo.get("label_smoothing", float, 0.0, minimum=0.0, maximum=0.5)),
         schedule=ScheduleConfig(
             monitor=sc.get("monitor", str, "val_accuracy", choices=("val_accuracy", "val_loss")),
             decay_per_epoch=sc.get("decay_per_epoch", float, 0.95, minimum=0.0, maximum=1.0),
@@ -296,7 +306,7 @@ def parse_recipe(data: Any, source: str = "<memory>") -> Recipe:
         tta=tuple(tta_raw),
         source=source,
     )
-    for sub in (d, s, h, o, sc, f):
+    for sub in (d, s, h, o, lo, sc, f):
         sub.finish()
     return validate(recipe)
 

@@ -47,6 +47,7 @@ def test_run_folder_holds_everything(tiny_run):
     assert metrics["policies"]["none"]["count"] == 4
     assert (run_dir / runs.LABELS).read_text().splitlines() == list(info["class_names"])
     assert (run_dir / runs.TENSORBOARD).is_dir()
+    assert (run_dir / runs.CHECKPOINTS / runs.OPTIMIZER_STATE).is_file()  # what --resume restores mid-stage
 
 
 def test_evaluation_of_run_matches_its_metrics(tiny_run):
@@ -74,7 +75,7 @@ def test_export_reload_and_predict_from_jpeg_bytes(tiny_run, capsys):
     version = repo / "tiny" / "1"
     card = json.loads((version / "assets.extra" / contract.MODEL_CARD).read_text())
     assert card["backbone"] == "mobilenet_v2" and card["input_size"] == 48 and card["class_ids"] == ["0", "1"]
-    assert card["warmup_records"] == 4 and card["export_check_max_abs_diff"] <= 1e-4
+    assert card["warmup_records"] == 4 + 2 and card["export_check_max_abs_diff"] <= 1e-4
 
     photos = sorted((SAMPLE_DIR / "train" / "0").glob("*.jpg"))[:3]
     payload = [p.read_bytes() for p in photos]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -47,3 +49,29 @@ def test_pixels_signature_resizes_like_training(tmp_path, labels, photos):
     expected = model(tf.cast(imaging.prepare(big, TINY_SIZE), tf.float32), training=False)
     got = serve(**{contract.INPUT_PIXELS: big})[contract.OUTPUT_PROBABILITIES]
     np.testing.assert_allclose(got.numpy(), np.asarray(expected), atol=1e-5)
+
+
+def test_warmup_records_cover_both_signatures_and_replay(tmp_path, labels, photos):
+    """The exported warmup file holds JPEG requests for serving_default and prepared-pixel requests for
+    serving_pixels; the server's own warmup replays every one of them against the version."""
+    from carclf.serving.savedmodel import SavedModelServable
+    from carclf.serving.warmup import read_warmup_requests, warmup_file
+
+    payload = [p.read_bytes() for p in photos[:3]]
+    version = export_model(build_tiny_classifier(len(labels)), repository=tmp_path, name="tiny",
+                           input_size=TINY_SIZE, labels=labels, warmup_images=payload, verify_images=payload[:1])
+    requests = read_warmup_requests(warmup_file(version))
+    by_signature = {}
+    for request in requests:
+        by_signature.setdefault(request.signature_name, []).append(request.inputs)
+    assert len(by_signature[contract.SIGNATURE_BYTES]) == 3
+    assert [r[contract.INPUT_IMAGE_BYTES].tolist() for r in by_signature[contract.SIGNATURE_BYTES]] == \
+        [[data] for data in payload]
+    pixels = by_signature[contract.SIGNATURE_PIXELS]
+    assert len(pixels) == 2
+    for data, inputs in zip(payload, pixels, strict=False):
+        expected = imaging.prepare(imaging.decode_image(data), TINY_SIZE).numpy()
+        np.testing.assert_array_equal(inputs[contract.INPUT_PIXELS], expected[None])
+    card = json.loads((version / "assets.extra" / contract.MODEL_CARD).read_text())
+    assert card["warmup_records"] == len(requests) == 5
+    assert SavedModelServable("tiny", 1, version).warmup() == 5

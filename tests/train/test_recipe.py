@@ -40,6 +40,7 @@ def test_required_recipes_exist():
     (("tta",), ["none", "sideways"], "tta", "unknown TTA policy 'sideways'"),
     (("weights",), "/no/such/weights.h5", "weights", "received '/no/such/weights.h5'"),
     (("stages",), [], "stages", "non-empty list"),
+    (("loss",), {"label_smoothing": 0.9}, "loss.label_smoothing", "expected a value <= 0.5, received 0.9"),
 ])
 def test_config_errors_name_file_field_and_value(tmp_path, path, value, field, needle):
     data = tiny_recipe(tmp_path)

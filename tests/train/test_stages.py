@@ -109,3 +109,20 @@ def test_progressive_resizing_carries_every_weight(mobilenet):
     for a, b in zip(model.get_weights(), bigger.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert bigger.input_shape == (None, 48, 48, 3)
+
+
+def test_label_smoothing_loss_matches_its_definition():
+    """loss.label_smoothing = e: the target is (1 - e) on the true class plus e / K on every class."""
+    import keras
+
+    from carclf.train.loop import make_loss
+    from carclf.train.recipe import LossConfig
+
+    assert make_loss(LossConfig(), 4) == "sparse_categorical_crossentropy"
+    probabilities = np.array([[0.7, 0.1, 0.1, 0.1], [0.2, 0.5, 0.2, 0.1]], dtype="float32")
+    labels = np.array([0, 2])
+    smoothed = make_loss(LossConfig(label_smoothing=0.2), 4)
+    got = keras.ops.convert_to_numpy(smoothed(labels, probabilities))
+    targets = np.full((2, 4), 0.2 / 4) + 0.8 * np.eye(4)[labels]
+    expected = -(targets * np.log(probabilities)).sum(axis=1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
