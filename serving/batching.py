@@ -7,6 +7,11 @@ one of ``num_batch_threads`` threads once it is full or its oldest request has w
 ``batch_timeout_micros``; threads take ready batches from the queues in turn, so models interleave fairly.
 Batches are padded (repeating the first example) up to the next of ``allowed_batch_sizes``; the padding
 is dropped from the outputs.
+
+At most ``num_batch_threads`` batches run at once. A caller that can block (a gRPC handler thread, an
+in-process caller) may pass ``inline=True``: when the request would be dispatched at once anyway (batch
+timeout 0 or a full batch, nothing else waiting, a free batch slot), it runs in the caller's thread, which
+saves two thread hand-offs; the batch still counts against ``num_batch_threads`` and in the metrics.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ class BatchScheduler:
         self._queues: dict[tuple, _Queue] = {}
         self._turn = itertools.count()
         self._stopping = False
+        self._busy = 0  # batches running now, in batch threads or inline
         self._threads = [threading.Thread(target=self._work, name=f"{config.thread_pool_name}-{i}", daemon=True)
                          for i in range(config.num_batch_threads)]
         for thread in self._threads:
@@ -85,7 +91,9 @@ class BatchScheduler:
     # -- producers ---------------------------------------------------------------------------------
 
     def submit(self, servable: Servable, signature_name: str, inputs: Mapping[str, np.ndarray],
-               deadline: float | None = None) -> Future:
+               deadline: float | None = None, *, inline: bool = False) -> Future:
+        """Queue one request (or, with ``inline``, run it now in this thread when nothing would be gained by
+        queueing it); the Future gives the request's own rows of every output."""
         sizes = {array.shape[0] if array.ndim else None for array in inputs.values()}
         if None in sizes:
             raise InvalidInput("Batching Run() input tensors must have at least one dimension")
@@ -101,26 +109,54 @@ class BatchScheduler:
         with self._cond:
             if self._stopping:
                 raise Unavailable("the batch scheduler is shutting down")
-            queue = self._queues.get(key)
-            if queue is None:
-                queue = self._queues[key] = _Queue(servable, signature_name)
-            if queue.open and queue.open_size + size > self.config.max_batch_size:
-                if len(queue.closed) + 1 >= self.config.max_enqueued_batches:
-                    raise ResourceExhausted("The batch scheduling queue to which this task was submitted is full "
-                                            f"(max_enqueued_batches={self.config.max_enqueued_batches})")
-                queue.close_open()
-            if not queue.open:
-                if len(queue.closed) >= self.config.max_enqueued_batches:
-                    raise ResourceExhausted("The batch scheduling queue to which this task was submitted is full "
-                                            f"(max_enqueued_batches={self.config.max_enqueued_batches})")
-                queue.open_since = task.enqueued
-            queue.open.append(task)
-            queue.open_size += size
-            if queue.open_size >= self.config.max_batch_size:
-                queue.close_open()
-            self._cond.notify()
+            if inline and self._can_run_now(key, size):
+                self._busy += 1
+                run_now = _Queue(servable, signature_name)
+            else:
+                run_now = None
+                self._enqueue(key, servable, signature_name, task)
+                self._cond.notify()
         self.metrics.input_batch_size.observe(size)
+        if run_now is not None:
+            try:
+                self._process(run_now, [task])
+            finally:
+                self._finished()
         return task.future
+
+    def _can_run_now(self, key: tuple, size: int) -> bool:
+        """Would a batch thread take this request at once, alone? (call with the lock held)"""
+        if self._stopping or self._busy >= self.config.num_batch_threads:
+            return False
+        if self._timeout > 0 and size < self.config.max_batch_size:
+            return False  # it should wait for others to join its batch
+        return key not in self._queues and not any(q.closed or q.open for q in self._queues.values())
+
+    def _enqueue(self, key: tuple, servable: Servable, signature_name: str, task: _Task) -> None:
+        """Add ``task`` to its queue's open batch (call with the lock held)."""
+        size = task.size
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _Queue(servable, signature_name)
+        if queue.open and queue.open_size + size > self.config.max_batch_size:
+            if len(queue.closed) + 1 >= self.config.max_enqueued_batches:
+                raise ResourceExhausted("The batch scheduling queue to which this task was submitted is full "
+                                        f"(max_enqueued_batches={self.config.max_enqueued_batches})")
+            queue.close_open()
+        if not queue.open:
+            if len(queue.closed) >= self.config.max_enqueued_batches:
+                raise ResourceExhausted("The batch scheduling queue to which this task was submitted is full "
+                                        f"(max_enqueued_batches={self.config.max_enqueued_batches})")
+            queue.open_since = task.enqueued
+        queue.open.append(task)
+        queue.open_size += size
+        if queue.open_size >= self.config.max_batch_size:
+            queue.close_open()
+
+    def _finished(self) -> None:
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify_all()
 
     # -- batch threads -----------------------------------------------------------------------------
 
@@ -154,13 +190,20 @@ class BatchScheduler:
         while True:
             with self._cond:
                 while True:
+                    if self._busy >= self.config.num_batch_threads:  # every slot taken (inline runs included)
+                        self._cond.wait()
+                        continue
                     ready = self._next_batch()
                     if ready is not None:
+                        self._busy += 1
                         break
                     if self._stopping:
                         return
                     self._cond.wait(self._wait_time())
-            self._process(*ready)
+            try:
+                self._process(*ready)
+            finally:
+                self._finished()
 
     def _process(self, queue: _Queue, tasks: list[_Task]) -> None:
         now = time.perf_counter()

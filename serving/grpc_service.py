@@ -2,14 +2,18 @@
 
 Handlers only decode, call the shared core (``Predictor``, ``ModelManager``, ``apis``) and encode.
 ``GRPC_CODES`` is the one place where the product's errors become gRPC status codes.
+
+The services run on grpc's synchronous server, one handler thread per request in flight, as TF Serving's
+C++ server does: grpc's C core does the network work without the GIL, and a Predict runs in its handler
+thread whenever the batch scheduler has a free slot and nothing to merge it with (no hand-off to another
+thread and back); otherwise the handler waits for its batch.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import grpc
 from tensorflow_serving.apis import (
@@ -29,7 +33,7 @@ from carclf.serving.config import BasePathResolver, models_config_from_proto
 from carclf.serving.gate import RequestGate
 from carclf.serving.manager import ModelManager
 from carclf.serving.metrics import ServingMetrics
-from carclf.serving.predictor import Predictor, result_of
+from carclf.serving.predictor import Predictor, wait
 from carclf.serving.tensors import fill_proto, to_ndarray
 from carclf.serving.validation import DEFAULT_SIGNATURE
 
@@ -56,9 +60,13 @@ def _version_choice(spec) -> tuple[int | None, str | None]:
     return None, None
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+#: grpc reports "no deadline" as a huge remaining time (or None); anything longer is no deadline.
+NO_DEADLINE_S = 1e8
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
     remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
+    return None if remaining is None or remaining > NO_DEADLINE_S else time.monotonic() + remaining
 
 
 class _Guarded:
@@ -67,18 +75,18 @@ class _Guarded:
     def __init__(self, gate: RequestGate, metrics: ServingMetrics):
         self._gate, self._metrics = gate, metrics
 
-    async def _guard(self, context, model_name: str, api: str | None, body: Callable[[dict], Awaitable]):
+    def _guard(self, context, model_name: str, api: str | None, body: Callable[[dict], object]):
         try:
             with self._gate.request():
                 if api is None:
-                    return await body({})
+                    return body({})
                 with self._metrics.track(model_name, api, ENTRYPOINT) as info:
-                    return await body(info)
+                    return body(info)
         except CarClfError as exc:
-            await context.abort(grpc_code(exc), exc.message)
+            context.abort(grpc_code(exc), exc.message)
         except Exception as exc:  # noqa: BLE001 - never leak a traceback to the client
             log.exception("%s failed", api)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer, _Guarded):
@@ -86,10 +94,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer, _
         _Guarded.__init__(self, gate, predictor.metrics)
         self._predictor = predictor
 
-    async def Predict(self, request: predict_pb2.PredictRequest, context):  # noqa: N802 - gRPC method name
+    def Predict(self, request: predict_pb2.PredictRequest, context):  # noqa: N802 - gRPC method name
         spec = request.model_spec
 
-        async def body(info: dict):
+        def body(info: dict):
             if not request.HasField("model_spec"):
                 raise InvalidInput("Missing ModelSpec")
             version, label = _version_choice(spec)
@@ -102,50 +110,51 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer, _
                 lease.release()
                 raise
             future = self._predictor.submit(lease, spec.signature_name, inputs,
-                                            output_filter=list(request.output_filter), deadline=deadline)
-            result = await result_of(future, deadline)
+                                            output_filter=list(request.output_filter), deadline=deadline,
+                                            inline=True)
+            result = wait(future, deadline)
             response = predict_pb2.PredictResponse()
             apis.fill_model_spec(response.model_spec, result.model_name, result.version, result.signature_name)
             for name, array in result.outputs.items():
                 fill_proto(response.outputs[name], array)
             return response
 
-        return await self._guard(context, spec.name, "Predict", body)
+        return self._guard(context, spec.name, "Predict", body)
 
-    async def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest, context):  # noqa: N802
+    def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest, context):  # noqa: N802
         spec = request.model_spec
 
-        async def body(info: dict):
+        def body(info: dict):
             if not request.HasField("model_spec"):
                 raise InvalidInput("Missing ModelSpec")
             with self._predictor.acquire(spec.name, *_version_choice(spec)) as lease:
                 info["version"] = lease.version
                 return apis.metadata_response(lease, list(request.metadata_field))
 
-        return await self._guard(context, spec.name, "GetModelMetadata", body)
+        return self._guard(context, spec.name, "GetModelMetadata", body)
 
-    async def Classify(self, request: classification_pb2.ClassificationRequest, context):  # noqa: N802
-        return await self._guard(context, request.model_spec.name, "Classify",
+    def Classify(self, request: classification_pb2.ClassificationRequest, context):  # noqa: N802
+        return self._guard(context, request.model_spec.name, "Classify",
                                  lambda info: self._unsupported(request.model_spec, CLASSIFY_METHOD, info))
 
-    async def Regress(self, request: regression_pb2.RegressionRequest, context):  # noqa: N802
-        return await self._guard(context, request.model_spec.name, "Regress",
+    def Regress(self, request: regression_pb2.RegressionRequest, context):  # noqa: N802
+        return self._guard(context, request.model_spec.name, "Regress",
                                  lambda info: self._unsupported(request.model_spec, REGRESS_METHOD, info))
 
-    async def MultiInference(self, request: inference_pb2.MultiInferenceRequest, context):  # noqa: N802
-        async def body(info: dict):
+    def MultiInference(self, request: inference_pb2.MultiInferenceRequest, context):  # noqa: N802
+        def body(info: dict):
             if not request.tasks:
                 raise InvalidInput("MultiInferenceRequest has no tasks")
             names = {task.model_spec.name for task in request.tasks}
             if len(names) != 1:
                 raise InvalidInput("All ModelSpecs in a MultiInferenceRequest must access the same model name")
             for task in request.tasks:
-                await self._unsupported(task.model_spec, task.method_name, info)
+                self._unsupported(task.model_spec, task.method_name, info)
 
         model = request.tasks[0].model_spec.name if request.tasks else ""
-        return await self._guard(context, model, "MultiInference", body)
+        return self._guard(context, model, "MultiInference", body)
 
-    async def _unsupported(self, spec, method: str, info: dict):
+    def _unsupported(self, spec, method: str, info: dict):
         """What TF Serving answers for a model whose signatures are all Predict signatures."""
         with self._predictor.acquire(spec.name, *_version_choice(spec)) as lease:
             info["version"] = lease.version
@@ -167,27 +176,27 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer, _Guarded):
         _Guarded.__init__(self, gate, metrics)
         self._manager, self._resolver = manager, resolver
 
-    async def GetModelStatus(self, request, context):  # noqa: N802
-        async def body(_info: dict):
+    def GetModelStatus(self, request, context):  # noqa: N802
+        def body(_info: dict):
             if not request.HasField("model_spec"):
                 raise InvalidInput("Missing ModelSpec")
             spec = request.model_spec
             return apis.status_response(self._manager, spec.name, *_version_choice(spec))
 
-        return await self._guard(context, request.model_spec.name, None, body)
+        return self._guard(context, request.model_spec.name, None, body)
 
-    async def HandleReloadConfigRequest(self, request: model_management_pb2.ReloadConfigRequest, context):  # noqa: N802
-        async def body(_info: dict):
+    def HandleReloadConfigRequest(self, request: model_management_pb2.ReloadConfigRequest, context):  # noqa: N802
+        def body(_info: dict):
             if request.config.WhichOneof("config") != "model_config_list":
                 raise InvalidInput("ServerModelConfig type not supported by HandleReloadConfigRequest. Only "
                                    "ModelConfigList is currently supported")
             config = models_config_from_proto(request.config, self._resolver, source="HandleReloadConfigRequest")
-            await asyncio.get_running_loop().run_in_executor(None, self._manager.apply_config, config)
+            self._manager.apply_config(config)
             response = model_management_pb2.ReloadConfigResponse()
             response.status.error_code = 0
             return response
 
-        return await self._guard(context, "", None, body)
+        return self._guard(context, "", None, body)
 
 
 class _Unparsable:
@@ -197,12 +206,12 @@ class _Unparsable:
         self.message = message
 
 
-class UnparsableRequestInterceptor(grpc.aio.ServerInterceptor):
+class UnparsableRequestInterceptor(grpc.ServerInterceptor):
     """A unary request whose bytes are not a valid protobuf gets INVALID_ARGUMENT naming the method
     (grpc-python would answer UNKNOWN from its own deserializer, with a traceback in the server log)."""
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
             return handler
         parse, behaviour, method = handler.request_deserializer, handler.unary_unary, handler_call_details.method
@@ -214,16 +223,16 @@ class UnparsableRequestInterceptor(grpc.aio.ServerInterceptor):
                 return _Unparsable(f"{method}: the request is not a valid protobuf message "
                                    f"({type(exc).__name__}: {exc})")
 
-        async def call(request, context):
+        def call(request, context):
             if isinstance(request, _Unparsable):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-            return await behaviour(request, context)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return behaviour(request, context)
 
         return grpc.unary_unary_rpc_method_handler(call, request_deserializer=deserialize,
                                                    response_serializer=handler.response_serializer)
 
 
-def add_services(server: grpc.aio.Server, predictor: Predictor, manager: ModelManager, resolver: BasePathResolver,
+def add_services(server: grpc.Server, predictor: Predictor, manager: ModelManager, resolver: BasePathResolver,
                  gate: RequestGate, *, health=None) -> None:
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(predictor, gate), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(

@@ -118,7 +118,12 @@ class ServerOptions:
         return Path(DEFAULT_MODEL_REPOSITORY)
 
     def worker_threads(self) -> int:
-        return self.grpc_max_threads or self.rest_api_num_threads or max(8, 2 * (os.cpu_count() or 1))
+        """Threads that run unbatched REST predictions (and other blocking work off the REST loop)."""
+        return self.rest_api_num_threads or max(8, 2 * (os.cpu_count() or 1))
+
+    def grpc_threads(self) -> int:
+        """gRPC handler threads: requests in flight over gRPC beyond this wait in grpc's queue."""
+        return self.grpc_max_threads or max(16, 4 * (os.cpu_count() or 1))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,9 +155,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="how many times each warmup record is replayed")
     flag("--rest_api_timeout_in_ms", type=int, default=d.rest_api_timeout_in_ms, help="REST request deadline")
     flag("--rest_api_num_threads", type=int, default=d.rest_api_num_threads,
-         help="worker threads for unbatched requests (0: automatic)")
+         help="worker threads for unbatched REST requests (0: max(8, 2 x cores))")
     flag("--grpc_max_threads", type=int, default=d.grpc_max_threads,
-         help="worker threads for unbatched requests (0: automatic)")
+         help="gRPC handler threads, the gRPC requests served at once (0: max(16, 4 x cores))")
     flag("--tensorflow_intra_op_parallelism", type=int, default=d.tensorflow_intra_op_parallelism,
          help="TF intra-op threads (0: TF's default)")
     flag("--tensorflow_inter_op_parallelism", type=int, default=d.tensorflow_inter_op_parallelism,

@@ -91,13 +91,14 @@ class Predictor:
         inline: bool = False,
     ) -> Future:
         """Start the prediction; the returned Future gives a PredictResult. Owns ``lease`` (released when
-        the Future completes). ``inline`` runs an unbatched request in the calling thread."""
+        the Future completes). ``inline`` lets the request run in the calling thread (a thread that may block):
+        always when unbatched, and when batched if the scheduler would start its batch at once anyway."""
         try:
             servable = lease.servable
             signature = servable.validate(signature_name or DEFAULT_SIGNATURE, inputs, output_filter)
             name = signature.name
             if self.batcher is not None and servable.batchable:
-                raw = self.batcher.submit(servable, name, inputs, deadline)
+                raw = self.batcher.submit(servable, name, inputs, deadline, inline=inline)
                 result: Future = Future()
                 raw.add_done_callback(lambda done: _chain(done, result, lease, name, output_filter))
                 return result
@@ -172,8 +173,11 @@ async def result_of(future: Future, deadline: float | None) -> PredictResult:
     """Await a prediction Future from an event loop, honouring an absolute monotonic deadline."""
     import asyncio
 
-    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    waiter = asyncio.wrap_future(future)  # cancelling it (on timeout) cancels ``future`` too
     try:
-        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        if deadline is None:
+            return await waiter
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):  # lighter than wait_for
+            return await waiter
     except TimeoutError:
         raise DeadlineExceeded("deadline exceeded while waiting for the prediction") from None

@@ -10,7 +10,8 @@
     server.stop()                             # drain in-flight requests, then shut down
 
 Startup mirrors tensorflow_model_server: models are loaded (warmup included) before the ports open.
-One asyncio loop (its own thread) runs both transports; TensorFlow runs in the batch threads or in a
+gRPC runs on grpc's synchronous server: a Predict runs in its handler thread (or waits there for its
+batch). REST runs on one asyncio loop in its own thread; its predictions run in the batch threads or a
 worker pool, never on the loop. ``stop`` (and SIGTERM in ``carclf serve``) refuses new requests with
 UNAVAILABLE, lets in-flight ones finish (up to ``--drain_timeout_seconds``) and then shuts down.
 """
@@ -104,6 +105,7 @@ class ModelServer:
         self._start_error: BaseException | None = None
         self._stop_transports: asyncio.Event | None = None
         self._health = None
+        self._grpc_server = None
         self._poller: threading.Thread | None = None
         self._stop_polling = threading.Event()
         self._stopped = threading.Event()
@@ -171,6 +173,7 @@ class ModelServer:
     # -- transports --------------------------------------------------------------------------------
 
     def _start_transports(self) -> None:
+        self._start_grpc()
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._run_loop, name="carclf-serving-loop", daemon=True)
         self._loop_thread.start()
@@ -185,34 +188,40 @@ class ModelServer:
         finally:
             self._loop.close()
 
-    async def _serve(self) -> None:
+    def _start_grpc(self) -> None:
         import grpc
 
         from carclf.serving.grpc_service import UnparsableRequestInterceptor, add_services
+
+        opts = self.options
+        if opts.enable_grpc_healthcheck_service:
+            from grpc_health.v1 import health
+
+            self._health = health.HealthServicer()
+        pool = ThreadPoolExecutor(opts.grpc_threads(), thread_name_prefix="carclf-grpc")
+        server = grpc.server(pool, interceptors=[UnparsableRequestInterceptor()], options=[
+            ("grpc.max_receive_message_length", opts.max_request_bytes),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),
+        ])
+        self._grpc_server = server
+        add_services(server, self.predictor, self.manager, self.resolver, self.gate, health=self._health)
+        address = f"[{opts.host}]:{opts.port}" if ":" in opts.host else f"{opts.host}:{opts.port}"
+        try:
+            self.grpc_port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot bind the gRPC port {address}: {exc}", source="--port") from None
+        if not self.grpc_port:
+            raise ConfigError(f"cannot bind the gRPC port {address}", source="--port")
+        server.start()
+
+    async def _serve(self) -> None:
         from carclf.serving.rest import RestApi, start_rest
 
         opts = self.options
         self._stop_transports = asyncio.Event()
-        grpc_server = runner = None
+        runner = None
         try:
-            if opts.enable_grpc_healthcheck_service:
-                from grpc_health.v1 import health
-
-                self._health = health.aio.HealthServicer()
-            grpc_server = grpc.aio.server(interceptors=[UnparsableRequestInterceptor()], options=[
-                ("grpc.max_receive_message_length", opts.max_request_bytes),
-                ("grpc.max_send_message_length", -1),
-                ("grpc.so_reuseport", 0),
-            ])
-            add_services(grpc_server, self.predictor, self.manager, self.resolver, self.gate, health=self._health)
-            address = f"[{opts.host}]:{opts.port}" if ":" in opts.host else f"{opts.host}:{opts.port}"
-            try:
-                self.grpc_port = grpc_server.add_insecure_port(address)
-            except RuntimeError as exc:
-                raise ConfigError(f"cannot bind the gRPC port {address}: {exc}", source="--port") from None
-            if not self.grpc_port:
-                raise ConfigError(f"cannot bind the gRPC port {address}", source="--port")
-            await grpc_server.start()
             if opts.rest_api_port != REST_DISABLED:
                 api = RestApi(self.predictor, self.manager, self.gate, monitoring=self.monitoring,
                               max_request_bytes=opts.max_request_bytes, timeout_ms=opts.rest_api_timeout_in_ms,
@@ -228,10 +237,6 @@ class ModelServer:
         self._started.set()
         if self._start_error is None:
             await self._stop_transports.wait()
-        if self._health is not None:
-            await self._health.enter_graceful_shutdown()
-        if grpc_server is not None:
-            await grpc_server.stop(grace=1.0)
         if runner is not None:
             await runner.cleanup()
 
@@ -289,8 +294,8 @@ class ModelServer:
             if self._stopped.is_set():
                 return True
             self.gate.start_draining()
-            if self._health is not None and self._loop is not None and self._loop.is_running():
-                asyncio.run_coroutine_threadsafe(self._health.enter_graceful_shutdown(), self._loop).result(5)
+            if self._health is not None:
+                self._health.enter_graceful_shutdown()
             drained = self.gate.wait_idle(drain_timeout)
             if not drained:
                 log.warning("%d request(s) still in flight after %.1f s; shutting down anyway",
@@ -302,6 +307,8 @@ class ModelServer:
                 if self._stop_transports is not None:
                     self._loop.call_soon_threadsafe(self._stop_transports.set)
                 self._loop_thread.join()
+            if self._grpc_server is not None:
+                self._grpc_server.stop(grace=1.0).wait()
             if self.batcher is not None:
                 self.batcher.close()
             if self.manager is not None:

@@ -124,3 +124,80 @@ def test_full_queue_answers_429_and_resource_exhausted(private_server, conforman
     assert statuses.count(200) >= 1 and 429 in statuses, statuses
     assert all("queue" in r.json["error"] for r in replies if r.status == 429)
     assert rest.post("/v1/models/slow:predict", {"instances": [1.0]}).json == {"predictions": [2.0]}
+
+
+class RecordingServable(SlowServable):
+    """SlowServable that records which thread ran each batch and how many batches ran at once."""
+
+    def __init__(self, seconds: float):
+        super().__init__(seconds)
+        self.threads: list[str] = []
+        self.sizes: list[int] = []
+        self._lock = threading.Lock()
+        self.running = self.most_at_once = 0
+
+    def run(self, signature_name, inputs):
+        with self._lock:
+            self.threads.append(threading.current_thread().name)
+            self.sizes.append(len(inputs["x"]))
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            return super().run(signature_name, inputs)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def test_inline_request_runs_in_the_calling_thread_when_nothing_waits():
+    metrics = ServingMetrics()
+    scheduler = BatchScheduler(BatchingConfig(max_batch_size=4, batch_timeout_micros=0, num_batch_threads=2), metrics)
+    servable = RecordingServable(0.0)
+    try:
+        future = scheduler.submit(servable, "serving_default", {"x": np.ones(1, np.float32)}, inline=True)
+        assert future.done() and future.result()["y"].tolist() == [2.0]
+        assert servable.threads == [threading.current_thread().name]
+        queued = scheduler.submit(servable, "serving_default", {"x": np.ones(1, np.float32)})  # not inline
+        assert queued.result(5)["y"].tolist() == [2.0]
+        assert servable.threads[1].startswith("batch_threads"), servable.threads
+        text = metrics.exposition().decode()
+        assert metric(text, ":tensorflow:serving:batching_session:queuing_latency_count") == 2
+        assert metric(text, ":tensorflow:serving:batching_session:processed_batch_size_count") == 2
+    finally:
+        scheduler.close()
+
+
+def test_inline_request_waits_for_its_batch_when_a_timeout_asks_for_merging():
+    config = BatchingConfig(max_batch_size=4, batch_timeout_micros=200_000, num_batch_threads=1)
+    scheduler = BatchScheduler(config, ServingMetrics())
+    servable = RecordingServable(0.0)
+    try:
+        x = {"x": np.ones(1, np.float32)}
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(scheduler.submit, servable, "serving_default", x, inline=True) for _ in range(3)]
+            results = [f.result(5).result(5) for f in futures]
+        assert all(r["y"].tolist() == [2.0] for r in results)
+        assert all(name.startswith("batch_threads") for name in servable.threads), servable.threads
+        assert sum(servable.sizes) == 3 and len(servable.sizes) < 3, servable.sizes  # merged
+    finally:
+        scheduler.close()
+
+
+def test_inline_runs_count_against_num_batch_threads():
+    """With one batch thread, an inline run and a queued batch never run at once."""
+    config = BatchingConfig(max_batch_size=1, batch_timeout_micros=0, num_batch_threads=1, max_enqueued_batches=8)
+    scheduler = BatchScheduler(config, ServingMetrics())
+    servable = RecordingServable(0.3)
+    x = {"x": np.ones(1, np.float32)}
+    try:
+        with ThreadPoolExecutor(4, thread_name_prefix="caller") as pool:
+            first = pool.submit(scheduler.submit, servable, "serving_default", x, inline=True)
+            assert servable.started.wait(5)  # running inline in a caller thread, holding the only slot
+            futures = [first] + [pool.submit(scheduler.submit, servable, "serving_default", x, inline=i % 2 == 0)
+                                 for i in range(5)]
+            results = [f.result(10).result(10) for f in futures]
+        assert all(r["y"].tolist() == [2.0] for r in results)
+        assert len(servable.threads) == 6 and servable.most_at_once == 1, servable.most_at_once
+        assert servable.threads[0].startswith("caller"), servable.threads
+    finally:
+        scheduler.close()
