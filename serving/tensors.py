@@ -18,6 +18,8 @@ from carclf.errors import InvalidInput
 # A tensor filled from fewer values than it has elements (TF's repeat-the-last-value rule) may not
 # allocate more than this many elements: a 10-byte proto must not ask for gigabytes.
 MAX_FILLED_ELEMENTS = 1 << 24
+#: No tensor may have a shape of more elements than this (its dimensions other than zero multiplied).
+MAX_SHAPE_ELEMENTS = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,10 @@ def to_ndarray(proto: tensor_pb2.TensorProto, name: str = "") -> np.ndarray:
     if any(size < 0 for size in shape):
         raise InvalidInput(f"{label}: tensor parsing error: negative dimension in shape {list(shape)}")
     count = math.prod(shape)
+    if math.prod(size for size in shape if size) > MAX_SHAPE_ELEMENTS:
+        # Even an empty tensor (a zero dimension) cannot have such a shape: numpy refuses to reshape into it.
+        raise InvalidInput(f"{label}: tensor parsing error: shape {list(shape)} has more than "
+                           f"{MAX_SHAPE_ELEMENTS} elements")
 
     if entry.enum == types_pb2.DT_STRING:
         values = proto.string_val

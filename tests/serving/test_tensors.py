@@ -60,6 +60,17 @@ def test_malformed_protos_are_invalid_input(mutate, needle):
         to_ndarray(proto, "x")
 
 
+@pytest.mark.parametrize("dtype", [tf.float32, tf.string])
+def test_empty_tensor_with_an_impossible_shape_is_invalid_input(dtype):
+    """A zero dimension makes the tensor empty, but numpy still refuses a shape whose other dimensions
+    multiply past its size limit (found by the property test in tests/reliability)."""
+    proto = tf.make_tensor_proto(np.zeros((0, 1, 1), dtype.as_numpy_dtype))
+    proto.tensor_shape.dim[1].size = 10 ** 9
+    proto.tensor_shape.dim[2].size = 2 ** 40
+    with pytest.raises(InvalidInput, match=r"input 'x'.*shape \[0, 1000000000, 1099511627776\]"):
+        to_ndarray(proto, "x")
+
+
 def test_fill_bomb_is_refused():
     proto = tf.make_tensor_proto([1.0], dtype=tf.float32)
     proto.tensor_shape.dim[0].size = 10 ** 9
