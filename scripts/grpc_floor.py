@@ -1,0 +1,91 @@
+"""The floor under "added latency" on this machine: a gRPC Predict round trip to a handler that does no model
+work, with the same 88 KB request as a real photo, when the handler answers at once and when it first waits
+as long as a model would run (sleeping, or busy on the CPU).
+
+    .venv/bin/python scripts/grpc_floor.py --wait-ms 7 --rounds 3
+
+Two grpc servers run in this process (grpc's synchronous server, with and without the embedded server's
+interceptor); the client is the plain synchronous stub. Printed per round: median round-trip time minus the
+handler's wait, in ms. What an in-process call never pays, and every served call does, is this figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from carclf.serving.grpc_service import UnparsableRequestInterceptor
+from carclf.serving.tensors import make_proto
+
+
+class Handler(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, wait_s: float, how: str):
+        self.wait_s, self.how = wait_s, how
+        self.reply = predict_pb2.PredictResponse()
+        self.reply.outputs["probabilities"].CopyFrom(make_proto(np.full((1, 10), 0.1, np.float32)))
+
+    def Predict(self, request, context):  # noqa: N802 - gRPC method name
+        if self.how == "sleep":
+            time.sleep(self.wait_s)
+        elif self.how == "spin":
+            end = time.perf_counter() + self.wait_s
+            while time.perf_counter() < end:
+                pass
+        return self.reply
+
+
+def serve(handler: Handler, interceptor: bool) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(16),
+                         interceptors=[UnparsableRequestInterceptor()] if interceptor else None)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(handler, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def round_trip_ms(port: int, payload: bytes, requests: int) -> float:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "floor"
+        request.inputs["image_bytes"].CopyFrom(make_proto(np.array([payload], dtype=object)))
+        for _ in range(50):
+            stub.Predict(request)
+        times = []
+        for _ in range(requests):
+            start = time.perf_counter()
+            stub.Predict(request)
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--wait-ms", type=float, default=7.0, help="how long the waiting handlers wait")
+    parser.add_argument("--payload-bytes", type=int, default=88_000, help="request size (a 640x480 JPEG: 88 KB)")
+    parser.add_argument("--requests", type=int, default=400, help="requests per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    wait_s = args.wait_ms / 1000
+    cases = {"no wait": ("none", False), f"sleep {args.wait_ms:g} ms": ("sleep", False),
+             f"busy {args.wait_ms:g} ms": ("spin", False), f"sleep {args.wait_ms:g} ms + interceptor": ("sleep", True)}
+    servers = {name: serve(Handler(wait_s, how), icpt) for name, (how, icpt) in cases.items()}
+    payload = b"\xff" * args.payload_bytes
+    for number in range(args.rounds):
+        figures = []
+        for name, (how, _) in cases.items():
+            overhead = round_trip_ms(servers[name][1], payload, args.requests) - (0 if how == "none" else args.wait_ms)
+            figures.append(f"{name}: {overhead:.3f}")
+        print(f"round {number + 1} (median round trip minus the wait, ms): " + "; ".join(figures), flush=True)
+    for server, _ in servers.values():
+        server.stop(0)
+
+
+if __name__ == "__main__":
+    main()

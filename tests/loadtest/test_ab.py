@@ -1,0 +1,64 @@
+"""``python -m carclf.loadtest.ab``: two checkouts of the serving code served side by side, every answer checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from carclf.errors import ConfigError
+from carclf.loadtest.ab import shadow_tree
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shadow_tree_imports_the_checkouts_own_code(tmp_path):
+    """The baseline server must run the baseline's files, not the installed (editable) carclf."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for folder in ("carclf", "serving", "train", "ensemble", "clients", "loadtest"):
+        (checkout / folder).symlink_to(REPO_ROOT / folder, target_is_directory=True)
+    (checkout / "pyproject.toml").write_text((REPO_ROOT / "pyproject.toml").read_text())
+    tree = shadow_tree(checkout, tmp_path / "shadow")
+    probe = ("import carclf.serving.grpc_service as g, carclf.train.commands as c; "
+             "print(g.__file__); print(c.__file__)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=str(tree)), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    files = result.stdout.split()
+    assert files == [str(tree / "carclf" / "serving" / "grpc_service.py"),
+                     str(tree / "carclf" / "train" / "commands" / "__init__.py")]
+
+
+def test_shadow_tree_refuses_a_folder_that_is_not_a_checkout(tmp_path):
+    with pytest.raises(ConfigError, match="--baseline-checkout.*not a carclf checkout"):
+        shadow_tree(tmp_path, tmp_path / "shadow")
+
+
+@pytest.mark.slow
+def test_ab_serves_both_sides_and_writes_the_paired_summary(lt_repository, tmp_path, sample_dir):
+    out = tmp_path / "ab"
+    result = subprocess.run(
+        [sys.executable, "-m", "carclf.loadtest.ab", "--baseline-checkout", str(REPO_ROOT), "--model", "tiny_a",
+         "--model-repository", str(lt_repository), "--photo-folder", str(sample_dir), "--photo-limit", "3",
+         "--rounds", "2", "--slice", "0.5", "--warmup", "0.1", "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((out / "ab.json").read_text())
+    assert data["errors"] == 0 and len(data["per_round"]) == 2
+    for row in data["per_round"]:
+        for transport in ("grpc", "rest"):
+            for side in ("baseline", "candidate"):
+                figures = row[transport][side]
+                assert figures["requests"] > 0 and figures["p50_ms"] > 0, figures
+                runtime = figures["breakdown"]["runtime_ms_per_batch"]
+                assert abs(figures["added_ms"] - (figures["mean_ms"] - runtime)) < 1e-2
+    assert set(data["summary"]) == {"grpc", "rest"}
+    for figures in data["summary"].values():
+        saved = figures["saved_p50_ms"]
+        assert saved["n"] == 2 and saved["min"] <= saved["median"] <= saved["max"]
+    assert "| grpc | p50 latency |" in (out / "ab.md").read_text()
