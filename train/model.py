@@ -28,7 +28,7 @@ def build_head(features, num_classes: int, head):
     pool = keras.layers.GlobalAveragePooling2D if head.pooling == "avg" else keras.layers.GlobalMaxPooling2D
     x = pool(name="head_pool")(features)
     if head.batchnorm:
-        x = keras.layers.BatchNormalization(name="head_bn")(x)
+        x = keras.layers.BatchNormalization(momentum=head.batchnorm_momentum, name="head_bn")(x)
     for i, units in enumerate(head.hidden_units):
         if head.dropout > 0:
             x = keras.layers.Dropout(head.dropout, name=f"head_dropout{i}")(x)

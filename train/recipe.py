@@ -72,6 +72,9 @@ class HeadConfig:
 
     pooling: str = "avg"
     batchnorm: bool = True
+    # Share of the old moving statistics kept at each step. Keras's 0.99 needs hundreds of steps to follow
+    # the features; a small data set gives ten steps an epoch, so inference lags training (recipes here use 0.9).
+    batchnorm_momentum: float = 0.99
     dropout: float = 0.25
     hidden_units: tuple[int, ...] = (256,)
     hidden_activation: str = "relu"
@@ -284,6 +287,7 @@ def parse_recipe(data: Any, source: str = "<memory>") -> Recipe:
         head=HeadConfig(
             pooling=h.get("pooling", str, "avg", choices=POOLINGS),
             batchnorm=h.get("batchnorm", bool, True),
+            batchnorm_momentum=h.get("batchnorm_momentum", float, 0.99, minimum=0.0, maximum=0.9999),
             dropout=h.get("dropout", float, 0.25, minimum=0.0, maximum=0.95),
             hidden_units=tuple(_int_list(h, "hidden_units", [256])),
             hidden_activation=h.get("hidden_activation", str, "relu"),

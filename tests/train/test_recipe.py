@@ -41,6 +41,7 @@ def test_required_recipes_exist():
     (("weights",), "/no/such/weights.h5", "weights", "received '/no/such/weights.h5'"),
     (("stages",), [], "stages", "non-empty list"),
     (("loss",), {"label_smoothing": 0.9}, "loss.label_smoothing", "expected a value <= 0.5, received 0.9"),
+    (("head", "batchnorm_momentum"), 1.5, "head.batchnorm_momentum", "expected a value <= 0.9999, received 1.5"),
 ])
 def test_config_errors_name_file_field_and_value(tmp_path, path, value, field, needle):
     data = tiny_recipe(tmp_path)

@@ -126,3 +126,21 @@ def test_label_smoothing_loss_matches_its_definition():
     targets = np.full((2, 4), 0.2 / 4) + 0.8 * np.eye(4)[labels]
     expected = -(targets * np.log(probabilities)).sum(axis=1)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.99])
+def test_head_batchnorm_follows_the_features_at_its_declared_momentum(momentum):
+    """head.batchnorm_momentum m: one training step moves the head's moving mean (1 - m) of the way to the
+    batch's mean features, from its initial zeros."""
+    import keras
+
+    spec = backbones.get("mobilenet_v2")
+    model, _ = build_classifier(spec, 2, HeadConfig(hidden_units=(4,), batchnorm_momentum=momentum), 32,
+                                weights=None)
+    set_trainable(model, spec, Unfreeze("none"))
+    pixels = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    features = keras.Model(model.inputs, model.get_layer("head_pool").output)([pixels], training=False)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    model.train_on_batch(pixels, np.array([0, 1, 0, 1]))
+    expected = (1 - momentum) * np.mean(np.array(features), axis=0)
+    np.testing.assert_allclose(np.array(model.get_layer("head_bn").moving_mean), expected, rtol=1e-4, atol=1e-6)
