@@ -106,6 +106,7 @@ class ModelServer:
         self._stop_transports: asyncio.Event | None = None
         self._health = None
         self._grpc_server = None
+        self._grpc_pool: ThreadPoolExecutor | None = None
         self._poller: threading.Thread | None = None
         self._stop_polling = threading.Event()
         self._stopped = threading.Event()
@@ -198,8 +199,8 @@ class ModelServer:
             from grpc_health.v1 import health
 
             self._health = health.HealthServicer()
-        pool = ThreadPoolExecutor(opts.grpc_threads(), thread_name_prefix="carclf-grpc")
-        server = grpc.server(pool, interceptors=[UnparsableRequestInterceptor()], options=[
+        self._grpc_pool = ThreadPoolExecutor(opts.grpc_threads(), thread_name_prefix="carclf-grpc")
+        server = grpc.server(self._grpc_pool, interceptors=[UnparsableRequestInterceptor()], options=[
             ("grpc.max_receive_message_length", opts.max_request_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
@@ -309,6 +310,8 @@ class ModelServer:
                 self._loop_thread.join()
             if self._grpc_server is not None:
                 self._grpc_server.stop(grace=1.0).wait()
+            if self._grpc_pool is not None:
+                self._grpc_pool.shutdown(wait=True)
             if self.batcher is not None:
                 self.batcher.close()
             if self.manager is not None:
