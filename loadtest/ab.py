@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -124,8 +125,6 @@ def markdown(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     photos = load_photos(args.photo_folder, args.photo_limit or None)

@@ -109,7 +109,7 @@ class BatchScheduler:
         with self._cond:
             if self._stopping:
                 raise Unavailable("the batch scheduler is shutting down")
-            if inline and self._can_run_now(key, size):
+            if inline and self._can_run_now(size):
                 self._busy += 1
                 run_now = _Queue(servable, signature_name)
             else:
@@ -124,13 +124,13 @@ class BatchScheduler:
                 self._finished()
         return task.future
 
-    def _can_run_now(self, key: tuple, size: int) -> bool:
+    def _can_run_now(self, size: int) -> bool:
         """Would a batch thread take this request at once, alone? (call with the lock held)"""
         if self._stopping or self._busy >= self.config.num_batch_threads:
             return False
         if self._timeout > 0 and size < self.config.max_batch_size:
             return False  # it should wait for others to join its batch
-        return key not in self._queues and not any(q.closed or q.open for q in self._queues.values())
+        return not self._queues  # a queue stays in the dict only while it holds waiting work
 
     def _enqueue(self, key: tuple, servable: Servable, signature_name: str, task: _Task) -> None:
         """Add ``task`` to its queue's open batch (call with the lock held)."""
