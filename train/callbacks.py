@@ -1,11 +1,12 @@
 """Keras callbacks of the training loop that Keras does not ship: per-epoch LR decay that composes with
-ReduceLROnPlateau, epoch timing, and the resume state."""
+ReduceLROnPlateau, epoch timing, the resume state, and the average of the last epochs' weights."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
+from collections import deque
 from pathlib import Path
 
 import keras
@@ -83,6 +84,35 @@ class ResumeState(keras.callbacks.Callback):
             "global_epoch": epoch + 1, "best": self.best, "lr": _get_lr(self.model),
         })
         runs.write_json(self.dir.parent / runs.HISTORY_JSON, self.history)
+
+
+class WeightAverage(keras.callbacks.Callback):
+    """Keeps the weights of the last ``epochs`` epochs that ran (stochastic weight averaging over the tail of
+    a stage); ``average()`` is their element-wise mean. Every weight is averaged, BatchNorm statistics
+    included; ``model.refresh_head_batchnorm`` then measures the head's statistics for the averaged features.
+
+    Unlike the best checkpoint, the average is chosen by no validation score. An early-stopped stage
+    averages the last epochs it did run.
+    """
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self._kept: deque[list[np.ndarray]] = deque(maxlen=epochs)
+        self.epochs: list[int] = []
+
+    @property
+    def count(self) -> int:
+        return len(self._kept)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._kept.append([np.array(w, copy=True) for w in self.model.get_weights()])
+        self.epochs = (self.epochs + [epoch + 1])[-self._kept.maxlen:]
+
+    def average(self) -> list[np.ndarray]:
+        if not self._kept:
+            raise ValueError("no epoch has ended: nothing to average")
+        return [np.mean(np.stack(ws), axis=0, dtype=np.float64).astype(ws[0].dtype)
+                for ws in zip(*self._kept, strict=True)]
 
 
 class TimeBudget(keras.callbacks.Callback):

@@ -4,8 +4,9 @@ For each declared stage the classifier is (re)built at the stage's image size (w
 the stage's trainable flags are applied (BatchNormalization stays frozen, in inference mode), the
 optimizer is compiled with the stage's learning rate, and Keras ``fit`` runs with checkpointing on the
 monitored metric, early stopping, ReduceLROnPlateau, per-epoch exponential decay, timing, CSV and
-TensorBoard logs. The best checkpoint of a stage starts the next one. A run can be resumed from its
-last completed epoch.
+TensorBoard logs. The best checkpoint of a stage starts the next one, or, for a stage that declares
+``average_last``, the mean of its last epochs' weights with the head's BatchNorm statistics measured anew.
+A run can be resumed from its last completed epoch.
 """
 
 from __future__ import annotations
@@ -22,8 +23,15 @@ from carclf.errors import FailedPrecondition
 from carclf.train import data as data_mod
 from carclf.train import evaluate, pipeline, runs
 from carclf.train.augment import Augmenter
-from carclf.train.callbacks import ExponentialDecay, ResumeState, TimeBudget, Timing, restore_optimizer_state
-from carclf.train.model import build_classifier, set_trainable, transfer_weights
+from carclf.train.callbacks import (
+    ExponentialDecay,
+    ResumeState,
+    TimeBudget,
+    Timing,
+    WeightAverage,
+    restore_optimizer_state,
+)
+from carclf.train.model import build_classifier, refresh_head_batchnorm, set_trainable, transfer_weights
 from carclf.train.plots import plot_curves
 from carclf.train.recipe import LossConfig, OptimizerConfig, Recipe
 
@@ -127,6 +135,7 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
     prepared: dict[tuple[str, int], Any] = {}
     final_size = recipe.final_size
     train_seconds = 0.0
+    averaged: dict[str, list[int]] = {}
     epoch_offset = sum(s.epochs for s in recipe.stages[: state.stage_index])
 
     for index, stage in enumerate(recipe.stages):
@@ -181,15 +190,26 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
         done = state.stage_epochs_done if index == state.stage_index else 0
         best = state.best if index == state.stage_index and done else None
         timing = Timing(len(split.train))
+        averager = WeightAverage(stage.average_last) if stage.average_last else None
         callbacks = _callbacks(recipe, run_dir, stage.name, index, epoch_offset, state.history, best, timing,
-                               has_val=bool(split.val)) + ([budget] if budget else [])
+                               has_val=bool(split.val)) + ([budget] if budget else []) + ([averager] if averager else [])
+        steps = pipeline.steps_per_epoch(len(split.train), stage.batch_size)
         if done < stage.epochs:
-            model.fit(stream, steps_per_epoch=pipeline.steps_per_epoch(len(split.train), stage.batch_size),
-                      epochs=epoch_offset + stage.epochs, initial_epoch=epoch_offset + done,
-                      validation_data=val, callbacks=callbacks, verbose=verbose, shuffle=False)
+            model.fit(stream, steps_per_epoch=steps, epochs=epoch_offset + stage.epochs,
+                      initial_epoch=epoch_offset + done, validation_data=val, callbacks=callbacks, verbose=verbose,
+                      shuffle=False)
         train_seconds += timing.total
         best_file = run_dir / runs.CHECKPOINTS / f"best-{stage.name}.weights.h5"
-        if best_file.is_file():
+        if averager is not None and averager.count:
+            if averager.count < stage.average_last:
+                log.warning("stage %r: averaging %d epochs, not %d (stopped early or resumed inside the window)",
+                            stage.name, averager.count, stage.average_last)
+            model.set_weights(averager.average())
+            seen = refresh_head_batchnorm(model, stream, steps)
+            averaged[stage.name] = averager.epochs
+            log.info("stage %r ends on the mean weights of epochs %s (head BatchNorm measured on %d training "
+                     "images)", stage.name, averager.epochs, seen)
+        elif best_file.is_file():
             model.load_weights(str(best_file))
         model.save_weights(str(run_dir / runs.CHECKPOINTS / runs.LAST_WEIGHTS))
         runs.write_json(run_dir / runs.CHECKPOINTS / runs.STATE,
@@ -211,7 +231,7 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
                                            dataset.class_ids, dataset.class_names)
         log.info("validation accuracy: %s", evaluate.summary_line(results))
     info = _write_run_info(run_dir, recipe, dataset, split, weights_used, final_size, started,
-                           finished=True, train_seconds=train_seconds)
+                           finished=True, train_seconds=train_seconds, averaged_epochs=averaged)
     if budget is not None and budget.expired:
         info["cut_short_by_time_budget_s"] = time_budget_s
         runs.write_json(run_dir / runs.RUN_INFO, info)
@@ -246,7 +266,8 @@ def _callbacks(recipe: Recipe, run_dir: Path, stage_name: str, index: int, epoch
 
 
 def _write_run_info(run_dir: Path, recipe: Recipe, dataset, split, weights_used: str | None, image_size: int,
-                    started: float, finished: bool, train_seconds: float | None = None) -> dict[str, Any]:
+                    started: float, finished: bool, train_seconds: float | None = None,
+                    averaged_epochs: dict[str, list[int]] | None = None) -> dict[str, Any]:
     info = {
         "recipe": recipe.name,
         "backbone": recipe.backbone,
@@ -266,6 +287,7 @@ def _write_run_info(run_dir: Path, recipe: Recipe, dataset, split, weights_used:
         "finished": finished,
         "train_seconds": round(train_seconds, 1) if train_seconds is not None else None,
         "wall_seconds": round(time.time() - started, 1),
+        "averaged_epochs": averaged_epochs or {},  # stage -> the epochs whose mean weights ended it
     }
     runs.write_json(run_dir / runs.RUN_INFO, info)
     return info

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from carclf import backbones
 from carclf.backbones import BackboneSpec, WeightsUnavailable
 from carclf.errors import ConfigError
@@ -97,3 +99,39 @@ def set_trainable(model, spec: BackboneSpec, unfreeze, freeze_batchnorm: bool = 
 def transfer_weights(source, target) -> None:
     """Copy every weight between two models of the same architecture built at different input sizes."""
     target.set_weights(source.get_weights())
+
+
+def head_batchnorm_layers(model) -> list:
+    """The head's BatchNormalization layers, input to output (the backbone's own are not among them)."""
+    import keras
+
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def refresh_head_batchnorm(model, batches, steps: int) -> int:
+    """Set each head BatchNormalization's moving mean and variance to the exact mean and variance of its
+    input over ``steps`` batches of ``batches`` (images, labels), in inference mode.
+
+    Averaged weights (``WeightAverage``) produce features that no epoch's moving statistics were measured
+    on; this is SWA's BatchNorm update, with population statistics instead of a momentum. Returns the
+    number of images seen.
+    """
+    import keras
+
+    seen = 0
+    for layer in head_batchnorm_layers(model):
+        features = keras.Model(model.inputs, layer.input)
+        total = total_sq = None
+        seen = 0
+        for images, _ in batches.take(steps):
+            x = np.asarray(features(images, training=False), dtype=np.float64)
+            x = x.reshape(-1, x.shape[-1])
+            total = x.sum(axis=0) if total is None else total + x.sum(axis=0)
+            total_sq = (x * x).sum(axis=0) if total_sq is None else total_sq + (x * x).sum(axis=0)
+            seen += x.shape[0]
+        if not seen:
+            raise ValueError("no batches to measure the head's BatchNormalization statistics on")
+        mean = total / seen
+        layer.moving_mean.assign(mean.astype("float32"))
+        layer.moving_variance.assign(np.maximum(total_sq / seen - mean * mean, 0.0).astype("float32"))
+    return seen

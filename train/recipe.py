@@ -41,12 +41,16 @@ class Unfreeze:
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage of training. With ``average_last`` N > 0 the stage ends on the mean of the weights of its
+    last N epochs (stochastic weight averaging), not on its best checkpoint."""
+
     name: str
     epochs: int
     lr: float
     batch_size: int
     image_size: int
     unfreeze: Unfreeze = Unfreeze()
+    average_last: int = 0
 
 
 @dataclass(frozen=True)
@@ -242,7 +246,11 @@ def _parse_stage(data: Any, source: str, index: int) -> Stage:
         batch_size=f.get("batch_size", int, minimum=1),
         image_size=f.get("image_size", int, minimum=32, maximum=1024),
         unfreeze=parse_unfreeze(f.raw("unfreeze", "none"), source, f.name("unfreeze")),
+        average_last=f.get("average_last", int, 0, minimum=0),
     )
+    if stage.average_last > stage.epochs:
+        raise f.error("average_last", f"expected at most the stage's {stage.epochs} epochs, "
+                                      f"received {stage.average_last}")
     f.finish()
     return stage
 
