@@ -159,6 +159,10 @@ def probe_image(
         raise InvalidInput("image is empty (0 bytes)")
     if size > max_bytes:
         raise InvalidInput(f"image is {size} bytes, larger than the limit of {max_bytes} bytes")
+    frame = _jpeg_frame(data)
+    if frame is not None:  # most uploads: their header walked in a few microseconds, without PIL
+        width, height, mode = frame
+        return _checked(ImageInfo("JPEG", width, height, mode, 1), max_pixels, min_side)
     try:
         with Image.open(io.BytesIO(bytes(data))) as img:  # lazy: reads the header, decodes no pixel
             width, height = img.size
@@ -173,6 +177,12 @@ def probe_image(
         raise InvalidInput(f"image header is malformed: {exc}") from None
     if fmt not in ("JPEG", "PNG", "GIF", "BMP", "WEBP", "MPO"):
         raise InvalidInput(f"image format {fmt} is not supported; send JPEG, PNG, GIF, BMP or WebP")
+    return _checked(ImageInfo(format=fmt, width=width, height=height, mode=mode, frames=frames), max_pixels,
+                    min_side)
+
+
+def _checked(info: ImageInfo, max_pixels: int, min_side: int) -> ImageInfo:
+    width, height = info.width, info.height
     if width * height > max_pixels:
         raise InvalidInput(
             f"image declares {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}; "
@@ -180,4 +190,61 @@ def probe_image(
         )
     if min(width, height) < min_side:
         raise InvalidInput(f"image is {width}x{height}, smaller than {min_side} px on a side")
-    return ImageInfo(format=fmt, width=width, height=height, mode=mode, frames=frames)
+    return info
+
+
+def _segment_reads_like_pil(data, marker: int, start: int, stop: int) -> bool:
+    """False for the header segments PIL's JPEG reader refuses: quantization tables that do not fill their
+    segment exactly, JFIF and Adobe segments too short for their version field."""
+    if marker == 0xDB:
+        while start < stop:
+            start += 1 + (64 if data[start] >> 4 == 0 else 128)
+        return start == stop
+    if marker == 0xE0 and data[start:start + 4] == b"JFIF" or marker == 0xEE and data[start:start + 5] == b"Adobe":
+        return stop - start >= 7
+    return True
+
+
+# Start-of-frame markers (SOF0-SOF15 less DHT, JPG and DAC), JPEG's 8-bit colour modes as PIL names them.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}
+
+
+def _jpeg_frame(data) -> tuple[int, int, str] | None:
+    """(width, height, mode) of a plain 8-bit JPEG, from walking its header segments up to the start of scan.
+
+    None for anything else (another format, a multi-picture MPO, fill bytes, a segment cut short or not of
+    the header kinds, no or two frame headers, an unusual bit depth or component count): ``probe_image``
+    then asks PIL, which names the problem. So this never refuses a file, and reads only headers that PIL
+    reads the same way.
+    """
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    frame = None
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if length < 2 or pos + 2 + length > end:
+            return None  # a segment runs past the end of the data
+        if marker == 0xDA:  # start of scan: the header is complete
+            return frame
+        if marker in _SOF_MARKERS:
+            if frame is not None or length < 8:
+                return None
+            bits, components = data[pos + 4], data[pos + 9]
+            if bits != 8 or components not in _JPEG_MODES:
+                return None
+            height = (data[pos + 5] << 8) | data[pos + 6]
+            width = (data[pos + 7] << 8) | data[pos + 8]
+            frame = (width, height, _JPEG_MODES[components])
+        elif not (0xE0 <= marker <= 0xFE or marker in (0xC4, 0xDB, 0xDD)):
+            return None  # restart, fill or unknown markers: leave it to PIL
+        elif marker == 0xE2 and data[pos + 4:pos + 8] == b"MPF\x00":
+            return None  # a multi-picture file: PIL reports it as MPO with its frame count
+        elif not _segment_reads_like_pil(data, marker, pos + 4, pos + 2 + length):
+            return None
+        pos += 2 + length
+    return None

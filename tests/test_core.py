@@ -68,6 +68,62 @@ def test_probe_refuses_bomb_before_decoding():
         imaging.probe_image(bytes(data))
 
 
+def _pil_probe(data: bytes, monkeypatch) -> imaging.ImageInfo | str:
+    """What probe_image says when every file goes through PIL (the JPEG fast path turned off)."""
+    with monkeypatch.context() as m:
+        m.setattr(imaging, "_jpeg_frame", lambda data: None)
+        try:
+            return imaging.probe_image(data)
+        except InvalidInput as exc:
+            return exc.message
+
+
+def _jpeg_variants() -> dict[str, bytes]:
+    rgb = np.random.default_rng(3).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    variants = {"rgb": _jpeg(rgb), "progressive": _jpeg(rgb, progressive=True), "exif": _jpeg(rgb, exif=exif.tobytes()),
+                "icc": _jpeg(rgb, icc_profile=b"\0" * 3000)}
+    for mode in ("L", "CMYK"):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).convert(mode).save(buf, "JPEG")
+        variants[mode] = buf.getvalue()
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "MPO", save_all=True, append_images=[Image.fromarray(rgb[::-1])])
+    variants["mpo"] = buf.getvalue()
+    bad_table = bytearray(variants["rgb"])
+    dqt = bad_table.index(b"\xff\xdb")
+    bad_table[dqt + 4] |= 0x10  # declares a 16-bit table, which the segment is too short to hold
+    variants["bad_quantization_table"] = bytes(bad_table)
+    return variants
+
+
+def test_jpeg_fast_path_says_what_pil_says(photos, monkeypatch):
+    """The header walk that spares served requests PIL gives the same ImageInfo or the same refusal as PIL, on
+    real photos, on JPEG variants, and on JPEGs cut inside their header."""
+    cases = {p.name: p.read_bytes() for p in photos[:10]} | _jpeg_variants()
+    fast_read = 0
+    for name, data in cases.items():
+        fast_read += imaging._jpeg_frame(data) is not None
+        for cut in (None, 3, 20, 100, 160, 400):  # whole, then cut inside APP0, DQT, the frame header, DHT...
+            try:
+                got = imaging.probe_image(data[:cut])
+            except InvalidInput as exc:
+                got = exc.message
+            assert got == _pil_probe(data[:cut], monkeypatch), (name, cut)
+    assert fast_read >= len(cases) - 2  # everything but the MPO and the broken table skipped PIL
+    assert imaging._jpeg_frame(_jpeg_variants()["mpo"]) is None
+
+
+def test_probe_refuses_a_jpeg_bomb_from_its_frame_header():
+    data = bytearray(_jpeg(np.zeros((16, 16, 3), np.uint8)))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (60_000).to_bytes(2, "big") + (60_000).to_bytes(2, "big")  # height, width
+    assert imaging._jpeg_frame(bytes(data)) == (60_000, 60_000, "RGB")
+    with pytest.raises(InvalidInput, match="60000x60000 = 3600000000 pixels.*refused before decoding"):
+        imaging.probe_image(bytes(data))
+
+
 @pytest.mark.parametrize("data,needle", [(b"", "empty"), (b"hello world, not an image", "not a recognised image")])
 def test_probe_rejects_non_images(data, needle):
     with pytest.raises(InvalidInput, match=needle):
