@@ -170,9 +170,10 @@ def grpc_workers(target: str, requests: Sequence, validate: Validator) -> loadge
         channel = grpc.insecure_channel(target, options=protocol.GRPC_CHANNEL_OPTIONS)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
 
-        def send(i: int) -> None:
+        def send(i: int) -> loadgen.Check:
             response = stub.Predict(requests[(index + i) % len(requests)], timeout=REQUEST_TIMEOUT_S)
-            validate(protocol.grpc_outputs(response))
+            outputs = protocol.grpc_outputs(response)
+            return lambda: validate(outputs)
 
         return send, channel.close
 
@@ -186,14 +187,15 @@ def rest_workers(address: srv.ServerAddress, path: str, bodies: Sequence[bytes],
     def make(index: int):
         conn = http.client.HTTPConnection(address.host, address.rest_port, timeout=REQUEST_TIMEOUT_S)
 
-        def send(i: int) -> None:
+        def send(i: int) -> loadgen.Check:
             conn.request("POST", path, body=bodies[(index + i) % len(bodies)],
                          headers={"Content-Type": "application/json"})
             reply = conn.getresponse()
             data = reply.read()
             if reply.status != 200:
                 raise checks.BadPrediction(f"HTTP {reply.status}: {data[:200]!r}")
-            validate(protocol.rest_outputs(json.loads(data)))
+            outputs = protocol.rest_outputs(json.loads(data))
+            return lambda: validate(outputs)
 
         return send, conn.close
 
@@ -269,7 +271,7 @@ def probe_memory(server: srv.EmbeddedServer, served: dict[str, Path], model: str
                 raise CarClfError(f"{copy} not AVAILABLE after {timeout:.0f} s")
             time.sleep(0.2)
         send, close = grpc_workers(server.address.grpc_target, [_renamed(work.grpc[0], copy)], work.validate)(0)
-        send(0)
+        send(0)()  # the request, then the check of its answer
         close()
         after = server.rss_bytes()
         srv.reload_config(server.address, srv.models_config(base), timeout)

@@ -86,9 +86,9 @@ def measure_batches(model: LoadedModel, signature: str, per_photo_inputs: Sequen
     for thread_count in threads:
         for batch in batch_sizes:
             def factory(index: int, batch: int = batch):
-                def send(i: int) -> None:
+                def send(i: int) -> loadgen.Check:
                     outputs = model.predict(signature, batch_inputs(name, arrays, (index * 7919 + i) * batch, batch))
-                    checks.check_prediction(outputs, model.labels, batch=batch)
+                    return lambda: checks.check_prediction(outputs, model.labels, batch=batch)
 
                 return send, lambda: None
 
@@ -144,8 +144,9 @@ class EnsembleReference:
         """One photo at a time (decode, views, every member in turn, aggregate), every answer checked."""
 
         def factory(_index: int):
-            def send(i: int) -> None:
-                checks.check_prediction(self.predict(photos[i % len(photos)]), self.labels)
+            def send(i: int) -> loadgen.Check:
+                outputs = self.predict(photos[i % len(photos)])
+                return lambda: checks.check_prediction(outputs, self.labels)
 
             return send, lambda: None
 

@@ -74,10 +74,10 @@ def grpc_request(model: str, signature: str, inputs: Mapping[str, np.ndarray], v
 
 
 def grpc_outputs(response) -> dict[str, np.ndarray]:
-    """The output tensors of a ``PredictResponse`` as numpy arrays."""
-    import tensorflow as tf
+    """The output tensors of a ``PredictResponse`` as numpy arrays (the server's own converter, without TF)."""
+    from carclf.serving.tensors import to_ndarray
 
-    return {key: tf.make_ndarray(tensor) for key, tensor in response.outputs.items()}
+    return {key: to_ndarray(tensor) for key, tensor in response.outputs.items()}
 
 
 def _json_value(value: Any) -> Any:

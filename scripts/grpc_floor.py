@@ -7,11 +7,16 @@ as long as a model would run (sleeping, or busy on the CPU).
 Two grpc servers run in this process (grpc's synchronous server, with and without the embedded server's
 interceptor); the client is the plain synchronous stub. Printed per round: median round-trip time minus the
 handler's wait, in ms. What an in-process call never pays, and every served call does, is this figure.
+
+With ``--raw-tcp`` the same payload also goes over a bare TCP socket to another process that answers 200
+bytes, at once or after the same wait: what the kernel and the machine charge without gRPC.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import socket
 import statistics
 import time
 from concurrent import futures
@@ -65,12 +70,64 @@ def round_trip_ms(port: int, payload: bytes, requests: int) -> float:
     return statistics.median(times)
 
 
+TCP_REPLY_BYTES = 200
+
+
+def _read_exactly(sock: socket.socket, size: int) -> None:
+    left = size
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise EOFError
+        left -= len(chunk)
+
+
+def _tcp_server(listener: socket.socket, payload_bytes: int, wait_s: float, how: str) -> None:
+    """Answer every ``payload_bytes`` received with TCP_REPLY_BYTES, after waiting as ``how`` says."""
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with conn:
+        try:
+            while True:
+                _read_exactly(conn, payload_bytes)
+                if how == "sleep":
+                    time.sleep(wait_s)
+                elif how == "spin":
+                    end = time.perf_counter() + wait_s
+                    while time.perf_counter() < end:
+                        pass
+                conn.sendall(b"x" * TCP_REPLY_BYTES)
+        except EOFError:
+            pass
+
+
+def tcp_round_trip_ms(payload: bytes, wait_s: float, how: str, requests: int) -> float:
+    """Median round trip of ``payload`` over loopback TCP to a server process (started and stopped here)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = multiprocessing.get_context("fork").Process(target=_tcp_server, args=(listener, len(payload), wait_s,
+                                                                                    how), daemon=True)
+    server.start()
+    times = []
+    with socket.create_connection(listener.getsockname()) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(requests + 30):
+            start = time.perf_counter()
+            sock.sendall(payload)
+            _read_exactly(sock, TCP_REPLY_BYTES)
+            if i >= 30:
+                times.append((time.perf_counter() - start) * 1e3)
+    server.join(10)
+    listener.close()
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--wait-ms", type=float, default=7.0, help="how long the waiting handlers wait")
     parser.add_argument("--payload-bytes", type=int, default=88_000, help="request size (a 640x480 JPEG: 88 KB)")
     parser.add_argument("--requests", type=int, default=400, help="requests per measurement")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--raw-tcp", action="store_true", help="also measure a bare TCP socket (no gRPC)")
     args = parser.parse_args()
     wait_s = args.wait_ms / 1000
     cases = {"no wait": ("none", False), f"sleep {args.wait_ms:g} ms": ("sleep", False),
@@ -82,6 +139,10 @@ def main() -> None:
         for name, (how, _) in cases.items():
             overhead = round_trip_ms(servers[name][1], payload, args.requests) - (0 if how == "none" else args.wait_ms)
             figures.append(f"{name}: {overhead:.3f}")
+        if args.raw_tcp:
+            for how in ("none", "sleep", "spin"):
+                overhead = tcp_round_trip_ms(payload, wait_s, how, args.requests) - (0 if how == "none" else args.wait_ms)
+                figures.append(f"raw TCP {'no wait' if how == 'none' else how}: {overhead:.3f}")
         print(f"round {number + 1} (median round trip minus the wait, ms): " + "; ".join(figures), flush=True)
     for server, _ in servers.values():
         server.stop(0)

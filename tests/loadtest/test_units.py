@@ -10,7 +10,7 @@ import pytest
 
 from carclf import contract
 from carclf.errors import ConfigError
-from carclf.loadtest import bench, checks, protocol, run, thresholds
+from carclf.loadtest import bench, checks, loadgen, protocol, run, thresholds
 from carclf.loadtest.photos import load_photos
 
 
@@ -145,3 +145,27 @@ def test_rounds_summary_and_metrics_breakdown():
                      "server_other_ms": 1.0}
     assert metrics.with_outside({"mean_ms": 7.5}, parts)["outside_ms"] == 1.5
     assert metrics.breakdown(scrape(10, 1, 1), scrape(10, 1, 1), "m", "GRPC") is None
+
+
+def test_closed_loop_times_the_call_not_the_check_and_counts_wrong_answers():
+    """A request's latency stops when its answer is in; the check runs after the clock stops, and a check that
+    fails counts as a failed request."""
+    import time
+
+    def factory(_index: int):
+        def send(i: int):
+            time.sleep(0.002)
+
+            def check() -> None:
+                time.sleep(0.25)  # far longer than any call: it must not show in the latencies
+                if i % 2:
+                    raise checks.BadPrediction(f"answer {i} is wrong")
+
+            return check
+
+        return send, lambda: None
+
+    result = loadgen.closed_loop(factory, 1, duration_s=1.2, warmup_s=0.0)
+    assert result.latencies_ms and max(result.latencies_ms) < 250
+    assert result.errors >= 1 and "is wrong" in result.first_error
+    assert abs(result.errors - len(result.latencies_ms)) <= 2  # every other answer fails its check
