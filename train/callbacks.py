@@ -86,6 +86,25 @@ class ResumeState(keras.callbacks.Callback):
         runs.write_json(self.dir.parent / runs.HISTORY_JSON, self.history)
 
 
+class LinearWarmup(keras.callbacks.Callback):
+    """The learning rate climbs linearly from ``lr / steps`` to ``lr`` over a stage's first ``steps`` training
+    steps, then is left to the other callbacks. Adam's first steps move every newly unfrozen weight by about
+    the learning rate whatever its gradient; starting small keeps them from wrecking the pretrained features.
+
+    Per-epoch decay and plateau cuts apply from the end of the warm-up on. ``done`` steps were run before a
+    resume.
+    """
+
+    def __init__(self, lr: float, steps: int, done: int = 0):
+        super().__init__()
+        self.lr, self.steps, self.step = lr, steps, done
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.step < self.steps:
+            self.model.optimizer.learning_rate.assign(self.lr * (self.step + 1) / self.steps)
+        self.step += 1
+
+
 class WeightAverage(keras.callbacks.Callback):
     """Keeps the weights of the last ``epochs`` epochs that ran (stochastic weight averaging over the tail of
     a stage); ``average()`` is their element-wise mean. Every weight is averaged, BatchNorm statistics

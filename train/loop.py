@@ -25,6 +25,7 @@ from carclf.train import evaluate, pipeline, runs
 from carclf.train.augment import Augmenter
 from carclf.train.callbacks import (
     ExponentialDecay,
+    LinearWarmup,
     ResumeState,
     TimeBudget,
     Timing,
@@ -190,10 +191,14 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
         done = state.stage_epochs_done if index == state.stage_index else 0
         best = state.best if index == state.stage_index and done else None
         timing = Timing(len(split.train))
-        averager = WeightAverage(stage.average_last) if stage.average_last else None
-        callbacks = _callbacks(recipe, run_dir, stage.name, index, epoch_offset, state.history, best, timing,
-                               has_val=bool(split.val)) + ([budget] if budget else []) + ([averager] if averager else [])
         steps = pipeline.steps_per_epoch(len(split.train), stage.batch_size)
+        averager = WeightAverage(stage.average_last) if stage.average_last else None
+        warmup = (LinearWarmup(stage.lr, round(stage.warmup_epochs * steps), done * steps)
+                  if stage.warmup_epochs else None)
+        # The warm-up sets the rate before any batch; the others act at epoch ends.
+        callbacks = ([warmup] if warmup else []) + _callbacks(
+            recipe, run_dir, stage.name, index, epoch_offset, state.history, best, timing,
+            has_val=bool(split.val)) + ([budget] if budget else []) + ([averager] if averager else [])
         if done < stage.epochs:
             model.fit(stream, steps_per_epoch=steps, epochs=epoch_offset + stage.epochs,
                       initial_epoch=epoch_offset + done, validation_data=val, callbacks=callbacks, verbose=verbose,

@@ -42,7 +42,8 @@ class Unfreeze:
 @dataclass(frozen=True)
 class Stage:
     """One stage of training. With ``average_last`` N > 0 the stage ends on the mean of the weights of its
-    last N epochs (stochastic weight averaging), not on its best checkpoint."""
+    last N epochs (stochastic weight averaging), not on its best checkpoint. With ``warmup_epochs`` W > 0 the
+    learning rate climbs linearly to ``lr`` over the stage's first W epochs (counted in steps)."""
 
     name: str
     epochs: int
@@ -51,6 +52,7 @@ class Stage:
     image_size: int
     unfreeze: Unfreeze = Unfreeze()
     average_last: int = 0
+    warmup_epochs: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -247,10 +249,11 @@ def _parse_stage(data: Any, source: str, index: int) -> Stage:
         image_size=f.get("image_size", int, minimum=32, maximum=1024),
         unfreeze=parse_unfreeze(f.raw("unfreeze", "none"), source, f.name("unfreeze")),
         average_last=f.get("average_last", int, 0, minimum=0),
+        warmup_epochs=f.get("warmup_epochs", float, 0.0, minimum=0.0),
     )
-    if stage.average_last > stage.epochs:
-        raise f.error("average_last", f"expected at most the stage's {stage.epochs} epochs, "
-                                      f"received {stage.average_last}")
+    for key in ("average_last", "warmup_epochs"):
+        if getattr(stage, key) > stage.epochs:
+            raise f.error(key, f"expected at most the stage's {stage.epochs} epochs, received {getattr(stage, key)}")
     f.finish()
     return stage
 
