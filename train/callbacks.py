@@ -1,5 +1,6 @@
 """Keras callbacks of the training loop that Keras does not ship: per-epoch LR decay that composes with
-ReduceLROnPlateau, epoch timing, the resume state, and the average of the last epochs' weights."""
+ReduceLROnPlateau, a linear warm-up, epoch timing, the resume state, and the average of the last epochs'
+weights."""
 
 from __future__ import annotations
 

@@ -92,3 +92,16 @@ def test_augmentation_errors_name_the_transform(transform, field, needle):
     with pytest.raises(ConfigError) as info:
         Augmenter([copy.deepcopy(transform)], image_size=32, seed=0, source="r.yaml")
     assert f"field '{field}'" in str(info.value) and needle in str(info.value)
+
+
+@pytest.mark.parametrize("key,too_long,allowed", [("average_last", 2, 1), ("warmup_epochs", 1.5, 0.5)])
+def test_stage_fields_counted_in_epochs_fit_the_stage(tmp_path, key, too_long, allowed):
+    """average_last and warmup_epochs: at most the stage's epochs, never negative; errors name the field."""
+    data = tiny_recipe(tmp_path)
+    for bad in (too_long, -1):
+        data["stages"][1][key] = bad
+        with pytest.raises(ConfigError) as info:
+            parse_recipe(data, source="r.yaml")
+        assert f"stages[1].{key}" in str(info.value) and f"received {bad}" in str(info.value)
+    data["stages"][1][key] = allowed
+    assert getattr(parse_recipe(data, source="r.yaml").stages[1], key) == allowed

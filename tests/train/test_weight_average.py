@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from carclf import backbones
-from carclf.errors import ConfigError
 from carclf.train import loop, runs
 from carclf.train.callbacks import WeightAverage
 from carclf.train.model import build_classifier, refresh_head_batchnorm, set_trainable
@@ -58,17 +57,6 @@ def test_refresh_sets_the_head_statistics_to_those_of_its_inputs():
     bn = model.get_layer("head_bn")
     np.testing.assert_allclose(np.asarray(bn.moving_mean), features.mean(axis=0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.asarray(bn.moving_variance), features.var(axis=0), rtol=1e-3, atol=1e-6)
-
-
-def test_average_last_beyond_the_stage_names_the_field(tmp_path):
-    recipe = tiny_recipe(tmp_path)
-    recipe["stages"][1]["average_last"] = 2
-    with pytest.raises(ConfigError) as info:
-        parse_recipe(recipe, source="r.yaml")
-    assert "stages[1].average_last" in str(info.value) and "received 2" in str(info.value)
-    recipe["stages"][1]["average_last"] = -1
-    with pytest.raises(ConfigError, match=r"stages\[1\]\.average_last"):
-        parse_recipe(recipe, source="r.yaml")
 
 
 @pytest.mark.slow
