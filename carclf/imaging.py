@@ -200,7 +200,7 @@ def _segment_reads_like_pil(data, marker: int, start: int, stop: int) -> bool:
         while start < stop:
             start += 1 + (64 if data[start] >> 4 == 0 else 128)
         return start == stop
-    if marker == 0xE0 and data[start:start + 4] == b"JFIF" or marker == 0xEE and data[start:start + 5] == b"Adobe":
+    if (marker == 0xE0 and data[start:start + 4] == b"JFIF") or (marker == 0xEE and data[start:start + 5] == b"Adobe"):
         return stop - start >= 7
     return True
 

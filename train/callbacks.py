@@ -117,22 +117,25 @@ class WeightAverage(keras.callbacks.Callback):
 
     def __init__(self, epochs: int):
         super().__init__()
-        self._kept: deque[list[np.ndarray]] = deque(maxlen=epochs)
-        self.epochs: list[int] = []
+        self._kept: deque[tuple[int, list[np.ndarray]]] = deque(maxlen=epochs)  # (epoch number, weights)
 
     @property
     def count(self) -> int:
         return len(self._kept)
 
+    @property
+    def epochs(self) -> list[int]:
+        """The (1-based) epochs whose weights are kept."""
+        return [epoch for epoch, _ in self._kept]
+
     def on_epoch_end(self, epoch, logs=None):
-        self._kept.append([np.array(w, copy=True) for w in self.model.get_weights()])
-        self.epochs = (self.epochs + [epoch + 1])[-self._kept.maxlen:]
+        self._kept.append((epoch + 1, [np.array(w, copy=True) for w in self.model.get_weights()]))
 
     def average(self) -> list[np.ndarray]:
         if not self._kept:
             raise ValueError("no epoch has ended: nothing to average")
         return [np.mean(np.stack(ws), axis=0, dtype=np.float64).astype(ws[0].dtype)
-                for ws in zip(*self._kept, strict=True)]
+                for ws in zip(*(weights for _, weights in self._kept), strict=True)]
 
 
 class TimeBudget(keras.callbacks.Callback):

@@ -60,7 +60,7 @@ def test_refresh_sets_the_head_statistics_to_those_of_its_inputs():
 
 
 @pytest.mark.slow
-def test_a_stage_with_average_last_ends_on_the_mean_weights(tmp_path, two_class_data):
+def test_a_stage_with_average_last_ends_on_the_mean_weights(tmp_path, two_class_data, monkeypatch):
     """Three epochs, the last two averaged: the final weights are the mean of the weights saved after epochs 2
     and 3 (trainable ones exactly; the head's BatchNorm statistics are measured anew)."""
     import keras
@@ -78,11 +78,8 @@ def test_a_stage_with_average_last_ends_on_the_mean_weights(tmp_path, two_class_
             per_epoch.append([np.array(w) for w in self.model.get_weights()])
 
     original = loop._callbacks
-    loop._callbacks = lambda *a, **k: original(*a, **k) + [Record()]
-    try:
-        run_dir = loop.train(parsed, runs_root=tmp_path / "runs", verbose=0)
-    finally:
-        loop._callbacks = original
+    monkeypatch.setattr(loop, "_callbacks", lambda *a, **k: original(*a, **k) + [Record()])
+    run_dir = loop.train(parsed, runs_root=tmp_path / "runs", verbose=0)
     assert runs.read_json(run_dir / runs.RUN_INFO)["averaged_epochs"] == {"all": [2, 3]}
     spec = backbones.get("mobilenet_v2")
     final, _ = build_classifier(spec, 2, parsed.head, 32, None, freeze_batchnorm=False)
