@@ -47,10 +47,13 @@ def make_optimizer(config: OptimizerConfig, lr: float):
     return keras.optimizers.Adam(learning_rate=lr, amsgrad=config.amsgrad)
 
 
-def make_loss(config: LossConfig, num_classes: int):
-    """Sparse categorical cross-entropy; with label smoothing, the same on one-hot targets."""
+def make_loss(config: LossConfig, num_classes: int, soft_targets: bool = False):
+    """Sparse categorical cross-entropy; with label smoothing, the same on one-hot targets. With
+    ``soft_targets`` (a mixing stage) the targets already are [B, num_classes] distributions."""
     import keras
 
+    if soft_targets:
+        return keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
     if not config.label_smoothing:
         return "sparse_categorical_crossentropy"
     smoothing = config.label_smoothing
@@ -166,8 +169,11 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
         _write_run_info(run_dir, recipe, dataset, split, weights_used, size, started, finished=False)
         final_size = size
         counts = set_trainable(model, spec, stage.unfreeze, freeze_batchnorm=weights_used is not None)
+        soft = stage.mix is not None
+        # Mixed targets are distributions, so the stage scores argmax(target) == argmax(prediction).
+        accuracy = keras.metrics.CategoricalAccuracy(name="accuracy") if soft else "accuracy"
         model.compile(optimizer=make_optimizer(recipe.optimizer, stage.lr),
-                      loss=make_loss(recipe.loss, dataset.num_classes), metrics=["accuracy"])
+                      loss=make_loss(recipe.loss, dataset.num_classes, soft), metrics=[accuracy])
         if index == state.stage_index and state.stage_epochs_done:
             restored = restore_optimizer_state(model.optimizer, model.trainable_variables,
                                                run_dir / runs.CHECKPOINTS / runs.OPTIMIZER_STATE)
@@ -185,8 +191,10 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
         augmenter.save(run_dir / "augmentation" / f"{stage.name}.json")
         augmenter.save(run_dir / runs.AUGMENTATION)  # the last stage's pipeline is the model's
         stream = pipeline.training_stream(prepared[("train", size)], len(split.train), stage.batch_size,
-                                          augmenter, seed=recipe.seed * 1000 + index)
-        val = pipeline.evaluation_batches(prepared[("val", size)], stage.batch_size) if split.val else None
+                                          augmenter, seed=recipe.seed * 1000 + index, mix=stage.mix,
+                                          num_classes=dataset.num_classes)
+        val = (pipeline.evaluation_batches(prepared[("val", size)], stage.batch_size,
+                                           dataset.num_classes if soft else 0) if split.val else None)
 
         done = state.stage_epochs_done if index == state.stage_index else 0
         best = state.best if index == state.stage_index and done else None
@@ -210,7 +218,10 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
                 log.warning("stage %r: averaging %d epochs, not %d (stopped early or resumed inside the window)",
                             stage.name, averager.count, stage.average_last)
             model.set_weights(averager.average())
-            seen = refresh_head_batchnorm(model, stream, steps)
+            plain = stream if not soft else pipeline.training_stream(  # measured on the photos, not on mixes
+                prepared[("train", size)], len(split.train), stage.batch_size, augmenter,
+                seed=recipe.seed * 1000 + index)
+            seen = refresh_head_batchnorm(model, plain, steps)
             averaged[stage.name] = averager.epochs
             log.info("stage %r ends on the mean weights of epochs %s (head BatchNorm measured on %d training "
                      "images)", stage.name, averager.epochs, seen)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from carclf import imaging
 from carclf.train.augment import Augmenter
 from carclf.train.data import Sample
+from carclf.train.mixing import MixConfig, mix_batch
 
 
 def prepared_images(samples: Sequence[Sample], image_size: int, cache: bool = True):
@@ -32,8 +33,10 @@ def prepared_images(samples: Sequence[Sample], image_size: int, cache: bool = Tr
     return ds.cache() if cache else ds
 
 
-def training_stream(prepared, num_samples: int, batch_size: int, augmenter: Augmenter, seed: int):
-    """An endless, seeded stream of augmented batches; ``steps_per_epoch`` batches make one epoch."""
+def training_stream(prepared, num_samples: int, batch_size: int, augmenter: Augmenter, seed: int,
+                    mix: MixConfig | None = None, num_classes: int = 0):
+    """An endless, seeded stream of augmented batches; ``steps_per_epoch`` batches make one epoch.
+    With ``mix`` the batches are mixed (``carclf.train.mixing``) and carry [B, num_classes] soft targets."""
     import tensorflow as tf
 
     ds = prepared.shuffle(max(num_samples, 1), seed=seed, reshuffle_each_iteration=True).repeat()
@@ -42,12 +45,21 @@ def training_stream(prepared, num_samples: int, batch_size: int, augmenter: Augm
     ds = tf.data.Dataset.zip((ds, seeds))
     ds = ds.map(lambda item, s: (augmenter.tf_apply(item[0], s), item[1]),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size, drop_remainder=False).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=False)
+    if mix is not None:
+        batch_seeds = tf.data.Dataset.random(seed=seed + 1).batch(2)
+        ds = tf.data.Dataset.zip((ds, batch_seeds)).map(
+            lambda batch, s: mix_batch(batch[0], batch[1], num_classes, mix, s),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def evaluation_batches(prepared, batch_size: int):
+def evaluation_batches(prepared, batch_size: int, num_classes: int = 0):
+    """Batches of prepared images; with ``num_classes`` the labels come one-hot (for a mixing stage)."""
     import tensorflow as tf
 
+    if num_classes:
+        prepared = prepared.map(lambda image, label: (image, tf.one_hot(label, num_classes, dtype=tf.float32)))
     return prepared.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 

@@ -18,6 +18,8 @@ import yaml
 
 from carclf import backbones, tta
 from carclf.errors import ConfigError, NotFound
+from carclf.train.mixing import METHODS as MIX_METHODS
+from carclf.train.mixing import MixConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 _MISSING = object()
@@ -43,7 +45,8 @@ class Unfreeze:
 class Stage:
     """One stage of training. With ``average_last`` N > 0 the stage ends on the mean of the weights of its
     last N epochs (stochastic weight averaging), not on its best checkpoint. With ``warmup_epochs`` W > 0 the
-    learning rate climbs linearly to ``lr`` over the stage's first W epochs (counted in steps)."""
+    learning rate climbs linearly to ``lr`` over the stage's first W epochs (counted in steps). With ``mix``
+    the stage trains on MixUp or CutMix batches (``carclf.train.mixing``)."""
 
     name: str
     epochs: int
@@ -53,6 +56,7 @@ class Stage:
     unfreeze: Unfreeze = Unfreeze()
     average_last: int = 0
     warmup_epochs: float = 0.0
+    mix: MixConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -250,12 +254,27 @@ def _parse_stage(data: Any, source: str, index: int) -> Stage:
         unfreeze=parse_unfreeze(f.raw("unfreeze", "none"), source, f.name("unfreeze")),
         average_last=f.get("average_last", int, 0, minimum=0),
         warmup_epochs=f.get("warmup_epochs", float, 0.0, minimum=0.0),
+        mix=_parse_mix(f),
     )
     for key in ("average_last", "warmup_epochs"):
         if getattr(stage, key) > stage.epochs:
             raise f.error(key, f"expected at most the stage's {stage.epochs} epochs, received {getattr(stage, key)}")
     f.finish()
     return stage
+
+
+def _parse_mix(stage: _Fields) -> MixConfig | None:
+    """``mix: {method: mixup|cutmix, alpha: A > 0, p: P in [0, 1]}``, or absent / ``none``."""
+    if stage.raw("mix", None) in (None, "none"):
+        return None
+    m = stage.sub("mix")
+    config = MixConfig(method=m.get("method", str, choices=MIX_METHODS),
+                       alpha=m.get("alpha", float, 1.0, minimum=0.0),
+                       p=m.get("p", float, 1.0, minimum=0.0, maximum=1.0))
+    if config.alpha <= 0:
+        raise m.error("alpha", f"expected a value > 0, received {config.alpha!r}")
+    m.finish()
+    return config
 
 
 def _parse_augmentation(value: Any, source: str) -> tuple[dict[str, Any], ...]:
