@@ -102,17 +102,41 @@ def decode_image(data):
     return apply_orientation(image, _exif_orientation(data))
 
 
-def prepare(image, size):
-    """Resize a uint8 [H, W, 3] image to uint8 [size, size, 3]: bilinear with antialiasing, rounded.
+#: How a photo becomes a square model input: ``squash`` stretches it to the square (aspect ratio lost);
+#: ``letterbox`` scales its longer side to the square's side and pads the rest with black, centred.
+RESIZE_MODES = ("squash", "letterbox")
+
+
+def check_resize(resize: str) -> str:
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {resize!r}; expected one of {list(RESIZE_MODES)}")
+    return resize
+
+
+def prepare(image, size, resize: str = "squash"):
+    """Resize a uint8 [H, W, 3] image (or a batch [B, H, W, 3]) to uint8 [size, size, 3]: bilinear with
+    antialiasing, rounded; with ``resize="letterbox"`` the aspect ratio is kept and the borders are black.
 
     This is the one resize of the product: training, evaluation, TTA views and serving all use it.
     """
     import tensorflow as tf
 
+    check_resize(resize)
     if isinstance(size, int):
         size = (size, size)
-    resized = tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+    image = tf.cast(image, tf.float32)
+    if resize == "squash":
+        resized = tf.image.resize(image, size, method="bilinear", antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+    shape = tf.cast(tf.shape(image)[-3:-1], tf.float32)
+    target = tf.constant(size, tf.float32)
+    scale = tf.reduce_min(target / shape)
+    inner = tf.clip_by_value(tf.cast(tf.round(shape * scale), tf.int32), 1, tf.constant(size, tf.int32))
+    resized = tf.image.resize(image, inner, method="bilinear", antialias=True)
+    resized = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+    offset = (tf.constant(size, tf.int32) - inner) // 2
+    out = tf.image.pad_to_bounding_box(resized, offset[0], offset[1], size[0], size[1])
+    return tf.ensure_shape(out, image.shape[:-3].concatenate([size[0], size[1], 3]))
 
 
 def crop_fraction(image, box):

@@ -92,14 +92,15 @@ def get_policy(policy: str | TTAPolicy | Mapping[str, Any]) -> TTAPolicy:
                       "with name and views", field="tta")
 
 
-def make_views(image, policy: str | TTAPolicy, size: int | Sequence[int]):
-    """All views of one decoded uint8 [H, W, 3] image: uint8 [len(policy), size, size, 3]."""
+def make_views(image, policy: str | TTAPolicy, size: int | Sequence[int], resize: str = "squash"):
+    """All views of one decoded uint8 [H, W, 3] image: uint8 [len(policy), size, size, 3]; each crop is
+    resized as the model was trained (``imaging.prepare`` with the model's ``resize`` mode)."""
     import tensorflow as tf
 
     views = []
     for view in get_policy(policy).views:
         crop = image if view.box == FULL_BOX else imaging.crop_fraction(image, view.box)
-        out = imaging.prepare(crop, size)
+        out = imaging.prepare(crop, size, resize)
         if view.flip:
             out = tf.image.flip_left_right(out)
         views.append(out)

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from carclf import contract
+from carclf import contract, imaging
 from carclf.errors import ConfigError
 from carclf.serving.config import MODEL_NAME_RE
 from carclf.tta import TTAPolicy, get_policy
@@ -57,7 +57,7 @@ AGGREGATE_OUTPUTS: dict[str, tuple[str, tuple[int, ...]]] = {
 NUMPY_DTYPES = {"TYPE_FP32": "float32", "TYPE_INT64": "int64", "TYPE_STRING": "object", "TYPE_BOOL": "bool"}
 
 # Global parameters and their parsers; per-member parameters are "<key>.<member name>".
-_MEMBER_PARAMETERS = ("weight", "version_label", "input_size")
+_MEMBER_PARAMETERS = ("weight", "version_label", "input_size", "resize")
 _GLOBAL_PARAMETERS = (
     "tta_policy", "aggregation", "top_k", "deadline_ms", "failure_policy", "quorum", "degrade_on",
     "retry_max_attempts", "retry_initial_backoff_ms", "retry_max_backoff_ms", "retry_backoff_multiplier",
@@ -87,6 +87,7 @@ class Member:
     version_label: str | None = None
     weight: float = 1.0
     input_size: int | None = None  # None: read from the member's model card
+    resize: str | None = None  # None: read from the member's model card (carclf.imaging.RESIZE_MODES)
     tensor: str = ""  # the ensemble tensor its probabilities flow into
 
 
@@ -377,6 +378,10 @@ def _apply_parameters(config: EnsembleConfig, params: Mapping[str, str], fail) -
                 if m.version is not None:
                     fail(fld, f"member {member!r} names both model_version {m.version} and a version label")
                 members[member] = replace(m, version_label=value)
+            elif kind == "resize":
+                if value not in imaging.RESIZE_MODES:
+                    fail(fld, f"expected one of {list(imaging.RESIZE_MODES)}, received {value!r}")
+                members[member] = replace(m, resize=value)
             else:
                 members[member] = replace(m, input_size=_parse_number(int, value, fld, fail, minimum=8,
                                                                       maximum=4096, what="pixels (integer)"))

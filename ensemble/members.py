@@ -8,7 +8,7 @@
   the evaluation and the benchmark (no server at all).
 
 Every caller sends ONE ``serving_pixels`` Predict per member with all views stacked, and describes a
-member (input size, labels) from its model card (``assets.extra/model_card.json``) or the config.
+member (input size, resize mode, labels) from its model card (``assets.extra/model_card.json``) or the config.
 """
 
 from __future__ import annotations
@@ -21,12 +21,21 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from carclf import contract
+from carclf import contract, imaging
 from carclf.ensemble.config import Member
 from carclf.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, NotFound
+
+
+class InputSpec(NamedTuple):
+    """How photos become a member's input: the square side and the resize mode (``imaging.RESIZE_MODES``).
+    Members with equal specs share their TTA views."""
+
+    size: int
+    resize: str = "squash"
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,11 @@ class MemberInfo:
 
     input_size: int
     labels: tuple[str, ...] | None = None
+    resize: str = "squash"
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec(self.input_size, self.resize)
 
 
 @dataclass(frozen=True)
@@ -96,8 +110,12 @@ def info_from_card(card: Mapping, member: Member, where: str) -> MemberInfo:
     if not isinstance(size, int) or size < 8:
         raise FailedPrecondition(f"member {member.name!r}: no usable input_size in {where} (received {size!r}); "
                                  f"declare parameter 'input_size.{member.name}' in the ensemble config")
+    resize = member.resize or card.get("resize", "squash")
+    if resize not in imaging.RESIZE_MODES:
+        raise FailedPrecondition(f"member {member.name!r}: unknown resize mode {resize!r} in {where}; expected "
+                                 f"one of {list(imaging.RESIZE_MODES)}")
     labels = card.get("labels")
-    return MemberInfo(input_size=size, labels=tuple(str(x) for x in labels) if labels else None)
+    return MemberInfo(input_size=size, labels=tuple(str(x) for x in labels) if labels else None, resize=resize)
 
 
 def info_from_repository(repository: str | os.PathLike, member: Member) -> MemberInfo:
@@ -114,7 +132,7 @@ def declared_info(member: Member, model_repository: str | os.PathLike | None, hi
     if model_repository is not None:
         return info_from_repository(model_repository, member)
     if member.input_size:
-        return MemberInfo(input_size=member.input_size)
+        return MemberInfo(input_size=member.input_size, resize=member.resize or "squash")
     raise FailedPrecondition(f"member {member.name!r}: its input size is unknown; {hint}")
 
 

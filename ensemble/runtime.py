@@ -25,7 +25,7 @@ import numpy as np
 from carclf import imaging
 from carclf.ensemble import aggregate as agg
 from carclf.ensemble.config import RETRYABLE_CODES, EnsembleConfig, Member
-from carclf.ensemble.members import MemberCaller, MemberInfo, MemberReply
+from carclf.ensemble.members import InputSpec, MemberCaller, MemberInfo, MemberReply
 from carclf.errors import (
     CarClfError,
     DeadlineExceeded,
@@ -144,7 +144,7 @@ class EnsembleRuntime:
 
         self.prepare(strict=False)
         photo = tf.io.encode_jpeg(tf.zeros([64, 48, 3], tf.uint8)).numpy()
-        self.views(self.decode([photo]), [s for s in self.member_sizes().values() if isinstance(s, int)])
+        self.views(self.decode([photo]), [s for s in self.member_inputs().values() if isinstance(s, InputSpec)])
         if not call_members:
             return False
         try:
@@ -179,12 +179,13 @@ class EnsembleRuntime:
         return self._graph("decode", lambda: tf.function(
             imaging.decode_image, input_signature=[tf.TensorSpec([], tf.string)]))
 
-    def _view_maker(self, size: int):
+    def _view_maker(self, spec: InputSpec):
         import tensorflow as tf
 
         policy = self.config.tta
-        return self._graph(("views", size), lambda: tf.function(
-            lambda image: make_views(image, policy, size), input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)]))
+        return self._graph(("views", spec), lambda: tf.function(
+            lambda image: make_views(image, policy, spec.size, spec.resize),
+            input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)]))
 
     def decode(self, images: Sequence[bytes]) -> list:
         """Check and decode each photo once: uint8 [H, W, 3] tensors, EXIF orientation applied."""
@@ -207,26 +208,28 @@ class EnsembleRuntime:
                 raise InvalidInput(f"photo {i}: cannot be decoded: {exc.message}") from None
         return decoded
 
-    def views(self, decoded: Sequence, sizes: Sequence[int]) -> dict[int, np.ndarray]:
-        """TTA views of every photo, once per distinct size: {size: uint8 [photos * views, S, S, 3]}.
+    def views(self, decoded: Sequence, specs: Sequence[InputSpec | int]) -> dict[InputSpec | int, np.ndarray]:
+        """TTA views of every photo, once per distinct input spec (a bare int is a squashed size):
+        {spec: uint8 [photos * views, S, S, 3]}.
 
         ``carclf.tta.make_views`` (the training evaluation's function) builds them; views of one photo
         are consecutive rows, as ``carclf.tta.average_views`` expects.
         """
         out = {}
-        for size in sorted(set(sizes)):
-            make = self._view_maker(size)
-            out[size] = np.concatenate([make(img).numpy() for img in decoded], axis=0)
+        for key in dict.fromkeys(specs):
+            make = self._view_maker(key if isinstance(key, InputSpec) else InputSpec(int(key)))
+            out[key] = np.concatenate([make(img).numpy() for img in decoded], axis=0)
         return out
 
-    def member_sizes(self) -> dict[str, int | CarClfError]:
-        sizes: dict[str, int | CarClfError] = {}
+    def member_inputs(self) -> dict[str, InputSpec | CarClfError]:
+        """Each member's input spec (size and resize mode), or the error that kept it from being described."""
+        specs: dict[str, InputSpec | CarClfError] = {}
         for m in self.config.members:
             try:
-                sizes[m.name] = self.describe(m).input_size
+                specs[m.name] = self.describe(m).input_spec
             except CarClfError as exc:
-                sizes[m.name] = exc
-        return sizes
+                specs[m.name] = exc
+        return specs
 
     # Prediction -------------------------------------------------------------------------------
 
@@ -236,17 +239,17 @@ class EnsembleRuntime:
         deadline = self._deadline(start, deadline)
         decoded = self.decode(images)
         t_decode = time.monotonic()
-        sizes = self.member_sizes()
-        views = self.views(decoded, [s for s in sizes.values() if isinstance(s, int)])
+        sizes = self.member_inputs()
+        views = self.views(decoded, [s for s in sizes.values() if isinstance(s, InputSpec)])
         t_views = time.monotonic()
         result = self.predict_views(views, len(decoded), deadline=deadline, sizes=sizes)
         timings = {"decode_ms": (t_decode - start) * 1e3, "views_ms": (t_views - t_decode) * 1e3,
                    **result.timings_ms, "total_ms": (time.monotonic() - start) * 1e3}
         return EnsembleResult(result.probabilities, result.labels, result.members, result.degraded, timings)
 
-    def predict_views(self, views: Mapping[int, np.ndarray], num_photos: int, *, deadline: float | None = None,
-                      sizes: Mapping[str, int | CarClfError] | None = None) -> EnsembleResult:
-        """Run the members on prepared views ({size: [photos * views, S, S, 3]}) and aggregate.
+    def predict_views(self, views: Mapping[InputSpec, np.ndarray], num_photos: int, *, deadline: float | None = None,
+                      sizes: Mapping[str, InputSpec | CarClfError] | None = None) -> EnsembleResult:
+        """Run the members on prepared views ({input spec: [photos * views, S, S, 3]}) and aggregate.
 
         This is the ensemble's own cost with decoding and view building left out (the benchmark uses it).
         """
@@ -254,7 +257,7 @@ class EnsembleRuntime:
         deadline = self._deadline(start, deadline)
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(f"ensemble {self.config.name!r}: the deadline passed while preparing views")
-        sizes = dict(sizes) if sizes is not None else self.member_sizes()
+        sizes = dict(sizes) if sizes is not None else self.member_inputs()
         futures: dict[str, cf.Future] = {}
         outcomes: dict[str, MemberOutcome] = {}
         for m in self.config.members:

@@ -116,11 +116,11 @@ class EnsembleReference:
         self.caller = SavedModelMemberCaller(repository)
         self.runtime = EnsembleRuntime(config, self.caller)
         self.runtime.warm()
-        sizes = self.runtime.member_sizes()
-        failed = {name: size for name, size in sizes.items() if not isinstance(size, int)}
+        specs = self.runtime.member_inputs()
+        failed = {name: spec for name, spec in specs.items() if isinstance(spec, Exception)}
         if failed:
             raise next(iter(failed.values()))
-        self.sizes: dict[str, int] = sizes
+        self.sizes = specs
         self.labels = list(self.runtime.labels)
 
     def predict(self, data: bytes) -> dict[str, np.ndarray]:

@@ -158,3 +158,31 @@ def test_registry_has_the_required_backbones():
         backbones.get("resnet9000")
     with pytest.raises(ConfigError, match="weights"):
         backbones.resolve_weights(backbones.get("xception"), "/no/such/file.h5")
+
+
+def test_letterbox_keeps_the_aspect_ratio_and_pads_black():
+    import tensorflow as tf
+
+    wide = np.full((50, 200, 3), 200, np.uint8)  # 4:1, one colour
+    out = imaging.prepare(tf.constant(wide), 64, "letterbox").numpy()
+    assert out.shape == (64, 64, 3)
+    rows = np.flatnonzero(out[:, 32, 0])  # the photo's band, centred
+    assert (rows.min(), rows.max() + 1) == (24, 40)  # 64 * 50 / 200 = 16 rows
+    assert (out[rows] == 200).all() and not out[:24].any() and not out[40:].any()
+    tall = imaging.prepare(tf.constant(wide.transpose(1, 0, 2)), 64, "letterbox").numpy()
+    np.testing.assert_array_equal(tall, out.transpose(1, 0, 2))
+
+
+def test_letterbox_of_a_batch_equals_each_photo_and_squash_is_unchanged(photos):
+    import tensorflow as tf
+
+    image = imaging.decode_image(tf.constant(photos[0].read_bytes()))
+    single = imaging.prepare(image, 48, "letterbox")
+    batch = imaging.prepare(tf.stack([image, image]), 48, "letterbox")
+    assert batch.shape == (2, 48, 48, 3)
+    np.testing.assert_array_equal(batch.numpy(), np.stack([single.numpy()] * 2))
+    np.testing.assert_array_equal(imaging.prepare(image, 48, "squash").numpy(), imaging.prepare(image, 48).numpy())
+    views = tta.make_views(image, "hflip", 48, "letterbox").numpy()
+    np.testing.assert_array_equal(views[0], single.numpy())
+    with pytest.raises(ValueError, match="unknown resize mode 'stretch'"):
+        imaging.prepare(image, 48, "stretch")

@@ -41,6 +41,7 @@ class SavedModelInfo:
     input_size: int
     labels: list[str]
     card: dict[str, Any]
+    resize: str = "squash"
 
 
 def load_savedmodel(path: str | os.PathLike, batch_size: int = 32) -> SavedModelInfo:
@@ -67,13 +68,15 @@ def load_savedmodel(path: str | os.PathLike, batch_size: int = 32) -> SavedModel
         return np.concatenate(outs).astype(np.float32)
 
     predict.loaded = loaded  # keep the SavedModel alive with the function
-    return SavedModelInfo(predict, size, [line for line in labels if line], card)
+    return SavedModelInfo(predict, size, [line for line in labels if line], card,
+                          imaging.check_resize(card.get("resize", "squash")))
 
 
 def predict_policies(predictor: PixelPredictor, images: Iterable[bytes], policies: Sequence[str | tta.TTAPolicy],
                      size: int, chunk: int = 8, progress: Any = None,
-                     names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Probabilities [N, C] per TTA policy name, for photos given as encoded bytes (``names`` label errors)."""
+                     names: Sequence[str] | None = None, resize: str = "squash") -> dict[str, np.ndarray]:
+    """Probabilities [N, C] per TTA policy name, for photos given as encoded bytes (``names`` label errors);
+    ``resize`` is the model's resize mode (``imaging.RESIZE_MODES``)."""
     import tensorflow as tf
 
     resolved = [tta.get_policy(p) for p in policies]
@@ -98,7 +101,7 @@ def predict_policies(predictor: PixelPredictor, images: Iterable[bytes], policie
         except tf.errors.InvalidArgumentError as exc:
             which = names[i] if names is not None else f"photo #{i}"
             raise InvalidInput(f"{which} does not decode: {str(exc).strip().splitlines()[0][:160]}") from None
-        pending.append(tta.make_views(image, union, size).numpy())
+        pending.append(tta.make_views(image, union, size, resize).numpy())
         if progress is not None:
             progress.update(1)
         if len(pending) >= chunk:
@@ -121,6 +124,7 @@ class LoadedModel:
     class_ids: list[str]
     class_names: list[str]
     info: dict[str, Any]
+    resize: str = "squash"
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
@@ -133,11 +137,11 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         trained = runs.load_run(source)
         info = {**trained.info, "split_file": str(source / runs.SPLIT)}
         return LoadedModel("run", source, keras_predictor(trained.model), trained.image_size, trained.class_ids,
-                           trained.class_names, info)
+                           trained.class_names, info, trained.recipe.resize)
     loaded = load_savedmodel(source)
     class_ids = [str(c) for c in loaded.card.get("class_ids", range(len(loaded.labels)))]
     return LoadedModel("savedmodel", source, loaded.predictor, loaded.input_size, class_ids, loaded.labels,
-                       loaded.card)
+                       loaded.card, loaded.resize)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +185,7 @@ def metrics_for(probs: np.ndarray, labels: np.ndarray, class_ids: Sequence[str],
 
 def evaluate_photos(predictor: PixelPredictor, paths: Sequence[str | os.PathLike], labels: Sequence[int],
                     size: int, policies: Sequence[str], class_ids: Sequence[str], class_names: Sequence[str],
-                    show_progress: bool = False) -> dict[str, dict[str, Any]]:
+                    show_progress: bool = False, resize: str = "squash") -> dict[str, dict[str, Any]]:
     """Metrics per TTA policy for labelled photo files."""
     progress = None
     if show_progress:
@@ -190,7 +194,7 @@ def evaluate_photos(predictor: PixelPredictor, paths: Sequence[str | os.PathLike
         progress = tqdm(total=len(paths), desc="evaluate", unit="img")
     try:
         probs = predict_policies(predictor, (Path(p).read_bytes() for p in paths), policies, size,
-                                 progress=progress, names=[str(p) for p in paths])
+                                 progress=progress, names=[str(p) for p in paths], resize=resize)
     finally:
         if progress is not None:
             progress.close()

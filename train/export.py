@@ -26,10 +26,11 @@ MAX_WARMUP_RECORDS = 1000
 PIXEL_WARMUP_RECORDS = 2  # one uint8 [1, S, S, 3] request is S*S*3 bytes: a few warm the graph
 
 
-def _serving_module(model, input_size: int, labels: Sequence[str], labels_path: str):
+def _serving_module(model, input_size: int, labels: Sequence[str], labels_path: str, resize: str):
     import tensorflow as tf
 
     size = int(input_size)
+    imaging.check_resize(resize)
 
     class CarClassifier(tf.Module):
         """The exported servable: one Keras model behind two signatures."""
@@ -54,7 +55,7 @@ def _serving_module(model, input_size: int, labels: Sequence[str], labels_path: 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=contract.INPUT_IMAGE_BYTES)])
         def serve_bytes(self, image_bytes):
             pixels = tf.map_fn(
-                lambda data: imaging.prepare(imaging.decode_image(data), size),
+                lambda data: imaging.prepare(imaging.decode_image(data), size, resize),
                 image_bytes,
                 fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8),
             )
@@ -65,7 +66,7 @@ def _serving_module(model, input_size: int, labels: Sequence[str], labels_path: 
             shape = tf.shape(pixels)
             same = tf.logical_and(tf.equal(shape[1], size), tf.equal(shape[2], size))
             pixels = tf.cond(same, lambda: tf.ensure_shape(pixels, [None, size, size, 3]),
-                             lambda: imaging.prepare(pixels, size))
+                             lambda: imaging.prepare(pixels, size, resize))
             return self._classify(tf.ensure_shape(pixels, [None, size, size, 3]))
 
     return CarClassifier()
@@ -79,7 +80,8 @@ def next_version(base_path: str | os.PathLike) -> int:
 
 
 def write_warmup_records(path: str | os.PathLike, model_name: str, images: Sequence[bytes],
-                         input_size: int | None = None, pixel_records: int = PIXEL_WARMUP_RECORDS) -> int:
+                         input_size: int | None = None, pixel_records: int = PIXEL_WARMUP_RECORDS,
+                         resize: str = "squash") -> int:
     """Write TF Serving warmup records: one ``serving_default`` PredictRequest of JPEG bytes per image, and
     with ``input_size`` a ``serving_pixels`` request (the photo decoded and resized exactly as the
     model's own preprocessing does) for the first ``pixel_records`` images, so both signatures are warm.
@@ -99,7 +101,7 @@ def write_warmup_records(path: str | os.PathLike, model_name: str, images: Seque
                       tf.make_tensor_proto([data], dtype=tf.string)) for data in images]
     if input_size is not None:
         for data in images[:pixel_records]:
-            pixels = imaging.prepare(imaging.decode_image(tf.constant(data)), input_size).numpy()
+            pixels = imaging.prepare(imaging.decode_image(tf.constant(data)), input_size, resize).numpy()
             records.append(record(contract.SIGNATURE_PIXELS, contract.INPUT_PIXELS,
                                   tf.make_tensor_proto(pixels[None].astype(np.uint8))))
     with tf.io.TFRecordWriter(str(path)) as writer:
@@ -119,8 +121,10 @@ def export_model(
     verify_images: Sequence[bytes] = (),
     card: dict[str, Any] | None = None,
     atol: float = 1e-4,
+    resize: str = "squash",
 ) -> Path:
-    """Export ``model`` (float pixels [B, S, S, 3] in 0..255 -> probabilities) as the next version.
+    """Export ``model`` (float pixels [B, S, S, 3] in 0..255 -> probabilities) as the next version; the
+    graph resizes photos with ``resize`` (``imaging.RESIZE_MODES``), as the model was trained.
 
     Returns the final version folder. After saving, the SavedModel is reloaded and must agree with the
     Keras model within ``atol`` on ``verify_images``, otherwise nothing is published.
@@ -137,7 +141,7 @@ def export_model(
     try:
         assets_src = tmp / "_labels_src.txt"
         assets_src.write_text("\n".join(labels) + "\n", encoding="utf-8")
-        module = _serving_module(model, input_size, labels, str(assets_src))
+        module = _serving_module(model, input_size, labels, str(assets_src), resize)
         signatures = {
             contract.SIGNATURE_BYTES: module.serve_bytes.get_concrete_function(),
             contract.SIGNATURE_PIXELS: module.serve_pixels.get_concrete_function(),
@@ -150,16 +154,17 @@ def export_model(
         assets_src.unlink()
         extra = export_dir / "assets.extra"
         extra.mkdir(exist_ok=True)
-        warmups = (write_warmup_records(extra / contract.WARMUP_FILE, name, warmup_images, input_size)
-                   if warmup_images else 0)
+        warmups = (write_warmup_records(extra / contract.WARMUP_FILE, name, warmup_images, input_size,
+                                        resize=resize) if warmup_images else 0)
 
-        max_diff = verify_export(model, export_dir, input_size, verify_images) if verify_images else None
+        max_diff = verify_export(model, export_dir, input_size, verify_images, resize) if verify_images else None
         if max_diff is not None and max_diff > atol:
             raise InvalidInput(f"exported model disagrees with the Keras model by {max_diff:.2e} > {atol:.0e}")
 
         card_data = {
             "name": name,
             "input_size": int(input_size),
+            "resize": resize,
             "labels": list(labels),
             "signatures": {
                 contract.SIGNATURE_BYTES: {"inputs": {contract.INPUT_IMAGE_BYTES: "string[batch]"}},
@@ -187,7 +192,8 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def verify_export(model, export_dir: str | os.PathLike, input_size: int, images: Sequence[bytes]) -> float:
+def verify_export(model, export_dir: str | os.PathLike, input_size: int, images: Sequence[bytes],
+                  resize: str = "squash") -> float:
     """Largest absolute difference between the SavedModel (from bytes) and the Keras model on ``images``."""
     import tensorflow as tf
 
@@ -195,6 +201,6 @@ def verify_export(model, export_dir: str | os.PathLike, input_size: int, images:
     serve = loaded.signatures[contract.SIGNATURE_BYTES]
     data = tf.constant(list(images), dtype=tf.string)
     served = serve(**{contract.INPUT_IMAGE_BYTES: data})[contract.OUTPUT_PROBABILITIES].numpy()
-    pixels = tf.stack([imaging.prepare(imaging.decode_image(d), input_size) for d in images])
+    pixels = tf.stack([imaging.prepare(imaging.decode_image(d), input_size, resize) for d in images])
     direct = model(tf.cast(pixels, tf.float32), training=False)
     return float(np.max(np.abs(served - np.asarray(direct))))

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from carclf import backbones, tta
+from carclf import backbones, imaging, tta
 from carclf.errors import ConfigError, NotFound
 from carclf.train.mixing import METHODS as MIX_METHODS
 from carclf.train.mixing import MixConfig
@@ -133,6 +133,7 @@ class Recipe:
     loss: LossConfig = LossConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     tta: tuple[str, ...] = ("none", "hflip", "hflip_crops")
+    resize: str = "squash"  # how photos become square inputs (carclf.imaging.RESIZE_MODES)
     source: str = field(default="<memory>", compare=False)
 
     @property
@@ -338,6 +339,7 @@ def parse_recipe(data: Any, source: str = "<memory>") -> Recipe:
         ),
         stages=tuple(_parse_stage(st, source, i) for i, st in enumerate(stages_raw)),
         tta=tuple(tta_raw),
+        resize=f.get("resize", str, "squash", choices=imaging.RESIZE_MODES),
         source=source,
     )
     for sub in (d, s, h, o, lo, sc, f):

@@ -48,7 +48,7 @@ def write_submission(model: LoadedModel, photos_dir: str | os.PathLike, out_csv:
         bar = tqdm(total=len(usable), desc="submit", unit="img")
     try:
         probs = predict_policies(model.predictor, payloads, [policy], model.input_size, progress=bar,
-                                 names=[p.name for p in usable])[policy]
+                                 names=[p.name for p in usable], resize=model.resize)[policy]
     finally:
         if bar is not None:
             bar.close()

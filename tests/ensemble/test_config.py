@@ -32,14 +32,15 @@ def test_shipped_config_parses_with_tritons_schema():
 def test_render_round_trips_every_parameter(tmp_path):
     text = render("e", {"tiny_a": 2, "tiny_b": -1}, parameters={
         "tta_policy": "hflip_crops", "aggregation": "geometric_mean", "weight.tiny_a": "0.25",
-        "version_label.tiny_b": "canary", "input_size.tiny_b": "48", "top_k": "3", "deadline_ms": "1500",
+        "version_label.tiny_b": "canary", "input_size.tiny_b": "48", "resize.tiny_b": "letterbox", "top_k": "3", "deadline_ms": "1500",
         "failure_policy": "degrade", "quorum": "1", "degrade_on": "unavailable, deadline_exceeded",
         "retry_max_attempts": "4", "retry_initial_backoff_ms": "5", "retry_max_backoff_ms": "50",
         "retry_backoff_multiplier": "3"})
     c = parse_config(text)
     a, b = c.members
     assert (a.name, a.version, a.weight, a.version_label) == ("tiny_a", 2, 0.25, None)
-    assert (b.name, b.version, b.version_label, b.input_size) == ("tiny_b", None, "canary", 48)
+    assert (b.name, b.version, b.version_label, b.input_size, b.resize) == ("tiny_b", None, "canary", 48, "letterbox")
+    assert a.resize is None  # read from the member's model card
     assert c.tta == POLICIES["hflip_crops"] and c.aggregation == "geometric_mean"
     assert (c.top_k, c.deadline_s, c.failure_policy, c.quorum) == (3, 1.5, "degrade", 1)
     assert c.degrade_on == ("UNAVAILABLE", "DEADLINE_EXCEEDED")
@@ -81,6 +82,7 @@ BAD = [
      "parameters['quorum']", "3"),
     ("policy", render("e", ["a"], parameters={"failure_policy": "retry_forever"}), "parameters['failure_policy']",
      "retry_forever"),
+    ("resize", render("e", ["a"], parameters={"resize.a": "stretch"}), "parameters['resize.a']", "stretch"),
     ("tta", render("e", ["a"], parameters={"tta_policy": "ten_crops"}), "parameters['tta_policy']", "ten_crops"),
     ("tta json", render("e", ["a"], parameters={"tta_policy": '{"name": "x", "views": [{"name": "v", '
                                                               '"box": [0.5, 0, 0.2, 1]}]}'}),

@@ -188,3 +188,32 @@ def test_bad_photos_are_refused_by_index(runtime_for, photo_bytes):
         runtime.predict([])
     with pytest.raises(InvalidInput, match="max_batch_size"):
         runtime.predict([photo_bytes[0]] * 65)
+
+
+def test_members_get_views_resized_as_their_model_cards_say(tiny_repository_template, photo_bytes, runtime_for,
+                                                            tmp_path):
+    """A letterbox member (model card ``resize``) gets letterboxed views, a squash member squashed ones, from
+    the same decoded photos; members with the same size and mode share their views."""
+    import json
+    import shutil
+
+    import tensorflow as tf
+
+    from carclf import contract
+    from carclf.ensemble.members import InputSpec
+
+    repository = tmp_path / "repo"
+    shutil.copytree(tiny_repository_template, repository)
+    card_path = next((repository / "tiny_b").glob("*/assets.extra")) / contract.MODEL_CARD
+    card = json.loads(card_path.read_text())
+    card_path.write_text(json.dumps({**card, "resize": "letterbox"}))
+    runtime = runtime_for(("tiny_a", "tiny_b"), caller=RecordingCaller(repository), tta_policy="hflip")
+    specs = runtime.member_inputs()
+    assert specs["tiny_b"] == InputSpec(card["input_size"], "letterbox") and specs["tiny_a"].resize == "squash"
+    views = runtime.views(runtime.decode(photo_bytes[:2]), list(specs.values()))
+    for spec in specs.values():
+        eager = np.concatenate([make_views(imaging.decode_image(tf.constant(b)), "hflip", spec.size, spec.resize)
+                                .numpy() for b in photo_bytes[:2]])
+        np.testing.assert_array_equal(views[spec], eager)
+    result = runtime.predict(photo_bytes[:2])
+    assert result.probabilities.shape[0] == 2 and not result.degraded

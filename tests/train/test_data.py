@@ -148,3 +148,17 @@ def test_missing_folders_are_clear_errors(tmp_path):
     (tmp_path / "flat").mkdir()
     with pytest.raises(InvalidInput, match="no class folders"):
         data.read_folder_layout(tmp_path / "flat")
+
+
+def test_prepared_images_follow_the_resize_mode(two_class_data):
+    import tensorflow as tf
+
+    from carclf import imaging
+    from carclf.train import pipeline
+    from carclf.train.data import read_folder_layout
+
+    samples = read_folder_layout(two_class_data / "train").samples[:3]
+    got = [img for img, _ in pipeline.prepared_images(samples, 32, "letterbox").as_numpy_iterator()]
+    for sample, image in zip(samples, got, strict=True):
+        decoded = imaging.decode_image(tf.io.read_file(str(sample.path)))
+        np.testing.assert_array_equal(image, imaging.prepare(decoded, 32, "letterbox").numpy())

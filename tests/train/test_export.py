@@ -75,3 +75,24 @@ def test_warmup_records_cover_both_signatures_and_replay(tmp_path, labels, photo
     card = json.loads((version / "assets.extra" / contract.MODEL_CARD).read_text())
     assert card["warmup_records"] == len(requests) == 5
     assert SavedModelServable("tiny", 1, version).warmup() == 5
+
+
+def test_a_letterbox_model_exports_its_resize_in_graph_and_card(tmp_path, labels, photos):
+    """Served from JPEG bytes, a letterbox model sees exactly the letterboxed pixels it was trained on."""
+    import tensorflow as tf
+
+    from carclf.train.evaluate import load_model
+
+    model = build_tiny_classifier(len(labels))
+    payload = [p.read_bytes() for p in photos[:2]]
+    version = _export(tmp_path, model, labels, payload, resize="letterbox")  # the export check passes
+    card = json.loads((version / "assets.extra" / contract.MODEL_CARD).read_text())
+    assert card["resize"] == "letterbox" and card["export_check_max_abs_diff"] <= 1e-4
+    serve = tf.saved_model.load(str(version)).signatures[contract.SIGNATURE_BYTES]
+    got = serve(**{contract.INPUT_IMAGE_BYTES: tf.constant(payload[:1])})[contract.OUTPUT_PROBABILITIES]
+    image = imaging.decode_image(tf.constant(payload[0]))
+    letterboxed = model(tf.cast(imaging.prepare(image, TINY_SIZE, "letterbox")[None], tf.float32), training=False)
+    squashed = model(tf.cast(imaging.prepare(image, TINY_SIZE)[None], tf.float32), training=False)
+    np.testing.assert_allclose(got.numpy(), np.asarray(letterboxed), atol=1e-5)
+    assert not np.allclose(np.asarray(letterboxed), np.asarray(squashed), atol=1e-5)
+    assert load_model(version).resize == "letterbox"

@@ -113,15 +113,26 @@ def test_mix_reads_back_from_a_run_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_cutmix_stage_trains_and_scores_on_class_ids(tmp_path, two_class_data):
-    """A real run whose second stage mixes (and averages its epochs): training accuracy and validation
-    accuracy are recorded under the usual names, and the run evaluates its validation photos."""
-    recipe = tiny_recipe(two_class_data)
-    recipe["stages"][1].update(epochs=2, mix={"method": "cutmix", "alpha": 1.0, "p": 1.0}, average_last=2)
-    run_dir = loop.train(parse_recipe(recipe, source="tiny"), runs_root=tmp_path / "runs", verbose=0)
+def test_a_letterbox_cutmix_run_trains_and_scores_on_class_ids(tmp_path, two_class_data):
+    """A real letterbox run whose second stage mixes (and averages its epochs): training accuracy and
+    validation accuracy are recorded under the usual names, and the run evaluates its validation photos."""
+    from carclf.train.data import load_split, read_dataset
+    from carclf.train.evaluate import evaluate_photos, load_model
+
+    data = tiny_recipe(two_class_data, resize="letterbox")
+    data["stages"][1].update(epochs=2, mix={"method": "cutmix", "alpha": 1.0, "p": 1.0}, average_last=2)
+    recipe = parse_recipe(data, source="tiny")
+    run_dir = loop.train(recipe, runs_root=tmp_path / "runs", verbose=0)
     history = runs.read_json(run_dir / runs.HISTORY_JSON)
     mixed = [row for row in history if row.get("stage") == "top"]
     assert len(mixed) == 2 and all(0.0 <= row["val_accuracy"] <= 1.0 and "accuracy" in row for row in mixed)
     metrics = runs.read_json(run_dir / "metrics.json")
     assert metrics["policies"]["none"]["count"] == metrics["num_val"] > 0
     assert runs.read_json(run_dir / runs.RUN_INFO)["averaged_epochs"] == {"top": [2, 3]}
+    # The run folder remembers the letterbox resize: evaluating it again reproduces the run's own figures.
+    model = load_model(run_dir)
+    assert model.resize == "letterbox"
+    val = load_split(run_dir / runs.SPLIT, read_dataset(recipe.data)).val
+    again = evaluate_photos(model.predictor, [s.path for s in val], [s.label for s in val], model.input_size,
+                            ["none"], model.class_ids, model.class_names, resize=model.resize)
+    assert again["none"]["log_loss"] == pytest.approx(metrics["policies"]["none"]["log_loss"], abs=1e-6)

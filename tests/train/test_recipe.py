@@ -38,6 +38,7 @@ def test_required_recipes_exist():
     (("split", "val_fraction"), 1.5, "split.val_fraction", "received 1.5"),
     (("head", "colour"), "red", "head.colour", "unknown field"),
     (("tta",), ["none", "sideways"], "tta", "unknown TTA policy 'sideways'"),
+    (("resize",), "stretch", "resize", "expected one of ['squash', 'letterbox'], received 'stretch'"),
     (("weights",), "/no/such/weights.h5", "weights", "received '/no/such/weights.h5'"),
     (("stages",), [], "stages", "non-empty list"),
     (("loss",), {"label_smoothing": 0.9}, "loss.label_smoothing", "expected a value <= 0.5, received 0.9"),

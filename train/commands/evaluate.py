@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         samples = data.clean_samples(dataset, data.scan_dataset(dataset))
     results = evaluate.evaluate_photos(model.predictor, [s.path for s in samples], [s.label for s in samples],
                                        model.input_size, policies, model.class_ids, model.class_names,
-                                       show_progress=True)
+                                       show_progress=True, resize=model.resize)
     default_out = model.path if model.kind == "run" else Path("reports/evaluate") / model.path.name
     path = evaluate.write_results(results, Path(args.out or default_out), model.class_ids, prefix="eval",
                                   extra={"model": str(model.path), "photos": len(samples),

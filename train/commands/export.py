@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or trained.recipe.name
     version = export_model(trained.model, repository=args.repository, name=name, input_size=trained.image_size,
                            labels=trained.class_names, warmup_images=photos[: args.warmup],
-                           verify_images=photos[: args.verify], card=model_card(trained))
+                           verify_images=photos[: args.verify], card=model_card(trained),
+                           resize=trained.recipe.resize)
     card = json.loads((version / "assets.extra" / "model_card.json").read_text(encoding="utf-8"))
     print(f"exported {version} (check on {min(len(photos), args.verify)} real photos: max |diff| "
           f"{card['export_check_max_abs_diff']:.2e})")
