@@ -120,7 +120,7 @@ def refresh_head_batchnorm(model, batches, steps: int) -> int:
 
     seen = 0
     for layer in head_batchnorm_layers(model):
-        features = keras.Model(model.inputs, layer.input)
+        features = keras.Model(model.input, layer.input)
         total = total_sq = None
         seen = 0
         for images, _ in batches.take(steps):

@@ -53,7 +53,7 @@ def test_refresh_sets_the_head_statistics_to_those_of_its_inputs():
     pixels = np.random.default_rng(1).uniform(0, 255, (10, 32, 32, 3)).astype("float32")
     batches = tf.data.Dataset.from_tensor_slices((pixels, np.zeros(10, "int32"))).batch(4)
     assert refresh_head_batchnorm(model, batches, steps=3) == 10
-    features = np.asarray(keras.Model(model.inputs, model.get_layer("head_pool").output)(pixels, training=False))
+    features = np.asarray(keras.Model(model.input, model.get_layer("head_pool").output)(pixels, training=False))
     bn = model.get_layer("head_bn")
     np.testing.assert_allclose(np.asarray(bn.moving_mean), features.mean(axis=0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.asarray(bn.moving_variance), features.var(axis=0), rtol=1e-3, atol=1e-6)
