@@ -1,7 +1,8 @@
 """The ensemble runtime: photos in, aggregated class probabilities out.
 
 For a batch of photos it decodes each photo once (``carclf.imaging.decode_image``), builds the TTA views
-once per distinct member input size (``carclf.tta.make_views``, the training evaluation's code), sends ONE
+once per distinct member input (``InputSpec``: size and resize mode, from the member's model card;
+``carclf.tta.make_views``, the training evaluation's code), sends ONE
 batched ``serving_pixels`` Predict per member with every view of every photo stacked, calls the members
 concurrently under one deadline, averages each photo's views (``carclf.tta.average_views``), aggregates
 across members (``carclf.ensemble.aggregate``) and reports what happened: per-member probabilities,
