@@ -120,17 +120,17 @@ class EnsembleReference:
         failed = {name: spec for name, spec in specs.items() if isinstance(spec, Exception)}
         if failed:
             raise next(iter(failed.values()))
-        self.sizes = specs
+        self.inputs = specs
         self.labels = list(self.runtime.labels)
 
     def predict(self, data: bytes) -> dict[str, np.ndarray]:
         from carclf.ensemble.aggregate import aggregate
         from carclf.tta import average_views
 
-        views = self.runtime.views(self.runtime.decode([data]), list(self.sizes.values()))
+        views = self.runtime.views(self.runtime.decode([data]), list(self.inputs.values()))
         member_probs = []
         for member in self.config.members:
-            reply = self.caller.call(member, views[self.sizes[member.name]], deadline=time.monotonic() + 60.0)
+            reply = self.caller.call(member, views[self.inputs[member.name]], deadline=time.monotonic() + 60.0)
             member_probs.append(average_views(reply.probabilities, len(self.config.tta)))
         probs = aggregate(self.config.aggregation, np.stack(member_probs), self.config.weights)
         best = probs.argmax(axis=-1)
