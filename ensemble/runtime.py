@@ -240,16 +240,16 @@ class EnsembleRuntime:
         deadline = self._deadline(start, deadline)
         decoded = self.decode(images)
         t_decode = time.monotonic()
-        sizes = self.member_inputs()
-        views = self.views(decoded, [s for s in sizes.values() if isinstance(s, InputSpec)])
+        inputs = self.member_inputs()
+        views = self.views(decoded, [s for s in inputs.values() if isinstance(s, InputSpec)])
         t_views = time.monotonic()
-        result = self.predict_views(views, len(decoded), deadline=deadline, sizes=sizes)
+        result = self.predict_views(views, len(decoded), deadline=deadline, inputs=inputs)
         timings = {"decode_ms": (t_decode - start) * 1e3, "views_ms": (t_views - t_decode) * 1e3,
                    **result.timings_ms, "total_ms": (time.monotonic() - start) * 1e3}
         return EnsembleResult(result.probabilities, result.labels, result.members, result.degraded, timings)
 
     def predict_views(self, views: Mapping[InputSpec, np.ndarray], num_photos: int, *, deadline: float | None = None,
-                      sizes: Mapping[str, InputSpec | CarClfError] | None = None) -> EnsembleResult:
+                      inputs: Mapping[str, InputSpec | CarClfError] | None = None) -> EnsembleResult:
         """Run the members on prepared views ({input spec: [photos * views, S, S, 3]}) and aggregate.
 
         This is the ensemble's own cost with decoding and view building left out (the benchmark uses it).
@@ -258,15 +258,15 @@ class EnsembleRuntime:
         deadline = self._deadline(start, deadline)
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(f"ensemble {self.config.name!r}: the deadline passed while preparing views")
-        sizes = dict(sizes) if sizes is not None else self.member_inputs()
+        inputs = dict(inputs) if inputs is not None else self.member_inputs()
         futures: dict[str, cf.Future] = {}
         outcomes: dict[str, MemberOutcome] = {}
         for m in self.config.members:
-            size = sizes[m.name]
-            if isinstance(size, CarClfError):
-                outcomes[m.name] = MemberOutcome(m.name, False, None, None, 0.0, 0, size)
+            spec = inputs[m.name]
+            if isinstance(spec, CarClfError):
+                outcomes[m.name] = MemberOutcome(m.name, False, None, None, 0.0, 0, spec)
             else:
-                futures[m.name] = self._pool.submit(self._call_member, m, views[size], num_photos, deadline)
+                futures[m.name] = self._pool.submit(self._call_member, m, views[spec], num_photos, deadline)
         done, _ = cf.wait(futures.values(), timeout=max(0.0, deadline - time.monotonic()))
         for name, fut in futures.items():
             if fut in done:

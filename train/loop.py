@@ -11,6 +11,7 @@ A run can be resumed from its last completed epoch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -190,9 +191,10 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
         (run_dir / "augmentation").mkdir(exist_ok=True)
         augmenter.save(run_dir / "augmentation" / f"{stage.name}.json")
         augmenter.save(run_dir / runs.AUGMENTATION)  # the last stage's pipeline is the model's
-        stream = pipeline.training_stream(prepared[("train", size)], len(split.train), stage.batch_size,
-                                          augmenter, seed=recipe.seed * 1000 + index, mix=stage.mix,
-                                          num_classes=dataset.num_classes)
+        training_stream = functools.partial(pipeline.training_stream, prepared[("train", size)], len(split.train),
+                                            stage.batch_size, augmenter, seed=recipe.seed * 1000 + index,
+                                            num_classes=dataset.num_classes)
+        stream = training_stream(mix=stage.mix)
         val = (pipeline.evaluation_batches(prepared[("val", size)], stage.batch_size,
                                            dataset.num_classes if soft else 0) if split.val else None)
 
@@ -218,10 +220,8 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
                 log.warning("stage %r: averaging %d epochs, not %d (stopped early or resumed inside the window)",
                             stage.name, averager.count, stage.average_last)
             model.set_weights(averager.average())
-            plain = stream if not soft else pipeline.training_stream(  # measured on the photos, not on mixes
-                prepared[("train", size)], len(split.train), stage.batch_size, augmenter,
-                seed=recipe.seed * 1000 + index)
-            seen = refresh_head_batchnorm(model, plain, steps)
+            # Measured on the photos themselves, not on mixes of them.
+            seen = refresh_head_batchnorm(model, training_stream(mix=None) if soft else stream, steps)
             averaged[stage.name] = averager.epochs
             log.info("stage %r ends on the mean weights of epochs %s (head BatchNorm measured on %d training "
                      "images)", stage.name, averager.epochs, seen)
