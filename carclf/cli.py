@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "backbones": ("carclf.train.commands.backbones", "list the registered backbones"),
     "scan": ("carclf.train.commands.scan", "scan a data folder: bad files report and EDA"),
     "train": ("carclf.train.commands.train", "train a recipe (staged transfer learning)"),
+    "crossval": ("carclf.train.commands.crossval", "pool the fold runs of a k-fold cross-validation"),
     "evaluate": ("carclf.train.commands.evaluate", "evaluate a run or SavedModel, with and without TTA"),
     "submit": ("carclf.train.commands.submit", "write a Kaggle submission CSV for a folder of photos"),
     "export": ("carclf.train.commands.export", "export a run as the next SavedModel version"),

@@ -229,6 +229,8 @@ class Split:
     val: list[Sample]
     seed: int
     val_fraction: float
+    folds: int = 0  # k of a k-fold split (0: a hold-out split by val_fraction)
+    fold: int = 0   # which of the k folds is the validation part
 
     def fingerprint(self) -> str:
         """Hash of the validation file list: equal for runs that validate on the same photos."""
@@ -237,29 +239,50 @@ class Split:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "seed": self.seed, "val_fraction": self.val_fraction, "val_fingerprint": self.fingerprint(),
+            "seed": self.seed, "val_fraction": self.val_fraction, "folds": self.folds, "fold": self.fold,
+            "val_fingerprint": self.fingerprint(),
             "train": [[s.rel, s.label] for s in self.train], "val": [[s.rel, s.label] for s in self.val],
         }
 
 
-def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int) -> Split:
-    """Per class, a seeded shuffle of the sorted files; round(fraction * n) of them (at least one when
-    the class has two or more files and the fraction is positive) go to validation."""
+def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int, *, folds: int = 0,
+                     fold: int = 0) -> Split:
+    """Per class, a seeded shuffle of the sorted files.
+
+    Hold-out (``folds == 0``): round(fraction * n) of each class (at least one when the class has two or
+    more files and the fraction is positive) go to validation.
+    k-fold (``folds >= 2``): the shuffled files of each class are dealt to the k folds in turn, each class
+    starting where the previous one stopped, so folds differ in size by at most one photo overall and by at
+    most one per class; fold ``fold`` is validation. The k splits of one seed validate on disjoint sets that
+    together cover every photo once.
+    """
+    if folds == 1 or folds < 0:
+        raise InvalidInput(f"folds must be 0 (hold-out) or at least 2, received {folds}")
+    if folds and not 0 <= fold < folds:
+        raise InvalidInput(f"fold must be in [0, {folds}), received {fold}")
     by_class: dict[int, list[Sample]] = {}
     for s in sorted(samples, key=lambda s: (s.label, s.rel)):
         by_class.setdefault(s.label, []).append(s)
     train: list[Sample] = []
     val: list[Sample] = []
+    dealt = 0  # photos dealt to folds so far, over all classes
     for label in sorted(by_class):
         items = by_class[label]
         rng = np.random.default_rng([seed, label])  # independent of other classes and of file order
         order = rng.permutation(len(items))
-        n_val = int(round(val_fraction * len(items)))
-        if val_fraction > 0 and len(items) >= 2:
-            n_val = min(max(n_val, 1), len(items) - 1)
-        val.extend(items[i] for i in sorted(order[:n_val]))
-        train.extend(items[i] for i in sorted(order[n_val:]))
-    return Split(train=train, val=val, seed=seed, val_fraction=val_fraction)
+        if folds:
+            chosen = [int(i) for rank, i in enumerate(order) if (dealt + rank) % folds == fold]
+            dealt += len(items)
+        else:
+            n_val = int(round(val_fraction * len(items)))
+            if val_fraction > 0 and len(items) >= 2:
+                n_val = min(max(n_val, 1), len(items) - 1)
+            chosen = [int(i) for i in order[:n_val]]
+        held = set(chosen)
+        val.extend(items[i] for i in sorted(held))
+        train.extend(items[i] for i in range(len(items)) if i not in held)
+    fraction = len(val) / max(1, len(val) + len(train)) if folds else val_fraction
+    return Split(train=train, val=val, seed=seed, val_fraction=round(fraction, 4), folds=folds, fold=fold)
 
 
 def save_split(split: Split, path: str | os.PathLike) -> None:
@@ -282,7 +305,7 @@ def load_split(path: str | os.PathLike, dataset: Dataset) -> Split:
         return out
 
     return Split(resolve(data["train"], "train"), resolve(data["val"], "val"), int(data["seed"]),
-                 float(data["val_fraction"]))
+                 float(data["val_fraction"]), int(data.get("folds", 0)), int(data.get("fold", 0)))
 
 
 def list_photos(folder: str | os.PathLike) -> list[Path]:

@@ -84,7 +84,7 @@ def train(recipe: Recipe, runs_root: str | Path = "runs", run_dir: str | Path | 
     With ``time_budget_s`` the run stops after the epoch in which the budget ran out (later stages are
     skipped) and is evaluated as it stands; run.json records that it was cut short.
     """
-    path = Path(run_dir) if run_dir else runs.new_run_dir(recipe.name, runs_root)
+    path = Path(run_dir) if run_dir else runs.new_run_dir(runs.run_name(recipe), runs_root)
     (path / runs.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     return _run(recipe, path, None, verbose, time_budget_s)
 
@@ -120,7 +120,7 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
         for bad in report.bad:
             log.warning("skipping %s: %s", bad["file"], bad["reason"])
         split = data_mod.stratified_split(data_mod.clean_samples(dataset, report), recipe.split.val_fraction,
-                                          recipe.split.seed)
+                                          recipe.split.seed, folds=recipe.split.folds, fold=recipe.split.fold)
         data_mod.save_split(split, run_dir / runs.SPLIT)
         runs.save_config(run_dir, recipe)
         (run_dir / runs.LABELS).write_text("\n".join(dataset.class_names) + "\n", encoding="utf-8")
@@ -298,6 +298,8 @@ def _write_run_info(run_dir: Path, recipe: Recipe, dataset, split, weights_used:
         "num_val": len(split.val),
         "split_seed": split.seed,
         "val_fraction": split.val_fraction,
+        "folds": split.folds,
+        "fold": split.fold,
         "val_fingerprint": split.fingerprint(),
         "epochs_planned": sum(s.epochs for s in recipe.stages),
         "finished": finished,

@@ -72,8 +72,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SplitConfig:
+    """Hold-out (``val_fraction`` of each class) or, with ``folds`` >= 2, fold ``fold`` of a stratified k-fold."""
+
     val_fraction: float = 0.2
     seed: int = 42
+    folds: int = 0
+    fold: int = 0
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,7 @@ class Recipe:
         """A copy with top-level fields or ``data``/``split`` fields replaced (None values are ignored)."""
         changes = {k: v for k, v in changes.items() if v is not None}
         data_fields = {f.name for f in dataclasses.fields(DataConfig)}
-        split_fields = {"val_fraction", "split_seed"}
+        split_fields = {"val_fraction", "split_seed", "folds", "fold"}
         data = {k: v for k, v in changes.items() if k in data_fields}
         split = {("seed" if k == "split_seed" else k): v for k, v in changes.items() if k in split_fields}
         top = {k: v for k, v in changes.items() if k not in data_fields and k not in split_fields}
@@ -313,8 +317,7 @@ def parse_recipe(data: Any, source: str = "<memory>") -> Recipe:
             train=d.get("train", str, None), csv=d.get("csv", str, None), images=d.get("images", str, None),
             classes=d.get("classes", str, None), min_side=d.get("min_side", int, 32, minimum=1),
         ),
-        split=SplitConfig(val_fraction=s.get("val_fraction", float, 0.2, minimum=0.0, maximum=0.9),
-                          seed=s.get("seed", int, 42)),
+        split=_parse_split(s),
         head=HeadConfig(
             pooling=h.get("pooling", str, "avg", choices=POOLINGS),
             batchnorm=h.get("batchnorm", bool, True),
@@ -345,6 +348,20 @@ def parse_recipe(data: Any, source: str = "<memory>") -> Recipe:
     for sub in (d, s, h, o, lo, sc, f):
         sub.finish()
     return validate(recipe)
+
+
+def _parse_split(s: _Fields) -> SplitConfig:
+    split = SplitConfig(val_fraction=s.get("val_fraction", float, 0.2, minimum=0.0, maximum=0.9),
+                        seed=s.get("seed", int, 42), folds=s.get("folds", int, 0, minimum=0),
+                        fold=s.get("fold", int, 0, minimum=0))
+    if split.folds == 1:
+        raise s.error("folds", "expected 0 (a hold-out split by val_fraction) or at least 2, received 1")
+    if split.folds and split.fold >= split.folds:
+        raise s.error("fold", f"expected a fold in [0, {split.folds}) for split.folds {split.folds}, "
+                              f"received {split.fold}")
+    if not split.folds and split.fold:
+        raise s.error("fold", f"needs split.folds (k of a k-fold split), received fold {split.fold} without it")
+    return split
 
 
 def _int_list(f: _Fields, key: str, default: list[int]) -> list[int]:

@@ -47,6 +47,12 @@ METRICS = "metrics.json"
 TENSORBOARD = "tensorboard"
 
 
+def run_name(recipe: Recipe) -> str:
+    """The run folder's prefix: the recipe name, plus ``-fold<k>of<n>`` for one fold of a k-fold split."""
+    split = recipe.split
+    return f"{recipe.name}-fold{split.fold}of{split.folds}" if split.folds else recipe.name
+
+
 def new_run_dir(recipe_name: str, root: str | os.PathLike = "runs") -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(root) / f"{recipe_name}-{stamp}"

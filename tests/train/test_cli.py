@@ -40,6 +40,9 @@ def test_invalid_recipe_field_and_override(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(tiny_recipe(tmp_path)))
     _assert_clean_error(_carclf("train", str(good), "--val-fraction", "5"), "split.val_fraction", "received 5.0")
+    _assert_clean_error(_carclf("train", str(good), "--fold", "2"), "split.fold", "needs split.folds")
+    _assert_clean_error(_carclf("train", str(good), "--folds", "3", "--fold", "3"), "split.fold", "received 3")
+    _assert_clean_error(_carclf("crossval", str(tmp_path)), "not a finished run folder")
 
 
 @pytest.mark.parametrize("args,needle", [

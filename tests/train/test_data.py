@@ -113,6 +113,37 @@ def test_split_is_deterministic_stratified_and_order_independent():
     assert len(a.val) + len(a.train) == len(samples)
 
 
+def test_k_fold_splits_partition_every_class_evenly():
+    counts = [40, 50, 37, 2, 1]
+    samples = _samples(counts)
+    folds = [data.stratified_split(samples, 0.2, seed=7, folds=5, fold=k) for k in range(5)]
+    everything = {s.rel for s in samples}
+    for split in folds:
+        assert {s.rel for s in split.val} | {s.rel for s in split.train} == everything
+        assert not {s.rel for s in split.val} & {s.rel for s in split.train}
+        assert (split.folds, split.seed) == (5, 7)
+    vals = [{s.rel for s in split.val} for split in folds]
+    assert set().union(*vals) == everything and sum(map(len, vals)) == len(everything)  # each photo once
+    assert max(map(len, vals)) - min(map(len, vals)) <= 1
+    for label, n in enumerate(counts):
+        per_fold = [sum(s.label == label for s in split.val) for split in folds]
+        assert sum(per_fold) == n and max(per_fold) - min(per_fold) <= 1
+    shuffled = samples[:]
+    random.Random(1).shuffle(shuffled)
+    assert data.stratified_split(shuffled, 0.2, seed=7, folds=5, fold=3).fingerprint() == folds[3].fingerprint()
+    assert data.stratified_split(samples, 0.2, seed=8, folds=5, fold=3).fingerprint() != folds[3].fingerprint()
+    # the hold-out split of the same seed is not affected by the k-fold option
+    assert data.stratified_split(samples, 0.2, seed=7).fingerprint() == \
+        data.stratified_split(samples, 0.2, seed=7, folds=0, fold=0).fingerprint()
+
+
+@pytest.mark.parametrize("folds,fold,needle", [(1, 0, "at least 2, received 1"), (4, 4, r"fold must be in \[0, 4\)"),
+                                               (3, -1, "received -1")])
+def test_k_fold_split_refuses_impossible_folds(folds, fold, needle):
+    with pytest.raises(InvalidInput, match=needle):
+        data.stratified_split(_samples([5, 5]), 0.2, seed=1, folds=folds, fold=fold)
+
+
 def test_split_is_saved_and_read_back(two_class_data, tmp_path):
     dataset = data.read_folder_layout(two_class_data / "train", two_class_data / "classes.json")
     split = data.stratified_split(dataset.samples, 0.4, seed=5)
@@ -120,6 +151,10 @@ def test_split_is_saved_and_read_back(two_class_data, tmp_path):
     again = data.load_split(tmp_path / "split.json", dataset)
     assert [s.rel for s in again.val] == [s.rel for s in split.val]
     assert again.fingerprint() == split.fingerprint()
+    fold = data.stratified_split(dataset.samples, 0.0, seed=5, folds=3, fold=2)
+    data.save_split(fold, tmp_path / "fold.json")
+    again = data.load_split(tmp_path / "fold.json", dataset)
+    assert (again.folds, again.fold, again.fingerprint()) == (3, 2, fold.fingerprint())
 
 
 def test_csv_layout_and_class_names(tmp_path):

@@ -36,6 +36,8 @@ def test_required_recipes_exist():
     (("backbone",), "resnet9000", "backbone", "unknown backbone 'resnet9000'"),
     (("head", "pooling"), "median", "head.pooling", "expected one of ['avg', 'max'], received 'median'"),
     (("split", "val_fraction"), 1.5, "split.val_fraction", "received 1.5"),
+    (("split", "folds"), 1, "split.folds", "at least 2, received 1"),
+    (("split", "folds"), -3, "split.folds", "expected a value >= 0, received -3"),
     (("head", "colour"), "red", "head.colour", "unknown field"),
     (("tta",), ["none", "sideways"], "tta", "unknown TTA policy 'sideways'"),
     (("resize",), "stretch", "resize", "expected one of ['squash', 'letterbox'], received 'stretch'"),
@@ -82,6 +84,22 @@ def test_unfreeze_forms_and_overrides(tmp_path):
     assert changed.split.val_fraction == 0.3 and changed.name == recipe.name
     with pytest.raises(ConfigError, match="field 'weights'"):
         recipe.with_overrides(weights="/no/such/file.h5")
+
+
+def test_fold_must_lie_inside_the_k_fold_split(tmp_path):
+    data = tiny_recipe(tmp_path)
+    data["split"] = {"seed": 1, "folds": 5, "fold": 5}
+    with pytest.raises(ConfigError, match=r"field 'split.fold': expected a fold in \[0, 5\).*received 5"):
+        parse_recipe(data, source="r.yaml")
+    data["split"] = {"seed": 1, "fold": 2}
+    with pytest.raises(ConfigError, match=r"field 'split.fold': needs split.folds.*received fold 2"):
+        parse_recipe(data, source="r.yaml")
+    data["split"] = {"seed": 1, "folds": 5}
+    recipe = parse_recipe(data, source="r.yaml")
+    assert (recipe.split.folds, recipe.split.fold) == (5, 0)
+    assert recipe.with_overrides(fold=4).split.fold == 4
+    with pytest.raises(ConfigError, match="field 'split.fold'"):
+        recipe.with_overrides(fold=7)
 
 
 @pytest.mark.parametrize("transform,field,needle", [

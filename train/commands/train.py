@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from carclf.errors import InvalidInput
 from carclf.train.commands import setup_logging
@@ -21,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="training seed (augmentation, shuffling, initialisation)")
     parser.add_argument("--split-seed", type=int, help="seed of the train/validation split")
     parser.add_argument("--val-fraction", type=float, help="fraction of each class held out for validation")
+    parser.add_argument("--folds", type=int, metavar="K",
+                        help="stratified K-fold split instead of a hold-out; without --fold, train every fold in "
+                             "turn and write the pooled cross-validation summary")
+    parser.add_argument("--fold", type=int, metavar="I", help="train only fold I (0..K-1) of the --folds split")
     parser.add_argument("--name", help="recipe name used for the run folder")
     parser.add_argument("--runs", default="runs", help="folder that holds the run folders (default: runs)")
     parser.add_argument("--time-budget", type=float, metavar="MINUTES",
@@ -41,14 +46,36 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInput(f"name a recipe ({', '.join(recipe_names())}) or a YAML file, or --resume RUN_DIR")
         recipe = load_recipe(args.recipe).with_overrides(
             train=args.data, classes=args.classes, weights=args.weights, seed=args.seed, name=args.name,
-            split_seed=args.split_seed, val_fraction=args.val_fraction,
+            split_seed=args.split_seed, val_fraction=args.val_fraction, folds=args.folds, fold=args.fold,
             on_missing_weights="scratch" if args.allow_scratch else None)
         if args.data and not os.path.isdir(args.data):
             raise InvalidInput(f"--data {args.data!r} is not a folder")
+        if args.folds is not None and args.fold is None and recipe.split.folds:
+            return _cross_validate(recipe, args)
         from carclf.train import loop
 
         path = loop.train(recipe, runs_root=args.runs, verbose=args.verbose, time_budget_s=_budget(args))
     print(f"run folder: {path}")
+    return 0
+
+
+def _cross_validate(recipe, args: argparse.Namespace) -> int:
+    """Train fold 0..K-1 in turn, then pool them (``carclf.train.crossval``) into one summary file."""
+    import time
+
+    from carclf.train import crossval, loop
+    from carclf.train.runs import write_json
+
+    paths = []
+    for fold in range(recipe.split.folds):
+        one = recipe.with_overrides(fold=fold)
+        paths.append(loop.train(one, runs_root=args.runs, verbose=args.verbose, time_budget_s=_budget(args)))
+        print(f"fold {fold}: run folder {paths[-1]}", flush=True)
+    summary = crossval.summarize(paths)
+    out = Path(args.runs) / f"{recipe.name}-crossval{recipe.split.folds}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    write_json(out, summary)
+    print(crossval.format_summary(summary))
+    print(f"cross-validation summary: {out}")
     return 0
 
 

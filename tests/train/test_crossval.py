@@ -1,0 +1,80 @@
+"""k-fold cross-validation end to end: ``carclf train --folds 2`` trains both folds of real photos and pools
+them; ``carclf crossval`` re-reads the run folders and refuses sets of runs that are not one cross-validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from carclf.cli import main as carclf_main
+from carclf.errors import InvalidInput
+from carclf.train import crossval, runs
+from tests.train.conftest import make_two_class_data, tiny_recipe
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def two_folds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cv")
+    data_root = make_two_class_data(root / "data")
+    recipe = tiny_recipe(data_root)
+    recipe["stages"] = recipe["stages"][:1]  # one stage of one epoch is enough to have two fold runs
+    recipe_file = root / "tiny.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    assert carclf_main(["train", str(recipe_file), "--folds", "2", "--runs", str(root / "runs")]) == 0
+    return root
+
+
+def _fold_runs(root):
+    return sorted(p for p in (root / "runs").iterdir() if p.is_dir())
+
+
+def test_every_fold_is_trained_and_pooled(two_folds, capsys):
+    folders = _fold_runs(two_folds)
+    assert [p.name.split("-")[1] for p in folders] == ["fold0of2", "fold1of2"]
+    splits = [runs.read_json(p / runs.SPLIT) for p in folders]
+    photos = {rel for split in splits for rel, _ in split["val"]}
+    assert {rel for rel, _ in splits[0]["val"]} & {rel for rel, _ in splits[1]["val"]} == set()
+    assert photos == {rel for rel, _ in splits[0]["val"] + splits[0]["train"]}  # the folds cover every photo
+    summary_files = list((two_folds / "runs").glob("tiny-crossval2-*.json"))
+    assert len(summary_files) == 1
+    summary = json.loads(summary_files[0].read_text())
+    metrics = [runs.read_json(p / runs.METRICS) for p in folders]
+    assert summary["photos"] == len(photos) and summary["folds"] == 2
+    for policy in ("none", "hflip"):
+        pooled = summary["policies"][policy]
+        assert pooled["correct"] == sum(m["policies"][policy]["correct"] for m in metrics)
+        assert pooled["count"] == len(photos)
+        assert pooled["per_fold_correct"] == [m["policies"][policy]["correct"] for m in metrics]
+    # the command on the same folders reproduces the file, and prints the pooled table
+    out = two_folds / "again.json"
+    assert carclf_main(["crossval", *map(str, folders), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["policies"] == summary["policies"]
+    assert f"({summary['policies']['none']['correct']}/{len(photos)})" in capsys.readouterr().out
+
+
+def test_runs_that_are_not_one_cross_validation_are_refused(two_folds, tmp_path):
+    folders = _fold_runs(two_folds)
+    with pytest.raises(InvalidInput, match=r"needs folds 0..1 once each, received \[0\]"):
+        crossval.summarize(folders[:1])
+    with pytest.raises(InvalidInput, match=r"received \[0, 0\]"):
+        crossval.summarize([folders[0], folders[0]])
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in (runs.METRICS, runs.SPLIT):
+        (other / name).write_bytes((folders[1] / name).read_bytes())
+    split = runs.read_json(other / runs.SPLIT)
+    split["seed"] += 1
+    (other / runs.SPLIT).write_text(json.dumps(split))
+    with pytest.raises(InvalidInput, match="has split_seed"):
+        crossval.summarize([folders[0], other])
+    split["seed"] -= 1
+    split["folds"] = 0
+    (other / runs.SPLIT).write_text(json.dumps(split))
+    with pytest.raises(InvalidInput, match="hold-out split, not a k-fold one"):
+        crossval.summarize([folders[0], other])
+    with pytest.raises(InvalidInput, match="not a finished run folder"):
+        crossval.summarize([tmp_path])

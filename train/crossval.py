@@ -1,0 +1,105 @@
+"""Cross-validation: pool the k fold runs of one recipe into one estimate over every photo.
+
+A hold-out split of 75 photos moves by several photos with the training seed alone; the k runs of a
+stratified k-fold split (``split.folds``) validate on disjoint sets that together hold every photo once,
+so their pooled accuracy is measured on k times as many photos. ``summarize`` checks that the runs
+belong together (one recipe apart from the fold, one split seed, folds 0..k-1 each once, disjoint
+validation sets covering the data) before it adds them up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from carclf.errors import InvalidInput
+from carclf.train import runs
+
+
+@dataclass(frozen=True)
+class FoldRun:
+    path: Path
+    recipe: str
+    folds: int
+    fold: int
+    split_seed: int
+    val: frozenset[str]
+    data_size: int
+    policies: dict[str, dict[str, Any]]
+
+
+def read_fold_run(path: str | Path) -> FoldRun:
+    """One finished run of a k-fold split; InvalidInput naming the folder when it is not one."""
+    run = Path(path)
+    metrics_file, split_file = run / runs.METRICS, run / runs.SPLIT
+    if not metrics_file.is_file() or not split_file.is_file():
+        raise InvalidInput(f"{run} is not a finished run folder (no {runs.METRICS} or {runs.SPLIT})")
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+    split = json.loads(split_file.read_text(encoding="utf-8"))
+    folds = int(split.get("folds", 0))
+    if folds < 2:
+        raise InvalidInput(f"{run} used a hold-out split, not a k-fold one (train it with --folds K)")
+    policies = metrics.get("policies") or {}
+    if not policies:
+        raise InvalidInput(f"{run}/{runs.METRICS} holds no evaluated TTA policy")
+    return FoldRun(run, str(metrics.get("recipe")), folds, int(split["fold"]), int(split["seed"]),
+                   frozenset(rel for rel, _ in split["val"]), len(split["val"]) + len(split["train"]), policies)
+
+
+def summarize(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """Pooled and per-fold accuracy (and log loss) of each TTA policy that every fold evaluated."""
+    fold_runs = sorted((read_fold_run(p) for p in paths), key=lambda r: r.fold)
+    if not fold_runs:
+        raise InvalidInput("name the run folders of every fold")
+    first = fold_runs[0]
+    for run in fold_runs[1:]:
+        for what in ("recipe", "folds", "split_seed", "data_size"):
+            if getattr(run, what) != getattr(first, what):
+                raise InvalidInput(f"{run.path} has {what} {getattr(run, what)!r}, {first.path} has "
+                                   f"{getattr(first, what)!r}: they are not folds of one cross-validation")
+    found = [r.fold for r in fold_runs]
+    if found != list(range(first.folds)):
+        raise InvalidInput(f"a {first.folds}-fold cross-validation needs folds 0..{first.folds - 1} once each, "
+                           f"received {found}")
+    seen: set[str] = set()
+    for run in fold_runs:
+        if seen & run.val:
+            raise InvalidInput(f"{run.path} validates on photos another fold already holds: {sorted(seen & run.val)[:3]}")
+        seen |= run.val
+    if len(seen) != first.data_size:
+        raise InvalidInput(f"the folds validate on {len(seen)} photos, the data has {first.data_size}")
+    policies = [p for p in first.policies if all(p in r.policies for r in fold_runs)]
+    summary: dict[str, Any] = {"recipe": first.recipe, "folds": first.folds, "split_seed": first.split_seed,
+                               "photos": len(seen), "runs": [str(r.path) for r in fold_runs], "policies": {}}
+    for policy in policies:
+        rows = [r.policies[policy] for r in fold_runs]
+        correct, count = sum(int(x["correct"]) for x in rows), sum(int(x["count"]) for x in rows)
+        per_fold = [int(x["correct"]) / int(x["count"]) for x in rows]
+        losses = [x.get("log_loss") for x in rows]
+        summary["policies"][policy] = {
+            "correct": correct, "count": count, "accuracy": correct / count,
+            # binomial standard error of the pooled accuracy: the noise of counting this many photos
+            "standard_error": math.sqrt(correct / count * (1 - correct / count) / count),
+            "per_fold_accuracy": per_fold, "per_fold_correct": [int(x["correct"]) for x in rows],
+            "fold_std": statistics.stdev(per_fold) if len(per_fold) > 1 else 0.0,
+            "log_loss": (sum(float(v) * int(x["count"]) for v, x in zip(losses, rows, strict=True)) / count
+                         if all(v is not None for v in losses) else None),
+        }
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A plain-text table of ``summarize``'s result."""
+    lines = [f"{summary['recipe']}: {summary['folds']}-fold cross-validation over {summary['photos']} photos "
+             f"(split seed {summary['split_seed']})", "",
+             f"{'policy':<12} {'pooled':>16} {'± s.e.':>7} {'log loss':>9}  per fold (correct)"]
+    for policy, p in summary["policies"].items():
+        loss = f"{p['log_loss']:.3f}" if p["log_loss"] is not None else "-"
+        lines.append(f"{policy:<12} {p['accuracy']:>7.3f} ({p['correct']}/{p['count']}) {p['standard_error']:>6.3f} "
+                     f"{loss:>9}  {' '.join(str(c) for c in p['per_fold_correct'])}")
+    return "\n".join(lines)
