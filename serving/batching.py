@@ -209,7 +209,8 @@ class BatchScheduler:
         now = time.perf_counter()
         live = []
         for task in tasks:
-            self.metrics.queuing_latency.labels(self.config.thread_pool_name).observe((now - task.enqueued) * 1e6)
+            self.metrics.child(self.metrics.queuing_latency, self.config.thread_pool_name).observe(
+                (now - task.enqueued) * 1e6)
             if not task.future.set_running_or_notify_cancel():
                 continue
             if task.deadline is not None and time.monotonic() > task.deadline:

@@ -210,11 +210,18 @@ class UnparsableRequestInterceptor(grpc.ServerInterceptor):
     """A unary request whose bytes are not a valid protobuf gets INVALID_ARGUMENT naming the method
     (grpc-python would answer UNKNOWN from its own deserializer, with a traceback in the server log)."""
 
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # per method: built once, not per call
+
     def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
             return handler
-        parse, behaviour, method = handler.request_deserializer, handler.unary_unary, handler_call_details.method
+        parse, behaviour = handler.request_deserializer, handler.unary_unary
 
         def deserialize(data: bytes):
             try:
@@ -228,8 +235,9 @@ class UnparsableRequestInterceptor(grpc.ServerInterceptor):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             return behaviour(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(call, request_deserializer=deserialize,
-                                                   response_serializer=handler.response_serializer)
+        wrapped = grpc.unary_unary_rpc_method_handler(call, request_deserializer=deserialize,
+                                                      response_serializer=handler.response_serializer)
+        return self._wrapped.setdefault(method, wrapped)
 
 
 def add_services(server: grpc.Server, predictor: Predictor, manager: ModelManager, resolver: BasePathResolver,

@@ -110,6 +110,16 @@ class ServingMetrics:
         self.version_state = Gauge("carclf_serving_model_version_state", "ModelVersionStatus.State code of "
                                    "each known version (extension).", ["model_name", "model_version"],
                                    registry=registry)
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *labels: str):
+        """``metric.labels(*labels)``, looked up once: prometheus_client checks and locks on every call, and a
+        request records five labelled series."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children.setdefault(key, metric.labels(*labels))
+        return found
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -120,7 +130,8 @@ class ServingMetrics:
         info: dict = {"version": None}
         start = time.perf_counter()
         status = "OK"
-        self.inflight.labels(entrypoint).inc()
+        inflight = self.child(self.inflight, entrypoint)
+        inflight.inc()
         try:
             yield info
         except CarClfError as exc:
@@ -133,10 +144,10 @@ class ServingMetrics:
             status = "INTERNAL"
             raise
         finally:
-            self.inflight.labels(entrypoint).dec()
+            inflight.dec()
             micros = (time.perf_counter() - start) * 1e6
             model = info.get("model_name") or model_name
             self.request_count.inc(model, status)
-            self.request_latency.labels(model, api, entrypoint).observe(micros)
+            self.child(self.request_latency, model, api, entrypoint).observe(micros)
             if info["version"] is not None:
-                self.version_latency.labels(model, str(info["version"]), api, entrypoint).observe(micros)
+                self.child(self.version_latency, model, str(info["version"]), api, entrypoint).observe(micros)

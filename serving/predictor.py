@@ -135,7 +135,7 @@ class Predictor:
     def record_runtime(self, servable: Servable | str, seconds: float) -> None:
         name = servable if isinstance(servable, str) else servable.name
         runtime = "TF2" if isinstance(servable, str | SavedModelServable) else type(servable).__name__
-        self.metrics.runtime_latency.labels(name, "Predict", runtime).observe(seconds * 1e6)
+        self.metrics.child(self.metrics.runtime_latency, name, "Predict", runtime).observe(seconds * 1e6)
 
 
 def _chain(done: Future, result: Future, lease: Lease, signature_name: str, output_filter: Sequence[str]) -> None:
