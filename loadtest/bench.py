@@ -601,7 +601,8 @@ def run(args: argparse.Namespace) -> int:
     bench.inprocess_sweep()
     bench.start_ensemble_reference()
     payload_photos = [p.data for p in bench.photos[: bench.settings["payload_photos"]]]
-    bench.result["payload"] = payload.payload_table(bench.settings["model"], payload_photos, bench.model.size)
+    bench.result["payload"] = payload.payload_table(bench.settings["model"], payload_photos, bench.model.size,
+                                                     bench.model.resize)
     bench.result["payload"]["p50_c1_ms"] = {}
     bench.serve_and_measure()
     return bench.finish()
@@ -618,7 +619,7 @@ def payload_latencies(model: inprocess.LoadedModel, photos, server: srv.Embedded
         row = next((r for r in sweep if r["transport"] == transport and r["concurrency"] == 1), None)
         if row is not None and settings["signature"] == contract.SIGNATURE_BYTES:
             latencies[key] = row["p50_ms"]
-    pixels = [{contract.INPUT_PIXELS: payload.prepared_pixels(p.data, model.size)} for p in photos]
+    pixels = [{contract.INPUT_PIXELS: payload.prepared_pixels(p.data, model.size, model.resize)} for p in photos]
     jpeg = [{contract.INPUT_IMAGE_BYTES: np.array([p.data], dtype=object)} for p in photos]
     cases = ((contract.SIGNATURE_BYTES, jpeg, ("jpeg_grpc", "jpeg_rest_b64")),
              (contract.SIGNATURE_PIXELS, pixels, ("uint8_grpc", "uint8_rest_json")))

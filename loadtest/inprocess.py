@@ -30,10 +30,10 @@ def latest_version(repository: str | os.PathLike, model: str) -> Path:
     return base / str(versions[-1])
 
 
-def input_size(version_dir: str | os.PathLike) -> int:
-    """The model's input size from its model card."""
+def input_spec(version_dir: str | os.PathLike) -> tuple[int, str]:
+    """The model's input size and resize mode (``squash`` for cards older than the field) from its card."""
     card = json.loads((Path(version_dir) / "assets.extra" / contract.MODEL_CARD).read_text())
-    return int(card["input_size"])
+    return int(card["input_size"]), str(card.get("resize", "squash"))
 
 
 @dataclass
@@ -46,6 +46,7 @@ class LoadedModel:
     labels: list[str]
     size: int
     rss_delta_bytes: int
+    resize: str = "squash"  # how photos become size x size views (the model card's ``resize``)
 
     @classmethod
     def load(cls, repository: str | os.PathLike, name: str) -> LoadedModel:
@@ -57,7 +58,8 @@ class LoadedModel:
         loaded = tf.saved_model.load(str(path))
         rss1 = psutil.Process().memory_info().rss
         labels = checks.read_labels(path / "assets" / contract.LABELS_ASSET)
-        model = cls(name, path, dict(loaded.signatures), labels, input_size(path), rss1 - rss0)
+        size, resize = input_spec(path)
+        model = cls(name, path, dict(loaded.signatures), labels, size, rss1 - rss0, resize)
         model._keep = loaded  # the signatures need the loaded object alive
         return model
 

@@ -16,17 +16,18 @@ from carclf import contract
 from carclf.loadtest import protocol
 
 
-def prepared_pixels(data: bytes, size: int) -> np.ndarray:
-    """uint8 [1, size, size, 3]: the photo decoded and resized exactly as the model's graph would."""
+def prepared_pixels(data: bytes, size: int, resize: str = "squash") -> np.ndarray:
+    """uint8 [1, size, size, 3]: the photo decoded and resized exactly as the model's graph would (its
+    card's ``resize`` mode)."""
     from carclf import imaging
 
-    return np.asarray(imaging.prepare(imaging.decode_image(data), size))[np.newaxis]
+    return np.asarray(imaging.prepare(imaging.decode_image(data), size, resize))[np.newaxis]
 
 
-def request_sizes(model: str, data: bytes, size: int) -> dict[str, int]:
+def request_sizes(model: str, data: bytes, size: int, resize: str = "squash") -> dict[str, int]:
     """Bytes of one request carrying ``data`` in every format, over gRPC and over REST."""
     jpeg = {contract.INPUT_IMAGE_BYTES: np.array([data], dtype=object)}
-    pixels = {contract.INPUT_PIXELS: prepared_pixels(data, size)}
+    pixels = {contract.INPUT_PIXELS: prepared_pixels(data, size, resize)}
     floats = pixels[contract.INPUT_PIXELS].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
     float_request = protocol.grpc_request(model, contract.SIGNATURE_PIXELS, {"input": floats})
     return {
@@ -40,9 +41,9 @@ def request_sizes(model: str, data: bytes, size: int) -> dict[str, int]:
     }
 
 
-def payload_table(model: str, photos: Sequence[bytes], size: int) -> dict:
+def payload_table(model: str, photos: Sequence[bytes], size: int, resize: str = "squash") -> dict:
     """Mean bytes per request of each format over ``photos``, and each as a multiple of gRPC JPEG."""
-    sizes = [request_sizes(model, data, size) for data in photos]
+    sizes = [request_sizes(model, data, size, resize) for data in photos]
     means = {key: float(np.mean([s[key] for s in sizes])) for key in sizes[0]}
     base = means["jpeg_grpc"]
     return {

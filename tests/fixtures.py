@@ -40,7 +40,7 @@ def build_tiny_classifier(num_classes: int, size: int = TINY_SIZE, seed: int = 0
     return keras.Model(inputs, outputs, name=f"tiny_{seed}")
 
 
-def export_tiny(repository: Path, name: str, seed: int = 0, size: int = TINY_SIZE) -> Path:
+def export_tiny(repository: Path, name: str, seed: int = 0, size: int = TINY_SIZE, resize: str = "squash") -> Path:
     """Export one tiny classifier as the next version of ``name`` under ``repository``."""
     from carclf.train.export import export_model
 
@@ -49,4 +49,4 @@ def export_tiny(repository: Path, name: str, seed: int = 0, size: int = TINY_SIZ
     model = build_tiny_classifier(len(labels), size=size, seed=seed)
     return export_model(model, repository=repository, name=name, input_size=size, labels=labels,
                         warmup_images=photos[:2], verify_images=photos,
-                        card={"backbone": "tiny-cnn", "seed": seed})
+                        card={"backbone": "tiny-cnn", "seed": seed}, resize=resize)

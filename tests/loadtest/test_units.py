@@ -33,6 +33,35 @@ def tiny_answer(tiny_repository_template, photos):
     return model.predict(contract.SIGNATURE_BYTES, inputs), model.labels
 
 
+def test_pixels_payload_is_prepared_as_the_models_card_says(tmp_path, sample_dir):
+    """The bench's uint8 payload for ``serving_pixels`` follows the model's resize mode, so a letterbox model
+    answers it as it answers the JPEG itself."""
+    from carclf.loadtest import payload
+    from carclf.loadtest.inprocess import LoadedModel
+    from tests.fixtures import export_tiny
+
+    export_tiny(tmp_path, "boxed", seed=4, resize="letterbox")
+    model = LoadedModel.load(tmp_path, "boxed")
+    assert model.resize == "letterbox"
+    photo = next(p for p in sorted(sample_dir.rglob("*.jpg")) if _aspect(p) > 1.3).read_bytes()  # a wide photo
+    from_jpeg = model.predict(contract.SIGNATURE_BYTES, protocol.photo_inputs(contract.SIGNATURE_BYTES, photo))
+    pixels = payload.prepared_pixels(photo, model.size, model.resize)
+    from_pixels = model.predict(contract.SIGNATURE_PIXELS, {contract.INPUT_PIXELS: pixels})
+    np.testing.assert_allclose(from_pixels[contract.OUTPUT_PROBABILITIES],
+                               from_jpeg[contract.OUTPUT_PROBABILITIES], atol=1e-5)
+    squashed = payload.prepared_pixels(photo, model.size)
+    assert squashed.shape == pixels.shape and not np.array_equal(squashed, pixels)
+    sizes = payload.payload_table("boxed", [photo], model.size, model.resize)
+    assert sizes["mean_bytes"]["uint8_grpc"] > pixels.size  # the pixels themselves plus the request around them
+
+
+def _aspect(path) -> float:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.width / image.height
+
+
 def test_check_prediction_accepts_a_real_answer_and_rejects_wrong_ones(tiny_answer):
     outputs, labels = tiny_answer
     checks.check_prediction(outputs, labels)
