@@ -209,16 +209,15 @@ class EnsembleRuntime:
                 raise InvalidInput(f"photo {i}: cannot be decoded: {exc.message}") from None
         return decoded
 
-    def views(self, decoded: Sequence, specs: Sequence[InputSpec | int]) -> dict[InputSpec | int, np.ndarray]:
-        """TTA views of every photo, once per distinct input spec (a bare int is a squashed size):
-        {spec: uint8 [photos * views, S, S, 3]}.
+    def views(self, decoded: Sequence, specs: Sequence[InputSpec]) -> dict[InputSpec, np.ndarray]:
+        """TTA views of every photo, once per distinct input spec: {spec: uint8 [photos * views, S, S, 3]}.
 
         ``carclf.tta.make_views`` (the training evaluation's function) builds them; views of one photo
         are consecutive rows, as ``carclf.tta.average_views`` expects.
         """
         out = {}
         for key in dict.fromkeys(specs):
-            make = self._view_maker(key if isinstance(key, InputSpec) else InputSpec(int(key)))
+            make = self._view_maker(key)
             out[key] = np.concatenate([make(img).numpy() for img in decoded], axis=0)
         return out
 

@@ -14,7 +14,7 @@ import pytest
 
 from carclf import imaging
 from carclf.ensemble import aggregate as agg
-from carclf.ensemble.members import SavedModelMemberCaller
+from carclf.ensemble.members import InputSpec, SavedModelMemberCaller
 from carclf.ensemble.runtime import EnsembleRuntime
 from carclf.errors import DeadlineExceeded, InvalidInput, NotFound, Unavailable
 from carclf.tta import make_views
@@ -80,11 +80,12 @@ def test_views_are_bit_identical_to_make_views(photo_bytes, runtime_for):
 
     runtime = runtime_for(tta_policy="hflip_crops")
     decoded = runtime.decode(photo_bytes[:3])
-    views = runtime.views(decoded, [32, 40])
+    views = runtime.views(decoded, [InputSpec(32), InputSpec(40)])
     for size in (32, 40):
         eager = np.concatenate([make_views(imaging.decode_image(tf.constant(b)), "hflip_crops", size).numpy()
                                 for b in photo_bytes[:3]])
-        assert views[size].dtype == np.uint8 and np.array_equal(views[size], eager)
+        got = views[InputSpec(size)]
+        assert got.dtype == np.uint8 and np.array_equal(got, eager)
 
 
 def test_one_batched_call_per_member_and_aggregation(tiny_repository_template, photo_bytes, runtime_for):
@@ -123,7 +124,7 @@ def test_members_are_called_concurrently(tiny_repository_template, photo_bytes, 
 def test_deadline_is_respected_when_a_member_hangs(tiny_repository_template, photo_bytes, runtime_for):
     caller = RecordingCaller(tiny_repository_template, delays={"tiny_b": 3.0})
     runtime = runtime_for(caller=caller, deadline_ms="700")
-    runtime.views(runtime.decode(photo_bytes[:1]), [32])  # trace the graphs outside the timed call
+    runtime.views(runtime.decode(photo_bytes[:1]), [InputSpec(32)])  # trace the graphs outside the timed call
     start = time.monotonic()
     with pytest.raises(DeadlineExceeded, match="tiny_b"):
         runtime.predict(photo_bytes[:1])
@@ -138,7 +139,7 @@ def test_deadline_is_respected_when_a_member_hangs(tiny_repository_template, pho
 def test_degrade_answers_from_the_others_within_the_deadline(tiny_repository_template, photo_bytes, runtime_for):
     caller = RecordingCaller(tiny_repository_template, delays={"tiny_b": 3.0})
     runtime = runtime_for(caller=caller, deadline_ms="700", failure_policy="degrade", quorum="1")
-    runtime.views(runtime.decode(photo_bytes[:1]), [32])
+    runtime.views(runtime.decode(photo_bytes[:1]), [InputSpec(32)])
     start = time.monotonic()
     result = runtime.predict(photo_bytes[:2])
     assert time.monotonic() - start < 1.2
@@ -200,8 +201,6 @@ def test_members_get_views_resized_as_their_model_cards_say(tiny_repository_temp
     import tensorflow as tf
 
     from carclf import contract
-    from carclf.ensemble.members import InputSpec
-
     repository = tmp_path / "repo"
     shutil.copytree(tiny_repository_template, repository)
     card_path = next((repository / "tiny_b").glob("*/assets.extra")) / contract.MODEL_CARD
