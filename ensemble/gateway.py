@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 
 from carclf.clients.base import parse_server_url
@@ -65,15 +64,11 @@ class Gateway(ModelServer):
         self.members_url = members_url
         self.member_urls = dict(member_urls or {})
         self.root_certificates = root_certificates
-        # The ensembles are loaded by _start_transports below with gRPC members, not in-process.
-        self.options = replace(self.options, ensemble_config_file=[])
 
-    def _start_transports(self) -> None:
+    def static_servables(self) -> list:
+        """The ensembles, over gRPC members (not in-process ones)."""
         repository = self.options.model_repository or None
         if repository is not None and not Path(repository).is_dir():
             raise ConfigError(f"no such folder: {repository}", source="--model_repository")
-        for path in self.ensemble_paths:
-            self.manager.add_static(build_ensemble(path, self.members_url, member_urls=self.member_urls,
-                                                   model_repository=repository,
-                                                   root_certificates=self.root_certificates))
-        super()._start_transports()
+        return [build_ensemble(path, self.members_url, member_urls=self.member_urls, model_repository=repository,
+                               root_certificates=self.root_certificates) for path in self.ensemble_paths]

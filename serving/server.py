@@ -133,8 +133,8 @@ class ModelServer:
             self.predictor = Predictor(self.manager, self.metrics, batcher=self.batcher, executor=self.executor)
             if opts.model_config_file or opts.model_base_path:
                 self.manager.apply_config(self._read_models_config())
-            for path in opts.ensemble_config_file:
-                self.manager.add_static(load_ensemble(path, self.predictor))
+            for servable in self.static_servables():
+                self.manager.add_static(servable)
             self._start_transports()
             self._start_poller()
         except BaseException:
@@ -144,6 +144,12 @@ class ModelServer:
         if self.rest_port is not None:
             log.info("Exporting HTTP/REST API at:%s:%d ...", opts.host, self.rest_port)
         return self
+
+    def static_servables(self) -> list[Servable]:
+        """Servables that are not versions of a model folder, loaded once at start: the ensembles of
+        ``--ensemble_config_file``, whose members this server runs in-process. A subclass may serve others
+        (the gateway's ensembles call remote members)."""
+        return [load_ensemble(path, self.predictor) for path in self.options.ensemble_config_file]
 
     def _read_models_config(self) -> ModelsConfig:
         opts = self.options
