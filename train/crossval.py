@@ -28,7 +28,7 @@ class FoldRun:
     folds: int
     fold: int
     split_seed: int
-    val: frozenset[str]
+    val: tuple[tuple[str, int], ...]  # (file, label) in the order the run evaluated them
     data_size: int
     policies: dict[str, dict[str, Any]]
 
@@ -48,7 +48,8 @@ def read_fold_run(path: str | Path) -> FoldRun:
     if not policies:
         raise InvalidInput(f"{run}/{runs.METRICS} holds no evaluated TTA policy")
     return FoldRun(run, str(metrics.get("recipe")), folds, int(split["fold"]), int(split["seed"]),
-                   frozenset(rel for rel, _ in split["val"]), len(split["val"]) + len(split["train"]), policies)
+                   tuple((rel, int(label)) for rel, label in split["val"]), len(split["val"]) + len(split["train"]),
+                   policies)
 
 
 def summarize(paths: Sequence[str | Path]) -> dict[str, Any]:
@@ -68,9 +69,10 @@ def summarize(paths: Sequence[str | Path]) -> dict[str, Any]:
                            f"received {found}")
     seen: set[str] = set()
     for run in fold_runs:
-        if seen & run.val:
-            raise InvalidInput(f"{run.path} validates on photos another fold already holds: {sorted(seen & run.val)[:3]}")
-        seen |= run.val
+        files = {rel for rel, _ in run.val}
+        if seen & files:
+            raise InvalidInput(f"{run.path} validates on photos another fold already holds: {sorted(seen & files)[:3]}")
+        seen |= files
     if len(seen) != first.data_size:
         raise InvalidInput(f"the folds validate on {len(seen)} photos, the data has {first.data_size}")
     policies = [p for p in first.policies if all(p in r.policies for r in fold_runs)]
@@ -90,7 +92,32 @@ def summarize(paths: Sequence[str | Path]) -> dict[str, Any]:
             "log_loss": (sum(float(v) * int(x["count"]) for v, x in zip(losses, rows, strict=True)) / count
                          if all(v is not None for v in losses) else None),
         }
+        if all(len(x.get("predicted") or ()) == len(r.val) for x, r in zip(rows, fold_runs, strict=True)):
+            summary["policies"][policy]["photo_correct"] = {
+                rel: int(pred == label) for x, r in zip(rows, fold_runs, strict=True)
+                for (rel, label), pred in zip(r.val, x["predicted"], strict=True)}
     return summary
+
+
+def compare(a: dict[str, Any], b: dict[str, Any], policy: str) -> dict[str, Any]:
+    """Paired comparison of two cross-validations over the same photos (two summaries of ``summarize``):
+    how many photos only one of them gets right, and the exact two-sided McNemar p-value of that split
+    (a binomial test of the discordant photos at 1/2)."""
+    for name, summary in (("first", a), ("second", b)):
+        if "photo_correct" not in summary["policies"].get(policy, {}):
+            raise InvalidInput(f"the {name} summary ({summary['recipe']}) has no per-photo results for policy "
+                               f"{policy!r}; its runs predate them or did not evaluate that policy")
+    left, right = a["policies"][policy]["photo_correct"], b["policies"][policy]["photo_correct"]
+    if set(left) != set(right):
+        raise InvalidInput(f"the two cross-validations validate on different photos ({len(set(left) ^ set(right))} "
+                           "differ); compare runs of the same data and split seed")
+    only_a = sum(1 for rel in left if left[rel] and not right[rel])
+    only_b = sum(1 for rel in left if right[rel] and not left[rel])
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return {"policy": policy, "photos": len(left), "first": a["recipe"], "second": b["recipe"],
+            "first_correct": sum(left.values()), "second_correct": sum(right.values()),
+            "only_first": only_a, "only_second": only_b, "mcnemar_p": p}
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -180,6 +180,7 @@ def metrics_for(probs: np.ndarray, labels: np.ndarray, class_ids: Sequence[str],
         "log_loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)))),
         "per_class": classification_report(matrix, class_ids, class_names),
         "confusion_matrix": matrix.tolist(),
+        "predicted": pred.tolist(),  # per photo, in the order evaluated (a run's split.json "val" order)
     }
 
 

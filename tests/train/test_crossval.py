@@ -49,6 +49,7 @@ def test_every_fold_is_trained_and_pooled(two_folds, capsys):
         assert pooled["correct"] == sum(m["policies"][policy]["correct"] for m in metrics)
         assert pooled["count"] == len(photos)
         assert pooled["per_fold_correct"] == [m["policies"][policy]["correct"] for m in metrics]
+        assert len(pooled["photo_correct"]) == len(photos) and sum(pooled["photo_correct"].values()) == pooled["correct"]
     # the command on the same folders reproduces the file, and prints the pooled table
     out = two_folds / "again.json"
     assert carclf_main(["crossval", *map(str, folders), "--out", str(out)]) == 0
@@ -78,3 +79,38 @@ def test_runs_that_are_not_one_cross_validation_are_refused(two_folds, tmp_path)
         crossval.summarize([folders[0], other])
     with pytest.raises(InvalidInput, match="not a finished run folder"):
         crossval.summarize([tmp_path])
+
+
+def test_paired_comparison_counts_discordant_photos(two_folds, tmp_path, capsys):
+    stats = pytest.importorskip("scipy.stats")
+    summary = crossval.summarize(_fold_runs(two_folds))
+    same = crossval.compare(summary, summary, "none")
+    assert (same["only_first"], same["only_second"], same["mcnemar_p"]) == (0, 0, 1.0)
+    other = json.loads(json.dumps(summary))
+    flipped = sorted(other["policies"]["none"]["photo_correct"])[:3]
+    for rel in flipped:
+        other["policies"]["none"]["photo_correct"][rel] ^= 1
+    result = crossval.compare(summary, other, "none")
+    right_before = sum(summary["policies"]["none"]["photo_correct"][rel] for rel in flipped)
+    assert (result["only_first"], result["only_second"]) == (right_before, len(flipped) - right_before)
+    expected = stats.binomtest(min(right_before, 3 - right_before), 3, 0.5).pvalue
+    assert result["mcnemar_p"] == pytest.approx(expected)
+    # the command prints the comparison; a file that is not a summary gets one clear error
+    saved = tmp_path / "other.json"
+    saved.write_text(json.dumps(other))
+    assert carclf_main(["crossval", *map(str, _fold_runs(two_folds)), "--compare", str(saved)]) == 0
+    assert f"only the first right on {right_before}" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(InvalidInput, match="not a cross-validation summary"):
+        crossval_command_run(two_folds, tmp_path / "bad.json")
+    del other["policies"]["none"]["photo_correct"]
+    with pytest.raises(InvalidInput, match="no per-photo results for policy 'none'"):
+        crossval.compare(summary, other, "none")
+
+
+def crossval_command_run(root, compare_path):
+    import argparse
+
+    from carclf.train.commands import crossval as command
+
+    return command.run(argparse.Namespace(runs=[str(p) for p in _fold_runs(root)], out=None, compare=str(compare_path)))
