@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from carclf.errors import InvalidInput
 from carclf.train import runs
 
@@ -31,6 +33,7 @@ class FoldRun:
     val: tuple[tuple[str, int], ...]  # (file, label) in the order the run evaluated them
     data_size: int
     policies: dict[str, dict[str, Any]]
+    config: dict[str, Any]  # the resolved recipe without its fold: equal for the folds of one cross-validation
 
 
 def read_fold_run(path: str | Path) -> FoldRun:
@@ -47,9 +50,12 @@ def read_fold_run(path: str | Path) -> FoldRun:
     policies = metrics.get("policies") or {}
     if not policies:
         raise InvalidInput(f"{run}/{runs.METRICS} holds no evaluated TTA policy")
+    config = yaml.safe_load((run / runs.CONFIG).read_text(encoding="utf-8")) if (run / runs.CONFIG).is_file() else {}
+    config.get("split", {}).pop("fold", None)
+    config.pop("source", None)
     return FoldRun(run, str(metrics.get("recipe")), folds, int(split["fold"]), int(split["seed"]),
                    tuple((rel, int(label)) for rel, label in split["val"]), len(split["val"]) + len(split["train"]),
-                   policies)
+                   policies, config)
 
 
 def summarize(paths: Sequence[str | Path]) -> dict[str, Any]:
@@ -63,6 +69,10 @@ def summarize(paths: Sequence[str | Path]) -> dict[str, Any]:
             if getattr(run, what) != getattr(first, what):
                 raise InvalidInput(f"{run.path} has {what} {getattr(run, what)!r}, {first.path} has "
                                    f"{getattr(first, what)!r}: they are not folds of one cross-validation")
+        if run.config != first.config:
+            differ = sorted(k for k in set(run.config) | set(first.config) if run.config.get(k) != first.config.get(k))
+            raise InvalidInput(f"{run.path} and {first.path} were trained with different settings ({', '.join(differ)}): "
+                               "they are not folds of one cross-validation")
     found = [r.fold for r in fold_runs]
     if found != list(range(first.folds)):
         raise InvalidInput(f"a {first.folds}-fold cross-validation needs folds 0..{first.folds - 1} once each, "

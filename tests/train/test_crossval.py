@@ -77,6 +77,14 @@ def test_runs_that_are_not_one_cross_validation_are_refused(two_folds, tmp_path)
     (other / runs.SPLIT).write_text(json.dumps(split))
     with pytest.raises(InvalidInput, match="hold-out split, not a k-fold one"):
         crossval.summarize([folders[0], other])
+    split["folds"] = 2
+    (other / runs.SPLIT).write_text(json.dumps(split))
+    config = yaml.safe_load((folders[1] / runs.CONFIG).read_text())
+    (other / runs.CONFIG).write_text(yaml.safe_dump({**config, "seed": config["seed"] + 1}))
+    with pytest.raises(InvalidInput, match=r"different settings \(seed\)"):
+        crossval.summarize([folders[0], other])
+    (other / runs.CONFIG).write_text(yaml.safe_dump(config))
+    assert crossval.summarize([folders[0], other])["photos"] == len(split["val"]) + len(split["train"])
     with pytest.raises(InvalidInput, match="not a finished run folder"):
         crossval.summarize([tmp_path])
 
