@@ -3,6 +3,7 @@ an average of their probabilities (an ensemble of runs, no server involved).
 
     .venv/bin/python scripts/eval_runs.py runs/A runs/B --sizes 320,352,384,416   # each run at each size
     .venv/bin/python scripts/eval_runs.py runs/A runs/B --average                # the runs averaged
+    .venv/bin/python scripts/eval_runs.py runs/A --sizes 288,320,352 --average-sizes  # multi-scale TTA per run
 
 Every figure goes through the product's evaluation path (``carclf.train.evaluate``: decode, TTA views with
 each run's resize mode, the mean over views). The runs must share their validation split.
@@ -53,13 +54,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--sizes", help="comma-separated input sizes to score each run at")
+    parser.add_argument("--average-sizes", action="store_true",
+                        help="with --sizes: also score each run's mean over those sizes (multi-scale TTA)")
     parser.add_argument("--average", action="store_true", help="score the mean of the runs' probabilities")
     args = parser.parse_args()
     if args.sizes:
+        sizes = [int(s) for s in args.sizes.split(",")]
         for run in args.runs:
-            for size in (int(s) for s in args.sizes.split(",")):
+            scored = []
+            for size in sizes:
                 probs, labels, _ = _probabilities(run, size)
+                scored.append(probs)
                 print(_line(f"{run.name} at {size} px", probs, labels), flush=True)
+            if args.average_sizes:
+                mean = {p: np.mean([probs[p] for probs in scored], axis=0) for p in POLICIES}
+                print(_line(f"{run.name}, mean over {'+'.join(map(str, sizes))} px", mean, labels), flush=True)
     if args.average:
         members = [_probabilities(run) for run in args.runs]
         if len({fingerprint for _, _, fingerprint in members}) != 1:
