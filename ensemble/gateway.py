@@ -19,6 +19,7 @@ from carclf.ensemble.runtime import EnsembleRuntime
 from carclf.ensemble.servable import EnsembleServable
 from carclf.errors import ConfigError
 from carclf.serving.options import ServerOptions
+from carclf.serving.servable import Servable
 from carclf.serving.server import ModelServer
 
 
@@ -65,7 +66,7 @@ class Gateway(ModelServer):
         self.member_urls = dict(member_urls or {})
         self.root_certificates = root_certificates
 
-    def static_servables(self) -> list:
+    def static_servables(self) -> list[Servable]:
         """The ensembles, over gRPC members (not in-process ones)."""
         repository = self.options.model_repository or None
         if repository is not None and not Path(repository).is_dir():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from carclf.errors import InvalidInput
@@ -18,8 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_json_file(path: str, flag: str) -> dict:
-    import json
-
+    """A cross-validation summary written by ``carclf train --folds`` or ``carclf crossval --out``."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from carclf.errors import InvalidInput
 from carclf.train.commands import setup_logging
-from carclf.train.recipe import load_recipe, recipe_names
+from carclf.train.recipe import Recipe, load_recipe, recipe_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cross_validate(recipe, args: argparse.Namespace) -> int:
+def _cross_validate(recipe: Recipe, args: argparse.Namespace) -> int:
     """Train fold 0..K-1 in turn, then pool them (``carclf.train.crossval``) into one summary file."""
     import time
 
