@@ -22,6 +22,8 @@ from carclf.train.mixing import METHODS as MIX_METHODS
 from carclf.train.mixing import MixConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+#: Recipes of experiments whose results are in docs/RESULTS.md; found by name like the main ones.
+EXPERIMENTS_DIR = RECIPES_DIR / "experiments"
 _MISSING = object()
 
 UNFREEZE_MODES = ("none", "top_blocks", "all")
@@ -402,20 +404,24 @@ def validate(recipe: Recipe) -> Recipe:
 
 
 def recipe_path(name_or_path: str | os.PathLike) -> Path:
-    """A recipe file: a path to a YAML file, or the name of a packaged recipe in train/recipes/."""
+    """A recipe file: a path to a YAML file, or the name of a packaged recipe in train/recipes/ or
+    train/recipes/experiments/."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise NotFound(f"no recipe file {str(path)!r}")
         return path
-    packaged = RECIPES_DIR / f"{name_or_path}.yaml"
-    if not packaged.is_file():
-        raise NotFound(f"unknown recipe {str(name_or_path)!r}; expected a YAML file or one of {recipe_names()}")
-    return packaged
+    for folder in (RECIPES_DIR, EXPERIMENTS_DIR):
+        packaged = folder / f"{name_or_path}.yaml"
+        if packaged.is_file():
+            return packaged
+    raise NotFound(f"unknown recipe {str(name_or_path)!r}; expected a YAML file or one of {recipe_names()}")
 
 
-def recipe_names() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+def recipe_names(experiments: bool = True) -> list[str]:
+    """Names of the packaged recipes: the main ones, then (with ``experiments``) those of past experiments."""
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    return names + sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")) if experiments else names
 
 
 def load_recipe(name_or_path: str | os.PathLike) -> Recipe:

@@ -28,6 +28,17 @@ def test_required_recipes_exist():
     assert any(n.startswith("demo_") for n in names)
 
 
+def test_experiment_recipes_are_found_by_name_apart_from_the_main_ones():
+    from carclf.train.recipe import EXPERIMENTS_DIR, recipe_path
+
+    main, every = recipe_names(experiments=False), recipe_names()
+    assert len(set(every)) == len(every)  # a name is in one folder only
+    experiments = [n for n in every if n not in main]
+    assert experiments and "mobilenet_v2_320_bn" in main
+    for name in experiments:
+        assert recipe_path(name).parent == EXPERIMENTS_DIR and load_recipe(name).name == name
+
+
 @pytest.mark.parametrize("path,value,field,needle", [
     (("stages", 0, "epochs"), 0, "stages[0].epochs", "expected a value >= 1, received 0"),
     (("stages", 1, "lr"), "fast", "stages[1].lr", "expected float, received 'fast'"),

@@ -12,7 +12,8 @@ from carclf.train.recipe import Recipe, load_recipe, recipe_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", nargs="?", help=f"recipe name ({', '.join(recipe_names())}) or a YAML file")
+    parser.add_argument("recipe", nargs="?", help=f"recipe name ({', '.join(recipe_names(experiments=False))}, or one "
+                                                   "of train/recipes/experiments/) or a YAML file")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last epoch")
     parser.add_argument("--data", help="training folder of class folders (overrides the recipe's data.train)")
     parser.add_argument("--classes", help="class-names file (overrides data.classes)")
@@ -43,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         path = loop.resume(args.resume, verbose=args.verbose, time_budget_s=_budget(args))
     else:
         if not args.recipe:
-            raise InvalidInput(f"name a recipe ({', '.join(recipe_names())}) or a YAML file, or --resume RUN_DIR")
+            raise InvalidInput(f"name a recipe ({', '.join(recipe_names(experiments=False))}, or one of "
+                               "train/recipes/experiments/) or a YAML file, or --resume RUN_DIR")
         recipe = load_recipe(args.recipe).with_overrides(
             train=args.data, classes=args.classes, weights=args.weights, seed=args.seed, name=args.name,
             split_seed=args.split_seed, val_fraction=args.val_fraction, folds=args.folds, fold=args.fold,
