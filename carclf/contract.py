@@ -16,6 +16,9 @@ and warmup records in ``assets.extra/tf_serving_warmup_requests``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 SIGNATURE_BYTES = "serving_default"
 SIGNATURE_PIXELS = "serving_pixels"
 
@@ -30,6 +33,14 @@ OUTPUTS = (OUTPUT_PROBABILITIES, OUTPUT_CLASS_ID, OUTPUT_LABEL)
 LABELS_ASSET = "labels.txt"
 MODEL_CARD = "model_card.json"
 WARMUP_FILE = "tf_serving_warmup_requests"
+
+#: What a model card written before cards recorded ``resize`` means: photos were squashed to the square.
+DEFAULT_RESIZE = "squash"
+
+
+def card_resize(card: Mapping[str, Any]) -> str:
+    """The resize mode (``carclf.imaging.RESIZE_MODES``) a model card records; callers validate it."""
+    return card.get("resize", DEFAULT_RESIZE)
 
 # Hard limits on what one image may be, checked before any pixel is decoded.
 MAX_IMAGE_BYTES = 20 * 1024 * 1024

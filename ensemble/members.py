@@ -110,7 +110,7 @@ def info_from_card(card: Mapping, member: Member, where: str) -> MemberInfo:
     if not isinstance(size, int) or size < 8:
         raise FailedPrecondition(f"member {member.name!r}: no usable input_size in {where} (received {size!r}); "
                                  f"declare parameter 'input_size.{member.name}' in the ensemble config")
-    resize = member.resize or card.get("resize", "squash")
+    resize = member.resize or contract.card_resize(card)
     if resize not in imaging.RESIZE_MODES:
         raise FailedPrecondition(f"member {member.name!r}: unknown resize mode {resize!r} in {where}; expected "
                                  f"one of {list(imaging.RESIZE_MODES)}")

@@ -7,7 +7,6 @@ another on the same TTA views.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -31,9 +30,11 @@ def latest_version(repository: str | os.PathLike, model: str) -> Path:
 
 
 def input_spec(version_dir: str | os.PathLike) -> tuple[int, str]:
-    """The model's input size and resize mode (``squash`` for cards older than the field) from its card."""
-    card = json.loads((Path(version_dir) / "assets.extra" / contract.MODEL_CARD).read_text())
-    return int(card["input_size"]), str(card.get("resize", "squash"))
+    """The model's input size and resize mode from its model card."""
+    from carclf.ensemble.members import read_model_card
+
+    card = read_model_card(version_dir)
+    return int(card["input_size"]), contract.card_resize(card)
 
 
 @dataclass

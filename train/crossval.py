@@ -9,7 +9,6 @@ validation sets covering the data) before it adds them up.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Sequence
@@ -42,8 +41,7 @@ def read_fold_run(path: str | Path) -> FoldRun:
     metrics_file, split_file = run / runs.METRICS, run / runs.SPLIT
     if not metrics_file.is_file() or not split_file.is_file():
         raise InvalidInput(f"{run} is not a finished run folder (no {runs.METRICS} or {runs.SPLIT})")
-    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
-    split = json.loads(split_file.read_text(encoding="utf-8"))
+    metrics, split = runs.read_json(metrics_file), runs.read_json(split_file)
     folds = int(split.get("folds", 0))
     if folds < 2:
         raise InvalidInput(f"{run} used a hold-out split, not a k-fold one (train it with --folds K)")

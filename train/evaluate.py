@@ -69,7 +69,7 @@ def load_savedmodel(path: str | os.PathLike, batch_size: int = 32) -> SavedModel
 
     predict.loaded = loaded  # keep the SavedModel alive with the function
     return SavedModelInfo(predict, size, [line for line in labels if line], card,
-                          imaging.check_resize(card.get("resize", "squash")))
+                          imaging.check_resize(contract.card_resize(card)))
 
 
 def predict_policies(predictor: PixelPredictor, images: Iterable[bytes], policies: Sequence[str | tta.TTAPolicy],
