@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from carclf import imaging
 from carclf.errors import ConfigError, InvalidInput
 
 # Pixel preprocessing modes, applied inside the model to float pixels in [0, 255].
@@ -50,20 +51,21 @@ class BackboneSpec:
         module_name, attr = self.constructor.split(":")
         return getattr(importlib.import_module(module_name), attr)
 
-    def build(self, input_size: int | None = None, weights: str | None = None):
-        """Build the headless backbone (``include_top=False``) for square inputs of ``input_size``.
+    def build(self, input_size: int | tuple[int, int] | None = None, weights: str | None = None):
+        """Build the headless backbone (``include_top=False``) for inputs of ``input_size`` (one side for a
+        square, or (height, width)).
 
         ``weights`` is ``None`` (random init), a named source from ``weight_sources`` (e.g. "imagenet",
         downloaded by Keras and cached under ~/.keras) or a path to a local weights file.
         """
-        size = int(input_size or self.input_size)
+        height, width = imaging.side_pair(input_size or self.input_size)
         weights_arg = resolve_weights(self, weights)
         ctor = self.resolve_constructor()
         try:
             return ctor(
                 include_top=False,
                 weights=weights_arg,
-                input_shape=(size, size, 3),
+                input_shape=(height, width, 3),
                 **self.constructor_kwargs,
             )
         except (OSError, ValueError, Exception) as exc:  # noqa: B014 - download failures come as many types

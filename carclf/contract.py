@@ -34,13 +34,49 @@ LABELS_ASSET = "labels.txt"
 MODEL_CARD = "model_card.json"
 WARMUP_FILE = "tf_serving_warmup_requests"
 
-#: What a model card written before cards recorded ``resize`` means: photos were squashed to the square.
+#: What a model card written before cards recorded ``resize`` means: photos were squashed to the input size.
 DEFAULT_RESIZE = "squash"
 
 
 def card_resize(card: Mapping[str, Any]) -> str:
     """The resize mode (``carclf.imaging.RESIZE_MODES``) a model card records; callers validate it."""
     return card.get("resize", DEFAULT_RESIZE)
+
+
+#: A model's input size: one side (a square) or (height, width). Model cards write ``input_size`` as one
+#: side for a square model (every card before rectangular inputs) and as [height, width] otherwise.
+Size = int | tuple[int, int]
+
+
+def side_pair(size: Size | list[int]) -> tuple[int, int]:
+    """(height, width) of an input size given as one side (square) or as (height, width)."""
+    if isinstance(size, int):
+        return (size, size)
+    height, width = size
+    return (int(height), int(width))
+
+
+def plain_size(size: Size | list[int]) -> Size:
+    """The canonical form of a size: an int for a square, else a (height, width) tuple (run files keep lists)."""
+    height, width = side_pair(size)
+    return height if height == width else (height, width)
+
+
+def size_text(size: Size | list[int]) -> str:
+    """``320`` for a square, ``224x448`` (height x width) otherwise."""
+    height, width = side_pair(size)
+    return str(height) if height == width else f"{height}x{width}"
+
+
+def card_input_size(card: Mapping[str, Any]) -> Size | None:
+    """The input size a model card records, or None when it records none that is usable (sides >= 8 px)."""
+    value = card.get("input_size")
+    if isinstance(value, bool) or not (isinstance(value, int) or (
+            isinstance(value, list | tuple) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))):
+        return None
+    return plain_size(value) if min(side_pair(value)) >= 8 else None
+
 
 # Hard limits on what one image may be, checked before any pixel is decoded.
 MAX_IMAGE_BYTES = 20 * 1024 * 1024

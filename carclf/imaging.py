@@ -11,6 +11,7 @@ import io
 from dataclasses import dataclass
 
 from carclf import contract
+from carclf.contract import Size, plain_size, side_pair, size_text  # noqa: F401 - the size forms, as imaging.*
 from carclf.errors import InvalidInput
 
 # How many leading bytes are searched for the EXIF orientation tag (APP1 sits near the start).
@@ -102,8 +103,9 @@ def decode_image(data):
     return apply_orientation(image, _exif_orientation(data))
 
 
-#: How a photo becomes a square model input: ``squash`` stretches it to the square (aspect ratio lost);
-#: ``letterbox`` scales its longer side to the square's side and pads the rest with black, centred.
+#: How a photo becomes a model input of a given size: ``squash`` stretches it to that size (aspect ratio lost
+#: unless the photo has the input's shape); ``letterbox`` scales it to fit inside and pads the rest with black,
+#: centred.
 RESIZE_MODES = ("squash", "letterbox")
 
 
@@ -113,8 +115,9 @@ def check_resize(resize: str) -> str:
     return resize
 
 
-def prepare(image, size, resize: str = "squash"):
-    """Resize a uint8 [H, W, 3] image (or a batch [B, H, W, 3]) to uint8 [size, size, 3]: bilinear with
+def prepare(image, size: Size, resize: str = "squash"):
+    """Resize a uint8 [H, W, 3] image (or a batch [B, H, W, 3]) to uint8 [height, width, 3] of ``size`` (one
+    side for a square, or (height, width)): bilinear with
     antialiasing, rounded; with ``resize="letterbox"`` the aspect ratio is kept and the borders are black.
 
     This is the one resize of the product: training, evaluation, TTA views and serving all use it.
@@ -122,8 +125,7 @@ def prepare(image, size, resize: str = "squash"):
     import tensorflow as tf
 
     check_resize(resize)
-    if isinstance(size, int):
-        size = (size, size)
+    size = side_pair(size)
     image = tf.cast(image, tf.float32)
     if resize == "squash":
         resized = tf.image.resize(image, size, method="bilinear", antialias=True)

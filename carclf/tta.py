@@ -7,7 +7,7 @@ so policy ``none`` reproduces plain evaluation bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -92,9 +92,9 @@ def get_policy(policy: str | TTAPolicy | Mapping[str, Any]) -> TTAPolicy:
                       "with name and views", field="tta")
 
 
-def make_views(image, policy: str | TTAPolicy, size: int | Sequence[int], resize: str = "squash"):
-    """All views of one decoded uint8 [H, W, 3] image: uint8 [len(policy), size, size, 3]; each crop is
-    resized as the model was trained (``imaging.prepare`` with the model's ``resize`` mode)."""
+def make_views(image, policy: str | TTAPolicy, size: imaging.Size, resize: str = "squash"):
+    """All views of one decoded uint8 [H, W, 3] image: uint8 [len(policy), height, width, 3] for the model's
+    ``size`` (one side, or (height, width)); each crop is resized as the model was trained (``imaging.prepare`` with the model's ``resize`` mode)."""
     import tensorflow as tf
 
     views = []

@@ -86,7 +86,7 @@ class Member:
     version: int | None = None  # None: the latest (model_version -1)
     version_label: str | None = None
     weight: float = 1.0
-    input_size: int | None = None  # None: read from the member's model card
+    input_size: contract.Size | None = None  # one side or (height, width); None: from the member's model card
     resize: str | None = None  # None: read from the member's model card (carclf.imaging.RESIZE_MODES)
     tensor: str = ""  # the ensemble tensor its probabilities flow into
 
@@ -383,8 +383,10 @@ def _apply_parameters(config: EnsembleConfig, params: Mapping[str, str], fail) -
                     fail(fld, f"expected one of {list(imaging.RESIZE_MODES)}, received {value!r}")
                 members[member] = replace(m, resize=value)
             else:
-                members[member] = replace(m, input_size=_parse_number(int, value, fld, fail, minimum=8,
-                                                                      maximum=4096, what="pixels (integer)"))
+                sides = [_parse_number(int, side, fld, fail, minimum=8, maximum=4096,
+                                       what="pixels: one side, or HEIGHTxWIDTH (integers)")
+                         for side in value.split("x", 1)]
+                members[member] = replace(m, input_size=contract.plain_size(sides[0] if len(sides) == 1 else sides))
             continue
         if key not in _GLOBAL_PARAMETERS:
             fail(fld, f"unknown parameter; expected one of {list(_GLOBAL_PARAMETERS)} or "

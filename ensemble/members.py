@@ -31,10 +31,10 @@ from carclf.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, No
 
 
 class InputSpec(NamedTuple):
-    """How photos become a member's input: the square side and the resize mode (``imaging.RESIZE_MODES``).
-    Members with equal specs share their TTA views."""
+    """How photos become a member's input: its size (one side, or (height, width)) and the resize mode
+    (``imaging.RESIZE_MODES``). Members with equal specs share their TTA views."""
 
-    size: int
+    size: contract.Size  # one side, or (height, width)
     resize: str = "squash"
 
 
@@ -42,7 +42,7 @@ class InputSpec(NamedTuple):
 class MemberInfo:
     """What the runtime must know about a member before calling it."""
 
-    input_size: int
+    input_size: contract.Size
     labels: tuple[str, ...] | None = None
     resize: str = "squash"
 
@@ -106,9 +106,10 @@ def read_model_card(version_dir: str | os.PathLike) -> dict:
 
 
 def info_from_card(card: Mapping, member: Member, where: str) -> MemberInfo:
-    size = member.input_size or card.get("input_size")
-    if not isinstance(size, int) or size < 8:
-        raise FailedPrecondition(f"member {member.name!r}: no usable input_size in {where} (received {size!r}); "
+    size = member.input_size or contract.card_input_size(card)
+    if size is None:
+        raise FailedPrecondition(f"member {member.name!r}: no usable input_size in {where} (received "
+                                 f"{card.get('input_size')!r}); "
                                  f"declare parameter 'input_size.{member.name}' in the ensemble config")
     resize = member.resize or contract.card_resize(card)
     if resize not in imaging.RESIZE_MODES:

@@ -210,7 +210,7 @@ class EnsembleRuntime:
         return decoded
 
     def views(self, decoded: Sequence, specs: Sequence[InputSpec]) -> dict[InputSpec, np.ndarray]:
-        """TTA views of every photo, once per distinct input spec: {spec: uint8 [photos * views, S, S, 3]}.
+        """TTA views of every photo, once per distinct input spec: {spec: uint8 [photos * views, height, width, 3]}.
 
         ``carclf.tta.make_views`` (the training evaluation's function) builds them; views of one photo
         are consecutive rows, as ``carclf.tta.average_views`` expects.

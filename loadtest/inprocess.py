@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from carclf import contract
-from carclf.errors import NotFound
+from carclf.errors import FailedPrecondition, NotFound
 from carclf.loadtest import checks, loadgen
 
 
@@ -29,12 +29,16 @@ def latest_version(repository: str | os.PathLike, model: str) -> Path:
     return base / str(versions[-1])
 
 
-def input_spec(version_dir: str | os.PathLike) -> tuple[int, str]:
+def input_spec(version_dir: str | os.PathLike) -> tuple[contract.Size, str]:
     """The model's input size and resize mode from its model card."""
     from carclf.ensemble.members import read_model_card
 
     card = read_model_card(version_dir)
-    return int(card["input_size"]), contract.card_resize(card)
+    size = contract.card_input_size(card)
+    if size is None:
+        raise FailedPrecondition(f"model card in {str(version_dir)!r} has no usable input_size "
+                                 f"(received {card.get('input_size')!r})")
+    return size, contract.card_resize(card)
 
 
 @dataclass
@@ -45,7 +49,7 @@ class LoadedModel:
     path: Path
     signatures: dict
     labels: list[str]
-    size: int
+    size: contract.Size
     rss_delta_bytes: int
     resize: str = "squash"  # how photos become size x size views (the model card's ``resize``)
 

@@ -16,7 +16,7 @@ from carclf import contract
 from carclf.loadtest import protocol
 
 
-def prepared_pixels(data: bytes, size: int, resize: str = "squash") -> np.ndarray:
+def prepared_pixels(data: bytes, size: contract.Size, resize: str = "squash") -> np.ndarray:
     """uint8 [1, size, size, 3]: the photo decoded and resized exactly as the model's graph would (its
     card's ``resize`` mode)."""
     from carclf import imaging
@@ -24,7 +24,7 @@ def prepared_pixels(data: bytes, size: int, resize: str = "squash") -> np.ndarra
     return np.asarray(imaging.prepare(imaging.decode_image(data), size, resize))[np.newaxis]
 
 
-def request_sizes(model: str, data: bytes, size: int, resize: str = "squash") -> dict[str, int]:
+def request_sizes(model: str, data: bytes, size: contract.Size, resize: str = "squash") -> dict[str, int]:
     """Bytes of one request carrying ``data`` in every format, over gRPC and over REST."""
     jpeg = {contract.INPUT_IMAGE_BYTES: np.array([data], dtype=object)}
     pixels = {contract.INPUT_PIXELS: prepared_pixels(data, size, resize)}
@@ -41,14 +41,14 @@ def request_sizes(model: str, data: bytes, size: int, resize: str = "squash") ->
     }
 
 
-def payload_table(model: str, photos: Sequence[bytes], size: int, resize: str = "squash") -> dict:
+def payload_table(model: str, photos: Sequence[bytes], size: contract.Size, resize: str = "squash") -> dict:
     """Mean bytes per request of each format over ``photos``, and each as a multiple of gRPC JPEG."""
     sizes = [request_sizes(model, data, size, resize) for data in photos]
     means = {key: float(np.mean([s[key] for s in sizes])) for key in sizes[0]}
     base = means["jpeg_grpc"]
     return {
         "photos": len(sizes),
-        "input_size": size,
+        "input_size": size if isinstance(size, int) else list(size),
         "mean_bytes": {k: round(v) for k, v in means.items()},
         "relative_to_jpeg_grpc": {k: round(v / base, 2) for k, v in means.items()},
     }

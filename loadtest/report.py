@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from carclf import contract
+
 # Targets of the serving and ensemble issues: (key, description, threshold).
 TARGETS = (
     ("grpc_c8_ratio", "gRPC throughput at concurrency 8 >= 0.9x in-process best batch", 0.9),
@@ -170,7 +172,7 @@ def markdown(result: dict) -> str:
     pay = result.get("payload") or {}
     if pay:
         lines += ["", f"## Payload: bytes per request (mean over {pay['photos']} photos; pixels at "
-                      f"{pay['input_size']} px)", "",
+                      f"{contract.size_text(pay['input_size'])} px)", "",
                   "| format | bytes | x gRPC JPEG | served p50 at c=1 (ms) |", "|---|---:|---:|---:|"]
         for key, value in pay["mean_bytes"].items():
             lines.append(f"| {key} | {value} | {_fmt(pay['relative_to_jpeg_grpc'][key], 2)} "

@@ -17,20 +17,31 @@ from typing import Any
 import numpy as np
 
 from carclf.errors import ConfigError
+from carclf.imaging import Size, plain_size, side_pair
 
 IMAGE_SIZE = "image_size"  # a parameter value replaced by the stage's image size
 
 
-def _resolve_params(params: Mapping[str, Any], image_size: int) -> dict[str, Any]:
+def _resolve_params(params: Mapping[str, Any], image_size: Size, source: str, field_name: str) -> dict[str, Any]:
+    """Replace the value "image_size": ``size`` becomes (height, width), ``height`` and ``width`` their side,
+    any other parameter the side of a square stage (a rectangular stage has no one side to give it)."""
+    height, width = side_pair(image_size)
     out = {}
     for key, value in params.items():
         if value == IMAGE_SIZE:
-            value = (image_size, image_size) if key == "size" else image_size
+            if key in ("size", "height", "width"):
+                value = {"size": (height, width), "height": height, "width": width}[key]
+            elif height == width:
+                value = height
+            else:
+                raise ConfigError(f"parameter {key!r} cannot take the stage's image_size {height}x{width}: only "
+                                  "'size', 'height' and 'width' can follow a rectangular stage", source=source,
+                                  field=f"{field_name}.{key}")
         out[key] = value
     return out
 
 
-def build_compose(transforms: Sequence[Mapping[str, Any]], image_size: int, seed: int,
+def build_compose(transforms: Sequence[Mapping[str, Any]], image_size: Size, seed: int,
                   source: str = "recipe"):
     """An ``A.Compose`` from declared transforms ({name: <albumentations class>, <its parameters>})."""
     import albumentations as A
@@ -43,8 +54,9 @@ def build_compose(transforms: Sequence[Mapping[str, Any]], image_size: int, seed
         if not isinstance(cls, type) or not issubclass(cls, A.BasicTransform):
             raise ConfigError(f"unknown albumentations transform {name!r}", source=source,
                               field=f"augmentation[{i}].name")
+        params = _resolve_params(item, image_size, source, f"augmentation[{i}]")
         try:
-            built.append(cls(**_resolve_params(item, image_size)))
+            built.append(cls(**params))
         except Exception as exc:  # albumentations validates parameters (pydantic) when a transform is built
             detail = " ".join(str(exc).split())[:300]
             raise ConfigError(f"invalid parameters {item!r} for {name}: {detail}", source=source,
@@ -53,17 +65,18 @@ def build_compose(transforms: Sequence[Mapping[str, Any]], image_size: int, seed
 
 
 class Augmenter:
-    """Applies the declared pipeline to one uint8 [S, S, 3] image with a given per-image seed."""
+    """Applies the declared pipeline to one uint8 [height, width, 3] image with a given per-image seed."""
 
-    def __init__(self, transforms: Sequence[Mapping[str, Any]], image_size: int, seed: int,
+    def __init__(self, transforms: Sequence[Mapping[str, Any]], image_size: Size, seed: int,
                  source: str = "recipe"):
-        self.image_size = int(image_size)
+        self.image_size = plain_size(image_size)
+        self.shape = (*side_pair(image_size), 3)
         self.compose = build_compose(transforms, self.image_size, seed, source)
         self.empty = not transforms
         self._local = threading.local()
-        probe = self(np.zeros((self.image_size, self.image_size, 3), np.uint8), 0)
-        if probe.shape != (self.image_size, self.image_size, 3) or probe.dtype != np.uint8:
-            raise ConfigError(f"the pipeline must keep uint8 images of {self.image_size}x{self.image_size}x3, "
+        probe = self(np.zeros(self.shape, np.uint8), 0)
+        if probe.shape != self.shape or probe.dtype != np.uint8:
+            raise ConfigError(f"the pipeline must keep uint8 images of {'x'.join(map(str, self.shape))}, "
                               f"it returned {probe.dtype}{list(probe.shape)}", source=source, field="augmentation")
 
     def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
@@ -92,7 +105,7 @@ class Augmenter:
         import tensorflow as tf
 
         out = tf.numpy_function(self.__call__, [image, seed], tf.uint8, stateful=False)
-        out.set_shape([self.image_size, self.image_size, 3])
+        out.set_shape(list(self.shape))
         return out
 
 

@@ -38,7 +38,7 @@ def keras_predictor(model, batch_size: int = 32) -> PixelPredictor:
 @dataclass
 class SavedModelInfo:
     predictor: PixelPredictor
-    input_size: int
+    input_size: contract.Size
     labels: list[str]
     card: dict[str, Any]
     resize: str = "squash"
@@ -60,7 +60,7 @@ def load_savedmodel(path: str | os.PathLike, batch_size: int = 32) -> SavedModel
     labels = (folder / "assets" / contract.LABELS_ASSET).read_text(encoding="utf-8").splitlines()
     loaded = tf.saved_model.load(str(folder))
     signature = loaded.signatures[contract.SIGNATURE_PIXELS]
-    size = int(card.get("input_size") or loaded.input_size.numpy())
+    size = contract.card_input_size(card) or contract.plain_size(loaded.input_size.numpy().tolist())
 
     def predict(pixels: np.ndarray) -> np.ndarray:
         outs = [signature(**{contract.INPUT_PIXELS: tf.constant(pixels[i:i + batch_size], tf.uint8)})
@@ -73,7 +73,7 @@ def load_savedmodel(path: str | os.PathLike, batch_size: int = 32) -> SavedModel
 
 
 def predict_policies(predictor: PixelPredictor, images: Iterable[bytes], policies: Sequence[str | tta.TTAPolicy],
-                     size: int, chunk: int = 8, progress: Any = None,
+                     size: contract.Size, chunk: int = 8, progress: Any = None,
                      names: Sequence[str] | None = None, resize: str = "squash") -> dict[str, np.ndarray]:
     """Probabilities [N, C] per TTA policy name, for photos given as encoded bytes (``names`` label errors);
     ``resize`` is the model's resize mode (``imaging.RESIZE_MODES``)."""
@@ -120,7 +120,7 @@ class LoadedModel:
     kind: str  # "run" | "savedmodel"
     path: Path
     predictor: PixelPredictor
-    input_size: int
+    input_size: contract.Size
     class_ids: list[str]
     class_names: list[str]
     info: dict[str, Any]
@@ -185,7 +185,7 @@ def metrics_for(probs: np.ndarray, labels: np.ndarray, class_ids: Sequence[str],
 
 
 def evaluate_photos(predictor: PixelPredictor, paths: Sequence[str | os.PathLike], labels: Sequence[int],
-                    size: int, policies: Sequence[str], class_ids: Sequence[str], class_names: Sequence[str],
+                    size: contract.Size, policies: Sequence[str], class_ids: Sequence[str], class_names: Sequence[str],
                     show_progress: bool = False, resize: str = "squash") -> dict[str, dict[str, Any]]:
     """Metrics per TTA policy for labelled photo files."""
     progress = None

@@ -23,13 +23,14 @@ from carclf import contract, imaging
 from carclf.errors import InvalidInput
 
 MAX_WARMUP_RECORDS = 1000
-PIXEL_WARMUP_RECORDS = 2  # one uint8 [1, S, S, 3] request is S*S*3 bytes: a few warm the graph
+PIXEL_WARMUP_RECORDS = 2  # one uint8 [1, H, W, 3] request is H*W*3 bytes: a few warm the graph
 
 
-def _serving_module(model, input_size: int, labels: Sequence[str], labels_path: str, resize: str):
+def _serving_module(model, input_size: imaging.Size, labels: Sequence[str], labels_path: str, resize: str):
     import tensorflow as tf
 
-    size = int(input_size)
+    size = imaging.side_pair(input_size)
+    height, width = size
     imaging.check_resize(resize)
 
     class CarClassifier(tf.Module):
@@ -40,7 +41,8 @@ def _serving_module(model, input_size: int, labels: Sequence[str], labels_path: 
             self.model = model
             self.labels = tf.constant(list(labels), dtype=tf.string)
             self.labels_asset = tf.saved_model.Asset(labels_path)
-            self.input_size = tf.constant(size, tf.int32)
+            # One side for a square model (as every export before rectangular inputs), else [height, width].
+            self.input_size = tf.constant(imaging.plain_size(size), tf.int32)
 
         def _classify(self, pixels):
             probs = self.model(tf.cast(pixels, tf.float32), training=False)
@@ -57,17 +59,17 @@ def _serving_module(model, input_size: int, labels: Sequence[str], labels_path: 
             pixels = tf.map_fn(
                 lambda data: imaging.prepare(imaging.decode_image(data), size, resize),
                 image_bytes,
-                fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8),
+                fn_output_signature=tf.TensorSpec([height, width, 3], tf.uint8),
             )
             return self._classify(pixels)
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name=contract.INPUT_PIXELS)])
         def serve_pixels(self, pixels):
             shape = tf.shape(pixels)
-            same = tf.logical_and(tf.equal(shape[1], size), tf.equal(shape[2], size))
-            pixels = tf.cond(same, lambda: tf.ensure_shape(pixels, [None, size, size, 3]),
+            same = tf.logical_and(tf.equal(shape[1], height), tf.equal(shape[2], width))
+            pixels = tf.cond(same, lambda: tf.ensure_shape(pixels, [None, height, width, 3]),
                              lambda: imaging.prepare(pixels, size, resize))
-            return self._classify(tf.ensure_shape(pixels, [None, size, size, 3]))
+            return self._classify(tf.ensure_shape(pixels, [None, height, width, 3]))
 
     return CarClassifier()
 
@@ -80,7 +82,7 @@ def next_version(base_path: str | os.PathLike) -> int:
 
 
 def write_warmup_records(path: str | os.PathLike, model_name: str, images: Sequence[bytes],
-                         input_size: int | None = None, pixel_records: int = PIXEL_WARMUP_RECORDS,
+                         input_size: imaging.Size | None = None, pixel_records: int = PIXEL_WARMUP_RECORDS,
                          resize: str = "squash") -> int:
     """Write TF Serving warmup records: one ``serving_default`` PredictRequest of JPEG bytes per image, and
     with ``input_size`` a ``serving_pixels`` request (the photo decoded and resized exactly as the
@@ -115,7 +117,7 @@ def export_model(
     *,
     repository: str | os.PathLike,
     name: str,
-    input_size: int,
+    input_size: imaging.Size,
     labels: Sequence[str],
     warmup_images: Sequence[bytes] = (),
     verify_images: Sequence[bytes] = (),
@@ -163,7 +165,7 @@ def export_model(
 
         card_data = {
             "name": name,
-            "input_size": int(input_size),
+            "input_size": _card_size(input_size),
             "resize": resize,
             "labels": list(labels),
             "signatures": {
@@ -192,7 +194,13 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def verify_export(model, export_dir: str | os.PathLike, input_size: int, images: Sequence[bytes],
+def _card_size(size: imaging.Size) -> int | list[int]:
+    """A model card's ``input_size``: one side for a square model, else [height, width]."""
+    plain = imaging.plain_size(size)
+    return plain if isinstance(plain, int) else list(plain)
+
+
+def verify_export(model, export_dir: str | os.PathLike, input_size: imaging.Size, images: Sequence[bytes],
                   resize: str = "squash") -> float:
     """Largest absolute difference between the SavedModel (from bytes) and the Keras model on ``images``."""
     import tensorflow as tf

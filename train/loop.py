@@ -21,6 +21,7 @@ from typing import Any
 
 from carclf import backbones
 from carclf.errors import FailedPrecondition
+from carclf.imaging import Size, side_pair, size_text
 from carclf.train import data as data_mod
 from carclf.train import evaluate, pipeline, runs
 from carclf.train.augment import Augmenter
@@ -137,7 +138,7 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
     info_path = run_dir / runs.RUN_INFO
     if resuming and info_path.is_file():
         weights_used = runs.read_json(info_path).get("weights_used")
-    prepared: dict[tuple[str, int], Any] = {}
+    prepared: dict[tuple[str, Any], Any] = {}
     final_size = recipe.final_size
     train_seconds = 0.0
     averaged: dict[str, list[int]] = {}
@@ -162,7 +163,7 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
                 if weights_used is None and recipe.weights is not None:  # fell back to scratch: BN must learn
                     model, _ = build_classifier(spec, dataset.num_classes, recipe.head, size, None,
                                                 freeze_batchnorm=False)
-        elif model.input_shape[1] != size:
+        elif tuple(model.input_shape[1:3]) != side_pair(size):
             resized, _ = build_classifier(spec, dataset.num_classes, recipe.head, size, None,
                                           freeze_batchnorm=weights_used is not None)
             transfer_weights(model, resized)
@@ -180,9 +181,9 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
                                                run_dir / runs.CHECKPOINTS / runs.OPTIMIZER_STATE)
             log.info("resuming stage %r after epoch %d (optimizer state %s)", stage.name, state.stage_epochs_done,
                      "restored" if restored else "fresh")
-        log.info("stage %d/%d %r: %d epochs at %d px, batch %d, lr %g, unfreeze %s (%d trainable / %d frozen "
-                 "backbone layers with weights)", index + 1, len(recipe.stages), stage.name, stage.epochs, size,
-                 stage.batch_size, stage.lr, stage.unfreeze, counts["trainable_layers"], counts["frozen_layers"])
+        log.info("stage %d/%d %r: %d epochs at %s px, batch %d, lr %g, unfreeze %s (%d trainable / %d frozen "
+                 "backbone layers with weights)", index + 1, len(recipe.stages), stage.name, stage.epochs,
+                 size_text(size), stage.batch_size, stage.lr, stage.unfreeze, counts["trainable_layers"], counts["frozen_layers"])
 
         for part, samples in (("train", split.train), ("val", split.val)):
             if (part, size) not in prepared:
@@ -281,7 +282,7 @@ def _callbacks(recipe: Recipe, run_dir: Path, stage_name: str, index: int, epoch
     ]
 
 
-def _write_run_info(run_dir: Path, recipe: Recipe, dataset, split, weights_used: str | None, image_size: int,
+def _write_run_info(run_dir: Path, recipe: Recipe, dataset, split, weights_used: str | None, image_size: Size,
                     started: float, finished: bool, train_seconds: float | None = None,
                     averaged_epochs: dict[str, list[int]] | None = None) -> dict[str, Any]:
     info = {

@@ -16,6 +16,7 @@ import numpy as np
 from carclf import backbones
 from carclf.backbones import BackboneSpec, WeightsUnavailable
 from carclf.errors import ConfigError
+from carclf.imaging import Size, side_pair
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def build_head(features, num_classes: int, head):
                               name="probabilities")(x)
 
 
-def build_backbone(spec: BackboneSpec, image_size: int, weights: str | None, on_missing_weights: str = "fail"):
+def build_backbone(spec: BackboneSpec, image_size: Size, weights: str | None, on_missing_weights: str = "fail"):
     """The headless backbone; a failed download or a missing file either stops (one clear line) or, when
     the recipe allows it, falls back to random initialisation with a warning."""
     try:
@@ -55,14 +56,15 @@ def build_backbone(spec: BackboneSpec, image_size: int, weights: str | None, on_
         return spec.build(image_size, None), None
 
 
-def build_classifier(spec: BackboneSpec, num_classes: int, head, image_size: int, weights: str | None = None,
+def build_classifier(spec: BackboneSpec, num_classes: int, head, image_size: Size, weights: str | None = None,
                      on_missing_weights: str = "fail", name: str = "classifier", freeze_batchnorm: bool = True):
-    """Returns ``(model, weights_used)``; the model maps float pixels [B, S, S, 3] in 0..255 to probabilities."""
+    """Returns ``(model, weights_used)``; the model maps float pixels [B, height, width, 3] in 0..255 (``image_size``:
+    one side, or (height, width)) to probabilities."""
     import keras
 
     backbone, used = build_backbone(spec, image_size, weights, on_missing_weights)
     backbone.name = BACKBONE_LAYER  # one stable name whatever the architecture
-    inputs = keras.Input((image_size, image_size, 3), name="pixels")
+    inputs = keras.Input((*side_pair(image_size), 3), name="pixels")
     x = backbones.preprocessing_layer(spec.preprocessing)(inputs)
     x = backbone(x, training=False) if freeze_batchnorm else backbone(x)
     outputs = build_head(x, num_classes, head)

@@ -17,8 +17,9 @@ from carclf.train.data import Sample
 from carclf.train.mixing import MixConfig, mix_batch
 
 
-def prepared_images(samples: Sequence[Sample], image_size: int, resize: str = "squash", cache: bool = True):
-    """(uint8 [S, S, 3], label) per sample, in order: read, decode (EXIF-aware), the one resize (``resize``
+def prepared_images(samples: Sequence[Sample], image_size: imaging.Size, resize: str = "squash",
+                    cache: bool = True):
+    """(uint8 [height, width, 3], label) per sample, in order: read, decode (EXIF-aware), the one resize (``resize``
     mode, ``imaging.RESIZE_MODES``)."""
     import tensorflow as tf
 
@@ -28,7 +29,7 @@ def prepared_images(samples: Sequence[Sample], image_size: int, resize: str = "s
 
     def load(path, label):
         image = imaging.prepare(imaging.decode_image(tf.io.read_file(path)), image_size, resize)
-        return tf.ensure_shape(image, [image_size, image_size, 3]), label
+        return tf.ensure_shape(image, [*imaging.side_pair(image_size), 3]), label
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.cache() if cache else ds

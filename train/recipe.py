@@ -18,6 +18,7 @@ import yaml
 
 from carclf import backbones, imaging, tta
 from carclf.errors import ConfigError, NotFound
+from carclf.imaging import Size, plain_size
 from carclf.train.mixing import METHODS as MIX_METHODS
 from carclf.train.mixing import MixConfig
 
@@ -54,7 +55,7 @@ class Stage:
     epochs: int
     lr: float
     batch_size: int
-    image_size: int
+    image_size: Size  # one side (a square input) or (height, width)
     unfreeze: Unfreeze = Unfreeze()
     average_last: int = 0
     warmup_epochs: float = 0.0
@@ -139,18 +140,20 @@ class Recipe:
     loss: LossConfig = LossConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     tta: tuple[str, ...] = ("none", "hflip", "hflip_crops")
-    resize: str = "squash"  # how photos become square inputs (carclf.imaging.RESIZE_MODES)
+    resize: str = "squash"  # how photos become model inputs (carclf.imaging.RESIZE_MODES)
     source: str = field(default="<memory>", compare=False)
 
     @property
-    def final_size(self) -> int:
+    def final_size(self) -> Size:
         return self.stages[-1].image_size
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (the resolved config written into every run folder); ``load_recipe`` reads it back."""
         out = dataclasses.asdict(self)
         out.pop("source")
-        out["stages"] = [{**dataclasses.asdict(s), "unfreeze": str(s.unfreeze)} for s in self.stages]
+        out["stages"] = [{**dataclasses.asdict(s), "unfreeze": str(s.unfreeze),
+                          "image_size": s.image_size if isinstance(s.image_size, int) else list(s.image_size)}
+                         for s in self.stages]
         out["head"]["hidden_units"] = list(self.head.hidden_units)
         out["augmentation"] = [dict(t) for t in self.augmentation]
         out["tta"] = list(self.tta)
@@ -257,7 +260,7 @@ def _parse_stage(data: Any, source: str, index: int) -> Stage:
         epochs=f.get("epochs", int, minimum=1),
         lr=f.get("lr", float, minimum=0.0),
         batch_size=f.get("batch_size", int, minimum=1),
-        image_size=f.get("image_size", int, minimum=32, maximum=1024),
+        image_size=_parse_image_size(f),
         unfreeze=parse_unfreeze(f.raw("unfreeze", "none"), source, f.name("unfreeze")),
         average_last=f.get("average_last", int, 0, minimum=0),
         warmup_epochs=f.get("warmup_epochs", float, 0.0, minimum=0.0),
@@ -268,6 +271,20 @@ def _parse_stage(data: Any, source: str, index: int) -> Stage:
             raise f.error(key, f"expected at most the stage's {stage.epochs} epochs, received {getattr(stage, key)}")
     f.finish()
     return stage
+
+
+def _parse_image_size(stage: _Fields) -> Size:
+    """``image_size: S`` (a square) or ``[height, width]``, each side 32..1024; a square pair becomes S."""
+    value = stage.raw("image_size")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return stage.get("image_size", int, minimum=32, maximum=1024)
+    if (not isinstance(value, list | tuple) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise stage.error("image_size", f"expected one side or [height, width] in pixels, received {value!r}")
+    for side in value:
+        if not 32 <= side <= 1024:
+            raise stage.error("image_size", f"expected sides from 32 to 1024, received {list(value)!r}")
+    return plain_size(value)
 
 
 def _parse_mix(stage: _Fields) -> MixConfig | None:

@@ -26,6 +26,7 @@ import yaml
 
 from carclf import backbones
 from carclf.errors import FailedPrecondition, NotFound
+from carclf.imaging import Size, plain_size
 from carclf.train.recipe import Recipe, parse_recipe
 
 CONFIG = "config.yaml"
@@ -96,8 +97,8 @@ class TrainedRun:
     model: Any
 
     @property
-    def image_size(self) -> int:
-        return int(self.info["image_size"])
+    def image_size(self) -> Size:
+        return plain_size(self.info["image_size"])
 
     @property
     def class_ids(self) -> list[str]:
@@ -121,6 +122,7 @@ def load_run(run_dir: str | os.PathLike, weights_file: str = FINAL_WEIGHTS) -> T
                                  f"resume it with: carclf train --resume {path}")
     info = read_json(info_path)
     spec = backbones.get(recipe.backbone)
-    model, _ = build_classifier(spec, len(info["class_ids"]), recipe.head, int(info["image_size"]), weights=None)
+    model, _ = build_classifier(spec, len(info["class_ids"]), recipe.head, plain_size(info["image_size"]),
+                                weights=None)
     model.load_weights(str(weights))
     return TrainedRun(path, recipe, info, model)
