@@ -9,6 +9,7 @@ validation sets covering the data) before it adds them up.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Sequence
@@ -54,6 +55,33 @@ def read_fold_run(path: str | Path) -> FoldRun:
     return FoldRun(run, str(metrics.get("recipe")), folds, int(split["fold"]), int(split["seed"]),
                    tuple((rel, int(label)) for rel, label in split["val"]), len(split["val"]) + len(split["train"]),
                    policies, config)
+
+
+def read_summary(path: str | Path, what: str = "summary") -> dict[str, Any]:
+    """A cross-validation summary written by ``carclf train --folds`` or ``carclf crossval --out``; InvalidInput
+    naming ``what`` (e.g. the flag that gave it) and the file when it is not one."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"{what} {str(path)!r} is not a readable JSON summary: {exc}") from None
+    if not isinstance(data, dict) or "policies" not in data or "recipe" not in data:
+        raise InvalidInput(f"{what} {str(path)!r} is not a cross-validation summary (no 'recipe' and 'policies')")
+    return data
+
+
+def summary_runs(path: str | Path) -> list[Path]:
+    """The fold run folders a summary lists, as written (relative to where training ran) or, when they are not
+    there, beside the summary file (the runs folder that holds it)."""
+    summary = read_summary(path)
+    folders = []
+    for run in summary.get("runs") or []:
+        folder = Path(run) if Path(run).is_dir() else Path(path).parent / Path(run).name
+        if not folder.is_dir():
+            raise InvalidInput(f"{str(path)!r} lists the fold run {run!r}, which is neither there nor beside it")
+        folders.append(folder)
+    if not folders:
+        raise InvalidInput(f"{str(path)!r} lists no fold runs")
+    return folders
 
 
 def summarize(paths: Sequence[str | Path]) -> dict[str, Any]:

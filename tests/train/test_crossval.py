@@ -122,3 +122,60 @@ def crossval_command_run(root, compare_path):
     from carclf.train.commands import crossval as command
 
     return command.run(argparse.Namespace(runs=[str(p) for p in _fold_runs(root)], out=None, compare=str(compare_path)))
+
+
+def test_a_submission_averages_the_fold_runs_of_a_summary(two_folds, tmp_path, capsys):
+    """``carclf submit SUMMARY.json PHOTOS``: the fold runs' probabilities are averaged, photo by photo."""
+    import csv
+
+    import numpy as np
+
+    from carclf.train.evaluate import load_model, predict_policies
+    from tests.fixtures import SAMPLE_DIR
+
+    summary_file = next((two_folds / "runs").glob("tiny-crossval2-*.json"))
+    photos_dir = SAMPLE_DIR / "test_upload"
+    out = tmp_path / "submission.csv"
+    assert carclf_main(["submit", str(summary_file), str(photos_dir), "--out", str(out), "--tta", "none"]) == 0
+    assert "(mean of 2 models)" in capsys.readouterr().out
+    photos = sorted(photos_dir.glob("*.jpg"))
+    payloads = [p.read_bytes() for p in photos]
+    models = [load_model(p) for p in _fold_runs(two_folds)]
+    probs = [predict_policies(m.predictor, payloads, ["none"], m.input_size)["none"] for m in models]
+    expected = [models[0].class_ids[i] for i in np.mean(probs, axis=0).argmax(axis=1)]
+    rows = list(csv.reader(out.open()))
+    assert rows[1:] == [[p.name, c] for p, c in zip(photos, expected, strict=True)]
+    # fold run folders given one by one make the same file
+    again = tmp_path / "again.csv"
+    assert carclf_main(["submit", *map(str, _fold_runs(two_folds)), str(photos_dir), "--out", str(again),
+                        "--tta", "none"]) == 0
+    assert again.read_text() == out.read_text()
+
+
+def test_a_submission_refuses_models_of_other_classes_and_broken_summaries(two_folds, tmp_path):
+    import dataclasses
+
+    from carclf.train.evaluate import load_model
+    from carclf.train.submit import write_submission
+    from tests.fixtures import SAMPLE_DIR
+
+    first, second = (load_model(p) for p in _fold_runs(two_folds))
+    out = tmp_path / "submission.csv"
+    with pytest.raises(InvalidInput, match="must share classes"):
+        write_submission([first, dataclasses.replace(second, class_ids=["1", "0"])], SAMPLE_DIR / "test_upload",
+                         out, progress=False)
+    assert not out.exists()  # nothing written
+    summary = json.loads(next((two_folds / "runs").glob("tiny-crossval2-*.json")).read_text())
+    moved = two_folds / "runs" / "moved-summary.json"  # runs written relative to another folder: found beside it
+    moved.write_text(json.dumps({**summary, "runs": [f"elsewhere/{p.name}" for p in _fold_runs(two_folds)]}))
+    try:
+        assert crossval.summary_runs(moved) == _fold_runs(two_folds)
+    finally:
+        moved.unlink()
+    summary["runs"][1] = "runs/gone-fold1of2"
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(summary))
+    with pytest.raises(InvalidInput, match="lists the fold run 'runs/gone-fold1of2', which is neither there"):
+        crossval.summary_runs(broken)
+    assert carclf_main(["submit", str(broken), str(SAMPLE_DIR / "test_upload"), "--out", str(out)]) == 2
+    assert not out.exists()

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from carclf.errors import InvalidInput
 from carclf.train import crossval
 from carclf.train.runs import write_json
 
@@ -18,22 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="another cross-validation's summary over the same photos: paired counts and McNemar p")
 
 
-def read_json_file(path: str, flag: str) -> dict:
-    """A cross-validation summary written by ``carclf train --folds`` or ``carclf crossval --out``."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(f"{flag} {path!r} is not a readable JSON summary: {exc}") from None
-    if not isinstance(data, dict) or "policies" not in data or "recipe" not in data:
-        raise InvalidInput(f"{flag} {path!r} is not a cross-validation summary (no 'recipe' and 'policies')")
-    return data
-
-
 def run(args: argparse.Namespace) -> int:
     summary = crossval.summarize(args.runs)
     print(crossval.format_summary(summary))
     if args.compare:
-        other = read_json_file(args.compare, "--compare")
+        other = crossval.read_summary(args.compare, "--compare")
         for policy in summary["policies"]:
             if policy in other.get("policies", {}):
                 c = crossval.compare(summary, other, policy)

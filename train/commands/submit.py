@@ -1,17 +1,21 @@
-"""``carclf submit MODEL PHOTOS``: a Kaggle submission CSV (Id,Category) with a progress bar."""
+"""``carclf submit MODEL [MODEL ...] PHOTOS``: a Kaggle submission CSV (Id,Category) with a progress bar; several
+models (or a cross-validation summary, for its fold runs) are averaged."""
 
 from __future__ import annotations
 
 import argparse
 
 from carclf import tta
+from carclf.train import crossval
 from carclf.train.commands import setup_logging
 from carclf.train.evaluate import load_model
 from carclf.train.submit import ON_BAD, write_submission
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a run folder, or a SavedModel (model folder or version folder)")
+    parser.add_argument("model", nargs="+",
+                        help="a run folder, a SavedModel (model folder or version folder), or a cross-validation "
+                             "summary (runs/<recipe>-crossvalK-*.json: its K fold runs); several are averaged")
     parser.add_argument("photos", help="folder of photos (e.g. Kaggle test_upload/)")
     parser.add_argument("--out", default="submission.csv", help="CSV to write (default: submission.csv)")
     parser.add_argument("--tta", default="hflip", help=f"TTA policy ({', '.join(tta.POLICIES)})")
@@ -22,7 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     setup_logging()
     tta.get_policy(args.tta)
-    model = load_model(args.model)
-    stats = write_submission(model, args.photos, args.out, policy=args.tta, on_bad=args.on_bad)
-    print(f"wrote {args.out}: {stats['rows']} rows, {stats['skipped']} skipped")
+    paths = [run for path in args.model
+             for run in (crossval.summary_runs(path) if path.endswith(".json") else [path])]
+    models = [load_model(path) for path in paths]
+    stats = write_submission(models, args.photos, args.out, policy=args.tta, on_bad=args.on_bad)
+    print(f"wrote {args.out}: {stats['rows']} rows, {stats['skipped']} skipped"
+          + (f" (mean of {len(models)} models)" if len(models) > 1 else ""))
     return 0
