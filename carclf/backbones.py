@@ -51,7 +51,7 @@ class BackboneSpec:
         module_name, attr = self.constructor.split(":")
         return getattr(importlib.import_module(module_name), attr)
 
-    def build(self, input_size: int | tuple[int, int] | None = None, weights: str | None = None):
+    def build(self, input_size: imaging.Size | None = None, weights: str | None = None):
         """Build the headless backbone (``include_top=False``) for inputs of ``input_size`` (one side for a
         square, or (height, width)).
 

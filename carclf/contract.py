@@ -62,6 +62,12 @@ def plain_size(size: Size | list[int]) -> Size:
     return height if height == width else (height, width)
 
 
+def size_json(size: Size | list[int]) -> int | list[int]:
+    """A size as model cards and reports write it: one side for a square, else [height, width]."""
+    plain = plain_size(size)
+    return plain if isinstance(plain, int) else list(plain)
+
+
 def size_text(size: Size | list[int]) -> str:
     """``320`` for a square, ``224x448`` (height x width) otherwise."""
     height, width = side_pair(size)

@@ -210,7 +210,8 @@ class EnsembleRuntime:
         return decoded
 
     def views(self, decoded: Sequence, specs: Sequence[InputSpec]) -> dict[InputSpec, np.ndarray]:
-        """TTA views of every photo, once per distinct input spec: {spec: uint8 [photos * views, height, width, 3]}.
+        """TTA views of every photo, once per distinct input spec: {spec: uint8 [photos * views, H, W, 3]}, H x W
+        the spec's size.
 
         ``carclf.tta.make_views`` (the training evaluation's function) builds them; views of one photo
         are consecutive rows, as ``carclf.tta.average_views`` expects.

@@ -639,7 +639,8 @@ def recommend(pay: dict) -> str:
     timed = [k for k in accepted if lat.get(k) is not None]
     fastest = min(timed, key=lambda k: lat[k]) if timed else None
     parts = [f"Per photo: JPEG {sizes['jpeg_grpc']} bytes over gRPC, {sizes['jpeg_rest_b64']} as b64 JSON; "
-             f"uint8 pixels at {contract.size_text(pay['input_size'])} px {sizes['uint8_grpc']} over gRPC (x{rel['uint8_grpc']}), "
+             f"uint8 pixels at {contract.size_text(pay['input_size'])} px {sizes['uint8_grpc']} over gRPC "
+             f"(x{rel['uint8_grpc']}), "
              f"{sizes['uint8_rest_json']} as JSON (x{rel['uint8_rest_json']}); float JSON "
              f"{sizes['float_rest_json']} (x{rel['float_rest_json']})."]
     parts.append(f"Smallest accepted format: {smallest}" + (f"; fastest at concurrency 1: {fastest} "

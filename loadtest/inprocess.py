@@ -51,7 +51,7 @@ class LoadedModel:
     labels: list[str]
     size: contract.Size
     rss_delta_bytes: int
-    resize: str = "squash"  # how photos become size x size views (the model card's ``resize``)
+    resize: str = "squash"  # how photos become views of ``size`` (the model card's ``resize``)
 
     @classmethod
     def load(cls, repository: str | os.PathLike, name: str) -> LoadedModel:

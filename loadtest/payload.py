@@ -17,7 +17,7 @@ from carclf.loadtest import protocol
 
 
 def prepared_pixels(data: bytes, size: contract.Size, resize: str = "squash") -> np.ndarray:
-    """uint8 [1, size, size, 3]: the photo decoded and resized exactly as the model's graph would (its
+    """uint8 [1, height, width, 3] for the model's ``size``: the photo decoded and resized exactly as the model's graph would (its
     card's ``resize`` mode)."""
     from carclf import imaging
 
@@ -48,7 +48,7 @@ def payload_table(model: str, photos: Sequence[bytes], size: contract.Size, resi
     base = means["jpeg_grpc"]
     return {
         "photos": len(sizes),
-        "input_size": size if isinstance(size, int) else list(size),
+        "input_size": contract.size_json(size),
         "mean_bytes": {k: round(v) for k, v in means.items()},
         "relative_to_jpeg_grpc": {k: round(v / base, 2) for k, v in means.items()},
     }

@@ -165,7 +165,7 @@ def export_model(
 
         card_data = {
             "name": name,
-            "input_size": _card_size(input_size),
+            "input_size": contract.size_json(input_size),
             "resize": resize,
             "labels": list(labels),
             "signatures": {
@@ -192,12 +192,6 @@ def export_model(
         return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _card_size(size: imaging.Size) -> int | list[int]:
-    """A model card's ``input_size``: one side for a square model, else [height, width]."""
-    plain = imaging.plain_size(size)
-    return plain if isinstance(plain, int) else list(plain)
 
 
 def verify_export(model, export_dir: str | os.PathLike, input_size: imaging.Size, images: Sequence[bytes],

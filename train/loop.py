@@ -183,7 +183,8 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
                      "restored" if restored else "fresh")
         log.info("stage %d/%d %r: %d epochs at %s px, batch %d, lr %g, unfreeze %s (%d trainable / %d frozen "
                  "backbone layers with weights)", index + 1, len(recipe.stages), stage.name, stage.epochs,
-                 size_text(size), stage.batch_size, stage.lr, stage.unfreeze, counts["trainable_layers"], counts["frozen_layers"])
+                 size_text(size), stage.batch_size, stage.lr, stage.unfreeze, counts["trainable_layers"],
+                 counts["frozen_layers"])
 
         for part, samples in (("train", split.train), ("val", split.val)):
             if (part, size) not in prepared:

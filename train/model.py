@@ -58,8 +58,8 @@ def build_backbone(spec: BackboneSpec, image_size: Size, weights: str | None, on
 
 def build_classifier(spec: BackboneSpec, num_classes: int, head, image_size: Size, weights: str | None = None,
                      on_missing_weights: str = "fail", name: str = "classifier", freeze_batchnorm: bool = True):
-    """Returns ``(model, weights_used)``; the model maps float pixels [B, height, width, 3] in 0..255 (``image_size``:
-    one side, or (height, width)) to probabilities."""
+    """Returns ``(model, weights_used)``; the model maps float pixels [B, height, width, 3] in 0..255 to
+    probabilities (``image_size``: one side, or (height, width))."""
     import keras
 
     backbone, used = build_backbone(spec, image_size, weights, on_missing_weights)

@@ -19,8 +19,8 @@ from carclf.train.mixing import MixConfig, mix_batch
 
 def prepared_images(samples: Sequence[Sample], image_size: imaging.Size, resize: str = "squash",
                     cache: bool = True):
-    """(uint8 [height, width, 3], label) per sample, in order: read, decode (EXIF-aware), the one resize (``resize``
-    mode, ``imaging.RESIZE_MODES``)."""
+    """(uint8 [height, width, 3], label) per sample, in order: read, decode (EXIF-aware), the one resize
+    (``resize`` mode, ``imaging.RESIZE_MODES``)."""
     import tensorflow as tf
 
     paths = [s.path for s in samples]

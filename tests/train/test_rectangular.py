@@ -21,6 +21,7 @@ def test_size_forms_and_model_cards():
     assert contract.side_pair(48) == (48, 48) and contract.side_pair([24, 40]) == (24, 40)
     assert contract.plain_size([40, 40]) == 40 and contract.plain_size([24, 40]) == (24, 40)
     assert contract.size_text(320) == "320" and contract.size_text((224, 448)) == "224x448"
+    assert contract.size_json((320, 320)) == 320 and contract.size_json((224, 448)) == [224, 448]
     assert contract.card_input_size({"input_size": 320}) == 320
     assert contract.card_input_size({"input_size": [224, 448]}) == (224, 448)
     for bad in (None, "320", True, [224], [224, 448, 3], [224.0, 448], [4, 448], 4):
