@@ -19,6 +19,8 @@ def test_packaged_recipes_load_and_round_trip(name):
     assert recipe.name == name
     assert recipe.stages and all(s.epochs >= 1 for s in recipe.stages)
     assert parse_recipe(recipe.to_dict(), source="resolved") == recipe  # what a run folder stores reads back
+    for stage in recipe.stages:  # each stage's augmentation builds and keeps the stage's shape
+        Augmenter(recipe.augmentation, stage.image_size, seed=0, source=name)
 
 
 def test_required_recipes_exist():
