@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from carclf.errors import ConfigError
-from carclf.imaging import Size, plain_size, side_pair
+from carclf.imaging import Size, side_pair
 
 IMAGE_SIZE = "image_size"  # a parameter value replaced by the stage's image size
 
@@ -69,9 +69,8 @@ class Augmenter:
 
     def __init__(self, transforms: Sequence[Mapping[str, Any]], image_size: Size, seed: int,
                  source: str = "recipe"):
-        self.image_size = plain_size(image_size)
         self.shape = (*side_pair(image_size), 3)
-        self.compose = build_compose(transforms, self.image_size, seed, source)
+        self.compose = build_compose(transforms, image_size, seed, source)
         self.empty = not transforms
         self._local = threading.local()
         probe = self(np.zeros(self.shape, np.uint8), 0)

@@ -161,10 +161,11 @@ def test_a_submission_refuses_models_of_other_classes_and_broken_summaries(two_f
 
     first, second = (load_model(p) for p in _fold_runs(two_folds))
     out = tmp_path / "submission.csv"
+    out.write_text("the previous submission\n")
     with pytest.raises(InvalidInput, match="must share classes"):
         write_submission([first, dataclasses.replace(second, class_ids=["1", "0"])], SAMPLE_DIR / "test_upload",
                          out, progress=False)
-    assert not out.exists()  # nothing written
+    assert out.read_text() == "the previous submission\n"  # nothing lost, nothing half-written
     summary = json.loads(next((two_folds / "runs").glob("tiny-crossval2-*.json")).read_text())
     moved = two_folds / "runs" / "moved-summary.json"  # runs written relative to another folder: found beside it
     moved.write_text(json.dumps({**summary, "runs": [f"elsewhere/{p.name}" for p in _fold_runs(two_folds)]}))
@@ -178,4 +179,4 @@ def test_a_submission_refuses_models_of_other_classes_and_broken_summaries(two_f
     with pytest.raises(InvalidInput, match="lists the fold run 'runs/gone-fold1of2', which is neither there"):
         crossval.summary_runs(broken)
     assert carclf_main(["submit", str(broken), str(SAMPLE_DIR / "test_upload"), "--out", str(out)]) == 2
-    assert not out.exists()
+    assert out.read_text() == "the previous submission\n"
