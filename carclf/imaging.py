@@ -117,8 +117,8 @@ def check_resize(resize: str) -> str:
 
 def prepare(image, size: Size, resize: str = "squash"):
     """Resize a uint8 [H, W, 3] image (or a batch [B, H, W, 3]) to uint8 [height, width, 3] of ``size`` (one
-    side for a square, or (height, width)): bilinear with
-    antialiasing, rounded; with ``resize="letterbox"`` the aspect ratio is kept and the borders are black.
+    side for a square, or (height, width)): bilinear with antialiasing, rounded; with ``resize="letterbox"``
+    the aspect ratio is kept and the borders are black.
 
     This is the one resize of the product: training, evaluation, TTA views and serving all use it.
     """

@@ -94,7 +94,8 @@ def get_policy(policy: str | TTAPolicy | Mapping[str, Any]) -> TTAPolicy:
 
 def make_views(image, policy: str | TTAPolicy, size: imaging.Size, resize: str = "squash"):
     """All views of one decoded uint8 [H, W, 3] image: uint8 [len(policy), height, width, 3] for the model's
-    ``size`` (one side, or (height, width)); each crop is resized as the model was trained (``imaging.prepare`` with the model's ``resize`` mode)."""
+    ``size`` (one side, or (height, width)); each crop is resized as the model was trained
+    (``imaging.prepare`` with the model's ``resize`` mode)."""
     import tensorflow as tf
 
     views = []

@@ -17,8 +17,8 @@ from carclf.loadtest import protocol
 
 
 def prepared_pixels(data: bytes, size: contract.Size, resize: str = "squash") -> np.ndarray:
-    """uint8 [1, height, width, 3] for the model's ``size``: the photo decoded and resized exactly as the model's graph would (its
-    card's ``resize`` mode)."""
+    """uint8 [1, height, width, 3] for the model's ``size``: the photo decoded and resized exactly as the
+    model's graph would (its card's ``resize`` mode)."""
     from carclf import imaging
 
     return np.asarray(imaging.prepare(imaging.decode_image(data), size, resize))[np.newaxis]

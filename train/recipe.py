@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from carclf import backbones, imaging, tta
+from carclf import backbones, contract, imaging, tta
 from carclf.errors import ConfigError, NotFound
 from carclf.imaging import Size, plain_size
 from carclf.train.mixing import METHODS as MIX_METHODS
@@ -152,8 +152,7 @@ class Recipe:
         out = dataclasses.asdict(self)
         out.pop("source")
         out["stages"] = [{**dataclasses.asdict(s), "unfreeze": str(s.unfreeze),
-                          "image_size": s.image_size if isinstance(s.image_size, int) else list(s.image_size)}
-                         for s in self.stages]
+                          "image_size": contract.size_json(s.image_size)} for s in self.stages]
         out["head"]["hidden_units"] = list(self.head.hidden_units)
         out["augmentation"] = [dict(t) for t in self.augmentation]
         out["tta"] = list(self.tta)
