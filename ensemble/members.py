@@ -27,7 +27,7 @@ import numpy as np
 
 from carclf import contract, imaging
 from carclf.ensemble.config import Member
-from carclf.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, NotFound
+from carclf.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidInput, NotFound, Unavailable
 
 
 class InputSpec(NamedTuple):
@@ -165,10 +165,17 @@ class GrpcMemberCaller(MemberCaller):
                              f"give the gateway --model_repository or declare parameter 'input_size.{member.name}'")
 
     def call(self, member: Member, pixels: np.ndarray, *, deadline: float) -> MemberReply:
-        result = self.client_for(member).predict(
-            member.name, {contract.INPUT_PIXELS: pixels}, signature_name=contract.SIGNATURE_PIXELS,
-            version=member.version, version_label=member.version_label,
-            output_filter=(contract.OUTPUT_PROBABILITIES,), timeout=remaining(deadline))
+        """One Predict to the member. The gateway never cancels a member call (its deadline ends one as
+        DEADLINE_EXCEEDED), so a CANCELLED reply means the member's side ended it, as a server shutting down
+        does to a call caught in its closing connection: to the ensemble that member is UNAVAILABLE, which
+        it may retry and degrade on."""
+        try:
+            result = self.client_for(member).predict(
+                member.name, {contract.INPUT_PIXELS: pixels}, signature_name=contract.SIGNATURE_PIXELS,
+                version=member.version, version_label=member.version_label,
+                output_filter=(contract.OUTPUT_PROBABILITIES,), timeout=remaining(deadline))
+        except Cancelled as exc:
+            raise Unavailable(f"member {member.name!r} ended the call (CANCELLED: {exc.message})") from None
         return MemberReply(result.probabilities, result.version)
 
     def close(self) -> None:

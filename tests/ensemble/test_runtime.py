@@ -216,3 +216,39 @@ def test_members_get_views_resized_as_their_model_cards_say(tiny_repository_temp
         np.testing.assert_array_equal(views[spec], eager)
     result = runtime.predict(photo_bytes[:2])
     assert result.probabilities.shape[0] == 2 and not result.degraded
+
+
+def test_a_member_call_its_server_cancels_is_unavailable_to_the_ensemble():
+    """A real gRPC server that ends Predict with CANCELLED (what a member shutting down does to a call caught in
+    its closing connection): the gateway's member caller reports UNAVAILABLE, which the ensemble retries and
+    degrades on; other errors keep their code."""
+    from concurrent import futures
+
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    from carclf.clients.grpc_client import GrpcClient
+    from carclf.ensemble.config import Member
+    from carclf.ensemble.members import GrpcMemberCaller
+    from carclf.errors import FailedPrecondition
+
+    answers = {"cancelling": grpc.StatusCode.CANCELLED, "refusing": grpc.StatusCode.FAILED_PRECONDITION}
+
+    class Ending(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def Predict(self, request, context):  # noqa: N802 - the gRPC method's name
+            context.abort(answers[request.model_spec.name], "the member ended it")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Ending(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    caller = GrpcMemberCaller(GrpcClient(f"127.0.0.1:{port}"))
+    pixels = np.zeros((1, 8, 8, 3), np.uint8)
+    try:
+        with pytest.raises(Unavailable, match="member 'cancelling' ended the call .CANCELLED"):
+            caller.call(Member("cancelling"), pixels, deadline=time.monotonic() + 5)
+        with pytest.raises(FailedPrecondition, match="the member ended it"):
+            caller.call(Member("refusing"), pixels, deadline=time.monotonic() + 5)
+    finally:
+        caller.close()
+        server.stop(0)
