@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "crossval": ("carclf.train.commands.crossval", "pool the fold runs of a k-fold cross-validation"),
     "evaluate": ("carclf.train.commands.evaluate", "evaluate a run or SavedModel, with and without TTA"),
     "submit": ("carclf.train.commands.submit", "write a Kaggle submission CSV for a folder of photos"),
+    "pseudo-label": ("carclf.train.commands.pseudo_label", "label unlabelled photos with confident predictions"),
     "export": ("carclf.train.commands.export", "export a run as the next SavedModel version"),
     "serve": ("carclf.serving.commands.serve", "run the embedded TF-Serving-compatible model server"),
     "serving-config": ("carclf.serving.commands.serving_config", "write models.config from a model repository"),

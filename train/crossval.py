@@ -69,6 +69,12 @@ def read_summary(path: str | Path, what: str = "summary") -> dict[str, Any]:
     return data
 
 
+def model_paths(items: Sequence[str]) -> list[str]:
+    """Models named on a command line: a cross-validation summary (``.json``) stands for its fold runs, anything
+    else (a run folder, a SavedModel) for itself."""
+    return [str(run) for item in items for run in (summary_runs(item) if item.endswith(".json") else [item])]
+
+
 def summary_runs(path: str | Path) -> list[Path]:
     """The fold run folders a summary lists, as written (relative to where training ran) or, when they are not
     there, beside the summary file (the runs folder that holds it)."""

@@ -231,6 +231,7 @@ class Split:
     val_fraction: float
     folds: int = 0  # k of a k-fold split (0: a hold-out split by val_fraction)
     fold: int = 0   # which of the k folds is the validation part
+    extra: list[Sample] = field(default_factory=list)  # photos from data.extra_train: training only
 
     def fingerprint(self) -> str:
         """Hash of the validation file list: equal for runs that validate on the same photos."""
@@ -242,7 +243,13 @@ class Split:
             "seed": self.seed, "val_fraction": self.val_fraction, "folds": self.folds, "fold": self.fold,
             "val_fingerprint": self.fingerprint(),
             "train": [[s.rel, s.label] for s in self.train], "val": [[s.rel, s.label] for s in self.val],
+            "extra_train": [[s.path, s.label] for s in self.extra],
         }
+
+    @property
+    def training(self) -> list[Sample]:
+        """What the model trains on: the split's training part, then the extra training photos."""
+        return self.train + self.extra
 
 
 def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int, *, folds: int = 0,
@@ -304,8 +311,52 @@ def load_split(path: str | os.PathLike, dataset: Dataset) -> Split:
             out.append(s)
         return out
 
+    extra = []
+    for file, label in data.get("extra_train", []):
+        if not Path(file).is_file():
+            raise ConfigError(f"extra training photo {file!r} no longer exists", source=str(path))
+        extra.append(Sample(path=file, rel=file, label=int(label)))
     return Split(resolve(data["train"], "train"), resolve(data["val"], "val"), int(data["seed"]),
-                 float(data["val_fraction"]), int(data.get("folds", 0)), int(data.get("fold", 0)))
+                 float(data["val_fraction"]), int(data.get("folds", 0)), int(data.get("fold", 0)), extra)
+
+
+def extra_training_samples(sources: Sequence[Any], dataset: Dataset, split: Split,
+                           min_side: int = 32) -> tuple[list[Sample], list[dict[str, str]]]:
+    """The photos of ``data.extra_train`` (``recipe.ExtraSource``), labelled with ``dataset``'s classes.
+
+    Each CSV names its categories by class id; an id the dataset does not have is an error. A photo whose
+    bytes equal a validation photo's is refused: training on it would leak that photo's label into the
+    score. Copies of training photos and files that do not decode are skipped, and returned as
+    ``{"file", "reason"}`` so the run can list them.
+    """
+    def digest(path: str) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    val_digests = {digest(s.path): s.rel for s in split.val}
+    train_digests = {digest(s.path) for s in split.train}
+    index = {cid: i for i, cid in enumerate(dataset.class_ids)}
+    samples: list[Sample] = []
+    skipped: list[dict[str, str]] = []
+    for i, source in enumerate(sources):
+        where = f"data.extra_train[{i}]"
+        extra = read_csv_layout(source.csv_for(split.fold), source.images)
+        unknown = [cid for cid in extra.class_ids if cid not in index]
+        if unknown:
+            raise ConfigError(f"names categories {unknown} that the training data does not have "
+                              f"({dataset.class_ids})", source=source.csv_for(split.fold), field=f"{where}.csv")
+        report = scan_dataset(extra, min_side)
+        skipped += [{"file": bad["file"], "reason": f"{where}: {bad['reason']}"} for bad in report.bad]
+        for s in clean_samples(extra, report):
+            fingerprint = digest(s.path)
+            if fingerprint in val_digests:
+                raise InvalidInput(f"{where}: {s.rel} is the validation photo {val_digests[fingerprint]!r}; "
+                                   "a photo must not both train and validate")
+            if fingerprint in train_digests:
+                skipped.append({"file": s.rel, "reason": f"{where}: already a training photo"})
+                continue
+            train_digests.add(fingerprint)
+            samples.append(Sample(path=s.path, rel=s.path, label=index[extra.class_ids[s.label]]))
+    return samples, skipped
 
 
 def list_photos(folder: str | os.PathLike) -> list[Path]:

@@ -122,6 +122,11 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
             log.warning("skipping %s: %s", bad["file"], bad["reason"])
         split = data_mod.stratified_split(data_mod.clean_samples(dataset, report), recipe.split.val_fraction,
                                           recipe.split.seed, folds=recipe.split.folds, fold=recipe.split.fold)
+        if recipe.data.extra_train:
+            split.extra, skipped = data_mod.extra_training_samples(recipe.data.extra_train, dataset, split,
+                                                                   recipe.data.min_side)
+            for bad in skipped:
+                log.warning("skipping %s: %s", bad["file"], bad["reason"])
         data_mod.save_split(split, run_dir / runs.SPLIT)
         runs.save_config(run_dir, recipe)
         (run_dir / runs.LABELS).write_text("\n".join(dataset.class_names) + "\n", encoding="utf-8")
@@ -131,6 +136,8 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
         split = data_mod.load_split(run_dir / runs.SPLIT, dataset)
     log.info("run %s: %d training / %d validation photos (split %s), %d classes", run_dir, len(split.train),
              len(split.val), split.fingerprint(), dataset.num_classes)
+    if split.extra:
+        log.info("training also on %d photos of data.extra_train", len(split.extra))
 
     spec = backbones.get(recipe.backbone)
     model = None
@@ -186,14 +193,14 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
                  size_text(size), stage.batch_size, stage.lr, stage.unfreeze, counts["trainable_layers"],
                  counts["frozen_layers"])
 
-        for part, samples in (("train", split.train), ("val", split.val)):
+        for part, samples in (("train", split.training), ("val", split.val)):
             if (part, size) not in prepared:
                 prepared[(part, size)] = pipeline.prepared_images(samples, size, recipe.resize)
         augmenter = Augmenter(recipe.augmentation, size, seed=recipe.seed + index, source=recipe.source)
         (run_dir / "augmentation").mkdir(exist_ok=True)
         augmenter.save(run_dir / "augmentation" / f"{stage.name}.json")
         augmenter.save(run_dir / runs.AUGMENTATION)  # the last stage's pipeline is the model's
-        training_stream = functools.partial(pipeline.training_stream, prepared[("train", size)], len(split.train),
+        training_stream = functools.partial(pipeline.training_stream, prepared[("train", size)], len(split.training),
                                             stage.batch_size, augmenter, seed=recipe.seed * 1000 + index,
                                             num_classes=dataset.num_classes)
         stream = training_stream(mix=stage.mix)
@@ -202,8 +209,8 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
 
         done = state.stage_epochs_done if index == state.stage_index else 0
         best = state.best if index == state.stage_index and done else None
-        timing = Timing(len(split.train))
-        steps = pipeline.steps_per_epoch(len(split.train), stage.batch_size)
+        timing = Timing(len(split.training))
+        steps = pipeline.steps_per_epoch(len(split.training), stage.batch_size)
         averager = WeightAverage(stage.average_last) if stage.average_last else None
         warmup = (LinearWarmup(stage.lr, round(stage.warmup_epochs * steps), done * steps)
                   if stage.warmup_epochs else None)
@@ -298,6 +305,7 @@ def _write_run_info(run_dir: Path, recipe: Recipe, dataset, split, weights_used:
         "data_root": dataset.root,
         "num_train": len(split.train),
         "num_val": len(split.val),
+        "num_extra_train": len(split.extra),
         "split_seed": split.seed,
         "val_fraction": split.val_fraction,
         "folds": split.folds,

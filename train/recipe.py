@@ -62,15 +62,33 @@ class Stage:
     mix: MixConfig | None = None
 
 
+FOLD_PLACEHOLDER = "{fold}"
+
+
+@dataclass(frozen=True)
+class ExtraSource:
+    """Labelled photos that only ever train, never validate: a CSV ``Id,Category`` (for example the
+    pseudo-labels ``carclf pseudo-label`` writes for unlabelled photos) and the folder its ids name.
+    ``{fold}`` in ``csv`` stands for the run's fold, so each fold of a cross-validation reads its own file."""
+
+    csv: str
+    images: str
+
+    def csv_for(self, fold: int) -> str:
+        return self.csv.replace(FOLD_PLACEHOLDER, str(fold))
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """Kaggle layout: ``train`` = folder of class folders, or ``csv`` (Id,Category) + ``images`` folder."""
+    """Kaggle layout: ``train`` = folder of class folders, or ``csv`` (Id,Category) + ``images`` folder;
+    ``extra_train`` sources join the training part of the split."""
 
     train: str | None = None
     csv: str | None = None
     images: str | None = None
     classes: str | None = None
     min_side: int = 32
+    extra_train: tuple[ExtraSource, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -156,6 +174,7 @@ class Recipe:
         out["head"]["hidden_units"] = list(self.head.hidden_units)
         out["augmentation"] = [dict(t) for t in self.augmentation]
         out["tta"] = list(self.tta)
+        out["data"]["extra_train"] = [dataclasses.asdict(e) for e in self.data.extra_train]
         return out
 
     def with_overrides(self, **changes: Any) -> Recipe:
@@ -334,6 +353,7 @@ def parse_recipe(data: Any, source: str = "<memory>") -> Recipe:
         data=DataConfig(
             train=d.get("train", str, None), csv=d.get("csv", str, None), images=d.get("images", str, None),
             classes=d.get("classes", str, None), min_side=d.get("min_side", int, 32, minimum=1),
+            extra_train=_parse_extra_train(d),
         ),
         split=_parse_split(s),
         head=HeadConfig(
@@ -366,6 +386,18 @@ def parse_recipe(data: Any, source: str = "<memory>") -> Recipe:
     for sub in (d, s, h, o, lo, sc, f):
         sub.finish()
     return validate(recipe)
+
+
+def _parse_extra_train(d: _Fields) -> tuple[ExtraSource, ...]:
+    value = d.raw("extra_train", [])
+    if not isinstance(value, list):
+        raise d.error("extra_train", f"expected a list of {{csv: ..., images: ...}} mappings, received {value!r}")
+    sources = []
+    for i, item in enumerate(value):
+        e = _Fields(item, d.source, d.name(f"extra_train[{i}]"))
+        sources.append(ExtraSource(csv=e.get("csv", str), images=e.get("images", str)))
+        e.finish()
+    return tuple(sources)
 
 
 def _parse_split(s: _Fields) -> SplitConfig:
@@ -408,6 +440,14 @@ def validate(recipe: Recipe) -> Recipe:
     if not data.train and not (data.csv and data.images):
         raise ConfigError("expected data.train (a folder of class folders) or data.csv and data.images, "
                           f"received {dataclasses.asdict(data)!r}", source=src, field="data")
+    for i, extra in enumerate(data.extra_train):
+        rest = extra.csv.replace(FOLD_PLACEHOLDER, "")
+        if "{" in rest or "}" in rest:
+            raise ConfigError(f"the only placeholder is {FOLD_PLACEHOLDER}, received {extra.csv!r}", source=src,
+                              field=f"data.extra_train[{i}].csv")
+        if FOLD_PLACEHOLDER in extra.csv and not recipe.split.folds:
+            raise ConfigError(f"{FOLD_PLACEHOLDER} needs a k-fold split (split.folds), received {extra.csv!r}",
+                              source=src, field=f"data.extra_train[{i}].csv")
     for name in recipe.tta:
         try:
             tta.get_policy(name)

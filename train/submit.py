@@ -1,16 +1,20 @@
-"""Kaggle submissions: a folder of photos -> CSV ``Id,Category`` (file name, predicted class id)."""
+"""Kaggle submissions: a folder of photos -> CSV ``Id,Category`` (file name, predicted class id); and
+pseudo-labels: the same predictions, only the confident ones, with their confidence, as extra training data."""
 
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from carclf import imaging
 from carclf.errors import InvalidInput
+from carclf.submission import HEADER
 from carclf.submission import write_submission as write_csv
 from carclf.train import data
 from carclf.train.evaluate import LoadedModel, predict_policies
@@ -29,6 +33,41 @@ def write_submission(model: LoadedModel | Sequence[LoadedModel], photos_dir: str
     not a usable image stops the run (``on_bad="fail"``, naming the file) or is left out of the CSV with a
     warning (``on_bad="skip"``).
     """
+    found = predict_folder(model, photos_dir, policy, on_bad, progress, desc="submit")
+    rows = [(p.name, found.class_ids[int(i)]) for p, i in zip(found.photos, found.probs.argmax(axis=1), strict=True)]
+    write_csv(out_csv, rows)
+    return {"rows": len(rows), "skipped": found.skipped}
+
+
+def write_pseudo_labels(model: LoadedModel | Sequence[LoadedModel], photos_dir: str | os.PathLike,
+                        out_csv: str | os.PathLike, min_confidence: float, policy: str = "hflip",
+                        on_bad: str = "skip", progress: bool = True) -> dict[str, Any]:
+    """Label the photos of an unlabelled folder with the models' prediction, keeping those predicted with
+    at least ``min_confidence`` (the mean top probability): a CSV ``Id,Category,Confidence`` that a recipe's
+    ``data.extra_train`` reads. Returns the counts, per class too."""
+    if not 0.0 <= min_confidence < 1.0:
+        raise InvalidInput(f"min_confidence must be in [0, 1), received {min_confidence}")
+    found = predict_folder(model, photos_dir, policy, on_bad, progress, desc="pseudo-label")
+    confidence = found.probs.max(axis=1)
+    rows = [(p.name, found.class_ids[int(i)], f"{c:.4f}")
+            for p, i, c in zip(found.photos, found.probs.argmax(axis=1), confidence, strict=True)
+            if c >= min_confidence]
+    write_csv(out_csv, rows, header=(*HEADER, "Confidence"))
+    per_class = {cid: sum(1 for _, c, _ in rows if c == cid) for cid in found.class_ids}
+    return {"rows": len(rows), "photos": len(found.photos), "skipped": found.skipped, "per_class": per_class}
+
+
+@dataclass
+class FolderPredictions:
+    photos: list[Path]   # the usable photos, in name order
+    probs: np.ndarray    # [photos, classes], the models' mean
+    class_ids: list[str]
+    skipped: int
+
+
+def predict_folder(model: LoadedModel | Sequence[LoadedModel], photos_dir: str | os.PathLike, policy: str,
+                   on_bad: str = "fail", progress: bool = True, desc: str = "predict") -> FolderPredictions:
+    """Mean class probabilities of one or more models (same classes) for every usable photo of a folder."""
     if on_bad not in ON_BAD:
         raise InvalidInput(f"on_bad must be one of {ON_BAD}, received {on_bad!r}")
     models = [model] if isinstance(model, LoadedModel) else list(model)
@@ -37,7 +76,7 @@ def write_submission(model: LoadedModel | Sequence[LoadedModel], photos_dir: str
     for other in models[1:]:
         if other.class_ids != models[0].class_ids:
             raise InvalidInput(f"{other.path} predicts classes {other.class_ids}, {models[0].path} predicts "
-                               f"{models[0].class_ids}: models averaged into one submission must share classes")
+                               f"{models[0].class_ids}: models averaged into one result must share classes")
     photos = data.list_photos(photos_dir)
     usable: list[Path] = []
     payloads: list[bytes] = []
@@ -58,7 +97,7 @@ def write_submission(model: LoadedModel | Sequence[LoadedModel], photos_dir: str
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(usable) * len(models), desc="submit", unit="img")
+        bar = tqdm(total=len(usable) * len(models), desc=desc, unit="img")
     try:
         probs = np.mean([predict_policies(m.predictor, payloads, [policy], m.input_size, progress=bar,
                                           names=[p.name for p in usable], resize=m.resize)[policy]
@@ -66,7 +105,4 @@ def write_submission(model: LoadedModel | Sequence[LoadedModel], photos_dir: str
     finally:
         if bar is not None:
             bar.close()
-    class_ids = models[0].class_ids
-    rows = [(p.name, class_ids[int(i)]) for p, i in zip(usable, probs.argmax(axis=1), strict=True)]
-    write_csv(out_csv, rows)
-    return {"rows": len(rows), "skipped": skipped}
+    return FolderPredictions(usable, probs, list(models[0].class_ids), skipped)

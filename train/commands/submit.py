@@ -7,9 +7,9 @@ import argparse
 
 from carclf import tta
 from carclf.train import crossval
-from carclf.train.commands import setup_logging
+from carclf.train.commands import add_photo_prediction_arguments, setup_logging
 from carclf.train.evaluate import load_model
-from carclf.train.submit import ON_BAD, write_submission
+from carclf.train.submit import write_submission
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,16 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "summary (runs/<recipe>-crossvalK-*.json: its K fold runs); several are averaged")
     parser.add_argument("photos", help="folder of photos (e.g. Kaggle test_upload/)")
     parser.add_argument("--out", default="submission.csv", help="CSV to write (default: submission.csv)")
-    parser.add_argument("--tta", default="hflip", help=f"TTA policy ({', '.join(tta.POLICIES)})")
-    parser.add_argument("--on-bad", choices=ON_BAD, default="fail",
-                        help="what to do with a file that is not a usable image (default: fail)")
+    add_photo_prediction_arguments(parser, on_bad="fail")
 
 
 def run(args: argparse.Namespace) -> int:
     setup_logging()
     tta.get_policy(args.tta)
-    paths = [run for path in args.model
-             for run in (crossval.summary_runs(path) if path.endswith(".json") else [path])]
+    paths = crossval.model_paths(args.model)
     models = [load_model(path) for path in paths]
     stats = write_submission(models, args.photos, args.out, policy=args.tta, on_bad=args.on_bad)
     print(f"wrote {args.out}: {stats['rows']} rows, {stats['skipped']} skipped"

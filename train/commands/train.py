@@ -8,7 +8,7 @@ from pathlib import Path
 
 from carclf.errors import InvalidInput
 from carclf.train.commands import setup_logging
-from carclf.train.recipe import Recipe, load_recipe, recipe_names
+from carclf.train.recipe import ExtraSource, Recipe, load_recipe, recipe_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last epoch")
     parser.add_argument("--data", help="training folder of class folders (overrides the recipe's data.train)")
     parser.add_argument("--classes", help="class-names file (overrides data.classes)")
+    parser.add_argument("--extra-train", nargs=2, action="append", metavar=("CSV", "IMAGES"),
+                        help="photos that only train (a CSV Id,Category and its image folder, e.g. from "
+                             "'carclf pseudo-label'; {fold} in CSV stands for the fold); repeatable, replaces "
+                             "data.extra_train")
     parser.add_argument("--weights", help="'imagenet', 'none' or a weights file (overrides the recipe)")
     parser.add_argument("--allow-scratch", action="store_true",
                         help="if the weights cannot be had, train from scratch with a warning")
@@ -47,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInput(f"name a recipe ({', '.join(recipe_names(experiments=False))}, or one of "
                                "train/recipes/experiments/) or a YAML file, or --resume RUN_DIR")
         recipe = load_recipe(args.recipe).with_overrides(
-            train=args.data, classes=args.classes, weights=args.weights, seed=args.seed, name=args.name,
+            train=args.data, classes=args.classes, extra_train=_extra_sources(args.extra_train), weights=args.weights, seed=args.seed, name=args.name,
             split_seed=args.split_seed, val_fraction=args.val_fraction, folds=args.folds, fold=args.fold,
             on_missing_weights="scratch" if args.allow_scratch else None)
         if args.data and not os.path.isdir(args.data):
@@ -79,6 +83,10 @@ def _cross_validate(recipe: Recipe, args: argparse.Namespace) -> int:
     print(crossval.format_summary(summary))
     print(f"cross-validation summary: {out}")
     return 0
+
+
+def _extra_sources(pairs: list[list[str]] | None) -> tuple[ExtraSource, ...] | None:
+    return tuple(ExtraSource(csv=csv, images=images) for csv, images in pairs) if pairs else None
 
 
 def _budget(args: argparse.Namespace) -> float | None:
