@@ -3,21 +3,29 @@
     .venv/bin/python scripts/paired_folds.py runs/A-fold*of5-* --against runs/B-fold*of5-*
 
 Runs are matched by fold (the latest run of each fold when there are several); each pair must validate on the
-same photos. For every policy both evaluated: correct photos of each over the shared folds, per fold, and the
-photos only one of them gets right with the exact McNemar p-value (``carclf.train.crossval.compare``).
+same photos. For every policy both evaluated: correct photos of each over the shared folds, per fold, the photos only one
+of them gets right with the exact McNemar p-value (``carclf.train.crossval.compare``), and the log loss.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from carclf.errors import InvalidInput
-from carclf.train import crossval
+from carclf.train import crossval, runs
 
 
 def by_fold(paths: list[str]) -> dict[int, crossval.FoldRun]:
-    runs = [crossval.read_fold_run(p) for p in sorted(paths)]
-    return {run.fold: run for run in runs}  # sorted by folder name (time stamp): the latest of a fold wins
+    """Finished fold runs by fold; a run still training (no metrics yet) is left out with a note."""
+    found = {}
+    for path in sorted(paths):  # by folder name, i.e. time stamp: the latest finished run of a fold wins
+        if not (Path(path) / runs.METRICS).is_file():
+            print(f"(left out: {path} has not finished)")
+            continue
+        run = crossval.read_fold_run(path)
+        found[run.fold] = run
+    return found
 
 
 def pooled(runs: list[crossval.FoldRun], policy: str) -> dict:
@@ -29,6 +37,11 @@ def pooled(runs: list[crossval.FoldRun], policy: str) -> dict:
             raise InvalidInput(f"{run.path} has no per-photo results for policy {policy!r}")
         photo_correct.update({rel: int(p == label) for (rel, label), p in zip(run.val, predicted, strict=True)})
     return {"recipe": runs[0].recipe, "policies": {policy: {"photo_correct": photo_correct}}}
+
+
+def log_loss(runs: list[crossval.FoldRun], policy: str) -> float:
+    """Mean log loss over the photos of ``runs`` (each run's own mean, weighted by its photo count)."""
+    return sum(float(r.policies[policy]["log_loss"]) * len(r.val) for r in runs) / sum(len(r.val) for r in runs)
 
 
 def main() -> None:
@@ -52,7 +65,8 @@ def main() -> None:
                             for x, y in zip(a, b, strict=True))
         print(f"{policy:<12} {result['first_correct']} vs {result['second_correct']} of {photos} "
               f"(per fold {per_fold}); only the first right on {result['only_first']}, only the second on "
-              f"{result['only_second']}, McNemar p = {result['mcnemar_p']:.3f}")
+              f"{result['only_second']}, McNemar p = {result['mcnemar_p']:.3f}; log loss "
+              f"{log_loss(a, policy):.3f} vs {log_loss(b, policy):.3f}")
 
 
 if __name__ == "__main__":
