@@ -168,13 +168,26 @@ class ModelClient(abc.ABC):
             return {contract.INPUT_IMAGE_BYTES: np.array([bytes(x) for x in images], dtype=object)}
         if not isinstance(inputs, Mapping) or not inputs:
             raise InvalidInput("inputs must be a non-empty mapping of input name to array")
-        return {str(k): np.asarray(v) for k, v in inputs.items()}
+        return {str(k): as_input_array(v) for k, v in inputs.items()}
 
     @staticmethod
     def _check_spec(version: int | None, version_label: str | None) -> None:
         if version is not None and version_label is not None:
             raise InvalidInput(f"give a version or a version label, not both (received {version} and "
                                f"{version_label!r})")
+
+
+def as_input_array(values) -> np.ndarray:
+    """``values`` as a numpy array; bytes stay exact (numpy's fixed-width bytes dtype drops trailing NULs)."""
+    array = np.asarray(values)
+    if array.dtype.kind == "S" and not isinstance(values, np.ndarray):
+        array = np.empty(array.shape, dtype=object)
+        array[...] = _nested_bytes(values, array.ndim)
+    return array
+
+
+def _nested_bytes(values, depth: int):
+    return bytes(values) if depth == 0 else [_nested_bytes(v, depth - 1) for v in values]
 
 
 def parse_server_url(url: str) -> tuple[str, str, bool]:

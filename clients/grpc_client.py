@@ -23,6 +23,7 @@ from carclf.clients.base import (
     VersionStatus,
 )
 from carclf.errors import CarClfError, error_for_code
+from carclf.tensors import make_proto, to_ndarray
 
 # TF Serving accepts messages up to 2 GB; gRPC's own default is 4 MB, too small for stacked views.
 MAX_MESSAGE_BYTES = 2**31 - 1
@@ -41,20 +42,13 @@ def error_from_rpc(exc, target: str = "") -> CarClfError:
 
 
 def to_tensor_proto(array: np.ndarray):
-    import tensorflow as tf
-
-    array = np.asarray(array)
-    if array.dtype.kind in ("U", "O"):
-        array = np.vectorize(lambda x: x.encode("utf-8") if isinstance(x, str) else x, otypes=[object])(array)
-        return tf.make_tensor_proto(array, dtype=tf.string)
-    return tf.make_tensor_proto(array)
+    """TensorProto of ``array`` (``str`` elements travel UTF-8 encoded), by the codec the server uses."""
+    return make_proto(np.asarray(array))
 
 
 def from_tensor_proto(proto, name: str = "") -> np.ndarray:
     """numpy array of a TensorProto; strings become ``str`` except outputs named ``*_bytes``."""
-    import tensorflow as tf
-
-    array = tf.make_ndarray(proto)
+    array = to_ndarray(proto, name)
     if array.dtype == object and not name.endswith("_bytes"):
         array = np.vectorize(lambda x: x.decode("utf-8", "replace") if isinstance(x, bytes) else x,
                              otypes=[object])(array) if array.size else array

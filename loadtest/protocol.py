@@ -75,7 +75,7 @@ def grpc_request(model: str, signature: str, inputs: Mapping[str, np.ndarray], v
 
 def grpc_outputs(response) -> dict[str, np.ndarray]:
     """The output tensors of a ``PredictResponse`` as numpy arrays (the server's own converter, without TF)."""
-    from carclf.serving.tensors import to_ndarray
+    from carclf.tensors import to_ndarray
 
     return {key: to_ndarray(tensor) for key, tensor in response.outputs.items()}
 

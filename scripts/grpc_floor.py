@@ -26,7 +26,7 @@ import numpy as np
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from carclf.serving.grpc_service import UnparsableRequestInterceptor
-from carclf.serving.tensors import make_proto
+from carclf.tensors import make_proto
 
 
 class Handler(prediction_service_pb2_grpc.PredictionServiceServicer):

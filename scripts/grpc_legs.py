@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from carclf.serving.tensors import make_proto, to_ndarray
+from carclf.tensors import make_proto, to_ndarray
 
 PAYLOAD_BYTES = 88_000  # a real photo's JPEG
 

@@ -50,7 +50,7 @@ def main() -> None:
     from carclf.serving.grpc_service import PredictionService
     from carclf.serving.options import ServerOptions
     from carclf.serving.server import ModelServer
-    from carclf.serving.tensors import make_proto
+    from carclf.tensors import make_proto
 
     photo = sorted(args.photo_folder.glob("*.jpg"))[0].read_bytes()
     options = ServerOptions(port=0, rest_api_port=0, model_name="m", enable_batching=args.batching,

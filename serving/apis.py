@@ -15,7 +15,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 from carclf.errors import InvalidInput
 from carclf.serving.manager import Lease, ModelManager
 from carclf.serving.servable import Servable, TensorInfo
-from carclf.serving.tensors import datatype_of, shape_proto
+from carclf.tensors import datatype_of, shape_proto
 
 SIGNATURE_DEF_FIELD = "signature_def"
 

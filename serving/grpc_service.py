@@ -34,8 +34,8 @@ from carclf.serving.gate import RequestGate
 from carclf.serving.manager import ModelManager
 from carclf.serving.metrics import ServingMetrics
 from carclf.serving.predictor import Predictor, wait
-from carclf.serving.tensors import fill_proto, to_ndarray
 from carclf.serving.validation import DEFAULT_SIGNATURE
+from carclf.tensors import fill_proto, to_ndarray
 
 log = logging.getLogger(__name__)
 

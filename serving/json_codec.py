@@ -20,7 +20,7 @@ import numpy as np
 
 from carclf.errors import InvalidInput
 from carclf.serving.servable import Signature, TensorInfo
-from carclf.serving.tensors import tf_name_of
+from carclf.tensors import tf_name_of
 
 ROW = "row"
 COLUMNAR = "columnar"

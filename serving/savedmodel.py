@@ -18,8 +18,8 @@ import numpy as np
 from carclf.errors import CarClfError, DeadlineExceeded, Internal, InvalidInput, error_for_code
 from carclf.serving.repository import SAVED_MODEL_FILES
 from carclf.serving.servable import Servable, Signature, TensorInfo
-from carclf.serving.tensors import numpy_dtype_name, shape_of_proto
 from carclf.serving.warmup import read_warmup_requests, warmup_file
+from carclf.tensors import numpy_dtype_name, shape_of_proto
 
 SERVE_TAG = "serve"
 _INTERNAL_SIGNATURES = ("__saved_model_init_op",)

@@ -16,7 +16,7 @@ from carclf import contract
 from carclf.errors import CarClfError, FailedPrecondition, InvalidInput
 from carclf.imaging import probe_image
 from carclf.serving.servable import Signature, TensorInfo
-from carclf.serving.tensors import tf_name_of
+from carclf.tensors import tf_name_of
 
 DEFAULT_SIGNATURE = "serving_default"  # TF's default serving signature key
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from carclf import contract
 from carclf.errors import InvalidInput
-from carclf.serving.tensors import to_ndarray
+from carclf.tensors import to_ndarray
 
 MAX_WARMUP_RECORDS = 1000
 

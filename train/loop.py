@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from carclf import backbones
-from carclf.errors import FailedPrecondition
+from carclf.errors import CarClfError, FailedPrecondition
 from carclf.imaging import Size, side_pair, size_text
 from carclf.train import data as data_mod
 from carclf.train import evaluate, pipeline, runs
@@ -87,7 +88,14 @@ def train(recipe: Recipe, runs_root: str | Path = "runs", run_dir: str | Path | 
     """
     path = Path(run_dir) if run_dir else runs.new_run_dir(runs.run_name(recipe), runs_root)
     (path / runs.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    return _run(recipe, path, None, verbose, time_budget_s)
+    try:
+        return _run(recipe, path, None, verbose, time_budget_s)
+    except CarClfError:
+        # Refused input (a bad photo list, a leak, missing weights) stops a run before its first epoch: a folder
+        # made for it holds nothing to resume, so it goes. Any later failure keeps the folder for --resume.
+        if run_dir is None and not (path / runs.CHECKPOINTS / runs.LAST_WEIGHTS).exists():
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def resume(run_dir: str | Path, verbose: int | None = None, time_budget_s: float | None = None) -> Path:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import socket
 
 import numpy as np
 import pytest
 
 from carclf.clients import GrpcClient, ModelClient, RestClient, connect, parse_server_url
+from carclf.clients.base import as_input_array
+from carclf.clients.rest_client import encode_value
 from carclf.errors import CarClfError, InvalidInput, NotFound, Unavailable
+from carclf.tensors import to_ndarray
 from tests.ensemble.servers import grpc_url, rest_url
 
 
@@ -128,3 +132,14 @@ def test_client_side_argument_errors(clients):
             client.predict("tiny_a", images=[b"x"], version=1, version_label="stable")
         with pytest.raises(InvalidInput, match="bytes"):
             client.predict("tiny_a", images=["a path, not bytes"])
+
+
+def test_binary_inputs_reach_the_wire_byte_for_byte():
+    """numpy's bytes dtype would drop trailing NUL bytes; both clients send what they were given."""
+    values = [[b"\xff\xd8 photo \x00\x00", b"x"], [b"\x00", b"end\x00"]]
+    array = as_input_array(values)
+    assert array.shape == (2, 2) and array.tolist() == values
+    request = GrpcClient("127.0.0.1:1").predict_request("m", {"data_bytes": array}, signature_name="s")
+    assert to_ndarray(request.inputs["data_bytes"]).tolist() == values
+    sent = encode_value(array, "data_bytes")
+    assert [[base64.b64decode(v["b64"]) for v in row] for row in sent] == values

@@ -142,7 +142,7 @@ def _images_sent(request: RestRequest | GrpcRequest) -> list[bytes]:
     """The photos a valid case sent, read back from the request itself."""
     import base64
 
-    from carclf.serving.tensors import to_ndarray
+    from carclf.tensors import to_ndarray
 
     if isinstance(request, GrpcRequest):
         return list(to_ndarray(request.message.inputs["image_bytes"]))

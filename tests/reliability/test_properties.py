@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis) of what every request goes through before the model: the REST JSON
-codec (``carclf.serving.json_codec``) and TensorProto conversion (``carclf.serving.tensors``).
+codec (``carclf.serving.json_codec``) and TensorProto conversion (``carclf.tensors``).
 
 Two kinds of properties: round trips (what the server writes, a client reads back unchanged, and the
 other way round), and totality (whatever bytes or JSON a client sends, the answer is a tensor or
@@ -22,7 +22,7 @@ from tensorflow.core.framework import tensor_pb2, types_pb2
 from carclf.errors import InvalidInput
 from carclf.serving import json_codec
 from carclf.serving.servable import Signature, TensorInfo
-from carclf.serving.tensors import make_proto, to_ndarray
+from carclf.tensors import make_proto, to_ndarray
 
 # CARCLF_HYPOTHESIS_EXAMPLES=5000 for a deeper search than the suite's budget allows.
 SETTINGS = settings(max_examples=int(os.environ.get("CARCLF_HYPOTHESIS_EXAMPLES", "150")), deadline=None,

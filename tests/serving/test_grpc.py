@@ -14,7 +14,7 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from carclf.serving.tensors import make_proto, to_ndarray
+from carclf.tensors import make_proto, to_ndarray
 from tests.serving.conformance_setup import CANARY, ECHO_MODEL, MODEL, OTHER_MODEL, STABLE
 
 LATEST = max(STABLE, CANARY)

@@ -15,7 +15,7 @@ from hypothesis.extra import numpy as hnp
 from carclf.errors import InvalidInput
 from carclf.serving import json_codec
 from carclf.serving.servable import Signature, TensorInfo
-from carclf.serving.tensors import make_proto, to_ndarray
+from carclf.tensors import make_proto, to_ndarray
 
 NUMERIC = ["float32", "float64", "int32", "int64", "uint8", "int8", "int16", "uint16", "uint32", "uint64", "bool",
            "float16", "complex64"]

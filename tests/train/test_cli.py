@@ -45,6 +45,15 @@ def test_invalid_recipe_field_and_override(tmp_path):
     _assert_clean_error(_carclf("crossval", str(tmp_path)), "not a finished run folder")
 
 
+def test_resume_refuses_options_that_would_change_the_saved_recipe(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "keep.txt").write_text("untouched")
+    result = _carclf("train", "--resume", str(run_dir), "--extra-train", "labels.csv", "photos", "--seed", "3")
+    _assert_clean_error(result, "--resume continues", "--extra-train, --seed", "start a new run")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["keep.txt"]
+
+
 @pytest.mark.parametrize("args,needle", [
     (("evaluate", "/no/such/run"), "no run folder or SavedModel at '/no/such/run'"),
     (("export", "{tmp}"), "is not a run folder"),

@@ -10,6 +10,10 @@ from carclf.errors import InvalidInput
 from carclf.train.commands import setup_logging
 from carclf.train.recipe import ExtraSource, Recipe, load_recipe, recipe_names
 
+# options that change the recipe, so a resumed run (which keeps its saved config) refuses them
+_RECIPE_OVERRIDES = ("data", "classes", "extra_train", "weights", "allow_scratch", "seed", "split_seed",
+                     "val_fraction", "folds", "fold", "name")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", help=f"recipe name ({', '.join(recipe_names(experiments=False))}, or one "
@@ -43,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         if args.recipe:
             raise InvalidInput("give either a RECIPE or --resume RUN_DIR, not both")
+        changed = [f"--{name.replace('_', '-')}" for name in _RECIPE_OVERRIDES if getattr(args, name) not in (None, False)]
+        if changed:
+            raise InvalidInput(f"--resume continues {args.resume!r} with the config saved in it; "
+                               f"{', '.join(changed)} cannot change it (start a new run instead)")
         from carclf.train import loop
 
         path = loop.resume(args.resume, verbose=args.verbose, time_budget_s=_budget(args))
