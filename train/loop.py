@@ -91,8 +91,8 @@ def train(recipe: Recipe, runs_root: str | Path = "runs", run_dir: str | Path | 
     try:
         return _run(recipe, path, None, verbose, time_budget_s)
     except CarClfError:
-        # Refused input (a bad photo list, a leak, missing weights) stops a run before its first epoch: a folder
-        # made for it holds nothing to resume, so it goes. Any later failure keeps the folder for --resume.
+        # Refused input (a bad photo list, a leak, missing weights) stops a run before its first epoch: a
+        # folder made for it holds nothing to resume, so it goes. A later failure keeps it for --resume.
         if run_dir is None and not (path / runs.CHECKPOINTS / runs.LAST_WEIGHTS).exists():
             shutil.rmtree(path, ignore_errors=True)
         raise

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         if args.recipe:
             raise InvalidInput("give either a RECIPE or --resume RUN_DIR, not both")
-        changed = [f"--{name.replace('_', '-')}" for name in _RECIPE_OVERRIDES if getattr(args, name) not in (None, False)]
+        changed = [f"--{name.replace('_', '-')}" for name in _RECIPE_OVERRIDES
+                   if getattr(args, name) not in (None, False)]
         if changed:
             raise InvalidInput(f"--resume continues {args.resume!r} with the config saved in it; "
                                f"{', '.join(changed)} cannot change it (start a new run instead)")
