@@ -59,8 +59,9 @@ def photo_inputs(signature: str, data: bytes) -> dict[str, np.ndarray]:
 
 def grpc_request(model: str, signature: str, inputs: Mapping[str, np.ndarray], version: int | None = None):
     """A ``PredictRequest`` for ``model`` (latest version unless ``version``)."""
-    import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
+
+    from carclf.tensors import fill_proto
 
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model
@@ -68,8 +69,7 @@ def grpc_request(model: str, signature: str, inputs: Mapping[str, np.ndarray], v
     if version is not None:
         request.model_spec.version.value = int(version)
     for key, value in inputs.items():
-        dtype = tf.string if value.dtype == object else tf.as_dtype(value.dtype)
-        request.inputs[key].CopyFrom(tf.make_tensor_proto(value, dtype=dtype))
+        fill_proto(request.inputs[key], value)
     return request
 
 
