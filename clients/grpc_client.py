@@ -21,6 +21,7 @@ from carclf.clients.base import (
     SignatureSpec,
     TensorSpec,
     VersionStatus,
+    as_input_array,
 )
 from carclf.errors import CarClfError, error_for_code
 from carclf.tensors import make_proto, to_ndarray
@@ -43,7 +44,7 @@ def error_from_rpc(exc, target: str = "") -> CarClfError:
 
 def to_tensor_proto(array: np.ndarray):
     """TensorProto of ``array`` (``str`` elements travel UTF-8 encoded), by the codec the server uses."""
-    return make_proto(np.asarray(array))
+    return make_proto(as_input_array(array))
 
 
 def from_tensor_proto(proto, name: str = "") -> np.ndarray:
