@@ -181,13 +181,8 @@ def as_input_array(values) -> np.ndarray:
     """``values`` as a numpy array; bytes stay exact (numpy's fixed-width bytes dtype drops trailing NULs)."""
     array = np.asarray(values)
     if array.dtype.kind == "S" and not isinstance(values, np.ndarray):
-        array = np.empty(array.shape, dtype=object)
-        array[...] = _nested_bytes(values, array.ndim)
+        array = np.array(values, dtype=object)  # an object array keeps the given bytes objects themselves
     return array
-
-
-def _nested_bytes(values, depth: int):
-    return bytes(values) if depth == 0 else [_nested_bytes(v, depth - 1) for v in values]
 
 
 def parse_server_url(url: str) -> tuple[str, str, bool]:
