@@ -103,6 +103,34 @@ def decode_image(data):
     return apply_orientation(image, _exif_orientation(data))
 
 
+#: The order in which a photo file stores its colour channels. ``bgr`` is a data set saved with red and blue
+#: swapped (an OpenCV array written as if it were RGB): its photos are turned back to RGB when read, so that a
+#: model learns true colours, the ones every real photo sent to the server has.
+CHANNEL_ORDERS = ("rgb", "bgr")
+
+
+def check_channel_order(channel_order: str) -> str:
+    if channel_order not in CHANNEL_ORDERS:
+        raise ValueError(f"unknown channel order {channel_order!r}; expected one of {list(CHANNEL_ORDERS)}")
+    return channel_order
+
+
+def to_rgb(image, channel_order: str = "rgb"):
+    """A decoded uint8 [..., 3] image (or batch) in RGB order, given the order its file stored it in."""
+    return image[..., ::-1] if check_channel_order(channel_order) == "bgr" else image
+
+
+def rgb_encoded(data: bytes, channel_order: str) -> bytes:
+    """Photo bytes whose pixels are in RGB order, for consumers that take encoded photos (a served model, the
+    ensemble): ``rgb`` bytes are returned as they are; ``bgr`` ones are decoded (EXIF orientation applied),
+    turned to RGB and re-encoded as PNG, which is lossless, so the pixels are exactly ``to_rgb`` of the decode."""
+    if check_channel_order(channel_order) == "rgb":
+        return data
+    import tensorflow as tf
+
+    return tf.io.encode_png(to_rgb(decode_image(tf.constant(data)), channel_order)).numpy()
+
+
 #: How a photo becomes a model input of a given size: ``squash`` stretches it to that size (aspect ratio lost
 #: unless the photo has the input's shape); ``letterbox`` scales it to fit inside and pads the rest with black,
 #: centred.

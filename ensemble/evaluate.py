@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from carclf import imaging
 from carclf.ensemble import aggregate as agg
 from carclf.ensemble.config import EnsembleConfig, load_config
 from carclf.ensemble.members import SavedModelMemberCaller
@@ -61,7 +62,12 @@ def cross_validated(member_probs: np.ndarray, labels: np.ndarray, folds: np.ndar
     return out, weights
 
 
-def run_policy(runtime: EnsembleRuntime, photos: Sequence[Path], progress: bool = True
+def read_photos(paths: Sequence[Path], channel_order: str = "rgb") -> list[bytes]:
+    """The photos' bytes as the ensemble takes them: RGB (``bgr`` files are re-encoded, ``imaging.rgb_encoded``)."""
+    return [imaging.rgb_encoded(p.read_bytes(), channel_order) for p in paths]
+
+
+def run_policy(runtime: EnsembleRuntime, photos: Sequence[Path], progress: bool = True, channel_order: str = "rgb"
                ) -> tuple[np.ndarray, np.ndarray, list[int | None]]:
     """(member probabilities [M, N, C], ensemble probabilities [N, C], member versions) through the runtime."""
     from tqdm import tqdm
@@ -71,7 +77,7 @@ def run_policy(runtime: EnsembleRuntime, photos: Sequence[Path], progress: bool 
               disable=not progress) as bar:
         for start in range(0, len(photos), CHUNK):
             chunk = photos[start:start + CHUNK]
-            result = runtime.predict([p.read_bytes() for p in chunk])
+            result = runtime.predict(read_photos(chunk, channel_order))
             if result.degraded:
                 missing = [f"{m.name}: {m.error.message}" for m in result.members if not m.answered]
                 raise CarClfError(f"a member did not answer during evaluation: {missing}")
@@ -93,7 +99,7 @@ def score(probs: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def evaluate(config: EnsembleConfig, repository: str | os.PathLike, photos: Sequence[Path], labels: np.ndarray,
-             policies: Sequence[str], folds: int, seed: int, progress: bool = True) -> dict:
+             policies: Sequence[str], folds: int, seed: int, progress: bool = True, channel_order: str = "rgb") -> dict:
     caller = SavedModelMemberCaller(repository)
     rows: list[dict] = []
     fitted: dict[str, list[float]] = {}
@@ -104,7 +110,7 @@ def evaluate(config: EnsembleConfig, repository: str | os.PathLike, photos: Sequ
                                   owns_caller=False)
         runtime.prepare()
         start = time.monotonic()
-        member_probs, mean_probs, versions = run_policy(runtime, photos, progress)
+        member_probs, mean_probs, versions = run_policy(runtime, photos, progress, channel_order)
         seconds = time.monotonic() - start
         # The runtime's own aggregation must be the pure function's.
         np.testing.assert_allclose(mean_probs, agg.mean(member_probs), rtol=1e-5, atol=1e-6)
@@ -127,7 +133,7 @@ def evaluate(config: EnsembleConfig, repository: str | os.PathLike, photos: Sequ
 
 
 def per_view(config: EnsembleConfig, repository: str | os.PathLike, photos: Sequence[Path], labels: np.ndarray,
-             policy: str = "hflip_crops", progress: bool = True) -> dict:
+             policy: str = "hflip_crops", progress: bool = True, channel_order: str = "rgb") -> dict:
     """Each member on each single view of ``policy`` (why a TTA policy helps or hurts), plus a paired sign
     test of the mirrored full view against the full view on the true class's probability."""
     from math import comb
@@ -141,7 +147,7 @@ def per_view(config: EnsembleConfig, repository: str | os.PathLike, photos: Sequ
         single = TTAPolicy(view.name, (view,))
         runtime = EnsembleRuntime(config.with_overrides(tta=single, deadline_s=600.0), caller, owns_caller=False)
         runtime.prepare()
-        member_probs, _, _ = run_policy(runtime, photos, progress)
+        member_probs, _, _ = run_policy(runtime, photos, progress, channel_order)
         runtime.close()
         out["views"][view.name] = {name: score(member_probs[j], labels) for j, name in enumerate(config.member_names)}
         for j, name in enumerate(config.member_names):
@@ -196,7 +202,7 @@ def per_view_markdown(data: dict) -> str:
 
 
 def write_submission(config: EnsembleConfig, repository, folder: Path, class_ids: Sequence[str], out: Path,
-                     progress: bool = True) -> int:
+                     progress: bool = True, channel_order: str = "rgb") -> int:
     """Kaggle CSV (Id,Category) for a folder of photos, through the configured ensemble."""
     from carclf.train.data import list_photos
 
@@ -209,7 +215,7 @@ def write_submission(config: EnsembleConfig, repository, folder: Path, class_ids
     with tqdm(total=len(photos), desc="submission", unit="photo", file=sys.stderr, disable=not progress) as bar:
         for start in range(0, len(photos), CHUNK):
             chunk = photos[start:start + CHUNK]
-            result = runtime.predict([p.read_bytes() for p in chunk])
+            result = runtime.predict(read_photos(chunk, channel_order))
             if result.degraded:
                 raise CarClfError("a member did not answer while writing the submission")
             ids.extend(result.class_ids.tolist())
@@ -233,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--submission", type=Path, default=Path("results/cars10_ensemble_submission.csv"))
     parser.add_argument("--per-view", action="store_true",
                         help="also score every member on each single view of hflip_crops (why TTA helps or not)")
+    parser.add_argument("--channel-order", choices=imaging.CHANNEL_ORDERS, default="rgb",
+                        help="how the photo files (--train and --test) store colours: bgr for a data set saved with red "
+                             "and blue swapped, such as cars10 (default: rgb)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -247,14 +256,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.folds < 2:
             raise ConfigError(f"--folds must be >= 2, received {args.folds}", field="folds")
         report = evaluate(config, args.model_repository, photos, labels, policies, args.folds, args.seed,
-                          progress=not args.quiet)
+                          progress=not args.quiet, channel_order=args.channel_order)
         report.update({
             "config": str(args.config), "split": str(args.split), "validation_photos": len(photos),
             "members": list(config.member_names), "folds": args.folds, "fold_seed": args.seed,
+            "channel_order": args.channel_order,
             "verdicts": [verdict(report, p) for p in policies],
         })
         if args.per_view:
-            report["per_view"] = per_view(config, args.model_repository, photos, labels, progress=not args.quiet)
+            report["per_view"] = per_view(config, args.model_repository, photos, labels, progress=not args.quiet,
+                                          channel_order=args.channel_order)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1), encoding="utf-8")
         table = markdown(report)
@@ -267,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"weights fit on the whole validation split (for deployment): {report['weights_fit_on_all_validation']}")
         if args.test is not None:
             n = write_submission(config, args.model_repository, args.test, dataset.class_ids, args.submission,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, channel_order=args.channel_order)
             print(f"wrote {n} rows to {args.submission} with {config.name} as configured "
                   f"(tta {config.tta.name}, {config.aggregation}, weights {list(config.weights)})")
         return 0

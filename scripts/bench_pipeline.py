@@ -45,7 +45,7 @@ def main() -> None:
     split = data.stratified_split(dataset.samples, recipe.split.val_fraction, recipe.split.seed)
     size, batch = stage.image_size, stage.batch_size
 
-    prepared = pipeline.prepared_images(split.train, size)
+    prepared = pipeline.prepared_images(split.train, size, recipe.resize, channel_order=recipe.data.channel_order)
     t0 = time.perf_counter()
     for _ in prepared:  # fills the cache: decode + resize of every photo once
         pass

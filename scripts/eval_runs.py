@@ -37,7 +37,8 @@ def _probabilities(run: Path, size: int | None = None) -> tuple[dict[str, np.nda
         model, _ = build_classifier(backbones.get(recipe.backbone), len(trained.class_ids), recipe.head, size, None)
         model.load_weights(str(run / runs.FINAL_WEIGHTS))
     probs = evaluate.predict_policies(evaluate.keras_predictor(model), (Path(s.path).read_bytes() for s in split.val),
-                                      POLICIES, size or trained.image_size, resize=recipe.resize)
+                                      POLICIES, size or trained.image_size, resize=recipe.resize,
+                                      channel_order=recipe.data.channel_order)
     return probs, np.array([s.label for s in split.val]), split.fingerprint()
 
 

@@ -1,4 +1,7 @@
-"""Build data/sample/ from ../shared/data/cars10: a few real photos per class, downscaled (< 5 MB).
+"""Build data/sample/ from ../shared/data/cars10: a few real photos per class, downscaled (< 5 MB), in true colour.
+
+cars10's files store red and blue swapped (``--channel-order bgr``, the default); the copies are written in RGB,
+as every real photo is.
 
 Usage: python scripts/make_sample.py [--source ../shared/data/cars10] [--per-class 5] [--max-side 320]
 """
@@ -21,6 +24,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=5)
     parser.add_argument("--test-count", type=int, default=10)
     parser.add_argument("--max-side", type=int, default=320)
+    parser.add_argument("--channel-order", choices=("rgb", "bgr"), default="bgr",
+                        help="how the source files store colours (default: bgr, as cars10 does)")
     args = parser.parse_args()
     src, out = Path(args.source), Path(args.out)
     if out.exists():
@@ -30,6 +35,9 @@ def main() -> None:
 
     def save(path: Path, dest: Path) -> None:
         img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+        if args.channel_order == "bgr":
+            red, green, blue = img.split()
+            img = Image.merge("RGB", (blue, green, red))
         img.thumbnail((args.max_side, args.max_side), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)

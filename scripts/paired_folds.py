@@ -1,6 +1,8 @@
 """Paired comparison of two recipes over the folds both have finished, before either cross-validation is complete.
 
     .venv/bin/python scripts/paired_folds.py runs/A-fold*of5-* --against runs/B-fold*of5-*
+    # figures of a later `carclf evaluate RUN --out RUN/<folder>` instead of the runs' own metrics.json:
+    .venv/bin/python scripts/paired_folds.py runs/A-fold*of5-* --metrics true_colour/eval.json --against runs/B-fold*of5-*
 
 Runs are matched by fold (the latest run of each fold when there are several); each pair must validate on the
 same photos. For every policy both evaluated: correct photos of each over the shared folds, per fold, the photos only one
@@ -16,14 +18,14 @@ from carclf.errors import InvalidInput
 from carclf.train import crossval, runs
 
 
-def by_fold(paths: list[str]) -> dict[int, crossval.FoldRun]:
-    """Finished fold runs by fold; a run still training (no metrics yet) is left out with a note."""
+def by_fold(paths: list[str], metrics: str = runs.METRICS) -> dict[int, crossval.FoldRun]:
+    """Finished fold runs by fold; a run still training (no ``metrics`` file yet) is left out with a note."""
     found = {}
     for path in sorted(paths):  # by folder name, i.e. time stamp: the latest finished run of a fold wins
-        if not (Path(path) / runs.METRICS).is_file():
-            print(f"(left out: {path} has not finished)")
+        if not (Path(path) / metrics).is_file():
+            print(f"(left out: {path} has no {metrics})")
             continue
-        run = crossval.read_fold_run(path)
+        run = crossval.read_fold_run(path, metrics)
         found[run.fold] = run
     return found
 
@@ -48,8 +50,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="fold runs of the first recipe")
     parser.add_argument("--against", nargs="+", required=True, help="fold runs of the second recipe")
+    parser.add_argument("--metrics", default=runs.METRICS, help="figures file of the first runs, relative to each run")
+    parser.add_argument("--against-metrics", default=runs.METRICS, help="the same for the second runs")
     args = parser.parse_args()
-    first, second = by_fold(args.runs), by_fold(args.against)
+    first, second = by_fold(args.runs, args.metrics), by_fold(args.against, args.against_metrics)
     folds = sorted(set(first) & set(second))
     if not folds:
         raise SystemExit("no fold was run by both recipes")

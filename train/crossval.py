@@ -36,23 +36,25 @@ class FoldRun:
     config: dict[str, Any]  # the resolved recipe without its fold: equal for the folds of one cross-validation
 
 
-def read_fold_run(path: str | Path) -> FoldRun:
-    """One finished run of a k-fold split; InvalidInput naming the folder when it is not one."""
+def read_fold_run(path: str | Path, metrics: str = runs.METRICS) -> FoldRun:
+    """One finished run of a k-fold split; InvalidInput naming the folder when it is not one. ``metrics`` is the
+    file (relative to the run) whose figures to read: the run's own, or a later ``carclf evaluate --out``."""
     run = Path(path)
-    metrics_file, split_file = run / runs.METRICS, run / runs.SPLIT
+    metrics_file, split_file = run / metrics, run / runs.SPLIT
     if not metrics_file.is_file() or not split_file.is_file():
-        raise InvalidInput(f"{run} is not a finished run folder (no {runs.METRICS} or {runs.SPLIT})")
+        raise InvalidInput(f"{run} is not a finished run folder (no {metrics} or {runs.SPLIT})")
     metrics, split = runs.read_json(metrics_file), runs.read_json(split_file)
     folds = int(split.get("folds", 0))
     if folds < 2:
         raise InvalidInput(f"{run} used a hold-out split, not a k-fold one (train it with --folds K)")
     policies = metrics.get("policies") or {}
     if not policies:
-        raise InvalidInput(f"{run}/{runs.METRICS} holds no evaluated TTA policy")
+        raise InvalidInput(f"{metrics_file} holds no evaluated TTA policy")
     config = yaml.safe_load((run / runs.CONFIG).read_text(encoding="utf-8")) if (run / runs.CONFIG).is_file() else {}
     config.get("split", {}).pop("fold", None)
     config.pop("source", None)
-    return FoldRun(run, str(metrics.get("recipe")), folds, int(split["fold"]), int(split["seed"]),
+    recipe = metrics.get("recipe") or config.get("name")
+    return FoldRun(run, str(recipe), folds, int(split["fold"]), int(split["seed"]),
                    tuple((rel, int(label)) for rel, label in split["val"]), len(split["val"]) + len(split["train"]),
                    policies, config)
 

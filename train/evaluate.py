@@ -74,9 +74,11 @@ def load_savedmodel(path: str | os.PathLike, batch_size: int = 32) -> SavedModel
 
 def predict_policies(predictor: PixelPredictor, images: Iterable[bytes], policies: Sequence[str | tta.TTAPolicy],
                      size: contract.Size, chunk: int = 8, progress: Any = None,
-                     names: Sequence[str] | None = None, resize: str = "squash") -> dict[str, np.ndarray]:
+                     names: Sequence[str] | None = None, resize: str = "squash",
+                     channel_order: str = "rgb") -> dict[str, np.ndarray]:
     """Probabilities [N, C] per TTA policy name, for photos given as encoded bytes (``names`` label errors);
-    ``resize`` is the model's resize mode (``imaging.RESIZE_MODES``)."""
+    ``resize`` is the model's resize mode (``imaging.RESIZE_MODES``), ``channel_order`` the photos' own
+    (``imaging.CHANNEL_ORDERS``)."""
     import tensorflow as tf
 
     resolved = [tta.get_policy(p) for p in policies]
@@ -101,7 +103,7 @@ def predict_policies(predictor: PixelPredictor, images: Iterable[bytes], policie
         except tf.errors.InvalidArgumentError as exc:
             which = names[i] if names is not None else f"photo #{i}"
             raise InvalidInput(f"{which} does not decode: {str(exc).strip().splitlines()[0][:160]}") from None
-        pending.append(tta.make_views(image, union, size, resize).numpy())
+        pending.append(tta.make_views(imaging.to_rgb(image, channel_order), union, size, resize).numpy())
         if progress is not None:
             progress.update(1)
         if len(pending) >= chunk:
@@ -135,7 +137,8 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         raise NotFound(f"no run folder or SavedModel at {str(source)!r}")
     if (source / runs.CONFIG).is_file():
         trained = runs.load_run(source)
-        info = {**trained.info, "split_file": str(source / runs.SPLIT)}
+        info = {**trained.info, "split_file": str(source / runs.SPLIT),
+                "data_channel_order": trained.recipe.data.channel_order}
         return LoadedModel("run", source, keras_predictor(trained.model), trained.image_size, trained.class_ids,
                            trained.class_names, info, trained.recipe.resize)
     loaded = load_savedmodel(source)
@@ -186,8 +189,9 @@ def metrics_for(probs: np.ndarray, labels: np.ndarray, class_ids: Sequence[str],
 
 def evaluate_photos(predictor: PixelPredictor, paths: Sequence[str | os.PathLike], labels: Sequence[int],
                     size: contract.Size, policies: Sequence[str], class_ids: Sequence[str], class_names: Sequence[str],
-                    show_progress: bool = False, resize: str = "squash") -> dict[str, dict[str, Any]]:
-    """Metrics per TTA policy for labelled photo files."""
+                    show_progress: bool = False, resize: str = "squash",
+                    channel_order: str = "rgb") -> dict[str, dict[str, Any]]:
+    """Metrics per TTA policy for labelled photo files that store colours in ``channel_order``."""
     progress = None
     if show_progress:
         from tqdm import tqdm
@@ -195,7 +199,8 @@ def evaluate_photos(predictor: PixelPredictor, paths: Sequence[str | os.PathLike
         progress = tqdm(total=len(paths), desc="evaluate", unit="img")
     try:
         probs = predict_policies(predictor, (Path(p).read_bytes() for p in paths), policies, size,
-                                 progress=progress, names=[str(p) for p in paths], resize=resize)
+                                 progress=progress, names=[str(p) for p in paths], resize=resize,
+                                 channel_order=channel_order)
     finally:
         if progress is not None:
             progress.close()

@@ -203,7 +203,8 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
 
         for part, samples in (("train", split.training), ("val", split.val)):
             if (part, size) not in prepared:
-                prepared[(part, size)] = pipeline.prepared_images(samples, size, recipe.resize)
+                prepared[(part, size)] = pipeline.prepared_images(samples, size, recipe.resize,
+                                                                  channel_order=recipe.data.channel_order)
         augmenter = Augmenter(recipe.augmentation, size, seed=recipe.seed + index, source=recipe.source)
         (run_dir / "augmentation").mkdir(exist_ok=True)
         augmenter.save(run_dir / "augmentation" / f"{stage.name}.json")
@@ -261,7 +262,8 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
     if split.val:
         results = evaluate.evaluate_photos(evaluate.keras_predictor(model), [s.path for s in split.val],
                                            [s.label for s in split.val], final_size, recipe.tta,
-                                           dataset.class_ids, dataset.class_names, resize=recipe.resize)
+                                           dataset.class_ids, dataset.class_names, resize=recipe.resize,
+                                           channel_order=recipe.data.channel_order)
         log.info("validation accuracy: %s", evaluate.summary_line(results))
     info = _write_run_info(run_dir, recipe, dataset, split, weights_used, final_size, started,
                            finished=True, train_seconds=train_seconds, averaged_epochs=averaged)
@@ -311,6 +313,7 @@ def _write_run_info(run_dir: Path, recipe: Recipe, dataset, split, weights_used:
         "class_ids": dataset.class_ids,
         "class_names": dataset.class_names,
         "data_root": dataset.root,
+        "data_channel_order": recipe.data.channel_order,
         "num_train": len(split.train),
         "num_val": len(split.val),
         "num_extra_train": len(split.extra),

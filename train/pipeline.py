@@ -18,9 +18,9 @@ from carclf.train.mixing import MixConfig, mix_batch
 
 
 def prepared_images(samples: Sequence[Sample], image_size: imaging.Size, resize: str = "squash",
-                    cache: bool = True):
-    """(uint8 [height, width, 3], label) per sample, in order: read, decode (EXIF-aware), the one resize
-    (``resize`` mode, ``imaging.RESIZE_MODES``)."""
+                    cache: bool = True, channel_order: str = "rgb"):
+    """(uint8 [height, width, 3], label) per sample, in order: read, decode (EXIF-aware), to RGB from the files'
+    ``channel_order``, the one resize (``resize`` mode, ``imaging.RESIZE_MODES``)."""
     import tensorflow as tf
 
     paths = [s.path for s in samples]
@@ -28,7 +28,8 @@ def prepared_images(samples: Sequence[Sample], image_size: imaging.Size, resize:
     ds = tf.data.Dataset.from_tensor_slices((paths, tf.constant(labels, tf.int32)))
 
     def load(path, label):
-        image = imaging.prepare(imaging.decode_image(tf.io.read_file(path)), image_size, resize)
+        image = imaging.to_rgb(imaging.decode_image(tf.io.read_file(path)), channel_order)
+        image = imaging.prepare(image, image_size, resize)
         return tf.ensure_shape(image, [*imaging.side_pair(image_size), 3]), label
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

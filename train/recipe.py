@@ -89,6 +89,7 @@ class DataConfig:
     classes: str | None = None
     min_side: int = 32
     extra_train: tuple[ExtraSource, ...] = ()
+    channel_order: str = "rgb"  # how the photos (train and extra_train) store colours (imaging.CHANNEL_ORDERS)
 
 
 @dataclass(frozen=True)
@@ -354,6 +355,7 @@ def parse_recipe(data: Any, source: str = "<memory>") -> Recipe:
             train=d.get("train", str, None), csv=d.get("csv", str, None), images=d.get("images", str, None),
             classes=d.get("classes", str, None), min_side=d.get("min_side", int, 32, minimum=1),
             extra_train=_parse_extra_train(d),
+            channel_order=d.get("channel_order", str, "rgb", choices=imaging.CHANNEL_ORDERS),
         ),
         split=_parse_split(s),
         head=HeadConfig(

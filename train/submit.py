@@ -25,15 +25,16 @@ ON_BAD = ("fail", "skip")
 
 def write_submission(model: LoadedModel | Sequence[LoadedModel], photos_dir: str | os.PathLike,
                      out_csv: str | os.PathLike, policy: str = "hflip", on_bad: str = "fail",
-                     progress: bool = True) -> dict[str, int]:
+                     progress: bool = True, channel_order: str = "rgb") -> dict[str, int]:
     """Predict every photo of ``photos_dir`` with TTA ``policy`` and write the CSV (atomically).
 
     With several models (e.g. the fold runs of a cross-validation) each predicts with its own input size and
     resize, and their class probabilities are averaged; they must predict the same classes. A photo that is
     not a usable image stops the run (``on_bad="fail"``, naming the file) or is left out of the CSV with a
-    warning (``on_bad="skip"``).
+    warning (``on_bad="skip"``). ``channel_order`` is how the photo files store colours
+    (``imaging.CHANNEL_ORDERS``; ``bgr`` photos are read back as RGB).
     """
-    found = predict_folder(model, photos_dir, policy, on_bad, progress, desc="submit")
+    found = predict_folder(model, photos_dir, policy, on_bad, progress, desc="submit", channel_order=channel_order)
     rows = [(p.name, found.class_ids[int(i)]) for p, i in zip(found.photos, found.probs.argmax(axis=1), strict=True)]
     write_csv(out_csv, rows)
     return {"rows": len(rows), "skipped": found.skipped}
@@ -41,13 +42,14 @@ def write_submission(model: LoadedModel | Sequence[LoadedModel], photos_dir: str
 
 def write_pseudo_labels(model: LoadedModel | Sequence[LoadedModel], photos_dir: str | os.PathLike,
                         out_csv: str | os.PathLike, min_confidence: float, policy: str = "hflip",
-                        on_bad: str = "skip", progress: bool = True) -> dict[str, Any]:
+                        on_bad: str = "skip", progress: bool = True, channel_order: str = "rgb") -> dict[str, Any]:
     """Label the photos of an unlabelled folder with the models' prediction, keeping those predicted with
     at least ``min_confidence`` (the mean top probability): a CSV ``Id,Category,Confidence`` that a recipe's
     ``data.extra_train`` reads. Returns the counts, per class too."""
     if not 0.0 <= min_confidence < 1.0:
         raise InvalidInput(f"min_confidence must be in [0, 1), received {min_confidence}")
-    found = predict_folder(model, photos_dir, policy, on_bad, progress, desc="pseudo-label")
+    found = predict_folder(model, photos_dir, policy, on_bad, progress, desc="pseudo-label",
+                           channel_order=channel_order)
     confidence = found.probs.max(axis=1)
     rows = [(p.name, found.class_ids[int(i)], f"{c:.4f}")
             for p, i, c in zip(found.photos, found.probs.argmax(axis=1), confidence, strict=True)
@@ -66,10 +68,14 @@ class FolderPredictions:
 
 
 def predict_folder(model: LoadedModel | Sequence[LoadedModel], photos_dir: str | os.PathLike, policy: str,
-                   on_bad: str = "fail", progress: bool = True, desc: str = "predict") -> FolderPredictions:
-    """Mean class probabilities of one or more models (same classes) for every usable photo of a folder."""
+                   on_bad: str = "fail", progress: bool = True, desc: str = "predict",
+                   channel_order: str = "rgb") -> FolderPredictions:
+    """Mean class probabilities of one or more models (same classes) for every usable photo of a folder whose
+    files store colours in ``channel_order``."""
     if on_bad not in ON_BAD:
         raise InvalidInput(f"on_bad must be one of {ON_BAD}, received {on_bad!r}")
+    if channel_order not in imaging.CHANNEL_ORDERS:
+        raise InvalidInput(f"channel_order must be one of {list(imaging.CHANNEL_ORDERS)}, received {channel_order!r}")
     models = [model] if isinstance(model, LoadedModel) else list(model)
     if not models:
         raise InvalidInput("no model to predict with")
@@ -100,7 +106,8 @@ def predict_folder(model: LoadedModel | Sequence[LoadedModel], photos_dir: str |
         bar = tqdm(total=len(usable) * len(models), desc=desc, unit="img")
     try:
         probs = np.mean([predict_policies(m.predictor, payloads, [policy], m.input_size, progress=bar,
-                                          names=[p.name for p in usable], resize=m.resize)[policy]
+                                          names=[p.name for p in usable], resize=m.resize,
+                                          channel_order=channel_order)[policy]
                          for m in models], axis=0)
     finally:
         if bar is not None:

@@ -54,6 +54,7 @@ def test_experiment_recipes_are_found_by_name_apart_from_the_main_ones():
     (("head", "colour"), "red", "head.colour", "unknown field"),
     (("tta",), ["none", "sideways"], "tta", "unknown TTA policy 'sideways'"),
     (("resize",), "stretch", "resize", "expected one of ['squash', 'letterbox'], received 'stretch'"),
+    (("data", "channel_order"), "grb", "data.channel_order", "expected one of ['rgb', 'bgr'], received 'grb'"),
     (("weights",), "/no/such/weights.h5", "weights", "received '/no/such/weights.h5'"),
     (("stages",), [], "stages", "non-empty list"),
     (("loss",), {"label_smoothing": 0.9}, "loss.label_smoothing", "expected a value <= 0.5, received 0.9"),

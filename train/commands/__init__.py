@@ -11,11 +11,21 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
+def add_channel_order_argument(parser: argparse.ArgumentParser, default: str | None, extra_help: str = "") -> None:
+    """``--channel-order``: how the photo files store colours (``bgr``: red and blue swapped, turned back on read)."""
+    from carclf import imaging
+
+    parser.add_argument("--channel-order", choices=imaging.CHANNEL_ORDERS, default=default,
+                        help="how the photo files store colours: bgr for a data set saved with red and blue swapped "
+                             f"(such as cars10), read back as RGB{extra_help or f' (default: {default})'}")
+
+
 def add_photo_prediction_arguments(parser: argparse.ArgumentParser, on_bad: str) -> None:
     """``--tta`` and ``--on-bad``, shared by the commands that predict a folder of photos."""
     from carclf import tta
     from carclf.train.submit import ON_BAD
 
     parser.add_argument("--tta", default="hflip", help=f"TTA policy ({', '.join(tta.POLICIES)})")
+    add_channel_order_argument(parser, default="rgb")
     parser.add_argument("--on-bad", choices=ON_BAD, default=on_bad,
                         help=f"what to do with a file that is not a usable image (default: {on_bad})")

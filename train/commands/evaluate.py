@@ -9,6 +9,7 @@ from pathlib import Path
 from carclf import tta
 from carclf.errors import InvalidInput
 from carclf.train import data, evaluate
+from carclf.train.commands import add_channel_order_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", help="split.json whose validation photos to use (default: the model's own)")
     parser.add_argument("--data", help="labelled folder of class folders (default: the model's training data)")
     parser.add_argument("--all", action="store_true", help="evaluate every usable photo of the data")
+    add_channel_order_argument(parser, default=None, extra_help=" (default: as the model's training data recorded "
+                                                                "it when --data is not given, else rgb)")
     parser.add_argument("--out", help="folder for eval.json and confusion PNGs "
                                       "(default: the run folder, or reports/evaluate/<model>)")
 
@@ -30,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         tta.get_policy(p)
     model = evaluate.load_model(args.model)
     data_root = args.data or model.info.get("data_root")
+    channel_order = args.channel_order or ("rgb" if args.data else model.info.get("data_channel_order", "rgb"))
     if not data_root:
         raise InvalidInput(f"{args.model} names no training data; pass --data FOLDER")
     dataset = data.read_folder_layout(data_root)
@@ -44,11 +48,12 @@ def run(args: argparse.Namespace) -> int:
         samples = data.clean_samples(dataset, data.scan_dataset(dataset))
     results = evaluate.evaluate_photos(model.predictor, [s.path for s in samples], [s.label for s in samples],
                                        model.input_size, policies, model.class_ids, model.class_names,
-                                       show_progress=True, resize=model.resize)
+                                       show_progress=True, resize=model.resize, channel_order=channel_order)
     default_out = model.path if model.kind == "run" else Path("reports/evaluate") / model.path.name
     path = evaluate.write_results(results, Path(args.out or default_out), model.class_ids, prefix="eval",
                                   extra={"model": str(model.path), "photos": len(samples),
-                                         "split": str(split_path) if split_path else "all"})
+                                         "split": str(split_path) if split_path else "all",
+                                         "channel_order": channel_order})
     for name, r in results.items():
         print(f"{name:<12} accuracy {r['accuracy']:.4f} ({r['correct']}/{r['count']})  log-loss {r['log_loss']:.4f}")
     worst = min(results[policies[-1]]["per_class"], key=lambda row: row["f1"])

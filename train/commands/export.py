@@ -35,6 +35,7 @@ def model_card(trained: runs.TrainedRun) -> dict:
         "recipe": trained.recipe.name,
         "class_ids": trained.class_ids,
         "data_root": trained.info.get("data_root"),
+        "data_channel_order": trained.recipe.data.channel_order,  # how those photos store colours (read as RGB)
         "weights_used": trained.info.get("weights_used"),
         "run_dir": str(run_dir),
         "split_file": str(run_dir / runs.SPLIT),

@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _label(models, out: str, args: argparse.Namespace) -> None:
-    stats = write_pseudo_labels(models, args.photos, out, args.min_confidence, policy=args.tta, on_bad=args.on_bad)
+    stats = write_pseudo_labels(models, args.photos, out, args.min_confidence, policy=args.tta, on_bad=args.on_bad,
+                                channel_order=args.channel_order)
     per_class = " ".join(f"{cid}:{n}" for cid, n in stats["per_class"].items())
     print(f"wrote {out}: {stats['rows']} of {stats['photos']} photos at confidence >= {args.min_confidence} "
           f"({stats['skipped']} skipped; per class {per_class})")

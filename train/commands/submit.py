@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     tta.get_policy(args.tta)
     paths = crossval.model_paths(args.model)
     models = [load_model(path) for path in paths]
-    stats = write_submission(models, args.photos, args.out, policy=args.tta, on_bad=args.on_bad)
+    stats = write_submission(models, args.photos, args.out, policy=args.tta, on_bad=args.on_bad,
+                             channel_order=args.channel_order)
     print(f"wrote {args.out}: {stats['rows']} rows, {stats['skipped']} skipped"
           + (f" (mean of {len(models)} models)" if len(models) > 1 else ""))
     return 0

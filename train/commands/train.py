@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 
 from carclf.errors import InvalidInput
-from carclf.train.commands import setup_logging
+from carclf.train.commands import add_channel_order_argument, setup_logging
 from carclf.train.recipe import ExtraSource, Recipe, load_recipe, recipe_names
 
 # options that change the recipe, so a resumed run (which keeps its saved config) refuses them
-_RECIPE_OVERRIDES = ("data", "classes", "extra_train", "weights", "allow_scratch", "seed", "split_seed",
-                     "val_fraction", "folds", "fold", "name")
+_RECIPE_OVERRIDES = ("data", "classes", "channel_order", "extra_train", "weights", "allow_scratch", "seed",
+                     "split_seed", "val_fraction", "folds", "fold", "name")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last epoch")
     parser.add_argument("--data", help="training folder of class folders (overrides the recipe's data.train)")
     parser.add_argument("--classes", help="class-names file (overrides data.classes)")
+    add_channel_order_argument(parser, default=None, extra_help=" (overrides data.channel_order; a folder given "
+                                                                "with --data is read as rgb unless told)")
     parser.add_argument("--extra-train", nargs=2, action="append", metavar=("CSV", "IMAGES"),
                         help="photos that only train (a CSV Id,Category and its image folder, e.g. from "
                              "'carclf pseudo-label'; {fold} in CSV stands for the fold); repeatable, replaces "
@@ -42,6 +44,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", type=int, choices=(0, 1, 2), help="Keras progress output")
 
 
+def recipe_from(args: argparse.Namespace) -> Recipe:
+    """The named recipe with the command line's overrides."""
+    # The recipe's channel order describes the recipe's own photos, not a folder named with --data.
+    channel_order = args.channel_order or ("rgb" if args.data else None)
+    return load_recipe(args.recipe).with_overrides(
+        train=args.data, classes=args.classes, channel_order=channel_order, extra_train=_extra_sources(args.extra_train),
+        weights=args.weights, seed=args.seed, name=args.name, split_seed=args.split_seed,
+        val_fraction=args.val_fraction, folds=args.folds, fold=args.fold,
+        on_missing_weights="scratch" if args.allow_scratch else None)
+
+
 def run(args: argparse.Namespace) -> int:
     setup_logging()
     if args.resume:
@@ -59,10 +72,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.recipe:
             raise InvalidInput(f"name a recipe ({', '.join(recipe_names(experiments=False))}, or one of "
                                "train/recipes/experiments/) or a YAML file, or --resume RUN_DIR")
-        recipe = load_recipe(args.recipe).with_overrides(
-            train=args.data, classes=args.classes, extra_train=_extra_sources(args.extra_train), weights=args.weights, seed=args.seed, name=args.name,
-            split_seed=args.split_seed, val_fraction=args.val_fraction, folds=args.folds, fold=args.fold,
-            on_missing_weights="scratch" if args.allow_scratch else None)
+        recipe = recipe_from(args)
         if args.data and not os.path.isdir(args.data):
             raise InvalidInput(f"--data {args.data!r} is not a folder")
         if args.folds is not None and args.fold is None and recipe.split.folds:

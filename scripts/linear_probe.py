@@ -1,0 +1,110 @@
+"""How well frozen ImageNet features separate a data set's classes, with its photos read as stored and with red and
+blue swapped: a cheap check of a data set's channel order (``data.channel_order``) before any training.
+
+A backbone's pooled features are computed once per reading (and per mirrored view), then a softmax regression is
+fit on the training part of each fold of the recipe's k-fold split and scored on the fold's validation photos.
+Features pretrained on true-colour photos separate true-colour photos better, so the reading with the lower pooled
+log loss is the data's true colour.
+
+    .venv/bin/python scripts/linear_probe.py --data ../shared/data/cars10/train \
+        --weights ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5 \
+        --sizes 224x448,288x576,224x224,320x320
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from carclf import backbones, imaging
+from carclf.train import data
+
+READINGS = ("rgb", "bgr")  # how the files are read: as stored, or with red and blue swapped
+
+
+def features(spec, weights: str, decoded: list, size: tuple[int, int], order: str, mirror: bool) -> np.ndarray:
+    """Pooled features [N, D] of the photos prepared at ``size``, read in ``order``, optionally mirrored."""
+    import keras
+
+    inputs = keras.Input((*size, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(spec.build(size, weights)(
+        backbones.preprocessing_layer(spec.preprocessing)(inputs)))
+    model = keras.Model(inputs, pooled)
+    pixels = np.stack([imaging.prepare(imaging.to_rgb(image, order), size).numpy() for image in decoded])
+    if mirror:
+        pixels = pixels[:, :, ::-1]
+    return model.predict(pixels.astype("float32"), batch_size=16, verbose=0)
+
+
+def probe(feats: np.ndarray, labels: np.ndarray, folds: np.ndarray, l2: float, steps: int = 300) -> dict:
+    """Out-of-fold accuracy and log loss of an L2-regularised softmax regression on standardised features."""
+    import tensorflow as tf
+
+    classes = int(labels.max()) + 1
+    correct, loss = 0, 0.0
+    for k in np.unique(folds):
+        fit, held = folds != k, folds == k
+        mean, std = feats[fit].mean(0), feats[fit].std(0) + 1e-6
+        x_fit = tf.constant((feats[fit] - mean) / std)
+        x_held = (feats[held] - mean) / std
+        w = tf.Variable(tf.zeros([feats.shape[1], classes]))
+        b = tf.Variable(tf.zeros([classes]))
+        optimizer = tf.keras.optimizers.Adam(0.01)
+        targets = tf.one_hot(labels[fit], classes)
+        for _ in range(steps):
+            with tf.GradientTape() as tape:
+                logits = tf.matmul(x_fit, w) + b
+                objective = (tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(targets, logits))
+                             + l2 * tf.reduce_sum(w * w))
+            optimizer.apply_gradients(zip(tape.gradient(objective, [w, b]), [w, b], strict=True))
+        probs = tf.nn.softmax(tf.matmul(x_held, w) + b).numpy()
+        correct += int((probs.argmax(1) == labels[held]).sum())
+        loss -= float(np.log(np.clip(probs[np.arange(held.sum()), labels[held]], 1e-7, 1.0)).sum())
+    return {"correct": correct, "count": int(len(labels)), "accuracy": round(correct / len(labels), 4),
+            "log_loss": round(loss / len(labels), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="train/<class id>/<photo> folder")
+    parser.add_argument("--weights", required=True, help="ImageNet weights of the backbone (a local file)")
+    parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--sizes", default="224x448", help="comma-separated HEIGHTxWIDTH (or one side)")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=42, help="split seed (42: the recipes' cross-validation folds)")
+    parser.add_argument("--l2", type=float, default=3e-3)
+    parser.add_argument("--out", help="JSON file for the figures")
+    args = parser.parse_args()
+
+    import tensorflow as tf
+
+    spec = backbones.get(args.backbone)
+    samples = data.read_folder_layout(args.data).samples
+    fold_of = {}
+    for k in range(args.folds):
+        for s in data.stratified_split(samples, 0.2, args.seed, folds=args.folds, fold=k).val:
+            fold_of[s.path] = k
+    folds = np.array([fold_of[s.path] for s in samples])
+    labels = np.array([s.label for s in samples])
+    decoded = [imaging.decode_image(tf.io.read_file(s.path)) for s in samples]
+    results = []
+    for text in args.sizes.split(","):
+        size = imaging.side_pair(tuple(int(v) for v in text.lower().split("x")) if "x" in text else int(text))
+        for order in READINGS:
+            plain = features(spec, args.weights, decoded, size, order, mirror=False)
+            mirrored = features(spec, args.weights, decoded, size, order, mirror=True)
+            for view, feats in (("full", plain), ("full + mirrored, mean", (plain + mirrored) / 2)):
+                row = {"size": imaging.size_text(size), "read_as": order, "view": view,
+                       **probe(feats, labels, folds, args.l2)}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"data": args.data, "backbone": args.backbone, "folds": args.folds, "seed": args.seed,
+                       "l2": args.l2, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
