@@ -133,7 +133,7 @@ def test_version_lifecycle_under_load(private_server, tiny_repository, tmp_path,
 
     1. a process running export_model is killed (-9) half-way: its hidden temp folder is never loaded;
     2. a real export publishes tiny_a version 3: the server loads it, then unloads 2 (latest policy);
-    3. a version folder copied into place non-atomically and cut short (4) is reported broken in the model
+    3. a version folder whose variables are cut short (4) is reported broken in the model
        status while version 3 keeps serving.
     """
     repo, base = tiny_repository, tiny_repository / BACKBONE
@@ -170,11 +170,14 @@ def test_version_lifecycle_under_load(private_server, tiny_repository, tmp_path,
             assert server.manager.wait_for(BACKBONE, 2, State.END, timeout=60)
             unloaded_at = time.monotonic()
             more_requests(flows, 3)
-            # 3. a corrupt version folder
-            corrupt = base / "4"
+            # 3. a corrupt version folder, made outside the model folder and renamed into place: the server sees
+            # only its final files. (Built in place, a poll could fail on a half-copied folder and retry when
+            # the files changed, so the last status read could catch that retry in LOADING.)
+            corrupt = tmp_path / "corrupt-version"
             shutil.copytree(base / "1", corrupt)
             data = next((corrupt / "variables").glob("variables.data-*"))
             data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+            corrupt.rename(base / "4")
             wait_until(lambda: any(s.version == 4 and s.state == State.END for s in server.manager.status(BACKBONE)),
                        60, "the corrupt version to be tried")
             more_requests(flows, 3)
