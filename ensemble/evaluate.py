@@ -63,13 +63,15 @@ def cross_validated(member_probs: np.ndarray, labels: np.ndarray, folds: np.ndar
 
 
 def read_photos(paths: Sequence[Path], channel_order: str = "rgb") -> list[bytes]:
-    """The photos' bytes as the ensemble takes them: RGB (``bgr`` files are re-encoded, ``imaging.rgb_encoded``)."""
+    """The photos' bytes as the ensemble takes them, read once: RGB (``bgr`` files are re-encoded,
+    ``imaging.rgb_encoded``)."""
     return [imaging.rgb_encoded(p.read_bytes(), channel_order) for p in paths]
 
 
-def run_policy(runtime: EnsembleRuntime, photos: Sequence[Path], progress: bool = True, channel_order: str = "rgb"
+def run_policy(runtime: EnsembleRuntime, photos: Sequence[bytes], progress: bool = True
                ) -> tuple[np.ndarray, np.ndarray, list[int | None]]:
-    """(member probabilities [M, N, C], ensemble probabilities [N, C], member versions) through the runtime."""
+    """(member probabilities [M, N, C], ensemble probabilities [N, C], member versions) through the runtime, for
+    encoded photos (``read_photos``)."""
     from tqdm import tqdm
 
     members, ensemble, versions = [], [], None
@@ -77,7 +79,7 @@ def run_policy(runtime: EnsembleRuntime, photos: Sequence[Path], progress: bool 
               disable=not progress) as bar:
         for start in range(0, len(photos), CHUNK):
             chunk = photos[start:start + CHUNK]
-            result = runtime.predict(read_photos(chunk, channel_order))
+            result = runtime.predict(list(chunk))
             if result.degraded:
                 missing = [f"{m.name}: {m.error.message}" for m in result.members if not m.answered]
                 raise CarClfError(f"a member did not answer during evaluation: {missing}")
@@ -98,8 +100,8 @@ def score(probs: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
-def evaluate(config: EnsembleConfig, repository: str | os.PathLike, photos: Sequence[Path], labels: np.ndarray,
-             policies: Sequence[str], folds: int, seed: int, progress: bool = True, channel_order: str = "rgb") -> dict:
+def evaluate(config: EnsembleConfig, repository: str | os.PathLike, photos: Sequence[bytes], labels: np.ndarray,
+             policies: Sequence[str], folds: int, seed: int, progress: bool = True) -> dict:
     caller = SavedModelMemberCaller(repository)
     rows: list[dict] = []
     fitted: dict[str, list[float]] = {}
@@ -110,7 +112,7 @@ def evaluate(config: EnsembleConfig, repository: str | os.PathLike, photos: Sequ
                                   owns_caller=False)
         runtime.prepare()
         start = time.monotonic()
-        member_probs, mean_probs, versions = run_policy(runtime, photos, progress, channel_order)
+        member_probs, mean_probs, versions = run_policy(runtime, photos, progress)
         seconds = time.monotonic() - start
         # The runtime's own aggregation must be the pure function's.
         np.testing.assert_allclose(mean_probs, agg.mean(member_probs), rtol=1e-5, atol=1e-6)
@@ -132,8 +134,8 @@ def evaluate(config: EnsembleConfig, repository: str | os.PathLike, photos: Sequ
     return {"rows": rows, "weights_fit_on_all_validation": fitted, "member_versions": versions}
 
 
-def per_view(config: EnsembleConfig, repository: str | os.PathLike, photos: Sequence[Path], labels: np.ndarray,
-             policy: str = "hflip_crops", progress: bool = True, channel_order: str = "rgb") -> dict:
+def per_view(config: EnsembleConfig, repository: str | os.PathLike, photos: Sequence[bytes], labels: np.ndarray,
+             policy: str = "hflip_crops", progress: bool = True) -> dict:
     """Each member on each single view of ``policy`` (why a TTA policy helps or hurts), plus a paired sign
     test of the mirrored full view against the full view on the true class's probability."""
     from math import comb
@@ -147,7 +149,7 @@ def per_view(config: EnsembleConfig, repository: str | os.PathLike, photos: Sequ
         single = TTAPolicy(view.name, (view,))
         runtime = EnsembleRuntime(config.with_overrides(tta=single, deadline_s=600.0), caller, owns_caller=False)
         runtime.prepare()
-        member_probs, _, _ = run_policy(runtime, photos, progress, channel_order)
+        member_probs, _, _ = run_policy(runtime, photos, progress)
         runtime.close()
         out["views"][view.name] = {name: score(member_probs[j], labels) for j, name in enumerate(config.member_names)}
         for j, name in enumerate(config.member_names):
@@ -250,13 +252,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         dataset = read_folder_layout(args.train, args.classes)
         split = load_split(args.split, dataset)
-        photos = [Path(s.path) for s in split.val]
+        photos = read_photos([Path(s.path) for s in split.val], args.channel_order)
         labels = np.asarray([s.label for s in split.val], dtype=np.int64)
         policies = [p.strip() for p in args.policies.split(",") if p.strip()]
         if args.folds < 2:
             raise ConfigError(f"--folds must be >= 2, received {args.folds}", field="folds")
         report = evaluate(config, args.model_repository, photos, labels, policies, args.folds, args.seed,
-                          progress=not args.quiet, channel_order=args.channel_order)
+                          progress=not args.quiet)
         report.update({
             "config": str(args.config), "split": str(args.split), "validation_photos": len(photos),
             "members": list(config.member_names), "folds": args.folds, "fold_seed": args.seed,
@@ -264,8 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "verdicts": [verdict(report, p) for p in policies],
         })
         if args.per_view:
-            report["per_view"] = per_view(config, args.model_repository, photos, labels, progress=not args.quiet,
-                                          channel_order=args.channel_order)
+            report["per_view"] = per_view(config, args.model_repository, photos, labels, progress=not args.quiet)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1), encoding="utf-8")
         table = markdown(report)

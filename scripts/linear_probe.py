@@ -24,14 +24,18 @@ from carclf.train import data
 READINGS = ("rgb", "bgr")  # how the files are read: as stored, or with red and blue swapped
 
 
-def features(spec, weights: str, decoded: list, size: tuple[int, int], order: str, mirror: bool) -> np.ndarray:
-    """Pooled features [N, D] of the photos prepared at ``size``, read in ``order``, optionally mirrored."""
+def feature_model(spec, weights: str, size: tuple[int, int]):
+    """Pixels [N, height, width, 3] in [0, 255] -> the backbone's pooled features [N, D], preprocessing included."""
     import keras
 
     inputs = keras.Input((*size, 3))
     pooled = keras.layers.GlobalAveragePooling2D()(spec.build(size, weights)(
         backbones.preprocessing_layer(spec.preprocessing)(inputs)))
-    model = keras.Model(inputs, pooled)
+    return keras.Model(inputs, pooled)
+
+
+def features(model, decoded: list, size: tuple[int, int], order: str, mirror: bool) -> np.ndarray:
+    """Pooled features [N, D] of the photos prepared at ``size``, read in ``order``, optionally mirrored."""
     pixels = np.stack([imaging.prepare(imaging.to_rgb(image, order), size).numpy() for image in decoded])
     if mirror:
         pixels = pixels[:, :, ::-1]
@@ -92,9 +96,10 @@ def main() -> None:
     results = []
     for text in args.sizes.split(","):
         size = imaging.side_pair(tuple(int(v) for v in text.lower().split("x")) if "x" in text else int(text))
+        model = feature_model(spec, args.weights, size)
         for order in READINGS:
-            plain = features(spec, args.weights, decoded, size, order, mirror=False)
-            mirrored = features(spec, args.weights, decoded, size, order, mirror=True)
+            plain = features(model, decoded, size, order, mirror=False)
+            mirrored = features(model, decoded, size, order, mirror=True)
             for view, feats in (("full", plain), ("full + mirrored, mean", (plain + mirrored) / 2)):
                 row = {"size": imaging.size_text(size), "read_as": order, "view": view,
                        **probe(feats, labels, folds, args.l2)}

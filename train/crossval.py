@@ -36,13 +36,13 @@ class FoldRun:
     config: dict[str, Any]  # the resolved recipe without its fold: equal for the folds of one cross-validation
 
 
-def read_fold_run(path: str | Path, metrics: str = runs.METRICS) -> FoldRun:
-    """One finished run of a k-fold split; InvalidInput naming the folder when it is not one. ``metrics`` is the
-    file (relative to the run) whose figures to read: the run's own, or a later ``carclf evaluate --out``."""
+def read_fold_run(path: str | Path, metrics_name: str = runs.METRICS) -> FoldRun:
+    """One finished run of a k-fold split; InvalidInput naming the folder when it is not one. ``metrics_name`` is
+    the file (relative to the run) whose figures to read: the run's own, or a later ``carclf evaluate --out``."""
     run = Path(path)
-    metrics_file, split_file = run / metrics, run / runs.SPLIT
+    metrics_file, split_file = run / metrics_name, run / runs.SPLIT
     if not metrics_file.is_file() or not split_file.is_file():
-        raise InvalidInput(f"{run} is not a finished run folder (no {metrics} or {runs.SPLIT})")
+        raise InvalidInput(f"{run} is not a finished run folder (no {metrics_name} or {runs.SPLIT})")
     metrics, split = runs.read_json(metrics_file), runs.read_json(split_file)
     folds = int(split.get("folds", 0))
     if folds < 2:

@@ -20,8 +20,14 @@ def add_channel_order_argument(parser: argparse.ArgumentParser, default: str | N
                              f"(such as cars10), read back as RGB{extra_help or f' (default: {default})'}")
 
 
+def channel_order_for(flag: str | None, folder_named: bool, declared: str | None) -> str | None:
+    """The order to read photos in: ``--channel-order`` when given; else ``rgb`` for a folder named on the command
+    line (a recipe's or model's declared order describes its own data, not another folder); else ``declared``."""
+    return flag or ("rgb" if folder_named else declared)
+
+
 def add_photo_prediction_arguments(parser: argparse.ArgumentParser, on_bad: str) -> None:
-    """``--tta`` and ``--on-bad``, shared by the commands that predict a folder of photos."""
+    """``--tta``, ``--channel-order`` and ``--on-bad``, shared by the commands that predict a folder of photos."""
     from carclf import tta
     from carclf.train.submit import ON_BAD
 

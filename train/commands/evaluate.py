@@ -9,7 +9,7 @@ from pathlib import Path
 from carclf import tta
 from carclf.errors import InvalidInput
 from carclf.train import data, evaluate
-from carclf.train.commands import add_channel_order_argument
+from carclf.train.commands import add_channel_order_argument, channel_order_for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         tta.get_policy(p)
     model = evaluate.load_model(args.model)
     data_root = args.data or model.info.get("data_root")
-    channel_order = args.channel_order or ("rgb" if args.data else model.info.get("data_channel_order", "rgb"))
+    channel_order = channel_order_for(args.channel_order, bool(args.data), model.info.get("data_channel_order", "rgb"))
     if not data_root:
         raise InvalidInput(f"{args.model} names no training data; pass --data FOLDER")
     dataset = data.read_folder_layout(data_root)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from carclf.errors import InvalidInput
-from carclf.train.commands import add_channel_order_argument, setup_logging
+from carclf.train.commands import add_channel_order_argument, channel_order_for, setup_logging
 from carclf.train.recipe import ExtraSource, Recipe, load_recipe, recipe_names
 
 # options that change the recipe, so a resumed run (which keeps its saved config) refuses them
@@ -46,8 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def recipe_from(args: argparse.Namespace) -> Recipe:
     """The named recipe with the command line's overrides."""
-    # The recipe's channel order describes the recipe's own photos, not a folder named with --data.
-    channel_order = args.channel_order or ("rgb" if args.data else None)
+    channel_order = channel_order_for(args.channel_order, bool(args.data), None)  # None: keep the recipe's
     return load_recipe(args.recipe).with_overrides(
         train=args.data, classes=args.classes, channel_order=channel_order, extra_train=_extra_sources(args.extra_train),
         weights=args.weights, seed=args.seed, name=args.name, split_seed=args.split_seed,
