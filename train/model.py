@@ -27,9 +27,10 @@ def build_head(features, num_classes: int, head):
     """Global pooling, BatchNormalization, dropout, dense layers with L2 and a softmax (``HeadConfig``)."""
     import keras
 
+    from carclf.train.pooling import pooling_layer
+
     reg = keras.regularizers.L2(head.l2) if head.l2 > 0 else None
-    pool = keras.layers.GlobalAveragePooling2D if head.pooling == "avg" else keras.layers.GlobalMaxPooling2D
-    x = pool(name="head_pool")(features)
+    x = pooling_layer(head.pooling)(features)
     if head.batchnorm:
         x = keras.layers.BatchNormalization(momentum=head.batchnorm_momentum, name="head_bn")(x)
     for i, units in enumerate(head.hidden_units):
@@ -56,6 +57,20 @@ def build_backbone(spec: BackboneSpec, image_size: Size, weights: str | None, on
         return spec.build(image_size, None), None
 
 
+def truncate(backbone, layer_name: str | None, backbone_name: str = "the backbone"):
+    """The backbone up to ``layer_name`` (the head's ``feature_layer``); the whole backbone for None."""
+    import keras
+
+    if layer_name is None:
+        return backbone
+    try:
+        layer = backbone.get_layer(layer_name)
+    except ValueError:
+        raise ConfigError(f"{backbone_name} has no layer {layer_name!r} (a layer name of its Keras model)",
+                          field="head.feature_layer") from None
+    return keras.Model(backbone.input, layer.output)
+
+
 def build_classifier(spec: BackboneSpec, num_classes: int, head, image_size: Size, weights: str | None = None,
                      on_missing_weights: str = "fail", name: str = "classifier", freeze_batchnorm: bool = True):
     """Returns ``(model, weights_used)``; the model maps float pixels [B, height, width, 3] in 0..255 to
@@ -63,6 +78,7 @@ def build_classifier(spec: BackboneSpec, num_classes: int, head, image_size: Siz
     import keras
 
     backbone, used = build_backbone(spec, image_size, weights, on_missing_weights)
+    backbone = truncate(backbone, head.feature_layer, spec.name)
     backbone.name = BACKBONE_LAYER  # one stable name whatever the architecture
     inputs = keras.Input((*side_pair(image_size), 3), name="pixels")
     x = backbones.preprocessing_layer(spec.preprocessing)(inputs)

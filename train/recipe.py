@@ -28,7 +28,7 @@ EXPERIMENTS_DIR = RECIPES_DIR / "experiments"
 _MISSING = object()
 
 UNFREEZE_MODES = ("none", "top_blocks", "all")
-POOLINGS = ("avg", "max")
+POOLINGS = ("avg", "max", "bilinear")  # train/pooling.py
 OPTIMIZERS = ("adam", "sgd")
 ON_MISSING_WEIGHTS = ("fail", "scratch")
 
@@ -107,6 +107,9 @@ class HeadConfig:
     """The winning solutions' head: pooling, BatchNormalization, dropout, dense layers with L2, softmax."""
 
     pooling: str = "avg"
+    # The backbone layer whose output the head pools; None: the backbone's own output. Bilinear pooling reads
+    # a narrower layer (MobileNetV2's 320-channel ``block_16_project_BN``: 51,360 pairs, not 1280's 820,000).
+    feature_layer: str | None = None
     batchnorm: bool = True
     # Share of the old moving statistics kept at each step. Keras's 0.99 needs hundreds of steps to follow
     # the features; a small data set gives ten steps an epoch, so inference lags training (recipes here use 0.9).
@@ -360,6 +363,7 @@ def parse_recipe(data: Any, source: str = "<memory>") -> Recipe:
         split=_parse_split(s),
         head=HeadConfig(
             pooling=h.get("pooling", str, "avg", choices=POOLINGS),
+            feature_layer=h.get("feature_layer", str, None),
             batchnorm=h.get("batchnorm", bool, True),
             batchnorm_momentum=h.get("batchnorm_momentum", float, 0.99, minimum=0.0, maximum=0.9999),
             dropout=h.get("dropout", float, 0.25, minimum=0.0, maximum=0.95),

@@ -47,7 +47,7 @@ def test_experiment_recipes_are_found_by_name_apart_from_the_main_ones():
     (("stages", 0, "unfreeze"), "top_blocks x", "stages[0].unfreeze", "received 'top_blocks x'"),
     (("stages", 1, "image_size"), 4096, "stages[1].image_size", "expected a value <= 1024"),
     (("backbone",), "resnet9000", "backbone", "unknown backbone 'resnet9000'"),
-    (("head", "pooling"), "median", "head.pooling", "expected one of ['avg', 'max'], received 'median'"),
+    (("head", "pooling"), "median", "head.pooling", "expected one of ['avg', 'max', 'bilinear'], received 'median'"),
     (("split", "val_fraction"), 1.5, "split.val_fraction", "received 1.5"),
     (("split", "folds"), 1, "split.folds", "at least 2, received 1"),
     (("split", "folds"), -3, "split.folds", "expected a value >= 0, received -3"),
