@@ -23,6 +23,7 @@ import numpy as np
 
 from carclf import backbones, imaging
 from carclf.train import data
+from carclf.train.recipe import POOLINGS
 
 READINGS = ("rgb", "bgr")  # how the files are read: as stored, or with red and blue swapped
 
@@ -41,16 +42,18 @@ def feature_model(spec, weights: str, size: tuple[int, int], pooling: str = "avg
     return keras.Model(inputs, pooled)
 
 
-def features(model, decoded: list, size: tuple[int, int], order: str, mirror: bool) -> np.ndarray:
-    """Pooled features [N, D] of the photos prepared at ``size``, read in ``order``, optionally mirrored."""
+def features(model, decoded: list, size: tuple[int, int], order: str) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features [N, D] of the photos prepared (once) at ``size`` and read in ``order``: as they are, and
+    mirrored."""
     pixels = np.stack([imaging.prepare(imaging.to_rgb(image, order), size).numpy() for image in decoded])
-    if mirror:
-        pixels = pixels[:, :, ::-1]
-    return model.predict(pixels.astype("float32"), batch_size=16, verbose=0)
+    pixels = pixels.astype("float32")
+    return (model.predict(pixels, batch_size=16, verbose=0),
+            model.predict(pixels[:, :, ::-1], batch_size=16, verbose=0))
 
 
 def _fit_adam(x_fit: np.ndarray, y_fit: np.ndarray, classes: int, l2: float, steps: int) -> tuple:
-    """300 full-batch Adam steps (lr 0.01) from zero: enough for pooled features of about a thousand dimensions."""
+    """``steps`` full-batch Adam steps (lr 0.01) from zero: enough for pooled features of about a thousand
+    dimensions."""
     import tensorflow as tf
 
     w = tf.Variable(tf.zeros([x_fit.shape[1], classes]))
@@ -120,7 +123,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42, help="split seed (42: the recipes' cross-validation folds)")
     parser.add_argument("--l2", type=float, default=3e-3)
-    parser.add_argument("--pooling", default="avg", choices=("avg", "max", "bilinear"), help="the head's pooling")
+    parser.add_argument("--pooling", default="avg", choices=POOLINGS, help="the head's pooling")
     parser.add_argument("--layer", help="the backbone layer to pool (a head's feature_layer); default: its output")
     parser.add_argument("--solver", default="adam", choices=("adam", "lbfgs"),
                         help="adam: 300 steps (the channel-order figures); lbfgs: to convergence (bilinear features)")
@@ -144,8 +147,7 @@ def main() -> None:
         size = imaging.side_pair(tuple(int(v) for v in text.lower().split("x")) if "x" in text else int(text))
         model = feature_model(spec, args.weights, size, args.pooling, args.layer)
         for order in args.readings.split(","):
-            plain = features(model, decoded, size, order, mirror=False)
-            mirrored = features(model, decoded, size, order, mirror=True)
+            plain, mirrored = features(model, decoded, size, order)
             for view, feats in (("full", plain), ("full + mirrored, mean", (plain + mirrored) / 2)):
                 row = {"size": imaging.size_text(size), "read_as": order, "view": view,
                        **probe(feats, labels, folds, args.l2, solver=args.solver)}

@@ -57,7 +57,7 @@ def build_backbone(spec: BackboneSpec, image_size: Size, weights: str | None, on
         return spec.build(image_size, None), None
 
 
-def truncate(backbone, layer_name: str | None, backbone_name: str = "the backbone"):
+def truncate(backbone, layer_name: str | None, backbone_name: str):
     """The backbone up to ``layer_name`` (the head's ``feature_layer``); the whole backbone for None."""
     import keras
 
