@@ -45,8 +45,8 @@ def feature_model(spec, weights: str, size: tuple[int, int], pooling: str = "avg
 def features(model, decoded: list, size: tuple[int, int], order: str) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features [N, D] of the photos prepared (once) at ``size`` and read in ``order``: as they are, and
     mirrored."""
-    pixels = np.stack([imaging.prepare(imaging.to_rgb(image, order), size).numpy() for image in decoded])
-    pixels = pixels.astype("float32")
+    pixels = np.stack([imaging.prepare(imaging.to_rgb(image, order), size).numpy()
+                       for image in decoded]).astype("float32")
     return (model.predict(pixels, batch_size=16, verbose=0),
             model.predict(pixels[:, :, ::-1], batch_size=16, verbose=0))
 
