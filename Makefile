@@ -35,7 +35,7 @@ serve: setup
 	$(VENV)/bin/carclf serving-config --repository model_repository --output runs/serving/models.config
 	$(VENV)/bin/carclf serve --model_config_file runs/serving/models.config --model_repository model_repository \
 	  --ensemble_config_file ensemble/car_ensemble/config.pbtxt \
-	  --enable_batching --batching_parameters_file serving/batching.config \
+	  --enable_batching --batching_parameters_file serving/batching.config --batching_early_dispatch \
 	  --monitoring_config_file serving/monitoring.config
 
 loadtest: setup

@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--model_config_file", str(models_config), "--model_repository", str(repository),
                     "--ensemble_config_file", str(ensemble_config),
                     "--enable_batching", "--batching_parameters_file", "serving/batching.config",
+                    "--batching_early_dispatch",
                     "--monitoring_config_file", "serving/monitoring.config")
     print("$ carclf " + " ".join(shlex.quote(c) for c in serve[3:]), flush=True)
     server = subprocess.Popen(serve, text=True)

@@ -71,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batching", default="off,on", help="server batching modes to measure: off,on")
     parser.add_argument("--batching-config", help="BatchingParameters file for batching on "
                         "(default: serving/batching.config if present, else one written to --out)")
+    parser.add_argument("--early-dispatch", default="on", choices=("on", "off"),
+                        help="on (as make serve): batching on runs with the embedded server's "
+                             "--batching_early_dispatch; off: TF Serving's rule alone")
     parser.add_argument("--ensemble-model", default="car_ensemble", help="ensemble served beside the backbone")
     parser.add_argument("--ensemble-config", default="ensemble/car_ensemble/config.pbtxt",
                         help="the ensemble's config.pbtxt")
@@ -133,6 +136,7 @@ def settings_from(args: argparse.Namespace) -> dict:
         "pair_warmup_s": float(pick["pair_warmup"]),
         "transports": _choices(args.transports, ("grpc", "rest"), "--transports"),
         "batching": _choices(args.batching, ("off", "on"), "--batching"),
+        "early_dispatch": args.early_dispatch == "on",
         "ensemble_model": None if args.no_ensemble else args.ensemble_model,
         "ensemble_config": str(args.ensemble_config), "max_requests": int(args.max_requests),
         "server_timeout_s": float(args.server_timeout),
@@ -420,7 +424,7 @@ class Bench:
         monitoring.write_text(MONITORING_CONFIG)
         flags: list[str] = ["--monitoring_config_file", str(monitoring)]
         if mode == "on":
-            flags += ["--enable_batching", "--batching_parameters_file", str(self.batching_path)]
+            flags += srv.batching_flags(self.batching_path, early_dispatch=self.settings["early_dispatch"])
         if with_ensemble:
             served_models.update({m: self.repository / m for m in self.ensemble_config.member_names})
             flags += ["--ensemble_config_file", self.settings["ensemble_config"]]

@@ -107,6 +107,16 @@ def _fmt(value, digits: int = 1) -> str:
     return str(value)
 
 
+def _batching_line(result: dict) -> list[str]:
+    """How "batching on" was served: the parameters (comments dropped) and the early-dispatch extension."""
+    text = result.get("batching_parameters")
+    if not text:
+        return []
+    params = " ".join(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+    early = result["settings"].get("early_dispatch")
+    return [f"Batching on: `{params}`" + ("" if early is None else f"; early dispatch {'on' if early else 'off'}") + "."]
+
+
 def markdown(result: dict) -> str:
     """The whole benchmark as markdown tables (what docs/PERFORMANCE.md quotes)."""
     s, lim = result["settings"], result["inprocess"]["limit"]
@@ -117,6 +127,7 @@ def markdown(result: dict) -> str:
         f"Run at {result['started_at']} on {result['environment']['cpus']} CPU cores "
         f"(load average {result['environment']['loadavg_start']} at start, "
         f"{result['environment']['loadavg_end']} at end); {len(result['photos'])} photos from {s['photo_folder']}.",
+        *_batching_line(result),
         "",
         "## In-process limit (the same signature called directly, closed loop)",
         "",

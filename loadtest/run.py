@@ -149,7 +149,7 @@ def start_server(args, settings: dict[str, str], address: srv.ServerAddress, rep
         configured.append(ensemble_name(args.ensemble_config))
         called.append(settings.get("ensemble-model", "car_ensemble"))
     if Path(args.batching_config).is_file():
-        flags += ["--enable_batching", "--batching_parameters_file", str(args.batching_config)]
+        flags += srv.batching_flags(args.batching_config)
     server = srv.EmbeddedServer(address, model_config_file=config, model_repository=repository, flags=flags,
                                 log_path=reports / "server.log")
     waited = [m for m in called if m in configured]

@@ -129,6 +129,13 @@ def repository_models(repository: str | os.PathLike) -> list[str]:
                   if p.is_dir() and any(v.is_dir() and v.name.isdigit() for v in p.iterdir()))
 
 
+def batching_flags(batching_config: str | os.PathLike, *, early_dispatch: bool = True) -> list[str]:
+    """The embedded server's batching flags as ``make serve`` gives them: the parameters file and, unless
+    ``early_dispatch`` is False, the early-dispatch extension (serving/README.md)."""
+    flags = ["--enable_batching", "--batching_parameters_file", str(batching_config)]
+    return flags + ["--batching_early_dispatch"] if early_dispatch else flags
+
+
 class EmbeddedServer:
     """``carclf serve`` in a subprocess, started with TF Serving's flags; a context manager.
 

@@ -64,6 +64,7 @@ class ServerOptions:
     model_repository: str = ""
     ensemble_config_file: list[str] = field(default_factory=list)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    batching_early_dispatch: bool = False
     drain_timeout_seconds: float = 25.0
     web_ui_model: str = "car_ensemble"
 
@@ -90,6 +91,8 @@ class ServerOptions:
              "nothing to serve: give --model_config_file, or --model_name and --model_base_path")
         need(not self.batching_parameters_file or self.enable_batching, "batching_parameters_file",
              "a batching parameters file needs --enable_batching")
+        need(not self.batching_early_dispatch or self.enable_batching, "batching_early_dispatch",
+             "early dispatch changes how batches form, so it needs --enable_batching")
         need(self.num_request_iterations_for_warmup >= 1, "num_request_iterations_for_warmup",
              f"must be >= 1, received {self.num_request_iterations_for_warmup}")
         need(self.rest_api_timeout_in_ms > 0, "rest_api_timeout_in_ms",
@@ -178,6 +181,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="serve an ensemble declared in a Triton config.pbtxt (repeatable)")
     flag("--max_request_bytes", type=int, default=d.max_request_bytes,
          help="largest request body accepted on either transport")
+    flag("--batching_early_dispatch", type=parse_bool, nargs="?", const=True, default=d.batching_early_dispatch,
+         metavar="BOOL", help="let a batch go before batch_timeout_micros when no batch is running or when it is "
+                              "as large as the smallest running batch (default false: TF Serving's rule)")
     flag("--web_ui_model", default=d.web_ui_model,
          help="model that the upload page at GET /ui asks (empty: no page)")
     flag("--drain_timeout_seconds", type=float, default=d.drain_timeout_seconds,

@@ -129,7 +129,8 @@ class ModelServer:
                 batching = load_batching_config(opts.batching_parameters_file) if opts.batching_parameters_file \
                     else BatchingConfig()
                 self.batcher = BatchScheduler(batching, self.metrics,
-                                              on_runtime=lambda name, s: self.predictor.record_runtime(name, s))
+                                              on_runtime=lambda name, s: self.predictor.record_runtime(name, s),
+                                              early_dispatch=opts.batching_early_dispatch)
             self.predictor = Predictor(self.manager, self.metrics, batcher=self.batcher, executor=self.executor)
             if opts.model_config_file or opts.model_base_path:
                 self.manager.apply_config(self._read_models_config())

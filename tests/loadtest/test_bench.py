@@ -66,4 +66,6 @@ def test_bench_quick_writes_json_table_and_plot(lt_repository, lt_ensemble, tmp_
     table = (out / "bench.md").read_text()
     for heading in ("## In-process limit", "## Served", "## Ensemble", "## Payload", "## Memory", "## Targets"):
         assert heading in table
+    assert data["settings"]["early_dispatch"] is True  # batching on is served as make serve serves it
+    assert "early dispatch on" in table and "max_batch_size" in table
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -25,6 +25,7 @@ def reliability_server(tiny_repository_template, tmp_path_factory):
     ensemble = write_ensemble_config(work, name=ENSEMBLE)
     with embedded_server(tiny_repository_template, work, ensembles=[ensemble], labels=TINY_LABELS,
                          enable_batching=True, batching_parameters_file=str(SHIPPED_BATCHING),
+                         batching_early_dispatch=True,
                          max_request_bytes=MAX_REQUEST_BYTES) as server:
         yield server
 

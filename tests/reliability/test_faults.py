@@ -144,7 +144,8 @@ def test_version_lifecycle_under_load(private_server, tiny_repository, tmp_path,
         server = private_server(model_config_file=str(config), model_repository=str(repo),
                                 ensemble_config_file=[str(write_ensemble_config(tmp_path, name=ENSEMBLE))],
                                 file_system_poll_wait_seconds=1, enable_batching=True,
-                                batching_parameters_file=str(SHIPPED_BATCHING), enable_model_warmup=False)
+                                batching_parameters_file=str(SHIPPED_BATCHING), batching_early_dispatch=True,
+                                enable_model_warmup=False)
         photos, saved = photo_bytes_list[:1], SavedModels(repo)
         grpc_client, rest_client = ClientPerThread(grpc_url(server)), ClientPerThread(rest_url(server))
         clients += [grpc_client, rest_client]

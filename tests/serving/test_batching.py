@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
 import numpy as np
@@ -201,3 +203,130 @@ def test_inline_runs_count_against_num_batch_threads():
         assert servable.threads[0].startswith("caller"), servable.threads
     finally:
         scheduler.close()
+
+
+# -- early dispatch (extension: --batching_early_dispatch) ------------------------------------------
+
+LONG_TIMEOUT = BatchingConfig(max_batch_size=8, batch_timeout_micros=30_000_000, num_batch_threads=2)
+
+
+class GatedServable(SlowServable):
+    """Records each batch's size and thread as it starts; the first batch holds its slot until ``release``."""
+
+    def __init__(self):
+        super().__init__(0.0)
+        self.release = threading.Event()
+        self.sizes: list[int] = []
+        self.threads: list[str] = []
+        self._lock = threading.Lock()
+
+    def run(self, signature_name, inputs):
+        with self._lock:
+            first = not self.sizes
+            self.sizes.append(len(inputs["x"]))
+            self.threads.append(threading.current_thread().name)
+        if first:
+            self.started.set()
+            assert self.release.wait(20), "the test never released the first batch"
+        return {"y": inputs["x"] * 2}
+
+
+def rows(n: int) -> dict[str, np.ndarray]:
+    return {"x": np.arange(n, dtype=np.float32)}
+
+
+def test_without_early_dispatch_a_lone_request_waits_for_the_timeout():
+    """TF Serving's rule: a batch leaves when full or timed out, even on an idle server."""
+    scheduler = BatchScheduler(LONG_TIMEOUT, ServingMetrics())
+    try:
+        future = scheduler.submit(SlowServable(0.0), "serving_default", rows(1))
+        with pytest.raises(FutureTimeout):
+            future.result(0.5)
+    finally:
+        scheduler.close()  # runs what is queued
+    assert future.result(5)["y"].tolist() == [0.0]
+
+
+def test_early_dispatch_sends_a_lone_request_at_once_on_an_idle_scheduler():
+    scheduler = BatchScheduler(LONG_TIMEOUT, ServingMetrics(), early_dispatch=True)
+    servable = GatedServable()
+    servable.release.set()
+    try:
+        inline = scheduler.submit(servable, "serving_default", rows(1), inline=True)
+        assert inline.done() and servable.threads == [threading.current_thread().name]
+        queued = scheduler.submit(servable, "serving_default", rows(2))   # as REST submits: a batch thread runs it
+        assert queued.result(5)["y"].tolist() == [0.0, 2.0]
+        assert servable.threads[1].startswith("batch_threads") and servable.sizes == [1, 2]
+    finally:
+        scheduler.close()
+
+
+def test_early_dispatch_waits_until_the_open_batch_matches_the_smallest_running_one():
+    scheduler = BatchScheduler(LONG_TIMEOUT, ServingMetrics(), early_dispatch=True)
+    servable = GatedServable()
+    try:
+        big = scheduler.submit(servable, "serving_default", rows(3))
+        assert servable.started.wait(5)                                     # 3 rows running, held there
+        singles = [scheduler.submit(servable, "serving_default", rows(1)) for _ in range(2)]
+        time.sleep(0.3)
+        assert servable.sizes == [3] and not any(f.done() for f in singles)  # 2 < 3: still waiting for company
+        singles.append(scheduler.submit(servable, "serving_default", rows(1)))
+        assert [f.result(5)["y"].tolist() for f in singles] == [[0.0]] * 3  # 3 >= 3: gone, 30 s before the timeout
+        assert servable.sizes == [3, 3] and not big.done()
+    finally:
+        servable.release.set()
+        scheduler.close()
+    assert big.result(5)["y"].tolist() == [0.0, 2.0, 4.0]
+
+
+def test_early_dispatch_still_ends_the_wait_at_the_batch_timeout():
+    config = BatchingConfig(max_batch_size=8, batch_timeout_micros=200_000, num_batch_threads=2)
+    scheduler = BatchScheduler(config, ServingMetrics(), early_dispatch=True)
+    servable = GatedServable()
+    try:
+        big = scheduler.submit(servable, "serving_default", rows(3))
+        assert servable.started.wait(5)
+        alone = scheduler.submit(servable, "serving_default", rows(1))
+        assert alone.result(5)["y"].tolist() == [0.0]      # smaller than the running batch, sent at the timeout
+        assert servable.sizes == [3, 1] and not big.done()
+    finally:
+        servable.release.set()
+        scheduler.close()
+
+
+def test_early_dispatch_runs_inline_beside_a_batch_no_larger():
+    scheduler = BatchScheduler(LONG_TIMEOUT, ServingMetrics(), early_dispatch=True)
+    servable = GatedServable()
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="caller") as pool:
+            first = pool.submit(scheduler.submit, servable, "serving_default", rows(1), inline=True)
+            assert servable.started.wait(5)                                 # one row running inline in "caller"
+            second = scheduler.submit(servable, "serving_default", rows(1), inline=True)
+            assert second.done() and second.result()["y"].tolist() == [0.0]
+            assert servable.threads == [servable.threads[0], threading.current_thread().name]
+            assert servable.threads[0].startswith("caller")
+            servable.release.set()
+            assert first.result(5).result(5)["y"].tolist() == [0.0]
+    finally:
+        servable.release.set()
+        scheduler.close()
+
+
+def test_served_with_early_dispatch_a_lone_request_is_answered_long_before_the_timeout(
+        private_server, conformance_repository, reference, jpegs, tmp_path):
+    batching = tmp_path / "batching.config"
+    batching.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 60000000 } "
+                        "num_batch_threads { value: 2 }")
+    server = private_server(model_name=OTHER_MODEL, model_base_path=str(conformance_repository / OTHER_MODEL),
+                            enable_batching=True, batching_parameters_file=str(batching),
+                            batching_early_dispatch=True, enable_model_warmup=False, rest_api_timeout_in_ms=20_000)
+    data = np.array(jpegs[:1], dtype=object)
+    expected = reference(OTHER_MODEL, 1, image_bytes=data)["probabilities"]
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}"))
+    reply = stub.Predict(predict_request(OTHER_MODEL, image_bytes=data), timeout=20)  # the batch timeout is 60 s
+    np.testing.assert_allclose(outputs(reply)["probabilities"], expected, atol=1e-5)
+    rest = Rest(f"http://127.0.0.1:{server.rest_port}")  # waiting 60 s would pass the REST deadline of 20 s
+    body = rest.post(f"/v1/models/{OTHER_MODEL}:predict",
+                     {"instances": [{"image_bytes": {"b64": base64.b64encode(jpegs[0]).decode()}}]})
+    assert body.status == 200, body.json
+    np.testing.assert_allclose(body.json["predictions"][0]["probabilities"], expected[0], atol=1e-5)

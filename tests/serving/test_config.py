@@ -222,6 +222,7 @@ def test_serving_config_cli_refuses_an_empty_repository(tmp_path):
     ([], "nothing to serve"),
     (["--model_name", "a", "--model_base_path", "/m/a", "--port", "70000"], "--port"),
     (["--model_name", "a", "--model_base_path", "/m/a", "--batching_parameters_file", "b"], "--enable_batching"),
+    (["--model_name", "a", "--model_base_path", "/m/a", "--batching_early_dispatch"], "--batching_early_dispatch"),
 ])
 def test_flag_validation(args, needle, tmp_path):
     if "--model_config_file" in args:
@@ -237,3 +238,4 @@ def test_tf_serving_boolean_flag_forms():
                            "--enable_model_warmup=false", "--allow_version_labels_for_unavailable_models=true"])
     assert flags.enable_batching is True and flags.enable_model_warmup is False
     assert flags.allow_version_labels_for_unavailable_models is True and flags.host == "127.0.0.1"
+    assert flags.batching_early_dispatch is False  # TF Serving's batching rule unless asked
