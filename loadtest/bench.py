@@ -442,6 +442,27 @@ class Bench:
             settings["duration_s"], settings["warmup_s"] = duration, warmup
         return measure_point(work, transport, server, concurrency, settings)
 
+    def interleaved(self, transport: str, server: srv.EmbeddedServer, duration: float, warmup: float) -> dict:
+        """One photo at a time, an in-process call and a served call in turn (the same photo): the p50 of
+        each, and the served one's excess, with no drift of the machine between them."""
+        signature, labels, inputs = self.signature, self.model.labels, self.inputs
+
+        def local(i: int) -> loadgen.Check:
+            outputs = self.model.predict(signature, inputs[i % len(inputs)])
+            return lambda: checks.check_prediction(outputs, labels, batch=1)
+
+        served, close = self.work.factory(transport, server.address)(0)
+        try:
+            here, there = loadgen.alternating([local, served], duration, warmup)
+        finally:
+            close()
+        if here.errors or there.errors:
+            print(f"bench: interleaved {transport} slice: {here.errors + there.errors} errors, first: "
+                  f"{here.first_error or there.first_error}", flush=True)
+        return {"inprocess_p50_ms": _round3(here.percentile(50)), "served_p50_ms": _round3(there.percentile(50)),
+                "added_p50_ms": _diff(there.percentile(50), here.percentile(50)),
+                "errors": here.errors + there.errors}
+
     def paired_rounds(self, server: srv.EmbeddedServer, mode: str) -> None:
         """Targets measured side by side: in-process and served slices alternate, round after round, so
         both see the same load on a shared machine; each round gives one ratio per target."""
@@ -452,6 +473,7 @@ class Bench:
             c8 = {t: self.point(self.work, t, server, 8, d, w) for t in s["transports"]}
             one = self.inprocess([1], [1], d, w)[0]
             c1 = {t: self.point(self.work, t, server, 1, d, w) for t in s["transports"]}
+            mixed = {t: self.interleaved(t, server, d, w) for t in s["transports"]}
             row: dict = {"round": number + 1, "batching": mode, "inprocess_limit": limit["throughput"],
                          "inprocess_limit_cpu_ms": limit["cpu_ms_per_photo"], "inprocess_p50_ms": one["p50_ms"],
                          "inprocess_cpu_ms": one["cpu_ms_per_photo"], "errors": 0}
@@ -464,8 +486,11 @@ class Bench:
                             f"{t}_c1_p50_ms": c1[t]["p50_ms"],
                             f"{t}_added_p50_ms": _diff(c1[t]["p50_ms"], one["p50_ms"]),
                             f"{t}_added_mean_ms": _diff(c1[t]["mean_ms"], parts.get("runtime_ms_per_batch")),
+                            f"{t}_interleaved_added_p50_ms": mixed[t]["added_p50_ms"],
+                            f"{t}_interleaved_served_p50_ms": mixed[t]["served_p50_ms"],
+                            f"{t}_interleaved_inprocess_p50_ms": mixed[t]["inprocess_p50_ms"],
                             f"{t}_added_cpu_ms": _diff(cpu1, one["cpu_ms_per_photo"])})
-                row["errors"] += c8[t]["errors"] + c1[t]["errors"]
+                row["errors"] += c8[t]["errors"] + c1[t]["errors"] + mixed[t]["errors"]
             self.rounds.append(row)
 
     def ensemble_rounds(self, server: srv.EmbeddedServer, mode: str) -> None:
@@ -573,6 +598,10 @@ def _served_cpu(row: dict) -> float | None:
     if row.get("server_cpu_ms_per_photo") is None:
         return None
     return row["server_cpu_ms_per_photo"] + (row.get("client_cpu_ms_per_photo") or 0.0)
+
+
+def _round3(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def _diff(value: float | None, base: float | None) -> float | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -132,3 +132,37 @@ def closed_loop(factory: WorkerFactory, concurrency: int, duration_s: float, war
     if not result.latencies_ms and not result.errors:
         result.errors, result.first_error = 1, f"no request completed within the {duration_s:.1f} s window"
     return result
+
+
+def alternating(senders: Sequence[Callable[[int], Check | None]], duration_s: float,
+                warmup_s: float = 0.5) -> list[LoadResult]:
+    """One caller, one request at a time, taking the ``senders`` in turn (a, b, a, b, ...) for
+    ``warmup_s + duration_s``; a result per sender, of the requests sent after the warmup.
+
+    Made for side-by-side latency: consecutive calls of two senders are milliseconds apart, so a machine
+    whose speed drifts over seconds slows both alike, which separate slices (first all a, then all b) cannot
+    promise. A failed call is counted as an error of its sender; answers are checked off the clock.
+    """
+    results = [LoadResult(1, duration_s) for _ in senders]
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
+    i = 0
+    while time.perf_counter() < stop_at:
+        for send, result in zip(senders, results, strict=True):
+            t0 = time.perf_counter()
+            try:
+                check = send(i)
+                t1 = time.perf_counter()
+                if check is not None:
+                    check()
+            except Exception as exc:  # noqa: BLE001 - counted, the first one kept
+                result.errors += 1
+                result.first_error = result.first_error or f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            if t0 >= measure_from:
+                result.latencies_ms.append((t1 - t0) * 1000.0)
+        i += 1
+    for result in results:
+        if not result.latencies_ms and not result.errors:
+            result.errors, result.first_error = 1, f"no request completed within the {duration_s:.1f} s window"
+    return results

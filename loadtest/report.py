@@ -56,8 +56,9 @@ def judge_targets(paired: dict, ensemble: dict | None, transports: Sequence[str]
     * throughput at c=8: the wall-clock ratio to the in-process limit, and the CPU-per-photo ratio (what the
       throughput ratio is when both sides are CPU-bound, without the noise of the share each side got);
     * added latency at c=1: the decomposed added mean (what the client waited beyond the server's own
-      TensorFlow run time, from the server's metrics, in the same requests), and the paired p50 difference
-      to in-process calls (direct but noisy on a busy machine);
+      TensorFlow run time, from the server's metrics, in the same requests), and the interleaved p50
+      difference (served and in-process calls of the same photo taken in turn, one at a time, so the machine's
+      drift between slices cancels; the slice-paired p50 difference stays in the rounds, not judged);
     * the ensemble: its p50 overhead over the members run in-process one after another, and its CPU overhead.
 
     ``met`` when both figures meet the target, ``missed`` when both miss it, ``inconclusive`` otherwise.
@@ -65,7 +66,7 @@ def judge_targets(paired: dict, ensemble: dict | None, transports: Sequence[str]
     """
     figures_for = {
         "c8_ratio": ("c8_ratio", "c8_cpu_ratio", True),
-        "added_p50_c1_ms": ("added_mean_ms", "added_p50_ms", False),
+        "added_p50_c1_ms": ("added_mean_ms", "interleaved_added_p50_ms", False),
     }
     found: dict[str, tuple[float | None, float | None, str]] = {}
     for transport in ("grpc", "rest"):
@@ -196,7 +197,7 @@ def markdown(result: dict) -> str:
         lines.append(f"- {key}: {value}")
     lines += paired_markdown(result)
     lines += ["", "## Targets", "", "First figure: wall-clock ratio at c=8 / decomposed added mean latency at c=1 (ms) / "
-              "ensemble p50 overhead. Second: CPU-per-photo ratio / paired p50 difference (ms) / ensemble CPU "
+              "ensemble p50 overhead. Second: CPU-per-photo ratio / interleaved p50 difference (ms) / ensemble CPU "
               "overhead. met = both meet the target; inconclusive = they disagree.", "",
               "| target | first figure | second figure | basis | verdict |", "|---|---:|---:|---|---|"]
     for t in result["targets"]:
@@ -230,7 +231,9 @@ def paired_markdown(result: dict) -> list[str]:
     lines = ["", "## Side by side (paired rounds: in-process and served slices alternate)", ""]
     summary = result.get("paired", {}).get("summary", {})
     names = [("c8_ratio", "photos/s at c=8 / in-process limit"), ("c8_cpu_ratio", "CPU ratio at c=8"),
-             ("added_mean_ms", "decomposed added mean at c=1 (ms)"), ("added_p50_ms", "paired p50 difference at c=1 (ms)"),
+             ("added_mean_ms", "decomposed added mean at c=1 (ms)"),
+             ("interleaved_added_p50_ms", "interleaved p50 difference at c=1 (ms)"),
+             ("added_p50_ms", "slice-paired p50 difference at c=1 (ms)"),
              ("added_cpu_ms", "added CPU at c=1 (ms/request)")]
     lines += ["| batching | figure | gRPC median (min..max) | REST median (min..max) |", "|---|---|---:|---:|"]
 

@@ -51,6 +51,12 @@ def test_bench_quick_writes_json_table_and_plot(lt_repository, lt_ensemble, tmp_
     assert set(targets) == {"grpc_c8_ratio", "rest_c8_ratio", "grpc_added_p50_c1_ms", "rest_added_p50_c1_ms",
                             "ensemble_overhead"}
     assert targets["grpc_c8_ratio"]["value"] == data["paired"]["summary"]["on"]["grpc_c8_ratio"]["median"]
+    for t in ("grpc", "rest"):  # the latency target's second figure: served and in-process calls taken in turn
+        r = rounds[0]
+        assert r[f"{t}_interleaved_served_p50_ms"] > 0 and r[f"{t}_interleaved_inprocess_p50_ms"] > 0
+        assert abs(r[f"{t}_interleaved_added_p50_ms"]
+                   - (r[f"{t}_interleaved_served_p50_ms"] - r[f"{t}_interleaved_inprocess_p50_ms"])) < 1e-2
+        assert targets[f"{t}_added_p50_c1_ms"]["second_value"] == r[f"{t}_interleaved_added_p50_ms"]
     assert all(t["verdict"] in ("met", "missed", "inconclusive") for k, t in targets.items() if k != "ensemble_overhead")
     added = rounds[0]["grpc_added_mean_ms"]  # what the client waited beyond the server's TF run time
     assert added is not None and added > 0

@@ -198,3 +198,28 @@ def test_closed_loop_times_the_call_not_the_check_and_counts_wrong_answers():
     assert result.latencies_ms and max(result.latencies_ms) < 250
     assert result.errors >= 1 and "is wrong" in result.first_error
     assert abs(result.errors - len(result.latencies_ms)) <= 2  # every other answer fails its check
+
+
+def test_alternating_takes_the_senders_in_turn_and_times_each_call_alone():
+    """Calls go a, b, a, b, ... one at a time; each sender's latencies are its own calls (the check off the
+    clock), so a sender that is slower by a known amount shows exactly that excess at p50."""
+    import time
+
+    order: list[str] = []
+
+    def sender(name: str, seconds: float, fail_every: int = 0):
+        def send(i: int):
+            order.append(name)
+            time.sleep(seconds)
+            if fail_every and i % fail_every == fail_every - 1:
+                raise checks.BadPrediction(f"{name} call {i} failed")
+            return lambda: time.sleep(0.05)  # a slow check must not count
+
+        return send
+
+    fast, slow = loadgen.alternating([sender("a", 0.001), sender("b", 0.011, fail_every=4)], duration_s=1.0,
+                                     warmup_s=0.1)
+    assert order[:6] == ["a", "b"] * 3 and len(order) % 2 == 0
+    assert fast.errors == 0 and slow.errors >= 1 and "call 3 failed" in slow.first_error
+    assert fast.requests >= slow.requests > 0 and max(fast.latencies_ms) < 50
+    assert slow.percentile(50) - fast.percentile(50) >= 9.0  # the 10 ms of extra sleep, no check time added

@@ -1,0 +1,117 @@
+"""Batch sizes and throughput under closed-loop gRPC load, for two batching setups side by side.
+
+    .venv/bin/python scripts/batch_sizes.py --model mobilenet_v2_224x448 --concurrency 8 --rounds 4
+
+Two embedded servers run at once over the same SavedModel: "tf_serving" with a batch timeout of 0 and TF
+Serving's dispatch rule (the shipped setup before early dispatch), "early" with serving/batching.config and
+``--batching_early_dispatch`` (as ``make serve`` runs). Rounds alternate between them, so both see the same
+machine; an idle server costs next to nothing. Printed per round and setup: photos/s, mean batch, and how many
+batches of each size ran in the measured window (from the server's Prometheus histogram). Every answer is checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from carclf import contract
+from carclf.loadtest import bench, checks, inprocess, loadgen, protocol
+from carclf.loadtest import server as srv
+from carclf.loadtest.photos import load_photos
+
+HISTOGRAM = ":tensorflow:serving:batching_session:processed_batch_size"
+BUCKET = re.compile(r'^' + re.escape(HISTOGRAM) + r'_bucket\{le="([^"]+)"\} (\S+)$', re.M)
+TOTAL = re.compile(r'^' + re.escape(HISTOGRAM) + r'_(sum|count) (\S+)$', re.M)
+TIMEOUT_0 = "max_batch_size { value: 16 } batch_timeout_micros { value: 0 } num_batch_threads { value: 2 } " \
+            "max_enqueued_batches { value: 8 }\n"
+
+
+def histogram(address: srv.ServerAddress) -> tuple[dict[float, float], dict[str, float]]:
+    """Cumulative batch counts per bucket bound (``le``), and the photos (sum) and batches (count) so far."""
+    with urllib.request.urlopen(address.rest_url + bench.METRICS_PATH, timeout=10) as reply:
+        text = reply.read().decode()
+    return ({float(le): float(count) for le, count in BUCKET.findall(text)},
+            {key: float(value) for key, value in TOTAL.findall(text)})
+
+
+def window(before: dict[float, float], after: dict[float, float]) -> dict[str, int]:
+    """Batches per size band that ran between two histogram readings, e.g. {"1": 3, "3-4": 50}."""
+    bands, lower, previous = {}, 0.0, 0.0
+    for le in sorted(after):
+        cumulative = after[le] - before.get(le, 0.0)
+        count = int(round(cumulative - previous))
+        if count and le != float("inf"):
+            low = int(lower) + 1
+            bands[str(int(le)) if low >= int(le) else f"{low}-{int(le)}"] = count
+        previous, lower = cumulative, le
+    return bands
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="mobilenet_v2_224x448")
+    p.add_argument("--model-repository", default="model_repository")
+    p.add_argument("--photo-folder", default="../shared/data/sfdl_samples")
+    p.add_argument("--batching-config", default="serving/batching.config", help="the early-dispatch setup's file")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--duration", type=float, default=15.0, help="measured seconds per slice")
+    p.add_argument("--warmup", type=float, default=2.0)
+    args = p.parse_args()
+
+    photos = load_photos(args.photo_folder, 0)
+    inputs = [protocol.photo_inputs(contract.SIGNATURE_BYTES, ph.data) for ph in photos]
+    version = inprocess.latest_version(args.model_repository, args.model)
+    labels = checks.read_labels(version / "assets" / contract.LABELS_ASSET)
+    work = bench.Workload(args.model, contract.SIGNATURE_BYTES, inputs, labels)
+    repository = Path(args.model_repository)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        (tmp_path / "monitoring.config").write_text(bench.MONITORING_CONFIG)
+        (tmp_path / "timeout0.config").write_text(TIMEOUT_0)
+        config = srv.write_models_config(tmp_path / "models.config", repository, [args.model])
+        setups = {"tf_serving": srv.batching_flags(tmp_path / "timeout0.config", early_dispatch=False),
+                  "early": srv.batching_flags(Path(args.batching_config).resolve())}
+        servers = {name: srv.EmbeddedServer(srv.ServerAddress(srv.LOOPBACK, srv.free_port(), srv.free_port()),
+                                            model_config_file=config, model_repository=repository,
+                                            flags=["--monitoring_config_file", str(tmp_path / "monitoring.config"),
+                                                   *flags], log_path=tmp_path / f"{name}.log")
+                   for name, flags in setups.items()}
+        try:
+            for server in servers.values():
+                server.start()
+            for server in servers.values():
+                server.wait_ready([args.model], timeout=300)
+            rates: dict[str, list[float]] = {name: [] for name in servers}
+            for number in range(1, args.rounds + 1):
+                for name, server in servers.items():
+                    (buckets0, totals0), result, (buckets1, totals1) = (
+                        histogram(server.address),
+                        loadgen.closed_loop(work.factory("grpc", server.address), args.concurrency, args.duration,
+                                            args.warmup),
+                        histogram(server.address))
+                    batches = totals1["count"] - totals0["count"]
+                    mean = (totals1["sum"] - totals0["sum"]) / batches if batches else float("nan")
+                    rates[name].append(result.throughput)
+                    print(f"round {number} {name:>10}: {result.throughput:6.1f} photos/s, errors {result.errors}; "
+                          f"whole slice (warm-up included): mean batch {mean:.2f}, batches by size "
+                          f"{window(buckets0, buckets1)}", flush=True)
+            for name, values in rates.items():
+                print(f"{name:>10}: median {statistics.median(values):.1f} photos/s over {len(values)} rounds "
+                      f"({', '.join(f'{v:.1f}' for v in values)})")
+            ratios = [e / t for e, t in zip(rates["early"], rates["tf_serving"], strict=True)]
+            print(f"early / tf_serving per round: {', '.join(f'{r:.3f}' for r in ratios)}; "
+                  f"median {statistics.median(ratios):.3f}")
+        finally:
+            for server in servers.values():
+                server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
