@@ -64,7 +64,7 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=2.0)
     args = p.parse_args()
 
-    photos = load_photos(args.photo_folder, 0)
+    photos = load_photos(args.photo_folder, None)
     inputs = [protocol.photo_inputs(contract.SIGNATURE_BYTES, ph.data) for ph in photos]
     version = inprocess.latest_version(args.model_repository, args.model)
     labels = checks.read_labels(version / "assets" / contract.LABELS_ASSET)
