@@ -10,15 +10,16 @@ is dropped from the outputs.
 
 At most ``num_batch_threads`` batches run at once. A caller that can block (a gRPC handler thread, an
 in-process caller) may pass ``inline=True``: when the request would be dispatched at once anyway (batch
-timeout 0 or a full batch, nothing else waiting, a free batch slot), it runs in the caller's thread, which
-saves two thread hand-offs; the batch still counts against ``num_batch_threads`` and in the metrics.
+timeout 0, a full batch or early dispatch; nothing else waiting, a free batch slot), it runs in the caller's
+thread, which saves two thread hand-offs; the batch still counts against ``num_batch_threads`` and in the
+metrics.
 
 Early dispatch (extension, ``early_dispatch=True``; ``carclf serve --batching_early_dispatch``): an open
 batch leaves before ``batch_timeout_micros`` when no batch is running (an idle server never holds a lone
 request back) or when it is at least as large as the smallest batch running (the threads then run batches of
 about equal size, instead of a free thread taking the first request to arrive on its own). The timeout stays
-the longest any request waits for company. With it a timeout of a few ms costs nothing at low load and keeps
-batches large under load; without it the scheduler follows TF Serving's rule (full or timed out).
+the longest any request waits for company. With it a timeout of a few ms costs nothing at low load and makes
+batches larger under load; without it the scheduler follows TF Serving's rule (full or timed out).
 """
 
 from __future__ import annotations
