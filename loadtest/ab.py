@@ -70,7 +70,8 @@ def start_servers(args: argparse.Namespace, work_dir: Path, baseline_path: Path)
     monitoring.write_text(MONITORING_CONFIG)
     flags = ["--monitoring_config_file", str(monitoring)]
     if args.batching_config:
-        flags += ["--enable_batching", "--batching_parameters_file", str(Path(args.batching_config).resolve())]
+        # no early dispatch: a baseline from before it would not know the flag
+        flags += srv.batching_flags(Path(args.batching_config).resolve(), early_dispatch=False)
     commands = {"baseline": ("env", f"PYTHONPATH={baseline_path}", sys.executable, "-m", "carclf", "serve"),
                 "candidate": (sys.executable, "-m", "carclf", "serve")}
     servers = {}

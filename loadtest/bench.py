@@ -459,8 +459,8 @@ class Bench:
         if here.errors or there.errors:
             print(f"bench: interleaved {transport} slice: {here.errors + there.errors} errors, first: "
                   f"{here.first_error or there.first_error}", flush=True)
-        return {"inprocess_p50_ms": _round3(here.percentile(50)), "served_p50_ms": _round3(there.percentile(50)),
-                "added_p50_ms": _diff(there.percentile(50), here.percentile(50)),
+        here_p50, there_p50 = here.summary()["p50_ms"], there.summary()["p50_ms"]
+        return {"inprocess_p50_ms": here_p50, "served_p50_ms": there_p50, "added_p50_ms": _diff(there_p50, here_p50),
                 "errors": here.errors + there.errors}
 
     def paired_rounds(self, server: srv.EmbeddedServer, mode: str) -> None:
@@ -598,10 +598,6 @@ def _served_cpu(row: dict) -> float | None:
     if row.get("server_cpu_ms_per_photo") is None:
         return None
     return row["server_cpu_ms_per_photo"] + (row.get("client_cpu_ms_per_photo") or 0.0)
-
-
-def _round3(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
 
 
 def _diff(value: float | None, base: float | None) -> float | None:

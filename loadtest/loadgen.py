@@ -42,6 +42,16 @@ class LoadResult:
     def throughput(self) -> float:
         return self.requests / self.duration_s if self.duration_s > 0 else 0.0
 
+    def record_error(self, exc: BaseException) -> None:
+        """Count a failed call (or a wrong answer); the first one's message is kept."""
+        self.errors += 1
+        self.first_error = self.first_error or f"{type(exc).__name__}: {exc}"[:300]
+
+    def flag_if_empty(self) -> None:
+        """A window in which nothing completed and nothing failed is an error too."""
+        if not self.latencies_ms and not self.errors:
+            self.errors, self.first_error = 1, f"no request completed within the {self.duration_s:.1f} s window"
+
     def percentile(self, q: float) -> float | None:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
 
@@ -64,6 +74,17 @@ class LoadResult:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
+
+
+def _timed_call(send_one: Callable[[int], Check | None], i: int) -> tuple[float, float]:
+    """Send request ``i``; its start and answer times (the answer's check runs after, off the clock).
+    Raises what the call or the check raised."""
+    t0 = time.perf_counter()
+    check = send_one(i)
+    t1 = time.perf_counter()
+    if check is not None:
+        check()
+    return t0, t1
 
 
 def closed_loop(factory: WorkerFactory, concurrency: int, duration_s: float, warmup_s: float = 0.5,
@@ -93,18 +114,13 @@ def closed_loop(factory: WorkerFactory, concurrency: int, duration_s: float, war
         start_gate.wait()
         go.wait()
         for i in range(per_worker):
-            t0 = time.perf_counter()
-            if t0 >= state["stop_at"]:
+            if time.perf_counter() >= state["stop_at"]:
                 break
             try:
-                check = send_one(i)
-                t1 = time.perf_counter()
-                if check is not None:
-                    check()
+                t0, t1 = _timed_call(send_one, i)
             except Exception as exc:  # noqa: BLE001 - every failure is counted, the first one is kept
                 with lock:
-                    result.errors += 1
-                    result.first_error = result.first_error or f"{type(exc).__name__}: {exc}"[:300]
+                    result.record_error(exc)
                 continue
             if state["measure_from"] <= t1 <= state["stop_at"]:
                 latencies.append((t1 - t0) * 1000.0)
@@ -129,8 +145,7 @@ def closed_loop(factory: WorkerFactory, concurrency: int, duration_s: float, war
         thread.join(timeout=120.0)
     for _, close in workers:
         close()
-    if not result.latencies_ms and not result.errors:
-        result.errors, result.first_error = 1, f"no request completed within the {duration_s:.1f} s window"
+    result.flag_if_empty()
     return result
 
 
@@ -149,20 +164,14 @@ def alternating(senders: Sequence[Callable[[int], Check | None]], duration_s: fl
     i = 0
     while time.perf_counter() < stop_at:
         for send, result in zip(senders, results, strict=True):
-            t0 = time.perf_counter()
             try:
-                check = send(i)
-                t1 = time.perf_counter()
-                if check is not None:
-                    check()
+                t0, t1 = _timed_call(send, i)
             except Exception as exc:  # noqa: BLE001 - counted, the first one kept
-                result.errors += 1
-                result.first_error = result.first_error or f"{type(exc).__name__}: {exc}"[:300]
+                result.record_error(exc)
                 continue
             if t0 >= measure_from:
                 result.latencies_ms.append((t1 - t0) * 1000.0)
         i += 1
     for result in results:
-        if not result.latencies_ms and not result.errors:
-            result.errors, result.first_error = 1, f"no request completed within the {duration_s:.1f} s window"
+        result.flag_if_empty()
     return results

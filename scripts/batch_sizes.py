@@ -2,9 +2,9 @@
 
     .venv/bin/python scripts/batch_sizes.py --model mobilenet_v2_224x448 --concurrency 8 --rounds 4
 
-Two embedded servers run at once over the same SavedModel: "tf_serving" with a batch timeout of 0 and TF
-Serving's dispatch rule (the shipped setup before early dispatch), "early" with serving/batching.config and
-``--batching_early_dispatch`` (as ``make serve`` runs). Rounds alternate between them, so both see the same
+Two embedded servers run at once over the same SavedModel: "early" with serving/batching.config and
+``--batching_early_dispatch`` (as ``make serve`` runs), "tf_serving" with the same file's parameters but a batch
+timeout of 0 and TF Serving's dispatch rule (the shipped setup before early dispatch). Rounds alternate between them, so both see the same
 machine; an idle server costs next to nothing. Printed per round and setup: photos/s, mean batch, and how many
 batches of each size ran in the measured window (from the server's Prometheus histogram). Every answer is checked.
 """
@@ -12,31 +12,36 @@ batches of each size ran in the measured window (from the server's Prometheus hi
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
+from google.protobuf import text_format
+
 from carclf import contract
-from carclf.loadtest import bench, checks, inprocess, loadgen, protocol
+from carclf.loadtest import bench, checks, inprocess, loadgen, metrics, protocol
 from carclf.loadtest import server as srv
 from carclf.loadtest.photos import load_photos
+from carclf.serving import protos
 
-HISTOGRAM = ":tensorflow:serving:batching_session:processed_batch_size"
-BUCKET = re.compile(r'^' + re.escape(HISTOGRAM) + r'_bucket\{le="([^"]+)"\} (\S+)$', re.M)
-TOTAL = re.compile(r'^' + re.escape(HISTOGRAM) + r'_(sum|count) (\S+)$', re.M)
-TIMEOUT_0 = "max_batch_size { value: 16 } batch_timeout_micros { value: 0 } num_batch_threads { value: 2 } " \
-            "max_enqueued_batches { value: 8 }\n"
+HISTOGRAM = metrics.PREFIX + "batching_session:processed_batch_size"
 
 
 def histogram(address: srv.ServerAddress) -> tuple[dict[float, float], dict[str, float]]:
     """Cumulative batch counts per bucket bound (``le``), and the photos (sum) and batches (count) so far."""
-    with urllib.request.urlopen(address.rest_url + bench.METRICS_PATH, timeout=10) as reply:
-        text = reply.read().decode()
-    return ({float(le): float(count) for le, count in BUCKET.findall(text)},
-            {key: float(value) for key, value in TOTAL.findall(text)})
+    samples = metrics.scrape(address.rest_url, bench.METRICS_PATH) or {}
+    buckets = {float(dict(labels)["le"]): value for (name, labels), value in samples.items()
+               if name == HISTOGRAM + "_bucket"}
+    totals = {key: samples.get((f"{HISTOGRAM}_{key}", frozenset()), 0.0) for key in ("sum", "count")}
+    return buckets, totals
+
+
+def without_timeout(path: Path) -> str:
+    """The batching parameters of ``path`` with ``batch_timeout_micros`` set to 0."""
+    params = text_format.Parse(path.read_text(), protos.BatchingParameters())
+    params.batch_timeout_micros.value = 0
+    return text_format.MessageToString(params)
 
 
 def window(before: dict[float, float], after: dict[float, float]) -> dict[str, int]:
@@ -73,7 +78,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         (tmp_path / "monitoring.config").write_text(bench.MONITORING_CONFIG)
-        (tmp_path / "timeout0.config").write_text(TIMEOUT_0)
+        (tmp_path / "timeout0.config").write_text(without_timeout(Path(args.batching_config)))
         config = srv.write_models_config(tmp_path / "models.config", repository, [args.model])
         setups = {"tf_serving": srv.batching_flags(tmp_path / "timeout0.config", early_dispatch=False),
                   "early": srv.batching_flags(Path(args.batching_config).resolve())}

@@ -210,25 +210,21 @@ def test_inline_runs_count_against_num_batch_threads():
 LONG_TIMEOUT = BatchingConfig(max_batch_size=8, batch_timeout_micros=30_000_000, num_batch_threads=2)
 
 
-class GatedServable(SlowServable):
-    """Records each batch's size and thread as it starts; the first batch holds its slot until ``release``."""
+class GatedServable(RecordingServable):
+    """RecordingServable whose first batch, once recorded, holds its slot until ``release`` is set."""
 
     def __init__(self):
         super().__init__(0.0)
         self.release = threading.Event()
-        self.sizes: list[int] = []
-        self.threads: list[str] = []
-        self._lock = threading.Lock()
+        self._first = True
 
     def run(self, signature_name, inputs):
         with self._lock:
-            first = not self.sizes
-            self.sizes.append(len(inputs["x"]))
-            self.threads.append(threading.current_thread().name)
+            first, self._first = self._first, False
+        outputs = super().run(signature_name, inputs)
         if first:
-            self.started.set()
             assert self.release.wait(20), "the test never released the first batch"
-        return {"y": inputs["x"] * 2}
+        return outputs
 
 
 def rows(n: int) -> dict[str, np.ndarray]:
