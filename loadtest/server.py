@@ -129,17 +129,11 @@ def repository_models(repository: str | os.PathLike) -> list[str]:
                   if p.is_dir() and any(v.is_dir() and v.name.isdigit() for v in p.iterdir()))
 
 
-def batching_flags(batching_config: str | os.PathLike, *, early_dispatch: bool = True,
-                   preferred_batch_size: int | None = None) -> list[str]:
+def batching_flags(batching_config: str | os.PathLike, *, early_dispatch: bool = True) -> list[str]:
     """The embedded server's batching flags as ``make serve`` gives them: the parameters file and, unless
-    ``early_dispatch`` is False, the early-dispatch extension, with ``preferred_batch_size`` as its target when
-    given (serving/README.md)."""
+    ``early_dispatch`` is False, the early-dispatch extension (serving/README.md)."""
     flags = ["--enable_batching", "--batching_parameters_file", str(batching_config)]
-    if early_dispatch:
-        flags.append("--batching_early_dispatch")
-    if preferred_batch_size:
-        flags += ["--batching_preferred_batch_size", str(int(preferred_batch_size))]
-    return flags
+    return flags + ["--batching_early_dispatch"] if early_dispatch else flags
 
 
 class EmbeddedServer:

@@ -64,8 +64,6 @@ def main() -> int:
     p.add_argument("--photo-folder", default="../shared/data/sfdl_samples")
     p.add_argument("--batching-config", default="serving/batching.config", help="the early-dispatch setup's file")
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--preferred-batch-size", type=int, default=0,
-                   help="also run a third setup, 'preferred': early dispatch with this preferred batch size")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--duration", type=float, default=15.0, help="measured seconds per slice")
     p.add_argument("--warmup", type=float, default=2.0)
@@ -84,9 +82,6 @@ def main() -> int:
         config = srv.write_models_config(tmp_path / "models.config", repository, [args.model])
         setups = {"tf_serving": srv.batching_flags(tmp_path / "timeout0.config", early_dispatch=False),
                   "early": srv.batching_flags(Path(args.batching_config).resolve())}
-        if args.preferred_batch_size:
-            setups["preferred"] = srv.batching_flags(Path(args.batching_config).resolve(),
-                                                     preferred_batch_size=args.preferred_batch_size)
         servers = {name: srv.EmbeddedServer(srv.ServerAddress(srv.LOOPBACK, srv.free_port(), srv.free_port()),
                                             model_config_file=config, model_repository=repository,
                                             flags=["--monitoring_config_file", str(tmp_path / "monitoring.config"),
@@ -114,14 +109,9 @@ def main() -> int:
             for name, values in rates.items():
                 print(f"{name:>10}: median {statistics.median(values):.1f} photos/s over {len(values)} rounds "
                       f"({', '.join(f'{v:.1f}' for v in values)})")
-            for name in [n for n in rates if n != "tf_serving"]:
-                ratios = [e / t for e, t in zip(rates[name], rates["tf_serving"], strict=True)]
-                print(f"{name} / tf_serving per round: {', '.join(f'{r:.3f}' for r in ratios)}; "
-                      f"median {statistics.median(ratios):.3f}")
-            if "preferred" in rates:
-                ratios = [p / e for p, e in zip(rates["preferred"], rates["early"], strict=True)]
-                print(f"preferred / early per round: {', '.join(f'{r:.3f}' for r in ratios)}; "
-                      f"median {statistics.median(ratios):.3f}")
+            ratios = [e / t for e, t in zip(rates["early"], rates["tf_serving"], strict=True)]
+            print(f"early / tf_serving per round: {', '.join(f'{r:.3f}' for r in ratios)}; "
+                  f"median {statistics.median(ratios):.3f}")
         finally:
             for server in servers.values():
                 server.stop()

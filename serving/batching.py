@@ -20,13 +20,6 @@ request back) or when it is at least as large as the smallest batch running (the
 about equal size, instead of a free thread taking the first request to arrive on its own). The timeout stays
 the longest any request waits for company. With it a timeout of a few ms costs nothing at low load and makes
 batches larger under load; without it the scheduler follows TF Serving's rule (full or timed out).
-
-Preferred batch size (extension, ``preferred_batch_size=N`` with early dispatch;
-``--batching_preferred_batch_size``): the size an open batch must reach to leave early is N instead of the
-smallest running batch, as in Triton's dynamic batcher. Matching the smallest running batch lets a small batch,
-once one has formed, keep recurring (with two threads the one running batch is both the smallest and the
-largest); a fixed target, such as the batch size at which the model's throughput levels off, does not. An idle
-scheduler still sends a lone request at once, and the timeout still ends every wait.
 """
 
 from __future__ import annotations
@@ -88,13 +81,9 @@ class BatchScheduler:
     """Merge concurrent requests into batches; ``submit`` returns a Future of the full outputs."""
 
     def __init__(self, config: BatchingConfig, metrics: ServingMetrics,
-                 on_runtime: Callable[[str, float], None] | None = None, *, early_dispatch: bool = False,
-                 preferred_batch_size: int | None = None):
-        if preferred_batch_size is not None and not early_dispatch:
-            raise ValueError("a preferred batch size is early dispatch's target; it needs early_dispatch=True")
+                 on_runtime: Callable[[str, float], None] | None = None, *, early_dispatch: bool = False):
         self.config = config
         self.early_dispatch = early_dispatch
-        self.preferred_batch_size = preferred_batch_size
         self.metrics = metrics
         self._on_runtime = on_runtime
         self._timeout = config.batch_timeout_micros / 1e6
@@ -175,11 +164,7 @@ class BatchScheduler:
 
     def _may_leave_early(self, size: int) -> bool:
         """Early dispatch: may an open batch of ``size`` go before its timeout? (call with the lock held)"""
-        if not self.early_dispatch:
-            return False
-        if not self._running:
-            return True
-        return size >= (self.preferred_batch_size or min(self._running))
+        return self.early_dispatch and (not self._running or size >= min(self._running))
 
     def _finished(self, size: int) -> None:
         with self._cond:

@@ -65,7 +65,6 @@ class ServerOptions:
     ensemble_config_file: list[str] = field(default_factory=list)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     batching_early_dispatch: bool = False
-    batching_preferred_batch_size: int = 0
     drain_timeout_seconds: float = 25.0
     web_ui_model: str = "car_ensemble"
 
@@ -94,11 +93,6 @@ class ServerOptions:
              "a batching parameters file needs --enable_batching")
         need(not self.batching_early_dispatch or self.enable_batching, "batching_early_dispatch",
              "early dispatch changes how batches form, so it needs --enable_batching")
-        need(self.batching_preferred_batch_size >= 0, "batching_preferred_batch_size",
-             f"must be >= 0 (0: off), received {self.batching_preferred_batch_size}")
-        need(not self.batching_preferred_batch_size or self.batching_early_dispatch, "batching_preferred_batch_size",
-             f"a preferred batch size ({self.batching_preferred_batch_size}) is the size a batch must reach to leave "
-             "early, so it needs --batching_early_dispatch")
         need(self.num_request_iterations_for_warmup >= 1, "num_request_iterations_for_warmup",
              f"must be >= 1, received {self.num_request_iterations_for_warmup}")
         need(self.rest_api_timeout_in_ms > 0, "rest_api_timeout_in_ms",
@@ -190,9 +184,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--batching_early_dispatch", type=parse_bool, nargs="?", const=True, default=d.batching_early_dispatch,
          metavar="BOOL", help="let a batch go before batch_timeout_micros when no batch is running or when it is "
                               "as large as the smallest running batch (default false: TF Serving's rule)")
-    flag("--batching_preferred_batch_size", type=int, default=d.batching_preferred_batch_size, metavar="N",
-         help="with --batching_early_dispatch: a batch leaves early once it holds N requests' rows, instead of "
-              "matching the smallest running batch (0, the default: off)")
     flag("--web_ui_model", default=d.web_ui_model,
          help="model that the upload page at GET /ui asks (empty: no page)")
     flag("--drain_timeout_seconds", type=float, default=d.drain_timeout_seconds,

@@ -128,14 +128,9 @@ class ModelServer:
             if opts.enable_batching:
                 batching = load_batching_config(opts.batching_parameters_file) if opts.batching_parameters_file \
                     else BatchingConfig()
-                preferred = opts.batching_preferred_batch_size or None
-                if preferred is not None and preferred > batching.max_batch_size:
-                    raise ConfigError(f"{preferred} is larger than max_batch_size ({batching.max_batch_size}), so "
-                                      "no batch could reach it", source="--batching_preferred_batch_size")
                 self.batcher = BatchScheduler(batching, self.metrics,
                                               on_runtime=lambda name, s: self.predictor.record_runtime(name, s),
-                                              early_dispatch=opts.batching_early_dispatch,
-                                              preferred_batch_size=preferred)
+                                              early_dispatch=opts.batching_early_dispatch)
             self.predictor = Predictor(self.manager, self.metrics, batcher=self.batcher, executor=self.executor)
             if opts.model_config_file or opts.model_base_path:
                 self.manager.apply_config(self._read_models_config())
