@@ -1,12 +1,15 @@
-"""Batch sizes and throughput under closed-loop gRPC load, for two batching setups side by side.
+"""Batch sizes and throughput under closed-loop gRPC load, for batching setups side by side.
 
     .venv/bin/python scripts/batch_sizes.py --model mobilenet_v2_224x448 --concurrency 8 --rounds 4
+    .venv/bin/python scripts/batch_sizes.py --early-timeouts 5000,20000 --rounds 5
 
-Two embedded servers run at once over the same SavedModel: "early" with serving/batching.config and
-``--batching_early_dispatch`` (as ``make serve`` runs), "tf_serving" with the same file's parameters but a batch
-timeout of 0 and TF Serving's dispatch rule (the shipped setup before early dispatch). Rounds alternate between them, so both see the same
-machine; an idle server costs next to nothing. Printed per round and setup: photos/s, mean batch, and how many
-batches of each size ran in the measured window (from the server's Prometheus histogram). Every answer is checked.
+Embedded servers run at once over the same SavedModel: "tf_serving" with serving/batching.config's parameters
+but a batch timeout of 0 and TF Serving's dispatch rule (the shipped setup before early dispatch), and one
+"early" server per early-dispatch timeout: the same parameters with ``--batching_early_dispatch``, as ``make
+serve`` runs (by default only the file's own timeout; with ``--early-timeouts`` each one given, in µs, named
+"early_<µs>"). Rounds alternate between them, so all see the same machine; an idle server costs next to nothing.
+Printed per round and setup: photos/s, p50 and p95 latency, mean batch, and how many batches of each size ran in the measured window
+(from the server's Prometheus histogram). Every answer is checked.
 """
 
 from __future__ import annotations
@@ -37,10 +40,10 @@ def histogram(address: srv.ServerAddress) -> tuple[dict[float, float], dict[str,
     return buckets, totals
 
 
-def without_timeout(path: Path) -> str:
-    """The batching parameters of ``path`` with ``batch_timeout_micros`` set to 0."""
+def with_timeout(path: Path, micros: int) -> str:
+    """The batching parameters of ``path`` with ``batch_timeout_micros`` set to ``micros``."""
     params = text_format.Parse(path.read_text(), protos.BatchingParameters())
-    params.batch_timeout_micros.value = 0
+    params.batch_timeout_micros.value = micros
     return text_format.MessageToString(params)
 
 
@@ -62,8 +65,11 @@ def main() -> int:
     p.add_argument("--model", default="mobilenet_v2_224x448")
     p.add_argument("--model-repository", default="model_repository")
     p.add_argument("--photo-folder", default="../shared/data/sfdl_samples")
-    p.add_argument("--batching-config", default="serving/batching.config", help="the early-dispatch setup's file")
+    p.add_argument("--batching-config", default="serving/batching.config", help="the parameters every setup starts from")
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--early-timeouts", default="",
+                   help="early-dispatch setups to run, by batch timeout in µs, e.g. 5000,20000 (default: one, the "
+                        "file's own timeout, named 'early')")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--duration", type=float, default=15.0, help="measured seconds per slice")
     p.add_argument("--warmup", type=float, default=2.0)
@@ -78,10 +84,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         (tmp_path / "monitoring.config").write_text(bench.MONITORING_CONFIG)
-        (tmp_path / "timeout0.config").write_text(without_timeout(Path(args.batching_config)))
         config = srv.write_models_config(tmp_path / "models.config", repository, [args.model])
-        setups = {"tf_serving": srv.batching_flags(tmp_path / "timeout0.config", early_dispatch=False),
-                  "early": srv.batching_flags(Path(args.batching_config).resolve())}
+        batching = Path(args.batching_config).resolve()
+        (tmp_path / "timeout0.config").write_text(with_timeout(batching, 0))
+        setups = {"tf_serving": srv.batching_flags(tmp_path / "timeout0.config", early_dispatch=False)}
+        timeouts = [int(t) for t in args.early_timeouts.split(",") if t.strip()]
+        if not timeouts:
+            setups["early"] = srv.batching_flags(batching)
+        for micros in timeouts:
+            path = tmp_path / f"timeout{micros}.config"
+            path.write_text(with_timeout(batching, micros))
+            setups[f"early_{micros}us"] = srv.batching_flags(path)
         servers = {name: srv.EmbeddedServer(srv.ServerAddress(srv.LOOPBACK, srv.free_port(), srv.free_port()),
                                             model_config_file=config, model_repository=repository,
                                             flags=["--monitoring_config_file", str(tmp_path / "monitoring.config"),
@@ -103,15 +116,20 @@ def main() -> int:
                     batches = totals1["count"] - totals0["count"]
                     mean = (totals1["sum"] - totals0["sum"]) / batches if batches else float("nan")
                     rates[name].append(result.throughput)
-                    print(f"round {number} {name:>10}: {result.throughput:6.1f} photos/s, errors {result.errors}; "
+                    summary = result.summary()
+                    print(f"round {number} {name:>14}: {result.throughput:6.1f} photos/s, p50 {summary['p50_ms']} ms, "
+                          f"p95 {summary['p95_ms']} ms, errors {result.errors}; "
                           f"whole slice (warm-up included): mean batch {mean:.2f}, batches by size "
                           f"{window(buckets0, buckets1)}", flush=True)
             for name, values in rates.items():
-                print(f"{name:>10}: median {statistics.median(values):.1f} photos/s over {len(values)} rounds "
+                print(f"{name:>14}: median {statistics.median(values):.1f} photos/s over {len(values)} rounds "
                       f"({', '.join(f'{v:.1f}' for v in values)})")
-            ratios = [e / t for e, t in zip(rates["early"], rates["tf_serving"], strict=True)]
-            print(f"early / tf_serving per round: {', '.join(f'{r:.3f}' for r in ratios)}; "
-                  f"median {statistics.median(ratios):.3f}")
+            early = [name for name in rates if name != "tf_serving"]
+            pairs = [(name, "tf_serving") for name in early] + [(name, early[0]) for name in early[1:]]
+            for name, base in pairs:
+                ratios = [a / b for a, b in zip(rates[name], rates[base], strict=True)]
+                print(f"{name} / {base} per round: {', '.join(f'{r:.3f}' for r in ratios)}; "
+                      f"median {statistics.median(ratios):.3f}")
         finally:
             for server in servers.values():
                 server.stop()
