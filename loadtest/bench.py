@@ -222,6 +222,23 @@ class Workload:
         return rest_workers(address, self.path, self.rest, self.validate)
 
 
+def measured_server(folder: Path, repository: Path, models: dict[str, Path], flags: Sequence[str],
+                    name: str) -> srv.EmbeddedServer:
+    """An embedded server (not started) on free loopback ports, serving ``models`` ({name: base path}) with
+    Prometheus metrics on ``METRICS_PATH`` and the extra ``flags``; its config files and its log
+    (``models_<name>.config``, ``server_<name>.log``) are written to ``folder``."""
+    from google.protobuf import text_format
+
+    monitoring = folder / "monitoring.config"
+    monitoring.write_text(MONITORING_CONFIG)
+    config = folder / f"models_{name}.config"
+    config.write_text(text_format.MessageToString(srv.models_config(models)))
+    return srv.EmbeddedServer(srv.ServerAddress(srv.LOOPBACK, srv.free_port(), srv.free_port()),
+                              model_config_file=config, model_repository=repository,
+                              flags=["--monitoring_config_file", str(monitoring), *flags],
+                              log_path=folder / f"server_{name}.log")
+
+
 def cpu_probe(pid: int) -> Callable[[], float]:
     import psutil
 
@@ -417,22 +434,14 @@ class Bench:
     # Served -------------------------------------------------------------------------------------
 
     def server(self, mode: str, with_ensemble: bool) -> tuple[srv.EmbeddedServer, dict[str, Path]]:
-        from google.protobuf import text_format
-
         served_models = {self.settings["model"]: self.repository / self.settings["model"]}
-        monitoring = self.out / "monitoring.config"
-        monitoring.write_text(MONITORING_CONFIG)
-        flags: list[str] = ["--monitoring_config_file", str(monitoring)]
+        flags: list[str] = []
         if mode == "on":
             flags += srv.batching_flags(self.batching_path, early_dispatch=self.settings["early_dispatch"])
         if with_ensemble:
             served_models.update({m: self.repository / m for m in self.ensemble_config.member_names})
             flags += ["--ensemble_config_file", self.settings["ensemble_config"]]
-        config_path = self.out / f"models_batching_{mode}.config"
-        config_path.write_text(text_format.MessageToString(srv.models_config(served_models)))
-        address = srv.ServerAddress(srv.LOOPBACK, srv.free_port(), srv.free_port())
-        server = srv.EmbeddedServer(address, model_config_file=config_path, model_repository=self.repository,
-                                    flags=flags, log_path=self.out / f"server_batching_{mode}.log")
+        server = measured_server(self.out, self.repository, served_models, flags, f"batching_{mode}")
         return server, served_models
 
     def point(self, work: Workload, transport: str, server: srv.EmbeddedServer, concurrency: int,

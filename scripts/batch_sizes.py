@@ -83,8 +83,6 @@ def main() -> int:
     repository = Path(args.model_repository)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        (tmp_path / "monitoring.config").write_text(bench.MONITORING_CONFIG)
-        config = srv.write_models_config(tmp_path / "models.config", repository, [args.model])
         batching = Path(args.batching_config).resolve()
         (tmp_path / "timeout0.config").write_text(with_timeout(batching, 0))
         setups = {"tf_serving": srv.batching_flags(tmp_path / "timeout0.config", early_dispatch=False)}
@@ -95,10 +93,8 @@ def main() -> int:
             path = tmp_path / f"timeout{micros}.config"
             path.write_text(with_timeout(batching, micros))
             setups[f"early_{micros}us"] = srv.batching_flags(path)
-        servers = {name: srv.EmbeddedServer(srv.ServerAddress(srv.LOOPBACK, srv.free_port(), srv.free_port()),
-                                            model_config_file=config, model_repository=repository,
-                                            flags=["--monitoring_config_file", str(tmp_path / "monitoring.config"),
-                                                   *flags], log_path=tmp_path / f"{name}.log")
+        served = {args.model: repository / args.model}
+        servers = {name: bench.measured_server(tmp_path, repository, served, flags, name)
                    for name, flags in setups.items()}
         try:
             for server in servers.values():

@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from carclf import contract
-from carclf.loadtest import bench, checks, inprocess, protocol
+from carclf.loadtest import bench, inprocess, protocol
 from carclf.loadtest import server as srv
 from carclf.loadtest.photos import load_photos
 
@@ -77,23 +77,16 @@ def main() -> int:
     photos = load_photos(args.photo_folder, None)
     inputs = [protocol.photo_inputs(contract.SIGNATURE_BYTES, ph.data) for ph in photos]
     repository = Path(args.model_repository)
-    version = inprocess.latest_version(repository, args.model)
-    work = bench.Workload(args.model, contract.SIGNATURE_BYTES, inputs,
-                          checks.read_labels(version / "assets" / contract.LABELS_ASSET))
+    model = inprocess.LoadedModel.load(repository, args.model)
+    work = bench.Workload(args.model, contract.SIGNATURE_BYTES, inputs, model.labels)
     settings = {"duration_s": args.duration, "warmup_s": 2.0, "max_requests": 1_000_000}
     cores = os.cpu_count() or 1
     excess = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp)
-        (tmp_path / "monitoring.config").write_text(bench.MONITORING_CONFIG)
-        config = srv.write_models_config(tmp_path / "models.config", repository, [args.model])
-        flags = ["--monitoring_config_file", str(tmp_path / "monitoring.config"),
-                 *srv.batching_flags(Path("serving/batching.config").resolve())]
-        with srv.EmbeddedServer(srv.ServerAddress(srv.LOOPBACK, srv.free_port(), srv.free_port()),
-                                model_config_file=config, model_repository=repository, flags=flags,
-                                log_path=tmp_path / "server.log") as server:
+        flags = srv.batching_flags(Path("serving/batching.config").resolve())
+        with bench.measured_server(Path(tmp), repository, {args.model: repository / args.model}, flags,
+                                   "early") as server:
             server.wait_ready([args.model], timeout=300)
-            model = inprocess.LoadedModel.load(repository, args.model)
             for number in range(1, args.rounds + 1):
                 before = thread_cpu(server.pid)
                 row = bench.measure_point(work, "grpc", server, 8, settings)
