@@ -29,17 +29,20 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check carclf train serving ensemble clients loadtest tests
 
-# Serves what model_repository/ holds (models.config generated from it) plus car_ensemble.
+# Serves what model_repository/ holds (models.config generated from it) plus the ensemble of $(ENSEMBLE)
+# (after `make demo`: make serve ENSEMBLE=runs/demo/serving/car_ensemble/config.pbtxt).
+ENSEMBLE ?= ensemble/car_ensemble/config.pbtxt
 serve: setup
 	mkdir -p runs/serving
 	$(VENV)/bin/carclf serving-config --repository model_repository --output runs/serving/models.config
 	$(VENV)/bin/carclf serve --model_config_file runs/serving/models.config --model_repository model_repository \
-	  --ensemble_config_file ensemble/car_ensemble/config.pbtxt \
+	  --ensemble_config_file $(ENSEMBLE) \
 	  --enable_batching --batching_parameters_file serving/batching.config --batching_early_dispatch \
 	  --monitoring_config_file serving/monitoring.config
 
+# ARGS go to the runner, e.g. make loadtest ARGS="--target-model demo_mobilenet_v2 --users 4"
 loadtest: setup
-	$(PY) -m carclf.loadtest.run
+	$(PY) -m carclf.loadtest.run $(ARGS)
 
 bench: setup
 	$(VENV)/bin/carclf bench

@@ -8,6 +8,11 @@
 5. classify a few sample photos through ``car_ensemble`` over gRPC and over REST, then stop the server.
 
 Every step runs the real ``carclf`` command a user would run, and prints it first.
+
+EfficientNetB0 and Xception have no ImageNet weights offline: trained from scratch on 50 photos for a few
+seconds they stay at chance (validation accuracy about 0.1) and answer nearly the same probabilities for
+every photo. They are there to show the one registry and the ensemble's fan-out; the ensemble's answer
+comes from MobileNetV2, diluted by their flat votes.
 """
 
 from __future__ import annotations
@@ -135,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             server.kill()
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s; server exit status {server.returncode}")
+    print("\nEfficientNetB0 and Xception trained from scratch (no ImageNet weights offline) and stay at chance; "
+          "they show the registry and the ensemble's fan-out.")
+    print(f"Serve these models again with their ensemble: make serve ENSEMBLE={ensemble_config}")
+    print(f"Load-test them while served: make loadtest ARGS=\"--target-model {DEMO_RECIPES[0]}\"")
     return 0 if server.returncode == 0 else 1
 
 

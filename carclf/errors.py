@@ -7,6 +7,8 @@ Model logic raises these; each transport maps them once (``serving.rest`` to HTT
 
 from __future__ import annotations
 
+import re
+
 
 class CarClfError(Exception):
     """Base class. ``code`` is the canonical status name shared by gRPC and REST."""
@@ -101,3 +103,12 @@ ERRORS_BY_CODE: dict[str, type[CarClfError]] = {
 def error_for_code(code: str, message: str) -> CarClfError:
     """Build the typed error for a canonical code name (unknown names become Internal)."""
     return ERRORS_BY_CODE.get(code, Internal)(message)
+
+
+def runtime_message(message: str) -> str:
+    """The line of a TensorFlow runtime error that says what went wrong, without the "Detected at node"
+    stack, the node lines and the ``[Op:...]`` suffix (those name server files, not the caller's mistake)."""
+    lines = [line.strip() for line in message.splitlines()]
+    node = next((i for i, line in enumerate(lines) if line.startswith("[[")), len(lines))
+    text = next((line for line in reversed(lines[:node]) if line), "") or next((x for x in lines if x), "")
+    return re.sub(r"\s*\[Op:[^\]]*\]", "", text)

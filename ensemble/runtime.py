@@ -35,6 +35,7 @@ from carclf.errors import (
     InvalidInput,
     Unavailable,
     error_for_code,
+    runtime_message,
 )
 from carclf.tta import average_views, make_views
 
@@ -206,7 +207,7 @@ class EnsembleRuntime:
             except InvalidInput as exc:
                 raise InvalidInput(f"photo {i}: {exc.message}") from None
             except tf.errors.InvalidArgumentError as exc:
-                raise InvalidInput(f"photo {i}: cannot be decoded: {exc.message}") from None
+                raise InvalidInput(f"photo {i}: cannot be decoded: {runtime_message(exc.message)}") from None
         return decoded
 
     def views(self, decoded: Sequence, specs: Sequence[InputSpec]) -> dict[InputSpec, np.ndarray]:

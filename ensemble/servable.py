@@ -19,7 +19,7 @@ from carclf.ensemble.config import AGGREGATE_OUTPUTS, NUMPY_DTYPES, EnsembleConf
 from carclf.ensemble.members import PredictorMemberCaller
 from carclf.ensemble.runtime import EnsembleResult, EnsembleRuntime
 from carclf.errors import InvalidInput
-from carclf.serving.servable import Servable, Signature, TensorInfo
+from carclf.serving.servable import Dependencies, Servable, Signature, TensorInfo
 
 METHOD_PREDICT = "tensorflow/serving/predict"
 
@@ -70,6 +70,16 @@ class EnsembleServable(Servable):
         through the members that are up (members that are not are described again by the first request
         that needs them). Returns the number of warmup requests that succeeded (0 or 1)."""
         return int(self.runtime.warm(call_members=True))
+
+    def dependencies(self) -> Dependencies | None:
+        """Members run by this same server (in-process) must be served by it: at least the quorum of them
+        (all of them with failure_policy 'fail'). Members behind a remote server (the gateway) are not
+        checked here; a call finds out."""
+        if not isinstance(self.runtime.caller, PredictorMemberCaller):
+            return None
+        config = self.config
+        return Dependencies(config.member_names,
+                            len(config.members) if config.failure_policy == "fail" else config.quorum)
 
     def close(self) -> None:
         self.runtime.close()

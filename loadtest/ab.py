@@ -28,13 +28,9 @@ import time
 import tomllib
 from pathlib import Path
 
-from carclf import contract
 from carclf.errors import CarClfError, ConfigError
-from carclf.loadtest import checks, protocol
 from carclf.loadtest import server as srv
 from carclf.loadtest.bench import MONITORING_CONFIG, Workload, measure_point
-from carclf.loadtest.inprocess import latest_version
-from carclf.loadtest.photos import load_photos
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDES = ("baseline", "candidate")
@@ -128,10 +124,7 @@ def markdown(result: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    photos = load_photos(args.photo_folder, args.photo_limit or None)
-    labels = checks.read_labels(latest_version(args.model_repository, args.model) / "assets" / contract.LABELS_ASSET)
-    inputs = [protocol.photo_inputs(contract.SIGNATURE_BYTES, p.data) for p in photos]
-    work = Workload(args.model, contract.SIGNATURE_BYTES, inputs, labels)
+    work = Workload.of_photos(args.model, args.model_repository, args.photo_folder, args.photo_limit or None)
     transports = [t for t in args.transports.split(",") if t]
     settings = {"duration_s": args.slice, "warmup_s": args.warmup, "max_requests": args.max_requests}
     result = {"command": " ".join([sys.executable, "-m", "carclf.loadtest.ab", *sys.argv[1:]]),

@@ -216,6 +216,16 @@ class Workload:
         self.path = protocol.rest_path(model)
         self.validate: Validator = lambda outputs: checks.check_prediction(outputs, labels)
 
+    @classmethod
+    def of_photos(cls, model: str, repository: str | Path, photo_folder: str | Path,
+                  limit: int | None = None) -> Workload:
+        """One request per photo of ``photo_folder`` to ``serving_default`` (JPEG bytes), answers checked
+        against the labels of the model's newest version in ``repository``."""
+        photos = load_photos(photo_folder, limit)
+        labels = checks.read_labels(inprocess.latest_version(repository, model) / "assets" / contract.LABELS_ASSET)
+        inputs = [protocol.photo_inputs(contract.SIGNATURE_BYTES, photo.data) for photo in photos]
+        return cls(model, contract.SIGNATURE_BYTES, inputs, labels)
+
     def factory(self, transport: str, address: srv.ServerAddress) -> loadgen.WorkerFactory:
         if transport == "grpc":
             return grpc_workers(address.grpc_target, self.grpc, self.validate)

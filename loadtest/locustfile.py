@@ -28,6 +28,7 @@ import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
+import gevent  # noqa: E402
 from locust import FastHttpUser, User, events, task  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
@@ -154,6 +155,16 @@ def _prepare_worker(environment, **_kwargs) -> None:
     """Workers build theirs at test start, when the master's options have arrived."""
     if not isinstance(environment.runner, MasterRunner):
         _prepare(environment)
+
+
+@events.quitting.add_listener
+def _final_csv_rows(environment, **_kwargs) -> None:
+    """Let locust's CSV writer (it rewrites the files once a second) take one more pass now that the users
+    have stopped, so that the CSV files hold the same final counts as the printed table."""
+    from locust.stats import CSV_STATS_INTERVAL_SEC
+
+    if environment.parsed_options is not None and getattr(environment.parsed_options, "csv_prefix", None):
+        gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.25)
 
 
 @events.quitting.add_listener

@@ -3,9 +3,11 @@
 The settings live in ``loadtest/locust.conf`` (overridable by ``LOCUST_*`` environment variables and by
 the flags below, which are forwarded to locust). When nothing answers on the configured REST address and
 it is a local one, the embedded server is started there (``carclf serve`` with TF Serving's flags) over
-``serving/models.config`` if it exists, else over a config generated from the model repository, and
-stopped at the end. The exit status is locust's: non-zero on any failed request or a p95 above
-``max-p95-ms`` (see ``loadtest/locustfile.py``).
+every model of the model repository (as ``make serve`` does; ``--model-config`` for another config) and
+stopped at the end. Before locust starts, the models the run calls must be served (or, for a server it
+starts, be in the repository); otherwise it stops with exit status 2 and says which model is missing and
+what is there, instead of counting a minute of failed requests. Then the exit status is locust's:
+non-zero on any failed request or a p95 above ``max-p95-ms`` (see ``loadtest/locustfile.py``).
 
     python -m carclf.loadtest.run [--users 16 --run-time 2m ...] [-- any other locust flag]
 """
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from carclf.errors import CarClfError, ConfigError, Unavailable
+from carclf.errors import CarClfError, ConfigError, NotFound, Unavailable
 from carclf.loadtest import server as srv
 
 HERE = Path(__file__).resolve().parent
@@ -57,10 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-repository", help="model repository (served when a server is started)")
     parser.add_argument("--max-p95-ms", type=float, help="fail when the overall p95 is above this (0: off)")
     parser.add_argument("--reports", help="folder for the CSV and HTML reports (default: from the config)")
-    parser.add_argument("--model-config", default="serving/models.config",
-                        help="models.config for a started server (generated from the repository if missing)")
+    parser.add_argument("--model-config", default="",
+                        help="models.config for a started server (default: one generated from the repository)")
     parser.add_argument("--ensemble-config", default="ensemble/car_ensemble/config.pbtxt",
-                        help="ensemble config for a started server (skipped if missing)")
+                        help="ensemble config for a started server, when the ensemble tasks are on")
     parser.add_argument("--batching-config", default="serving/batching.config",
                         help="batching parameters for a started server (batching off if missing)")
     parser.add_argument("--no-start", action="store_true", help="never start a server")
@@ -114,45 +116,91 @@ def server_address(settings: dict[str, str]) -> srv.ServerAddress:
     return srv.ServerAddress(rest.hostname, int(grpc_port), rest.port)
 
 
-def ensemble_name(path: str | os.PathLike) -> str:
-    """The model name an ensemble config declares (its ``name`` field)."""
+def called_models(settings: dict[str, str]) -> dict[str, str]:
+    """The models the run calls: {"backbone": name, "ensemble": name}, for the tasks whose weight is above 0."""
+    called = {}
+    if int(settings.get("backbone-weight", "1")) > 0:
+        called["backbone"] = settings.get("target-model", "mobilenet_v2")
+    if int(settings.get("ensemble-weight", "1")) > 0:
+        called["ensemble"] = settings.get("ensemble-model", "car_ensemble")
+    return called
+
+
+HOW_TO_CHOOSE = {"backbone": "give --target-model NAME (or LOCUST_TARGET_MODEL=NAME)",
+                 "ensemble": "give --ensemble-weight 0 to run without ensemble tasks"}
+
+
+def check_served(address: srv.ServerAddress, called: dict[str, str]) -> None:
+    """Raise NotFound / Unavailable, naming the model and what the server has, unless every called model is
+    AVAILABLE on the server already answering at ``address``."""
+    for role, model in called.items():
+        state, message = srv.model_status(address.rest_url, model)
+        if state == "AVAILABLE":
+            continue
+        served = srv.served_models(address.rest_url)
+        listing = f"; it serves {', '.join(served)}" if served else ""
+        why = "does not serve" if state == "NOT_FOUND" else "has no AVAILABLE version of"
+        detail = f" ({state}: {message})" if message and state != "NOT_FOUND" else ""
+        error = NotFound if state == "NOT_FOUND" else Unavailable
+        raise error(f"the server at {address.rest_url} {why} the {role} model {model!r}{detail}{listing}; "
+                    f"{HOW_TO_CHOOSE[role]}")
+
+
+def check_repository(repository: str, served: list[str], called: dict[str, str], ensemble_config: str) -> None:
+    """Before starting a server: raise ConfigError unless the repository holds the called backbone and enough
+    of the ensemble's members (its quorum; all of them with failure_policy 'fail')."""
+    listing = ", ".join(served) or "no model"
+    if "backbone" in called and called["backbone"] not in served:
+        raise ConfigError(f"target-model {called['backbone']!r} is not in the model repository {repository!r} "
+                          f"(it holds {listing}); {HOW_TO_CHOOSE['backbone']}", field="target-model")
+    if "ensemble" not in called:
+        return
+    if not Path(ensemble_config).is_file():
+        raise ConfigError(f"ensemble tasks are on but {ensemble_config!r} does not exist "
+                          f"({HOW_TO_CHOOSE['ensemble']})", field="ensemble-config")
     from carclf.ensemble.config import load_config
 
-    return load_config(path).name
+    config = load_config(ensemble_config)
+    if config.name != called["ensemble"]:
+        raise ConfigError(f"ensemble-model is {called['ensemble']!r} but {ensemble_config} declares "
+                          f"{config.name!r}", field="ensemble-model")
+    needed = len(config.members) if config.failure_policy == "fail" else config.quorum
+    missing = [m for m in config.member_names if m not in served]
+    if len(config.members) - len(missing) < needed:
+        raise ConfigError(f"{config.name} needs {needed} of its members {', '.join(config.member_names)}, but "
+                          f"the model repository {repository!r} lacks {', '.join(missing)} (it holds {listing}); "
+                          f"give --ensemble-config of an ensemble over these models, or "
+                          f"{HOW_TO_CHOOSE['ensemble'].removeprefix('give ')}", field="ensemble-config")
 
 
 def start_server(args, settings: dict[str, str], address: srv.ServerAddress, reports: Path) -> srv.EmbeddedServer:
-    """Start ``carclf serve`` on ``address``; wait until the models the run calls are AVAILABLE.
-
-    Only models the server was configured with are waited for: a run against a model the server lacks
-    must fail in locust, where the failures are counted and reported.
-    """
+    """Start ``carclf serve`` on ``address`` over the repository; wait until the models the run calls are
+    AVAILABLE (refusing at once when the repository cannot serve them)."""
     if address.host not in LOCAL_HOSTS:
         raise Unavailable(f"no server answers at {address.rest_url} and it is not a local address to start one on")
     repository = settings.get("model-repository", "model_repository")
-    config = Path(args.model_config)
-    if not config.is_file():
-        models = srv.repository_models(repository)
-        if not models:
-            raise ConfigError(f"no models to serve: {config} does not exist and {repository!r} holds no model",
+    called = called_models(settings)
+    if args.model_config:
+        config = Path(args.model_config)
+        if not config.is_file():
+            raise ConfigError(f"no such file: {str(config)!r}", field="model-config")
+        served = [m for m in srv.config_model_names(config) if m in srv.repository_models(repository)]
+    else:
+        served = srv.repository_models(repository)
+        if not served:
+            raise ConfigError(f"no models to serve: {repository!r} holds no model with a version folder",
                               field="model-repository")
-        config = srv.write_models_config(reports / "models.config", repository, models)
-    configured = srv.config_model_names(config)
+        config = srv.write_models_config(reports / "models.config", repository, served)
+    check_repository(repository, served, called, args.ensemble_config)
     # As the deployments do (serving/models.config): labels may name versions not exported yet.
     flags = ["--allow_version_labels_for_unavailable_models"]
-    called = [settings.get("target-model", "mobilenet_v2")]
-    if int(settings.get("ensemble-weight", "1")) > 0:
-        if not Path(args.ensemble_config).is_file():
-            raise ConfigError(f"ensemble tasks are on but {args.ensemble_config!r} does not exist "
-                              "(give --ensemble-weight 0 to run without them)", field="ensemble-config")
+    if "ensemble" in called:
         flags += ["--ensemble_config_file", str(args.ensemble_config)]
-        configured.append(ensemble_name(args.ensemble_config))
-        called.append(settings.get("ensemble-model", "car_ensemble"))
     if Path(args.batching_config).is_file():
         flags += srv.batching_flags(args.batching_config)
     server = srv.EmbeddedServer(address, model_config_file=config, model_repository=repository, flags=flags,
                                 log_path=reports / "server.log")
-    waited = [m for m in called if m in configured]
+    waited = list(called.values())
     print(f"loadtest: starting the embedded server on {address.grpc_target} (gRPC) and {address.rest_url} "
           f"over {config}; waiting for {waited or 'it to answer'}", flush=True)
     server.start()
@@ -201,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
         server = start_server(args, settings, address, reports)
     else:
         print(f"loadtest: using the server already answering at {address.rest_url}", flush=True)
+        check_served(address, called_models(settings))
     try:
         cmd = locust_command(args, settings)
         (reports / "run.json").write_text(json.dumps(

@@ -49,20 +49,51 @@ class ServerAddress:
         return f"http://{self.host}:{self.rest_port}"
 
 
-def model_state(rest_url: str, model: str, timeout: float = 2.0) -> str | None:
-    """The best version state of ``model`` from ``GET /v1/models/<model>`` (e.g. "AVAILABLE").
+def model_status(rest_url: str, model: str, timeout: float = 2.0) -> tuple[str | None, str]:
+    """(best version state, its error message) of ``model`` from ``GET /v1/models/<model>``, e.g.
+    ("AVAILABLE", "") or ("END", "model car_ensemble needs 2 of its 3 members ...").
 
-    None when nothing answers on ``rest_url``; "NOT_FOUND" when the server does not know the model.
+    State None when nothing answers on ``rest_url``; "NOT_FOUND" when the server does not know the model.
     """
     try:
         with urllib.request.urlopen(f"{rest_url}/v1/models/{model}", timeout=timeout) as reply:
             body = json.loads(reply.read() or b"{}")
     except urllib.error.HTTPError as exc:
-        return "NOT_FOUND" if exc.code == 404 else f"HTTP_{exc.code}"
+        try:
+            message = json.loads(exc.read() or b"{}").get("error", "")
+        except (OSError, ValueError, AttributeError):
+            message = ""
+        return ("NOT_FOUND" if exc.code == 404 else f"HTTP_{exc.code}"), message
     except (OSError, ValueError):
-        return None
-    states = [v.get("state", "UNKNOWN") for v in body.get("model_version_status", [])]
-    return "AVAILABLE" if "AVAILABLE" in states else (states[0] if states else "UNKNOWN")
+        return None, ""
+    versions = body.get("model_version_status", [])
+    if any(v.get("state") == "AVAILABLE" for v in versions):
+        return "AVAILABLE", ""
+    if not versions:
+        return "UNKNOWN", ""
+    return versions[0].get("state", "UNKNOWN"), versions[0].get("status", {}).get("error_message", "")
+
+
+def model_state(rest_url: str, model: str, timeout: float = 2.0) -> str | None:
+    """The best version state of ``model`` (``model_status`` without the message)."""
+    return model_status(rest_url, model, timeout)[0]
+
+
+def served_models(rest_url: str, timeout: float = 2.0) -> list[str]:
+    """The models a server lists in the embedded server's ``/v1/ready`` (an extension; [] when the server
+    has no such path, as real TF Serving)."""
+    try:
+        with urllib.request.urlopen(f"{rest_url}/v1/ready", timeout=timeout) as reply:
+            body = json.loads(reply.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            body = json.loads(exc.read() or b"{}")
+        except (OSError, ValueError):
+            return []
+    except (OSError, ValueError):
+        return []
+    models = body.get("models") if isinstance(body, dict) else None
+    return sorted(models) if isinstance(models, dict) else []
 
 
 def is_serving(address: ServerAddress, models: Sequence[str], timeout: float = 2.0) -> bool:
@@ -179,6 +210,10 @@ class EmbeddedServer:
                                   f"AVAILABLE; {self.log_tail()}")
             if models and is_serving(self.address, models):
                 return
+            for model in models:  # a version that ended with an error will not become AVAILABLE by waiting
+                state, message = model_status(self.address.rest_url, model)
+                if state == "END" and message:
+                    raise Unavailable(f"model {model} is not served: {message}")
             if not models and model_state(self.address.rest_url, "_") is not None:
                 return  # nothing to wait for but the server answering
             time.sleep(0.25)

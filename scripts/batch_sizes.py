@@ -22,10 +22,8 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-from carclf import contract
-from carclf.loadtest import bench, checks, inprocess, loadgen, metrics, protocol
+from carclf.loadtest import bench, loadgen, metrics
 from carclf.loadtest import server as srv
-from carclf.loadtest.photos import load_photos
 from carclf.serving import protos
 
 HISTOGRAM = metrics.PREFIX + "batching_session:processed_batch_size"
@@ -75,11 +73,7 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=2.0)
     args = p.parse_args()
 
-    photos = load_photos(args.photo_folder, None)
-    inputs = [protocol.photo_inputs(contract.SIGNATURE_BYTES, ph.data) for ph in photos]
-    version = inprocess.latest_version(args.model_repository, args.model)
-    labels = checks.read_labels(version / "assets" / contract.LABELS_ASSET)
-    work = bench.Workload(args.model, contract.SIGNATURE_BYTES, inputs, labels)
+    work = bench.Workload.of_photos(args.model, args.model_repository, args.photo_folder)
     repository = Path(args.model_repository)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)

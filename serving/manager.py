@@ -29,7 +29,7 @@ from carclf.errors import (
 )
 from carclf.serving.config import ModelConfig, ModelsConfig
 from carclf.serving.repository import fingerprint, list_versions
-from carclf.serving.servable import Servable
+from carclf.serving.servable import Dependencies, Servable
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class _Model:
     active: bool = True                        # in the current config (or static)
     retired: list[VersionEntry] = field(default_factory=list)  # from a previous base_path, unloading
     warned_missing: bool = False               # "no version folder" was logged already
+    dependencies: Dependencies | None = None   # static servables only: models of this server it calls
 
     @property
     def static(self) -> bool:
@@ -133,15 +134,17 @@ class ModelManager:
     # -- configuration -----------------------------------------------------------------------------
 
     def add_static(self, servable: Servable) -> None:
-        """Register a servable that is not read from a model folder (an ensemble); AVAILABLE at once."""
+        """Register a servable that is not read from a model folder (an ensemble). It is AVAILABLE at once,
+        or, when it depends on models of this server (``Servable.dependencies``), while enough of them are
+        AVAILABLE; otherwise its version reads END with an UNAVAILABLE status that says which are missing."""
         with self._lock:
             existing = self._models.get(servable.name)
             if existing is not None and (existing.active or existing.static):
                 raise ConfigError(f"a model named {servable.name!r} is already served", field="name")
-            model = self._models[servable.name] = _Model(servable.name)
+            model = self._models[servable.name] = _Model(servable.name, dependencies=servable.dependencies())
             entry = VersionEntry(servable.name, int(servable.version), None, servable=servable)
             model.versions[entry.version] = entry
-            self._set_state(entry, State.AVAILABLE)
+            self._update_dependent(model)
 
     def apply_config(self, config: ModelsConfig) -> None:
         """Serve exactly the models of ``config`` (others are unloaded); returns once new versions are
@@ -169,6 +172,10 @@ class ModelManager:
             for name in wanted:
                 self._reconcile_model(name)
             self._apply_labels(config)
+            with self._lock:  # models that left the config with no version loaded changed no state on the way
+                for model in self._models.values():
+                    if model.dependencies is not None:
+                        self._update_dependent(model)
 
     def poll(self) -> None:
         """Look at every model's folder once: load new versions, unload those the policy dropped."""
@@ -305,6 +312,48 @@ class ModelManager:
         self._changed.notify_all()
         if self._on_state:
             self._on_state(entry.model, entry.version, state)
+        model = self._models.get(entry.model)
+        if model is not None and not model.static and not self._closed:  # (closing: members unload, no news)
+            for other in self._models.values():
+                if other.dependencies is not None:
+                    self._update_dependent(other)
+
+    def _is_available(self, name: str) -> bool:
+        model = self._models.get(name)
+        return (model is not None and model.active and not model.static
+                and any(e.state == State.AVAILABLE for e in model.versions.values()))
+
+    def _update_dependent(self, model: _Model) -> None:
+        """A static servable's state from its dependencies: AVAILABLE, or END with the reason (lock held)."""
+        reason = self._missing_dependencies(model.name, model.dependencies)
+        for entry in model.versions.values():
+            if reason is None and entry.state != State.AVAILABLE:
+                if entry.error is not None:
+                    log.info("model %s: its members are served again; AVAILABLE", model.name)
+                entry.error = None
+                self._set_state(entry, State.AVAILABLE)
+            elif reason is not None and (entry.error is None or entry.error.message != reason):
+                log.warning("%s", reason)
+                entry.error = Unavailable(reason)
+                self._set_state(entry, State.END)
+
+    def _missing_dependencies(self, name: str, deps: Dependencies | None) -> str | None:
+        """Why ``name`` cannot answer for lack of the models it calls, or None (lock held)."""
+        if deps is None:
+            return None
+        down = [m for m in deps.models if not self._is_available(m)]
+        if len(deps.models) - len(down) >= deps.needed:
+            return None
+
+        def why(member: str) -> str:
+            model = self._models.get(member)
+            if model is None or not model.active:
+                return f"{member} (not in the model config)"
+            return f"{member} (no AVAILABLE version)"
+
+        served = sorted(n for n, m in self._models.items() if m.active and not m.static) or ["none"]
+        return (f"model {name} needs {deps.needed} of its {len(deps.models)} members AVAILABLE on this server; "
+                f"not available: {', '.join(why(m) for m in down)}; this server's models: {', '.join(served)}")
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -326,9 +375,11 @@ class ModelManager:
             else:
                 available = [e for e in model.versions.values() if e.state == State.AVAILABLE]
                 if not available:
-                    states = ", ".join(f"{v} {e.state.name}" for v, e in sorted(model.versions.items())) or "none"
+                    states = ", ".join(f"{v} {e.state.name}" + (f": {e.error.message}" if e.error else "")
+                                       for v, e in sorted(model.versions.items())) or "none"
+                    yet = "" if any(e.error for e in model.versions.values()) else " yet"
                     raise Unavailable(f"Servable not found for request: Latest({name}): no version of model {name} "
-                                      f"is AVAILABLE yet (versions: {states})")
+                                      f"is AVAILABLE{yet} (versions: {states})")
                 entry = max(available, key=lambda e: e.version)
             entry.inflight += 1
             return Lease(self, entry)

@@ -8,14 +8,20 @@ errors that still happen (a truncated JPEG body, say) come back as typed ``carcl
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from carclf.errors import CarClfError, DeadlineExceeded, Internal, InvalidInput, error_for_code
+from carclf.errors import (
+    CarClfError,
+    DeadlineExceeded,
+    Internal,
+    InvalidInput,
+    error_for_code,
+    runtime_message,
+)
 from carclf.serving.repository import SAVED_MODEL_FILES
 from carclf.serving.servable import Servable, Signature, TensorInfo
 from carclf.serving.warmup import read_warmup_requests, warmup_file
@@ -56,14 +62,6 @@ def signature_from_def(name: str, signature_def) -> Signature:
     return Signature(name, signature_def.method_name, infos(signature_def.inputs), infos(signature_def.outputs))
 
 
-def _essential(message: str) -> str:
-    """The line of a TF runtime error that says what went wrong (not the stack or node lines)."""
-    lines = [line.strip() for line in message.splitlines()]
-    node = next((i for i, line in enumerate(lines) if line.startswith("[[")), len(lines))
-    text = next((line for line in reversed(lines[:node]) if line), "") or next((x for x in lines if x), "")
-    return re.sub(r"\s*\[Op:[^\]]*\]", "", text)
-
-
 def typed_error(exc: Exception, context: str) -> CarClfError:
     """A TF runtime error as the product's error type, keeping TF's status code."""
     import tensorflow as tf
@@ -72,7 +70,7 @@ def typed_error(exc: Exception, context: str) -> CarClfError:
     if isinstance(exc, CarClfError):
         return exc
     if isinstance(exc, tf.errors.OpError):
-        message = _essential(exc.message or "") or type(exc).__name__
+        message = runtime_message(exc.message or "") or type(exc).__name__
         return error_for_code(error_codes_pb2.Code.Name(exc.error_code), f"{context}: {message}")
     if isinstance(exc, TypeError | ValueError):
         return InvalidInput(f"{context}: {exc}")

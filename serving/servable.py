@@ -49,6 +49,15 @@ class Signature:
     outputs: Mapping[str, TensorInfo]
 
 
+@dataclass(frozen=True)
+class Dependencies:
+    """Models of the same server that a servable calls (an ensemble's members), and how many of them must
+    have an AVAILABLE version for it to answer."""
+
+    models: tuple[str, ...]
+    needed: int
+
+
 class Servable(abc.ABC):
     """A loaded, callable model version."""
 
@@ -96,6 +105,11 @@ class Servable(abc.ABC):
     def warmup(self) -> int:
         """Replay warmup requests before the version is marked AVAILABLE; returns how many ran."""
         return 0
+
+    def dependencies(self) -> Dependencies | None:
+        """Models of this server it cannot answer without (None: it needs none). The model manager keeps
+        it AVAILABLE only while enough of them are."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - an optional hook, not abstract
         """Release resources once the version is unloaded and its in-flight requests have finished."""

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from carclf import imaging
-from carclf.errors import ConfigError, InvalidInput, NotFound
+from carclf.errors import ConfigError, InvalidInput, NotFound, runtime_message
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
@@ -156,8 +156,7 @@ def check_image_file(path: str | os.PathLike, min_side: int = 32):
     try:
         pixels = imaging.decode_image(tf.constant(data))
     except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
-        first = str(exc.message if hasattr(exc, "message") else exc).strip().splitlines()[0]
-        raise InvalidInput(f"does not decode (truncated or corrupt): {first[:160]}") from None
+        raise InvalidInput(f"does not decode (truncated or corrupt): {runtime_message(exc.message)[:160]}") from None
     if min(int(pixels.shape[0]), int(pixels.shape[1])) < min_side:
         raise InvalidInput(f"decodes to {pixels.shape[1]}x{pixels.shape[0]}, smaller than {min_side} px")
     return info

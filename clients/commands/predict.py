@@ -4,16 +4,22 @@
     carclf predict FOLDER --server http://localhost:8501 --output submission.csv
 
 Photos print their top-k car models (and, with --verbose, each ensemble member's vote, version and
-latency). A folder becomes a Kaggle submission CSV (Id,Category) with a progress bar. Every photo is
-checked locally first (header only), so a bad file gets a one-line error before anything is sent.
+latency). A folder becomes a Kaggle submission CSV (Id,Category) with a progress bar.
+
+A photo that cannot be classified does not stop the others: every file is checked locally before its
+request is sent (header only), and when the server refuses a request as invalid (a truncated JPEG, say) its photos are sent again
+one by one to find the culprit. Each such photo gets one line on stderr naming the file; the rest are
+printed (or written to the CSV) and the exit status is 1. Errors that are not about a photo (unknown model,
+server down) stop the run with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -69,12 +75,73 @@ def read_photo(path: Path) -> bytes:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise InvalidInput(f"{path}: cannot be read: {exc.strerror or exc}") from None
-    try:
-        imaging.probe_image(data)
-    except InvalidInput as exc:
-        raise InvalidInput(f"{path}: {exc.message}") from None
+        raise InvalidInput(f"cannot be read: {exc.strerror or exc}") from None
+    imaging.probe_image(data)
     return data
+
+
+class Failures(list):
+    """Photos that could not be classified: (path, why)."""
+
+    def report(self, path: Path, message: str) -> None:
+        self.append((path, message))
+        print(f"carclf predict: error: {path}: {message}", file=sys.stderr, flush=True)
+
+
+def check_model(client, args) -> None:
+    """Before any photo: the model (version, label) must exist and take photos as ``image_bytes``, so that a
+    refused Predict afterwards is about its photos."""
+    metadata = client.metadata(args.model, version=args.version, version_label=args.version_label)
+    signature = metadata.signatures.get(contract.SIGNATURE_BYTES)
+    if signature is None or contract.INPUT_IMAGE_BYTES not in signature.inputs:
+        takes = ", ".join(signature.inputs) if signature else f"no {contract.SIGNATURE_BYTES} signature"
+        raise InvalidInput(f"model {args.model!r} does not take photos as {contract.INPUT_IMAGE_BYTES!r} in "
+                           f"{contract.SIGNATURE_BYTES} (it takes {takes})")
+
+
+def classify(client, args, photos: Sequence[Path], failures: Failures,
+             output_filter: Sequence[str] = ()) -> Iterator[tuple[list[Path], object]]:
+    """(paths, result) per request the server answered, ``args.batch_size`` photos at a time; photos refused
+    locally or by the server as invalid go to ``failures`` and the others go on."""
+    check_model(client, args)
+
+    def readable() -> Iterator[tuple[Path, bytes]]:  # read lazily: a folder may not fit in memory at once
+        for path in photos:
+            try:
+                yield path, read_photo(path)
+            except InvalidInput as exc:
+                failures.report(path, exc.message)
+
+    def send(batch):
+        return client.predict(args.model, images=[data for _, data in batch], version=args.version,
+                              version_label=args.version_label, output_filter=output_filter)
+
+    pending, size = readable(), args.batch_size
+    while batch := list(itertools.islice(pending, size)):
+        try:
+            result = send(batch)
+        except InvalidInput as exc:
+            refused = exc
+        else:
+            yield [path for path, _ in batch], result
+            continue
+        if len(batch) == 1:
+            failures.report(batch[0][0], refused.message)
+            continue
+        answered, errors = [], []
+        for item in batch:  # which photo did the server refuse? ask for each alone
+            try:
+                answered.append(([item[0]], send([item])))
+            except InvalidInput as exc:
+                errors.append((item[0], exc.message))
+        if not errors:  # the request was refused, none of its photos: its size (above max_batch_size, say)
+            print(f"carclf predict: the server refused {len(batch)} photos in one request ({refused.message}); "
+                  "sending one photo per request from now on (a smaller --batch-size avoids this)",
+                  file=sys.stderr, flush=True)
+            size = 1
+        for path, message in errors:
+            failures.report(path, message)
+        yield from answered
 
 
 def read_classes(path: Path | None) -> tuple[list[str] | None, dict[str, str] | None]:
@@ -101,32 +168,39 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--top-k must be >= 1, received {args.top_k}")
     if args.batch_size < 1:
         raise InvalidInput(f"--batch-size must be >= 1, received {args.batch_size}")
+    if not args.timeout > 0:
+        raise InvalidInput(f"--timeout must be > 0 seconds, received {args.timeout}")
     photos, folder_given = collect(args.paths)
     class_names, category_of = read_classes(args.classes)
     root_cert = args.root_cert.read_bytes() if args.root_cert else None
+    failures = Failures()
     with connect(args.server, timeout=args.timeout, root_certificates=root_cert) as client:
         if folder_given:
-            return write_submission(client, args, photos, category_of)
-        for start in range(0, len(photos), args.batch_size):
-            batch = photos[start:start + args.batch_size]
-            result = client.predict(args.model, images=[read_photo(p) for p in batch], version=args.version,
-                                    version_label=args.version_label)
-            for i, path in enumerate(batch):
-                print_photo(path, result, i, args, class_names)
+            write_submission(client, args, photos, category_of, failures)
+        else:
+            unnamed = False
+            for batch, result in classify(client, args, photos, failures):
+                for i, path in enumerate(batch):
+                    unnamed = print_photo(path, result, i, args, class_names) or unnamed
+            if unnamed:
+                print("carclf predict: note: a backbone names only its top class; give --classes classes.json to "
+                      "name the other ranks", file=sys.stderr)
+    if failures:
+        print(f"carclf predict: {len(failures)} of {len(photos)} photos could not be classified (see above)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
-def write_submission(client, args, photos: list[Path], category_of: dict[str, str] | None) -> int:
+def write_submission(client, args, photos: list[Path], category_of: dict[str, str] | None,
+                     failures: Failures) -> None:
     from tqdm import tqdm
 
     output = args.output or Path("submission.csv")
     rows: list[tuple[str, str]] = []
     with tqdm(total=len(photos), desc=f"predict {args.model}", unit="photo", file=sys.stderr) as bar:
-        for start in range(0, len(photos), args.batch_size):
-            batch = photos[start:start + args.batch_size]
-            result = client.predict(args.model, images=[read_photo(p) for p in batch], version=args.version,
-                                    version_label=args.version_label,
-                                    output_filter=(contract.OUTPUT_CLASS_ID, contract.OUTPUT_LABEL))
+        for batch, result in classify(client, args, photos, failures,
+                                      output_filter=(contract.OUTPUT_CLASS_ID, contract.OUTPUT_LABEL)):
             ids = np.asarray(result.outputs[contract.OUTPUT_CLASS_ID]).reshape(-1)
             for path, class_id, label in zip(batch, ids, result.labels, strict=True):
                 category = str(int(class_id))
@@ -137,13 +211,16 @@ def write_submission(client, args, photos: list[Path], category_of: dict[str, st
                     category = category_of[label]
                 rows.append((path.name, category))
             bar.update(len(batch))
+        bar.update(len(failures))  # done with too, though not classified
     write_csv(output, rows)
-    print(f"wrote {len(rows)} predictions to {output}")
-    return 0
+    missing = f"; {len(failures)} photos missing, see the errors above" if failures else ""
+    print(f"wrote {len(rows)} predictions to {output}{missing}")
 
 
-def print_photo(path: Path, result, i: int, args, class_names: list[str] | None) -> None:
+def print_photo(path: Path, result, i: int, args, class_names: list[str] | None) -> bool:
+    """Print one photo's answer; True when some rank could only be shown as ``class <id>``."""
     top = result.top_k(args.top_k, class_names)[i]
+    unnamed = class_names is None and "top_k_labels" not in result.outputs and len(top) > 1
     outputs = result.outputs
     members = []
     if "member_names" in outputs:
@@ -165,7 +242,7 @@ def print_photo(path: Path, result, i: int, args, class_names: list[str] | None)
                           "top_k": [{"label": n, "probability": round(p, 6)} for n, p in top],
                           "members": members, "degraded": degraded,
                           "latency_ms": round(result.latency_ms, 1)}))
-        return
+        return False
     version = f" v{result.version}" if result.version is not None else ""
     note = "  [degraded: some members did not answer]" if degraded else ""
     batch = len(result.probabilities)
@@ -181,3 +258,4 @@ def print_photo(path: Path, result, i: int, args, class_names: list[str] | None)
                       f"{m['latency_ms']:.0f} ms)")
             else:
                 print(f"     vote {m['model']}: no answer")
+    return unnamed

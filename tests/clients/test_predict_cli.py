@@ -25,6 +25,11 @@ def carclf(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           cwd=REPO, env=env)
 
 
+def own_lines(stderr: str) -> list[str]:
+    """The command's own stderr lines (not TensorFlow's start-up logging)."""
+    return [line for line in stderr.splitlines() if line.startswith("carclf predict:")]
+
+
 def test_photos_print_top_k_and_member_votes(tiny_ensemble_server, photos):
     chosen = [str(p) for p in photos[:3]]
     run = carclf("predict", *chosen, "--server", grpc_url(tiny_ensemble_server), "--model", "tiny_ensemble",
@@ -66,20 +71,71 @@ def test_text_output_and_a_folder_submission(tiny_ensemble_server, sample_dir, t
     assert lines[1].strip().startswith("1. ") and lines[1].strip().endswith("%")
 
 
-def test_bad_photo_gets_one_clear_line(tiny_ensemble_server, tmp_path, photos):
+def test_bad_photo_gets_one_clear_line_and_the_others_are_classified(tiny_ensemble_server, tmp_path, photos):
     bad = tmp_path / "notes.jpg"
     bad.write_text("these are not pixels")
-    run = carclf("predict", str(photos[0]), str(bad), "--server", grpc_url(tiny_ensemble_server))
-    assert run.returncode == 2 and run.stdout == ""
-    assert run.stderr.strip().splitlines()[-1] == \
-        f"carclf predict: error: {bad}: data is not a recognised image (20 bytes; first bytes b'these ar')"
-    assert "Traceback" not in run.stderr
+    run = carclf("predict", str(photos[0]), str(bad), "--server", grpc_url(tiny_ensemble_server),
+                 "--model", "tiny_ensemble")
+    assert run.returncode == 1
+    assert run.stdout.startswith(f"{photos[0]}  (tiny_ensemble v1, ")  # the good photo is answered
+    assert own_lines(run.stderr) == [
+        f"carclf predict: error: {bad}: data is not a recognised image (20 bytes; first bytes b'these ar')",
+        "carclf predict: 1 of 2 photos could not be classified (see above)"]
+
+
+@pytest.mark.parametrize("model", ["tiny_ensemble", "tiny_a"])
+def test_a_truncated_photo_the_server_refuses_is_named_and_the_rest_still_answer(tiny_ensemble_server, tmp_path,
+                                                                                 photos, sample_dir, model):
+    """The header reads fine locally; only decoding on the server fails. Its batch is sent again photo by
+    photo, so the file is named and every other photo gets its answer (printed, and in the CSV)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    good = [folder / p.name for p in photos[:4]]
+    for source, target in zip(photos[:4], good, strict=True):
+        target.write_bytes(source.read_bytes())
+    cut = folder / "cut.jpg"
+    cut.write_bytes(photos[4].read_bytes()[:photos[4].stat().st_size // 3])
+    chosen = [str(good[0]), str(cut), *map(str, good[1:])]
+    run = carclf("predict", *chosen, "--server", rest_url(tiny_ensemble_server), "--model", model,
+                 "--batch-size", "3", "--json")
+    assert run.returncode == 1, run.stderr
+    answers = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [a["photo"] for a in answers] == [str(p) for p in good]
+    with connect(grpc_url(tiny_ensemble_server)) as client:
+        want = client.predict(model, images=[p.read_bytes() for p in good])
+    assert [a["top_k"][0]["label"] for a in answers] == [name for (name, _), *_ in want.top_k(3)]
+    errors = own_lines(run.stderr)
+    assert len(errors) == 2 and errors[0].startswith(f"carclf predict: error: {cut}: ")
+    assert "jpeg" in errors[0].lower() and "Detected at" not in run.stderr and "Traceback" not in run.stderr
+    assert errors[1] == "carclf predict: 1 of 5 photos could not be classified (see above)"
+
+    out = tmp_path / "submission.csv"
+    folder_run = carclf("predict", str(folder), "--server", grpc_url(tiny_ensemble_server), "--model", model,
+                        "--output", str(out), "--batch-size", "8", "--classes", str(sample_dir / "classes.json"))
+    assert folder_run.returncode == 1, folder_run.stderr
+    assert "wrote 4 predictions" in folder_run.stdout and "1 photos missing" in folder_run.stdout
+    assert f"carclf predict: error: {cut}: " in folder_run.stderr
+    assert sorted(row[0] for row in list(csv.reader(out.open()))[1:]) == sorted(p.name for p in good)
+
+
+def test_a_batch_above_the_servers_limit_falls_back_to_one_photo_per_request(tiny_ensemble_server, photos):
+    from carclf.ensemble.config import load_config
+
+    limit = load_config(tiny_ensemble_server.options.ensemble_config_file[0]).max_batch_size
+    many = [str(photos[i % len(photos)]) for i in range(limit + 1)]
+    run = carclf("predict", *many, "--server", grpc_url(tiny_ensemble_server), "--model", "tiny_ensemble",
+                 "--batch-size", str(limit + 1), "--json", timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert [json.loads(line)["photo"] for line in run.stdout.splitlines()] == many
+    assert f"the server refused {limit + 1} photos in one request" in run.stderr
+    assert "sending one photo per request from now on" in run.stderr
 
 
 @pytest.mark.parametrize("args,message", [
     (["missing.jpg"], "no such photo or folder: 'missing.jpg'"),
     (["{photo}", "--server", "tcp://x:1"], "server address must start with grpc://"),
     (["{photo}", "--top-k", "0"], "--top-k must be >= 1"),
+    (["{photo}", "--timeout", "0"], "--timeout must be > 0 seconds, received 0.0"),
     (["{photo}", "--server", "{grpc}", "--model", "nope"], "Servable not found for request: Latest(nope)"),
     (["{photo}", "--server", "{rest}", "--model", "nope"], "Servable not found for request: Latest(nope)"),
     (["{photo}", "--server", "{rest}", "--version-label", "nolabel", "--model", "tiny_a"],
@@ -105,3 +161,18 @@ def test_server_down_is_one_line(capsys, photos):
     assert cli.main(["predict", str(photos[0]), "--server", f"http://127.0.0.1:{port}", "--timeout", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot reach" in err[0] and "connection refused" in err[0]
+
+
+def test_a_backbone_without_classes_names_its_top_class_and_says_how_to_name_the_rest(tiny_ensemble_server,
+                                                                                      photos):
+    run = carclf("predict", str(photos[0]), "--server", grpc_url(tiny_ensemble_server), "--model", "tiny_a",
+                 "--top-k", "2")
+    assert run.returncode == 0, run.stderr
+    with connect(grpc_url(tiny_ensemble_server)) as client:
+        answer = client.predict("tiny_a", images=[photos[0].read_bytes()])
+    second = int(np.argsort(-answer.probabilities[0], kind="stable")[1])
+    lines = run.stdout.splitlines()
+    assert lines[1].strip().startswith(f"1. {answer.labels[0]} ")
+    assert lines[2].strip().startswith(f"2. class {second} ")
+    assert own_lines(run.stderr) == ["carclf predict: note: a backbone names only its top class; give --classes "
+                                     "classes.json to name the other ranks"]

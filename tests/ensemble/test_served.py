@@ -174,3 +174,38 @@ def test_member_version_label_picks_the_canary(tiny_ensemble_server, photos):
         tiny_a_v1 = client.predict("tiny_a", images=images, version=1)
     assert canary["member_versions"].tolist() == [[1, 1]] and latest["member_versions"].tolist() == [[2, 1]]
     assert canary["member_labels"][0][0] == tiny_a_v1.labels[0]
+
+
+def test_an_ensemble_without_its_members_is_not_available_until_they_are_served(tiny_repository_template, photos,
+                                                                                tmp_path):
+    """As after `make demo` then `make serve` with another ensemble's config: the ensemble must not read
+    AVAILABLE (readiness probes, load tests) while this server lacks the members it needs."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    config = write_ensemble_config(tmp_path, name="strict", failure_policy="fail")  # needs tiny_a and tiny_b
+    with embedded_server(tiny_repository_template, tmp_path / "server", models=("tiny_a",),
+                         ensembles=[config]) as server:
+        for url in _urls(server):
+            with connect(url) as client:
+                (status,) = client.status("strict")
+                assert (status.state, status.error_code) == ("END", "UNAVAILABLE")
+                assert "tiny_b (not in the model config)" in status.error_message
+                assert "this server's models: tiny_a" in status.error_message
+                with pytest.raises(Unavailable, match="needs 2 of its 2 members"):
+                    client.predict("strict", images=[photos[0].read_bytes()])
+                assert client.status("tiny_a")[0].state == "AVAILABLE"  # the rest serves on
+        with pytest.raises(urllib.error.HTTPError) as ready:
+            urllib.request.urlopen(f"{rest_url(server)}/v1/ready", timeout=10)
+        assert ready.value.code == 503 and json.loads(ready.value.read())["models"]["strict"] is False
+
+        _reload(server, tiny_repository_template, list(TINY_MEMBERS))  # the operator adds the member
+        with connect(rest_url(server)) as client:
+            assert client.status("strict")[0].state == "AVAILABLE"
+            answer = client.predict("strict", images=[photos[0].read_bytes()])
+            assert answer.outputs["member_answered"].tolist() == [[True, True]]
+        _reload(server, tiny_repository_template, ["tiny_b"])  # and takes one away again
+        with connect(grpc_url(server)) as client:
+            (status,) = client.status("strict")
+            assert status.state == "END" and "tiny_a (not in the model config)" in status.error_message
