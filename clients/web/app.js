@@ -28,7 +28,10 @@ async function checkModel() {
     const response = await fetch(API);
     const data = await response.json();
     if (!response.ok) throw new Error(data.error || response.statusText);
-    const versions = (data.model_version_status || []).map((s) => `v${s.version} ${s.state}`);
+    const versions = (data.model_version_status || []).map((s) => {
+      const why = s.status && s.status.error_message ? ` (${s.status.error_message})` : "";
+      return `v${s.version} ${s.state}${why}`;
+    });
     $("model-status").textContent = `${MODEL}: ${versions.join(", ") || "no version"}`;
   } catch (err) {
     $("model-status").textContent = `${MODEL}: status unknown (${err.message})`;

@@ -80,6 +80,21 @@ def _wait_for(browser, element_id: str, timeout: float = 60):
     return browser.find_element("id", element_id)
 
 
+def test_an_ensemble_that_lacks_its_members_shows_why_on_the_page(browser, tiny_repository_template, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.ensemble.servers import embedded_server, write_ensemble_config
+
+    config = write_ensemble_config(tmp_path, name="strict", failure_policy="fail")  # needs tiny_a and tiny_b
+    with embedded_server(tiny_repository_template, tmp_path / "server", models=("tiny_a",), ensembles=[config],
+                         web_ui_model="strict") as server:
+        browser.get(f"{rest_url(server)}/ui")
+        WebDriverWait(browser, 30).until(lambda d: "END" in d.find_element("id", "model-status").text)
+        shown = browser.find_element("id", "model-status").text
+    assert shown.startswith("strict: v1 END (model strict needs 2 of its 2 members AVAILABLE on this server")
+    assert "tiny_b (not in the model config)" in shown
+
+
 def test_upload_shows_top_models_votes_versions_and_latency(browser, page_url, tiny_ensemble_server, photos):
     photo = photos[0]
     with connect(rest_url(tiny_ensemble_server)) as client:
