@@ -75,9 +75,10 @@ def _serving_module(model, input_size: imaging.Size, labels: Sequence[str], labe
 
 
 def next_version(base_path: str | os.PathLike) -> int:
-    """One more than the highest integer version folder (1 for a new model)."""
+    """One more than the highest integer version (1 for a new model). A stray file with a version's name
+    counts too: the rename into it would fail on every try."""
     base = Path(base_path)
-    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] if base.is_dir() else []
+    versions = [int(p.name) for p in base.iterdir() if p.name.isdigit()] if base.is_dir() else []
     return max(versions, default=0) + 1
 
 

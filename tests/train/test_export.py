@@ -25,6 +25,8 @@ def test_versions_are_numbered_and_never_overwritten(tmp_path, labels, photos):
     second = _export(tmp_path, model, labels, payload)
     assert (first.name, second.name) == ("1", "2")
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["1", "2"]  # no temporary folder left
+    (tmp_path / "tiny" / "3").write_text("a stray file with the next version's name")
+    assert _export(tmp_path, model, labels, payload).name == "4"  # skipped, not retried forever
 
 
 def test_failed_check_or_bad_labels_publish_nothing(tmp_path, labels, photos):
