@@ -115,6 +115,11 @@ class EnsembleConfig:
         return tuple(m.name for m in self.members)
 
     @property
+    def members_needed(self) -> int:
+        """Members that must answer: all of them under failure_policy 'fail', else the quorum."""
+        return len(self.members) if self.failure_policy == "fail" else self.quorum
+
+    @property
     def weights(self) -> tuple[float, ...]:
         return tuple(m.weight for m in self.members)
 

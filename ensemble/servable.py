@@ -77,9 +77,7 @@ class EnsembleServable(Servable):
         checked here; a call finds out."""
         if not isinstance(self.runtime.caller, PredictorMemberCaller):
             return None
-        config = self.config
-        return Dependencies(config.member_names,
-                            len(config.members) if config.failure_policy == "fail" else config.quorum)
+        return Dependencies(self.config.member_names, self.config.members_needed)
 
     def close(self) -> None:
         self.runtime.close()

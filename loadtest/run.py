@@ -164,7 +164,7 @@ def check_repository(repository: str, served: list[str], called: dict[str, str],
     if config.name != called["ensemble"]:
         raise ConfigError(f"ensemble-model is {called['ensemble']!r} but {ensemble_config} declares "
                           f"{config.name!r}", field="ensemble-model")
-    needed = len(config.members) if config.failure_policy == "fail" else config.quorum
+    needed = config.members_needed
     missing = [m for m in config.member_names if m not in served]
     if len(config.members) - len(missing) < needed:
         raise ConfigError(f"{config.name} needs {needed} of its members {', '.join(config.member_names)}, but "
