@@ -69,17 +69,27 @@ class BackboneSpec:
                 **self.constructor_kwargs,
             )
         except (OSError, ValueError, Exception) as exc:  # noqa: B014 - download failures come as many types
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            if weights_arg and os.path.isfile(str(weights_arg)) and isinstance(exc, OSError | ValueError):
+                raise WeightsUnreadable(
+                    f"weights file {str(weights_arg)!r} does not load into backbone {self.name!r} at "
+                    f"{imaging.size_text((height, width))} px ({reason}); it must be the Keras no-top "
+                    f"weights of {self.constructor.split(':')[1]}"
+                ) from None
             if weights_arg and not os.path.exists(str(weights_arg)) and _looks_like_download_error(exc):
                 raise WeightsUnavailable(
-                    f"could not download {weights_arg!r} weights for backbone {self.name!r} "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                    f"could not download {weights_arg!r} weights for backbone {self.name!r} ({reason}); "
                     "pass a local weights file or weights=None"
                 ) from exc
             raise
 
 
 class WeightsUnavailable(InvalidInput):
-    """Pretrained weights could not be fetched (no network) or read."""
+    """Pretrained weights could not be fetched (no network)."""
+
+
+class WeightsUnreadable(InvalidInput):
+    """A local weights file is not HDF5, or does not fit the backbone: never a reason to train from scratch."""
 
 
 def _looks_like_download_error(exc: BaseException) -> bool:

@@ -57,19 +57,31 @@ class Timing(keras.callbacks.Callback):
 
 
 class ResumeState(keras.callbacks.Callback):
-    """After every epoch: the weights, the stage, the epochs done and the best score, for ``--resume``."""
+    """After every epoch: the weights, the optimizer, the stage, the epochs done and the best score, for
+    ``--resume``.
+
+    Every file is written aside and renamed into place, and ``state.json`` goes last: it is the commit, so
+    an interrupt at any point leaves the previous epoch's checkpoint whole. The stage's ModelCheckpoint
+    writes the best weights to ``best_partial``; they are renamed over the best file here, after Keras's
+    write has finished.
+    """
 
     def __init__(self, run_dir: Path, stage_index: int, epoch_offset: int, monitor: str, history: list[dict],
-                 stage_name: str, best: float | None):
+                 stage_name: str, best: float | None, best_file: Path):
         super().__init__()
         self.dir = run_dir / runs.CHECKPOINTS
         self.stage_index, self.offset, self.monitor = stage_index, epoch_offset, monitor
         self.history, self.stage_name, self.best = history, stage_name, best
+        self.best_file, self.best_partial = best_file, runs.partial_path(best_file)
 
     def _better(self, value: float) -> bool:
         if self.best is None:
             return True
         return value > self.best if "acc" in self.monitor else value < self.best
+
+    def on_train_begin(self, logs=None):
+        # Left by a write that an interrupt cut short: never to be taken for this run's best.
+        self.best_partial.unlink(missing_ok=True)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
@@ -78,13 +90,15 @@ class ResumeState(keras.callbacks.Callback):
             self.best = float(value)
         self.history.append({"stage": self.stage_name, "epoch": epoch + 1,
                              **{k: float(v) for k, v in logs.items()}})
-        self.model.save_weights(str(self.dir / runs.LAST_WEIGHTS))
+        runs.save_weights(self.model, self.dir / runs.LAST_WEIGHTS)
         save_optimizer_state(self.model.optimizer, self.dir / runs.OPTIMIZER_STATE)
+        if self.best_partial.is_file():
+            os.replace(self.best_partial, self.best_file)
+        runs.write_json(self.dir.parent / runs.HISTORY_JSON, self.history)
         runs.write_json(self.dir / runs.STATE, {
             "stage_index": self.stage_index, "stage_epochs_done": epoch + 1 - self.offset,
             "global_epoch": epoch + 1, "best": self.best, "lr": _get_lr(self.model),
         })
-        runs.write_json(self.dir.parent / runs.HISTORY_JSON, self.history)
 
 
 class LinearWarmup(keras.callbacks.Callback):

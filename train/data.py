@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -22,6 +23,8 @@ import numpy as np
 
 from carclf import imaging
 from carclf.errors import ConfigError, InvalidInput, NotFound, runtime_message
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
@@ -82,6 +85,10 @@ def read_folder_layout(train_dir: str | os.PathLike, classes: str | os.PathLike 
     if not root.is_dir():
         raise NotFound(f"training folder {str(root)!r} does not exist")
     class_ids = _sort_ids(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    nested = root / "train"
+    if "train" in class_ids and any(p.is_dir() for p in nested.iterdir()):
+        raise InvalidInput(f"{str(root)!r} holds a train/ folder of class folders (the Kaggle layout's root): "
+                           f"pass {str(nested)!r}")
     if not class_ids:
         raise InvalidInput(f"training folder {str(root)!r} has no class folders (expected train/<class>/<image>)")
     samples = [
@@ -149,9 +156,14 @@ class ScanReport:
 
 def check_image_file(path: str | os.PathLike, min_side: int = 32):
     """ImageInfo of a file that fully decodes with the product's decoder, else raise InvalidInput why not."""
+    return check_image_bytes(Path(path).read_bytes(), min_side)
+
+
+def check_image_bytes(data: bytes, min_side: int = 32):
+    """``check_image_file`` for bytes already read: the header's limits, then a full decode (a truncated JPEG
+    has a valid header)."""
     import tensorflow as tf
 
-    data = Path(path).read_bytes()
     info = imaging.probe_image(data, min_side=min_side)
     try:
         pixels = imaging.decode_image(tf.constant(data))
@@ -269,6 +281,14 @@ def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int, 
     by_class: dict[int, list[Sample]] = {}
     for s in sorted(samples, key=lambda s: (s.label, s.rel)):
         by_class.setdefault(s.label, []).append(s)
+    if folds and folds > len(samples):
+        raise InvalidInput(f"split.folds {folds} is more than the {len(samples)} usable photos: some folds would "
+                           f"have no validation photo (choose at most {len(samples)} folds)")
+    if folds and by_class:
+        smallest = min(by_class, key=lambda label: (len(by_class[label]), label))
+        if len(by_class[smallest]) < folds:
+            log.warning("the class of %s has %d usable photos, fewer than the %d folds: some folds validate "
+                        "without it", by_class[smallest][0].rel, len(by_class[smallest]), folds)
     train: list[Sample] = []
     val: list[Sample] = []
     dealt = 0  # photos dealt to folds so far, over all classes

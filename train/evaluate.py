@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from carclf import contract, imaging, tta
-from carclf.errors import InvalidInput, NotFound
+from carclf.errors import InvalidInput, NotFound, runtime_message
 
 PixelPredictor = Callable[[np.ndarray], np.ndarray]
 
@@ -42,6 +42,7 @@ class SavedModelInfo:
     labels: list[str]
     card: dict[str, Any]
     resize: str = "squash"
+    folder: Path | None = None  # the version folder loaded
 
 
 def load_savedmodel(path: str | os.PathLike, batch_size: int = 32) -> SavedModelInfo:
@@ -69,7 +70,7 @@ def load_savedmodel(path: str | os.PathLike, batch_size: int = 32) -> SavedModel
 
     predict.loaded = loaded  # keep the SavedModel alive with the function
     return SavedModelInfo(predict, size, [line for line in labels if line], card,
-                          imaging.check_resize(contract.card_resize(card)))
+                          imaging.check_resize(contract.card_resize(card)), folder)
 
 
 def predict_policies(predictor: PixelPredictor, images: Iterable[bytes], policies: Sequence[str | tta.TTAPolicy],
@@ -100,9 +101,9 @@ def predict_policies(predictor: PixelPredictor, images: Iterable[bytes], policie
     for i, data in enumerate(images):
         try:
             image = imaging.decode_image(tf.constant(data))
-        except tf.errors.InvalidArgumentError as exc:
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
             which = names[i] if names is not None else f"photo #{i}"
-            raise InvalidInput(f"{which} does not decode: {str(exc).strip().splitlines()[0][:160]}") from None
+            raise InvalidInput(f"{which} does not decode: {runtime_message(exc.message)[:160]}") from None
         pending.append(tta.make_views(imaging.to_rgb(image, channel_order), union, size, resize).numpy())
         if progress is not None:
             progress.update(1)
@@ -143,7 +144,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
                            trained.class_names, info, trained.recipe.resize)
     loaded = load_savedmodel(source)
     class_ids = [str(c) for c in loaded.card.get("class_ids", range(len(loaded.labels)))]
-    return LoadedModel("savedmodel", source, loaded.predictor, loaded.input_size, class_ids, loaded.labels,
+    return LoadedModel("savedmodel", loaded.folder or source, loaded.predictor, loaded.input_size, class_ids, loaded.labels,
                        loaded.card, loaded.resize)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from carclf import backbones
-from carclf.errors import CarClfError, FailedPrecondition
+from carclf.errors import CarClfError, FailedPrecondition, NotFound
 from carclf.imaging import Size, side_pair, size_text
 from carclf.train import data as data_mod
 from carclf.train import evaluate, pipeline, runs
@@ -86,15 +86,18 @@ def train(recipe: Recipe, runs_root: str | Path = "runs", run_dir: str | Path | 
     With ``time_budget_s`` the run stops after the epoch in which the budget ran out (later stages are
     skipped) and is evaluated as it stands; run.json records that it was cut short.
     """
+    root_made = run_dir is None and not Path(runs_root).exists()
     path = Path(run_dir) if run_dir else runs.new_run_dir(runs.run_name(recipe), runs_root)
     (path / runs.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     try:
         return _run(recipe, path, None, verbose, time_budget_s)
     except CarClfError:
-        # Refused input (a bad photo list, a leak, missing weights) stops a run before its first epoch: a
+        # Refused input (a bad photo list, a leak, unreadable weights) stops a run before its first epoch: a
         # folder made for it holds nothing to resume, so it goes. A later failure keeps it for --resume.
         if run_dir is None and not (path / runs.CHECKPOINTS / runs.LAST_WEIGHTS).exists():
             shutil.rmtree(path, ignore_errors=True)
+            if root_made and not any(Path(runs_root).iterdir()):
+                Path(runs_root).rmdir()
         raise
 
 
@@ -102,14 +105,29 @@ def resume(run_dir: str | Path, verbose: int | None = None, time_budget_s: float
     """Continue a run from its last completed epoch: that epoch's weights, and the optimizer's state (step,
     learning rate, moments) when the run stopped inside a stage."""
     path = Path(run_dir)
+    if not path.is_dir():
+        raise NotFound(f"no run folder at {str(path)!r}")
+    recipe = runs.load_config(path)
     state_file = path / runs.CHECKPOINTS / runs.STATE
-    if not state_file.is_file() or not (path / runs.CHECKPOINTS / runs.LAST_WEIGHTS).is_file():
-        raise FailedPrecondition(f"run {str(path)!r} has no checkpoint to resume from ({state_file} is missing)")
+    last = path / runs.CHECKPOINTS / runs.LAST_WEIGHTS
+    if not state_file.is_file() or not last.is_file():
+        missing = state_file if not state_file.is_file() else last
+        raise FailedPrecondition(f"run {str(path)!r} has no checkpoint to resume from ({missing} is missing: it "
+                                 "stopped before its first epoch ended); start a new run")
     raw = runs.read_json(state_file)
-    history_file = path / runs.HISTORY_JSON
-    state = _State(int(raw["stage_index"]), int(raw["stage_epochs_done"]), raw.get("best"),
-                   runs.read_json(history_file) if history_file.is_file() else [])
-    return _run(runs.load_config(path), path, state, verbose, time_budget_s)
+    info_file = path / runs.RUN_INFO
+    if int(raw["stage_index"]) >= len(recipe.stages) and info_file.is_file() and runs.read_json(info_file).get(
+            "finished"):
+        raise FailedPrecondition(f"run {str(path)!r} finished training already (its results: "
+                                 f"{path / runs.METRICS}); evaluate it with 'carclf evaluate {path}' or start a "
+                                 "new run")
+    if "global_epoch" in raw:
+        history = runs.trim_history(path, int(raw["global_epoch"]))
+    else:
+        history_file = path / runs.HISTORY_JSON
+        history = runs.read_json(history_file) if history_file.is_file() else []
+    state = _State(int(raw["stage_index"]), int(raw["stage_epochs_done"]), raw.get("best"), history)
+    return _run(recipe, path, state, verbose, time_budget_s)
 
 
 def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | None,
@@ -146,6 +164,10 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
              len(split.val), split.fingerprint(), dataset.num_classes)
     if split.extra:
         log.info("training also on %d photos of data.extra_train", len(split.extra))
+    if not split.val:
+        log.warning("no validation photos (split.val_fraction 0): checkpoints, early stopping and learning-rate "
+                    "cuts follow the training %s, and the run reports no accuracy",
+                    recipe.schedule.monitor.removeprefix("val_"))
 
     spec = backbones.get(recipe.backbone)
     model = None
@@ -170,7 +192,7 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
             if resuming:
                 model, _ = build_classifier(spec, dataset.num_classes, recipe.head, size, None,
                                             freeze_batchnorm=weights_used is not None)
-                model.load_weights(str(run_dir / runs.CHECKPOINTS / runs.LAST_WEIGHTS))
+                runs.load_weights(model, run_dir / runs.CHECKPOINTS / runs.LAST_WEIGHTS)
             else:
                 model, weights_used = build_classifier(spec, dataset.num_classes, recipe.head, size, recipe.weights,
                                                        recipe.on_missing_weights,
@@ -202,7 +224,7 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
                  counts["frozen_layers"])
 
         for part, samples in (("train", split.training), ("val", split.val)):
-            if (part, size) not in prepared:
+            if samples and (part, size) not in prepared:
                 prepared[(part, size)] = pipeline.prepared_images(samples, size, recipe.resize,
                                                                   channel_order=recipe.data.channel_order)
         augmenter = Augmenter(recipe.augmentation, size, seed=recipe.seed + index, source=recipe.source)
@@ -232,7 +254,7 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
                       initial_epoch=epoch_offset + done, validation_data=val, callbacks=callbacks, verbose=verbose,
                       shuffle=False)
         train_seconds += timing.total
-        best_file = run_dir / runs.CHECKPOINTS / f"best-{stage.name}.weights.h5"
+        best_file = runs.best_weights(run_dir, stage.name)
         if averager is not None and averager.count:
             if averager.count < stage.average_last:
                 log.warning("stage %r: averaging %d epochs, not %d (stopped early or resumed inside the window)",
@@ -244,17 +266,18 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
             log.info("stage %r ends on the mean weights of epochs %s (head BatchNorm measured on %d training "
                      "images)", stage.name, averager.epochs, seen)
         elif best_file.is_file():
-            model.load_weights(str(best_file))
-        model.save_weights(str(run_dir / runs.CHECKPOINTS / runs.LAST_WEIGHTS))
+            runs.load_weights(model, best_file)
+        runs.save_weights(model, run_dir / runs.CHECKPOINTS / runs.LAST_WEIGHTS)
         runs.write_json(run_dir / runs.CHECKPOINTS / runs.STATE,
-                        {"stage_index": index + 1, "stage_epochs_done": 0, "best": None})
+                        {"stage_index": index + 1, "stage_epochs_done": 0, "best": None,
+                         "global_epoch": int(state.history[-1]["epoch"]) if state.history else 0})
         epoch_offset += stage.epochs
         plot_curves(state.history, run_dir / runs.CURVES)
 
     if model is None:  # resumed a run whose stages were all done
         model, _ = build_classifier(spec, dataset.num_classes, recipe.head, final_size, None)
-        model.load_weights(str(run_dir / runs.CHECKPOINTS / runs.LAST_WEIGHTS))
-    model.save_weights(str(run_dir / runs.FINAL_WEIGHTS))
+        runs.load_weights(model, run_dir / runs.CHECKPOINTS / runs.LAST_WEIGHTS)
+    runs.save_weights(model, run_dir / runs.FINAL_WEIGHTS)
     plot_curves(state.history, run_dir / runs.CURVES)
     runs.write_json(run_dir / runs.HISTORY_JSON, state.history)
 
@@ -283,6 +306,7 @@ def _callbacks(recipe: Recipe, run_dir: Path, stage_name: str, index: int, epoch
     monitor = sched.monitor if has_val else sched.monitor.removeprefix("val_")
     mode = "max" if "acc" in monitor else "min"
     checkpoint_kwargs = {"initial_value_threshold": best} if best is not None else {}
+    best_file = runs.best_weights(run_dir, stage_name)
     return [
         timing,
         ExponentialDecay(sched.decay_per_epoch, sched.min_lr),
@@ -290,13 +314,13 @@ def _callbacks(recipe: Recipe, run_dir: Path, stage_name: str, index: int, epoch
                                           patience=sched.plateau_patience, min_lr=sched.min_lr, verbose=1),
         keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=sched.early_stopping_patience,
                                       verbose=1),
-        keras.callbacks.ModelCheckpoint(str(run_dir / runs.CHECKPOINTS / f"best-{stage_name}.weights.h5"),
+        keras.callbacks.ModelCheckpoint(str(runs.partial_path(best_file)),
                                         monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True,
                                         verbose=0, **checkpoint_kwargs),
         keras.callbacks.CSVLogger(str(run_dir / runs.HISTORY_CSV), append=True),
         keras.callbacks.TensorBoard(log_dir=str(run_dir / runs.TENSORBOARD), write_graph=False,
                                     update_freq="epoch"),
-        ResumeState(run_dir, index, epoch_offset, monitor, history, stage_name, best),
+        ResumeState(run_dir, index, epoch_offset, monitor, history, stage_name, best, best_file),
     ]
 
 

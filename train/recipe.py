@@ -8,7 +8,9 @@ reported as a ConfigError naming the file, the field, the value received and wha
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,9 @@ UNFREEZE_MODES = ("none", "top_blocks", "all")
 POOLINGS = ("avg", "max", "bilinear")  # train/pooling.py
 OPTIMIZERS = ("adam", "sgd")
 ON_MISSING_WEIGHTS = ("fail", "scratch")
+MAX_SEED = 2**32 - 1  # numpy's and Keras's seeds are unsigned 32-bit
+# A recipe's name names its run folders (runs/<name>-<timestamp>), so it must stay one plain folder name.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -223,7 +228,10 @@ class _Fields:
         self.used.add(key)
         if key not in self.data or self.data[key] is None and default is not _MISSING:
             if default is _MISSING:
-                raise self.error(key, "is required")
+                others = [k for k in self.data if isinstance(k, str) and k not in self.used]
+                near = difflib.get_close_matches(key, others, n=1, cutoff=0.75)
+                hint = f" (the field {near[0]!r} is unknown: a misspelling of {key!r}?)" if near else ""
+                raise self.error(key, f"is required{hint}")
             return default
         return self.data[key]
 
@@ -278,9 +286,9 @@ def parse_unfreeze(value: Any, source: str, field_name: str) -> Unfreeze:
 def _parse_stage(data: Any, source: str, index: int) -> Stage:
     f = _Fields(data, source, f"stages[{index}]")
     stage = Stage(
-        name=f.get("name", str, f"stage{index + 1}"),
+        name=_name(f, f"stage{index + 1}", names="the stage's checkpoint files"),
         epochs=f.get("epochs", int, minimum=1),
-        lr=f.get("lr", float, minimum=0.0),
+        lr=_positive(f, "lr"),
         batch_size=f.get("batch_size", int, minimum=1),
         image_size=_parse_image_size(f),
         unfreeze=parse_unfreeze(f.raw("unfreeze", "none"), source, f.name("unfreeze")),
@@ -293,6 +301,21 @@ def _parse_stage(data: Any, source: str, index: int) -> Stage:
             raise f.error(key, f"expected at most the stage's {stage.epochs} epochs, received {getattr(stage, key)}")
     f.finish()
     return stage
+
+
+def _positive(f: _Fields, key: str) -> float:
+    value = f.get(key, float, minimum=0.0)
+    if value <= 0:
+        raise f.error(key, f"expected a value > 0, received {value!r}")
+    return value
+
+
+def _name(f: _Fields, default: Any = _MISSING, names: str = "the run folders") -> str:
+    value = f.get("name", str, default)
+    if not NAME_PATTERN.fullmatch(value) or ".." in value:
+        raise f.error("name", "expected a plain file name (letters, digits, '.', '_', '-'; at most 100 "
+                              f"characters; it names {names}), received {value!r}")
+    return value
 
 
 def _parse_image_size(stage: _Fields) -> Size:
@@ -349,11 +372,11 @@ def parse_recipe(data: Any, source: str = "<memory>") -> Recipe:
         raise ConfigError(f"expected a list of TTA policy names, received {tta_raw!r}", source=source, field="tta")
     weights = f.raw("weights", None)
     recipe = Recipe(
-        name=f.get("name", str),
+        name=_name(f),
         backbone=f.get("backbone", str),
         weights=None if weights in (None, "none", "None", "") else str(weights),
         on_missing_weights=f.get("on_missing_weights", str, "fail", choices=ON_MISSING_WEIGHTS),
-        seed=f.get("seed", int, 42),
+        seed=f.get("seed", int, 42, minimum=0, maximum=MAX_SEED),
         data=DataConfig(
             train=d.get("train", str, None), csv=d.get("csv", str, None), images=d.get("images", str, None),
             classes=d.get("classes", str, None), min_side=d.get("min_side", int, 32, minimum=1),
@@ -408,7 +431,7 @@ def _parse_extra_train(d: _Fields) -> tuple[ExtraSource, ...]:
 
 def _parse_split(s: _Fields) -> SplitConfig:
     split = SplitConfig(val_fraction=s.get("val_fraction", float, 0.2, minimum=0.0, maximum=0.9),
-                        seed=s.get("seed", int, 42), folds=s.get("folds", int, 0, minimum=0),
+                        seed=s.get("seed", int, 42, minimum=0, maximum=MAX_SEED), folds=s.get("folds", int, 0, minimum=0),
                         fold=s.get("fold", int, 0, minimum=0))
     if split.folds == 1:
         raise s.error("folds", "expected 0 (a hold-out split by val_fraction) or at least 2, received 1")

@@ -8,13 +8,14 @@ Layout::
     augmentation.json  the exact albumentations pipeline (A.save)
     scan.json, split.json
     history.csv, history.json, curves.png, tensorboard/
-    checkpoints/       best-<stage>.weights.h5, last.weights.h5, state.json (for --resume)
+    checkpoints/       best-<stage>.weights.h5, last.weights.h5, optimizer.npz, state.json (for --resume)
     final.weights.h5   the trained classifier
     metrics.json, confusion_<policy>.png
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import time
@@ -75,6 +76,56 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def best_weights(run_dir: Path, stage_name: str) -> Path:
+    """The stage's best checkpoint (on the monitored metric)."""
+    return Path(run_dir) / CHECKPOINTS / f"best-{stage_name}.weights.h5"
+
+
+def partial_path(path: Path) -> Path:
+    """Where a weights file is written before it is renamed into ``path`` (Keras wants the ``.weights.h5``
+    suffix): ``last.weights.h5`` -> ``last.partial.weights.h5``."""
+    stem = path.name.removesuffix(".weights.h5")
+    return path.with_name(f"{stem}.partial.weights.h5")
+
+
+def save_weights(model, path: Path) -> None:
+    """``model.save_weights`` written aside and renamed into place, so an interrupt (Ctrl-C, a killed job)
+    in the middle of the write leaves the previous file whole."""
+    partial = partial_path(path)
+    model.save_weights(str(partial))
+    os.replace(partial, path)
+
+
+def load_weights(model, path: Path) -> None:
+    """``model.load_weights``; a file that cannot be read becomes a FailedPrecondition naming it."""
+    try:
+        model.load_weights(str(path))
+    except (OSError, ValueError) as exc:
+        raise FailedPrecondition(f"cannot read the weights in {str(path)!r}: {str(exc).splitlines()[0][:200]}") \
+            from None
+
+
+def trim_history(run_dir: Path, last_epoch: int) -> list[dict[str, Any]]:
+    """Drop what the logs recorded after epoch ``last_epoch`` (1-based, the last one the checkpoint holds):
+    an interrupt between Keras's CSV logger and the checkpoint leaves the logs one epoch ahead, and the
+    resumed run trains that epoch again. Returns the history kept."""
+    history_json = run_dir / HISTORY_JSON
+    history = [h for h in read_json(history_json) if int(h["epoch"]) <= last_epoch] if history_json.is_file() else []
+    write_json(history_json, history)
+    history_csv = run_dir / HISTORY_CSV
+    if history_csv.is_file():
+        with history_csv.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        if rows:  # the CSV logger's "epoch" column is 0-based
+            column = rows[0].index("epoch") if "epoch" in rows[0] else 0
+            kept = [rows[0]] + [r for r in rows[1:] if r and int(float(r[column])) < last_epoch]
+            tmp = history_csv.with_suffix(".csv.tmp")
+            with tmp.open("w", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerows(kept)
+            os.replace(tmp, history_csv)
+    return history
+
+
 def save_config(run_dir: Path, recipe: Recipe) -> None:
     (run_dir / CONFIG).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
 
@@ -124,5 +175,5 @@ def load_run(run_dir: str | os.PathLike, weights_file: str = FINAL_WEIGHTS) -> T
     spec = backbones.get(recipe.backbone)
     model, _ = build_classifier(spec, len(info["class_ids"]), recipe.head, plain_size(info["image_size"]),
                                 weights=None)
-    model.load_weights(str(weights))
+    load_weights(model, weights)
     return TrainedRun(path, recipe, info, model)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from carclf import imaging
+from carclf import contract, imaging
 from carclf.errors import InvalidInput
 from carclf.submission import HEADER
 from carclf.submission import write_submission as write_csv
@@ -30,8 +30,8 @@ def write_submission(model: LoadedModel | Sequence[LoadedModel], photos_dir: str
 
     With several models (e.g. the fold runs of a cross-validation) each predicts with its own input size and
     resize, and their class probabilities are averaged; they must predict the same classes. A photo that is
-    not a usable image stops the run (``on_bad="fail"``, naming the file) or is left out of the CSV with a
-    warning (``on_bad="skip"``). ``channel_order`` is how the photo files store colours
+    not a usable image (not an image, too large or small, or one that does not decode to the end) stops the
+    run (``on_bad="fail"``, naming the file) or is left out of the CSV with a warning (``on_bad="skip"``). ``channel_order`` is how the photo files store colours
     (``imaging.CHANNEL_ORDERS``; ``bgr`` photos are read back as RGB).
     """
     found = predict_folder(model, photos_dir, policy, on_bad, progress, desc="submit", channel_order=channel_order)
@@ -90,7 +90,7 @@ def predict_folder(model: LoadedModel | Sequence[LoadedModel], photos_dir: str |
     for path in photos:
         payload = path.read_bytes()
         try:
-            imaging.probe_image(payload)
+            data.check_image_bytes(payload, min_side=contract.MIN_IMAGE_SIDE)
         except InvalidInput as exc:
             if on_bad == "fail":
                 raise InvalidInput(f"{path.name}: {exc.message}") from None

@@ -71,3 +71,57 @@ def test_scan_reports_bad_files_and_writes_eda(tmp_path, two_class_data):
     assert result.returncode == 0, result.stderr
     assert "skip 1/broken.jpg" in result.stdout and "10 usable images, 1 skipped" in result.stdout
     assert {p.name for p in out.iterdir()} == {"scan.json", "eda.json", "eda.png"}
+
+
+def _lr_zero(recipe: dict) -> None:
+    recipe["stages"][0]["lr"] = 0
+
+
+def _epochs_misspelt(recipe: dict) -> None:
+    recipe["stages"][0]["epocs"] = recipe["stages"][0].pop("epochs")
+
+
+def _stage_name_escapes(recipe: dict) -> None:
+    recipe["stages"][1]["name"] = "../../top"
+
+
+def _scratch_allowed(recipe: dict) -> None:
+    recipe["on_missing_weights"] = "scratch"
+
+
+@pytest.mark.parametrize("args,change,needles", [
+    (("--seed", "-5"), None, ("field 'seed'", "expected a value >= 0, received -5")),
+    (("--split-seed", "-5"), None, ("field 'split.seed'", "received -5")),
+    (("--name", "../outside"), None, ("field 'name'", "plain file name", "'../outside'")),
+    ((), _lr_zero, ("stages[0].lr", "expected a value > 0, received 0.0")),
+    ((), _epochs_misspelt, ("stages[0].epochs", "is required", "'epocs' is unknown")),
+    ((), _stage_name_escapes, ("stages[1].name", "plain file name", "'../../top'")),
+    (("--folds", "11"), None, ("split.folds 11 is more than the 10 usable photos", "at most 10 folds")),
+    (("--weights", "{tmp}/bad.h5"), None, ("weights file", "bad.h5", "does not load into backbone 'mobilenet_v2'")),
+    (("--weights", "{tmp}/typo.h5"), _scratch_allowed, ("field 'weights'", "an existing weights file", "typo.h5")),
+    (("--data", "{tmp}/empty"), None, ("has no class folders",)),
+], ids=["seed", "split_seed", "name_escapes_runs", "lr_zero", "stage_field_typo", "stage_name_escapes",
+        "more_folds_than_photos", "weights_not_hdf5", "explicit_weights_missing", "empty_data"])
+def test_a_refused_run_names_the_problem_and_leaves_no_folder(tmp_path, two_class_data, args, change, needles):
+    (tmp_path / "bad.h5").write_text("not an HDF5 file")
+    (tmp_path / "empty").mkdir()
+    recipe = tiny_recipe(two_class_data)
+    if change:
+        change(recipe)
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    data_before = sorted((p.relative_to(two_class_data), p.stat().st_size) for p in two_class_data.rglob("*"))
+    runs_root = tmp_path / "runs"
+    result = _carclf("train", str(recipe_file), "--runs", str(runs_root),
+                     *(a.replace("{tmp}", str(tmp_path)) for a in args))
+    _assert_clean_error(result, *needles)
+    assert not runs_root.exists(), sorted(runs_root.rglob("*"))
+    assert sorted((p.relative_to(two_class_data), p.stat().st_size) for p in two_class_data.rglob("*")) == data_before
+
+
+def test_resume_of_a_missing_folder_says_so(tmp_path):
+    _assert_clean_error(_carclf("train", "--resume", str(tmp_path / "nope")), "no run folder at")
+
+
+def test_scan_of_the_layouts_root_points_at_its_train_folder(two_class_data):
+    _assert_clean_error(_carclf("scan", str(two_class_data)), "holds a train/ folder", str(two_class_data / "train"))

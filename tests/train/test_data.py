@@ -138,7 +138,8 @@ def test_k_fold_splits_partition_every_class_evenly():
 
 
 @pytest.mark.parametrize("folds,fold,needle", [(1, 0, "at least 2, received 1"), (4, 4, r"fold must be in \[0, 4\)"),
-                                               (3, -1, "received -1")])
+                                               (3, -1, "received -1"),
+                                               (11, 0, "more than the 10 usable photos")])
 def test_k_fold_split_refuses_impossible_folds(folds, fold, needle):
     with pytest.raises(InvalidInput, match=needle):
         data.stratified_split(_samples([5, 5]), 0.2, seed=1, folds=folds, fold=fold)

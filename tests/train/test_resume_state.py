@@ -3,11 +3,19 @@ Adam(amsgrad) trajectory (step count, learning rate, moments) instead of restart
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 
+from carclf.train import runs
 from carclf.train.callbacks import restore_optimizer_state, save_optimizer_state
 from carclf.train.loop import make_optimizer
 from carclf.train.recipe import OptimizerConfig
+
+
+def _csv_epochs(folder) -> list[int]:
+    with (folder / runs.HISTORY_CSV).open(newline="") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
 def _model(units: int = 3, seed: int = 0):
@@ -57,3 +65,11 @@ def test_state_of_another_model_is_refused_and_the_optimizer_stays_fresh(tmp_pat
     assert not restore_optimizer_state(model.optimizer, model.trainable_variables, path)
     assert int(model.optimizer.iterations.numpy()) == 0
     assert not restore_optimizer_state(model.optimizer, model.trainable_variables, tmp_path / "missing.npz")
+
+
+def test_trim_history_drops_epochs_the_checkpoint_does_not_hold(tmp_path):
+    runs.write_json(tmp_path / runs.HISTORY_JSON, [{"stage": "a", "epoch": e, "loss": 1.0 / e} for e in (1, 2, 3)])
+    (tmp_path / runs.HISTORY_CSV).write_text("epoch,loss\r\n0,1.0\r\n1,0.5\r\n2,0.33\r\n")
+    kept = runs.trim_history(tmp_path, 2)
+    assert [h["epoch"] for h in kept] == [1, 2] == [h["epoch"] for h in runs.read_json(tmp_path / runs.HISTORY_JSON)]
+    assert _csv_epochs(tmp_path) == [0, 1]

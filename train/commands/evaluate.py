@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_channel_order_argument(parser, default=None, extra_help=" (default: as the model's training data recorded "
                                                                 "it when --data is not given, else rgb)")
     parser.add_argument("--out", help="folder for eval.json and confusion PNGs "
-                                      "(default: the run folder, or reports/evaluate/<model>)")
+                                      "(default: the run folder, or reports/evaluate/<model>/<version>)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,12 +44,15 @@ def run(args: argparse.Namespace) -> int:
         if not Path(split_path).is_file():
             raise InvalidInput(f"split file {str(split_path)!r} does not exist; pass --split FILE or --all")
         samples = data.load_split(split_path, dataset).val
+        if not samples:
+            raise InvalidInput(f"split {str(split_path)!r} holds no validation photos (the run trained on all of "
+                               "them): pass --all with --data FOLDER of other labelled photos")
     else:
         samples = data.clean_samples(dataset, data.scan_dataset(dataset))
     results = evaluate.evaluate_photos(model.predictor, [s.path for s in samples], [s.label for s in samples],
                                        model.input_size, policies, model.class_ids, model.class_names,
                                        show_progress=True, resize=model.resize, channel_order=channel_order)
-    default_out = model.path if model.kind == "run" else Path("reports/evaluate") / model.path.name
+    default_out = model.path if model.kind == "run" else _report_folder(model.path)
     path = evaluate.write_results(results, Path(args.out or default_out), model.class_ids, prefix="eval",
                                   extra={"model": str(model.path), "photos": len(samples),
                                          "split": str(split_path) if split_path else "all",
@@ -61,3 +64,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"report: {path}")
     print(json.dumps({n: round(r["accuracy"], 4) for n, r in results.items()}))
     return 0
+
+
+def _report_folder(savedmodel: Path) -> Path:
+    """``reports/evaluate/<model>/<version>`` for a version folder of a model repository (the name alone would
+    put every model's version 1 in one folder), else ``reports/evaluate/<folder>``."""
+    if savedmodel.name.isdigit() and savedmodel.parent.name:
+        return Path("reports/evaluate") / savedmodel.parent.name / savedmodel.name
+    return Path("reports/evaluate") / savedmodel.name

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="photos that only train (a CSV Id,Category and its image folder, e.g. from "
                              "'carclf pseudo-label'; {fold} in CSV stands for the fold); repeatable, replaces "
                              "data.extra_train")
-    parser.add_argument("--weights", help="'imagenet', 'none' or a weights file (overrides the recipe)")
+    parser.add_argument("--weights", help="'imagenet', 'none' or a weights file (overrides the recipe; weights that "
+                                          "cannot be had stop the run unless --allow-scratch)")
     parser.add_argument("--allow-scratch", action="store_true",
                         help="if the weights cannot be had, train from scratch with a warning")
     parser.add_argument("--seed", type=int, help="training seed (augmentation, shuffling, initialisation)")
@@ -51,7 +52,8 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
         train=args.data, classes=args.classes, channel_order=channel_order, extra_train=_extra_sources(args.extra_train),
         weights=args.weights, seed=args.seed, name=args.name, split_seed=args.split_seed,
         val_fraction=args.val_fraction, folds=args.folds, fold=args.fold,
-        on_missing_weights="scratch" if args.allow_scratch else None)
+        # Weights named on the command line are the ones wanted: they fall back to scratch only when told.
+        on_missing_weights="scratch" if args.allow_scratch else ("fail" if args.weights else None))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,22 @@
+"""Where ``carclf evaluate`` writes a SavedModel's report when no --out is given: one folder per model version,
+so that evaluating one model's version 1 never overwrites another's."""
+
+from __future__ import annotations
+
+import json
+
+from carclf.cli import main as carclf_main
+
+
+def test_each_model_version_gets_its_own_report_folder(tiny_repository_template, sample_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    targets = {"tiny_a/1": "tiny_a/1", "tiny_b/1": "tiny_b/1", "tiny_a": "tiny_a/2"}  # a model folder: its latest
+    for given, folder in targets.items():
+        args = ["evaluate", str(tiny_repository_template / given), "--tta", "none", "--all",
+                "--data", str(sample_dir / "train")]
+        assert carclf_main(args) == 0
+        report = json.loads((tmp_path / "reports" / "evaluate" / folder / "eval.json").read_text())
+        assert report["model"] == str(tiny_repository_template / folder)
+    written = sorted(str(p.parent.relative_to(tmp_path / "reports" / "evaluate"))
+                     for p in (tmp_path / "reports" / "evaluate").rglob("eval.json"))
+    assert written == sorted(targets.values())
