@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"carclf {args.command}: error: no such file or folder: {exc.filename}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a folder where a file was expected, no permission, a full disk: one line
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"carclf {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"carclf {args.command}: interrupted", file=sys.stderr)
         return 130

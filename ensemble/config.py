@@ -179,6 +179,9 @@ def from_proto(proto, *, source: str = "<proto>", base_dir: str | os.PathLike | 
 
     if not proto.name:
         fail("name", "the ensemble needs a name, received an empty one")
+    if not MODEL_NAME_RE.match(proto.name):
+        fail("name", f"received {proto.name!r}; the ensemble is served as a model: 1-128 letters, digits, '_', '-' "
+                     "or '.', starting with a letter or digit")
     if proto.platform != PLATFORM:
         fail("platform", f"expected {PLATFORM!r}, received {proto.platform!r}")
     if proto.max_batch_size <= 0:

@@ -40,6 +40,10 @@ from carclf.errors import (
 from carclf.tta import average_views, make_views
 
 
+class LabelMismatch(FailedPrecondition):
+    """A member's class labels differ from the ensemble's: its probabilities cannot be averaged with theirs."""
+
+
 @dataclass(frozen=True)
 class MemberOutcome:
     """What one member did for one request."""
@@ -120,7 +124,7 @@ class EnsembleRuntime:
             self._labels = info.labels
         elif tuple(self._labels) != tuple(info.labels):
             self._info.pop(member.name, None)
-            raise FailedPrecondition(f"member {member.name!r} has labels {list(info.labels)[:3]}... "
+            raise LabelMismatch(f"member {member.name!r} has labels {list(info.labels)[:3]}... "
                                      f"({len(info.labels)}), different from the ensemble's "
                                      f"{list(self._labels)[:3]}... ({len(self._labels)})")
 

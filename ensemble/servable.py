@@ -17,8 +17,8 @@ from carclf import contract
 from carclf.ensemble import aggregate as agg
 from carclf.ensemble.config import AGGREGATE_OUTPUTS, NUMPY_DTYPES, EnsembleConfig, load_config
 from carclf.ensemble.members import PredictorMemberCaller
-from carclf.ensemble.runtime import EnsembleResult, EnsembleRuntime
-from carclf.errors import InvalidInput
+from carclf.ensemble.runtime import EnsembleResult, EnsembleRuntime, LabelMismatch
+from carclf.errors import ConfigError, InvalidInput
 from carclf.serving.servable import Dependencies, Servable, Signature, TensorInfo
 
 METHOD_PREDICT = "tensorflow/serving/predict"
@@ -77,7 +77,9 @@ class EnsembleServable(Servable):
         checked here; a call finds out."""
         if not isinstance(self.runtime.caller, PredictorMemberCaller):
             return None
-        return Dependencies(self.config.member_names, self.config.members_needed)
+        versions = {m.name: m.version_label or m.version for m in self.config.members
+                    if m.version_label or m.version is not None}
+        return Dependencies(self.config.member_names, self.config.members_needed, versions)
 
     def close(self) -> None:
         self.runtime.close()
@@ -126,4 +128,9 @@ def load(config_path: str | os.PathLike, predictor, *, model_repository: str | o
     caller = PredictorMemberCaller(predictor, model_repository=model_repository)
     servable = EnsembleServable(EnsembleRuntime(config, caller))
     servable.warmup()  # the server marks it AVAILABLE at once: be ready before that
+    mismatched = [exc.message for exc in servable.runtime.prepare(strict=False).values()
+                  if isinstance(exc, LabelMismatch)]
+    if mismatched:  # the files disagree: no request could be answered, so the server does not start
+        raise ConfigError("; ".join(mismatched), source=str(config_path),
+                          field="output.label_filename" if config.labels is not None else "ensemble_scheduling.step")
     return servable

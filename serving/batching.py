@@ -249,6 +249,16 @@ class BatchScheduler:
             for task in live:
                 task.future.set_result(self._split(outputs, offset, task.size, target))
                 offset += task.size
+        except InvalidInput as exc:
+            if len(live) == 1:
+                live[0].future.set_exception(exc)
+                return
+            # One request's bad data (a truncated JPEG decoded in the graph) fails the merged batch; the
+            # requests run again one by one so that only the request it came from fails.
+            log.info("a batch of %d requests to %s was refused (%s): running them one by one", len(live),
+                     queue.servable.name, exc.message)
+            for task in live:
+                self._run_alone(queue, task)
         except CarClfError as exc:
             for task in live:
                 if not task.future.done():
@@ -258,6 +268,16 @@ class BatchScheduler:
             for task in live:
                 if not task.future.done():
                     task.future.set_exception(Internal(f"batch failed: {type(exc).__name__}: {exc}"))
+
+    def _run_alone(self, queue: _Queue, task: _Task) -> None:
+        try:
+            outputs = queue.servable.run(queue.signature_name, dict(task.inputs))
+            task.future.set_result(self._split(outputs, 0, task.size, task.size))
+        except CarClfError as exc:
+            task.future.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - the request must get an answer
+            log.exception("request to %s failed", queue.servable.name)
+            task.future.set_exception(Internal(f"request failed: {type(exc).__name__}: {exc}"))
 
     @staticmethod
     def _merge(tasks: list[_Task], padding: int) -> dict[str, np.ndarray]:

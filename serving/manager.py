@@ -129,6 +129,7 @@ class ModelManager:
         self._changed = threading.Condition(self._lock)
         self._reconcile = threading.Lock()   # one apply_config / poll at a time
         self._models: dict[str, _Model] = {}
+        self._config = ModelsConfig(models=(), source="<no config yet>")  # the last config applied whole
         self._closed = False
 
     # -- configuration -----------------------------------------------------------------------------
@@ -148,34 +149,74 @@ class ModelManager:
 
     def apply_config(self, config: ModelsConfig) -> None:
         """Serve exactly the models of ``config`` (others are unloaded); returns once new versions are
-        loaded. Raises FailedPrecondition when a label points at a version that is not available."""
+        loaded.
+
+        All or nothing: a label on a version that the version policy will not serve from the folders as
+        they are refuses the config before anything changes; a labelled version that then fails to load
+        puts the previous config back (its models and labels) before the FailedPrecondition is raised.
+        """
         with self._reconcile:
-            with self._lock:
-                wanted = {m.name: m for m in config.models}
-                for name, model in self._models.items():
-                    if model.static and name in wanted:
-                        raise ConfigError(f"model {name!r} is already served by --ensemble_config_file",
-                                          source=config.source, field="model_config_list.config.name")
-                for name, model in self._models.items():
-                    if not model.static and model.active and name not in wanted:
-                        log.info("model %s left the config: unloading it", name)
-                        model.active = False
-                        model.labels = {}
-                        for entry in model.versions.values():
-                            if entry.state == State.AVAILABLE:
-                                self._begin_unload(entry)
-                for name, model_config in wanted.items():
-                    model = self._models.setdefault(name, _Model(name))
-                    if model.config is not None and model.config.base_path != model_config.base_path:
-                        self._retire_versions(model)
-                    model.config, model.active = model_config, True
-            for name in wanted:
-                self._reconcile_model(name)
-            self._apply_labels(config)
-            with self._lock:  # models that left the config with no version loaded changed no state on the way
-                for model in self._models.values():
-                    if model.dependencies is not None:
-                        self._update_dependent(model)
+            if not self._allow_unavailable_labels:
+                self._check_labels_reachable(config)
+            previous = self._config
+            try:
+                self._apply(config)
+            except FailedPrecondition:
+                log.warning("%s was not applied: putting back the previous model config (%s)",
+                            config.source or "the new model config", previous.source or "as given")
+                try:
+                    self._apply(previous)
+                except CarClfError as exc:
+                    log.error("putting back the previous model config failed too: %s", exc.message)
+                raise
+            self._config = config
+
+    @staticmethod
+    def _check_labels_reachable(config: ModelsConfig) -> None:
+        """Refuse labels on versions the policy will not pick from what is on disk now (nothing changed)."""
+        problems = []
+        for model in config.models:
+            if not model.labels:
+                continue
+            served = model.policy.select(list_versions(model.base_path))
+            bad = [f"{label}->{version}" for label, version in sorted(model.labels.items()) if version not in served]
+            if bad:
+                problems.append(f"{model.name} ({', '.join(bad)}; versions {model.policy.describe()} serves from "
+                                f"{model.base_path}: {sorted(served) or 'none'})")
+        if problems:
+            raise FailedPrecondition(
+                "Request to assign labels to versions which are not currently available for inference: "
+                + ", ".join(problems) + ". Nothing of this config was applied; publish those versions first or "
+                "use --allow_version_labels_for_unavailable_models")
+
+    def _apply(self, config: ModelsConfig) -> None:
+        """Change the served models to ``config`` (the caller holds ``_reconcile``)."""
+        with self._lock:
+            wanted = {m.name: m for m in config.models}
+            for name, model in self._models.items():
+                if model.static and name in wanted:
+                    raise ConfigError(f"model {name!r} is already served by --ensemble_config_file",
+                                      source=config.source, field="model_config_list.config.name")
+            for name, model in self._models.items():
+                if not model.static and model.active and name not in wanted:
+                    log.info("model %s left the config: unloading it", name)
+                    model.active = False
+                    model.labels = {}
+                    for entry in model.versions.values():
+                        if entry.state == State.AVAILABLE:
+                            self._begin_unload(entry)
+            for name, model_config in wanted.items():
+                model = self._models.setdefault(name, _Model(name))
+                if model.config is not None and model.config.base_path != model_config.base_path:
+                    self._retire_versions(model)
+                model.config, model.active = model_config, True
+        for name in wanted:
+            self._reconcile_model(name)
+        self._apply_labels(config)
+        with self._lock:  # models that left the config with no version loaded changed no state on the way
+            for model in self._models.values():
+                if model.dependencies is not None:
+                    self._update_dependent(model)
 
     def poll(self) -> None:
         """Look at every model's folder once: load new versions, unload those the policy dropped."""
@@ -269,7 +310,7 @@ class ModelManager:
         if problems:
             raise FailedPrecondition(
                 "Request to assign labels to versions which are not currently available for inference: "
-                + ", ".join(problems) + ". Labels were left unchanged; load those versions first or use "
+                + ", ".join(problems) + ". Nothing of this config stays applied; load those versions first or use "
                 "--allow_version_labels_for_unavailable_models")
 
     # -- unloading ---------------------------------------------------------------------------------
@@ -318,10 +359,21 @@ class ModelManager:
                 if other.dependencies is not None:
                     self._update_dependent(other)
 
-    def _is_available(self, name: str) -> bool:
+    def _why_not_callable(self, name: str, version: int | str | None = None) -> str | None:
+        """Why a request to ``name`` (at a version number or label, or the latest) would fail for want of a
+        loaded version, or None when it would be served (lock held)."""
         model = self._models.get(name)
-        return (model is not None and model.active and not model.static
-                and any(e.state == State.AVAILABLE for e in model.versions.values()))
+        if model is None or not model.active or model.static:
+            return "not in the model config"
+        if isinstance(version, str):
+            if version not in model.labels:
+                return f"no version label {version!r} (labels: {', '.join(sorted(model.labels)) or 'none'})"
+            version = model.labels[version]
+        if version is None:
+            return None if any(e.state == State.AVAILABLE for e in model.versions.values()) else \
+                "no AVAILABLE version"
+        entry = model.versions.get(version)
+        return None if entry is not None and entry.state == State.AVAILABLE else f"version {version} not AVAILABLE"
 
     def _update_dependent(self, model: _Model) -> None:
         """A static servable's state from its dependencies: AVAILABLE, or END with the reason (lock held)."""
@@ -341,19 +393,13 @@ class ModelManager:
         """Why ``name`` cannot answer for lack of the models it calls, or None (lock held)."""
         if deps is None:
             return None
-        down = [m for m in deps.models if not self._is_available(m)]
+        down = {m: why for m in deps.models if (why := self._why_not_callable(m, deps.versions.get(m)))}
         if len(deps.models) - len(down) >= deps.needed:
             return None
-
-        def why(member: str) -> str:
-            model = self._models.get(member)
-            if model is None or not model.active:
-                return f"{member} (not in the model config)"
-            return f"{member} (no AVAILABLE version)"
-
         served = sorted(n for n, m in self._models.items() if m.active and not m.static) or ["none"]
         return (f"model {name} needs {deps.needed} of its {len(deps.models)} members AVAILABLE on this server; "
-                f"not available: {', '.join(why(m) for m in down)}; this server's models: {', '.join(served)}")
+                f"not available: {', '.join(f'{m} ({why})' for m, why in down.items())}; this server's models: "
+                f"{', '.join(served)}")
 
     # -- requests ----------------------------------------------------------------------------------
 

@@ -106,9 +106,12 @@ class ServerOptions:
             need(getattr(self, flag) >= 0, flag, f"must be >= 0, received {getattr(self, flag)}")
         for path_flag in ("model_config_file", "batching_parameters_file", "monitoring_config_file"):
             path = getattr(self, path_flag)
-            need(not path or Path(path).is_file(), path_flag, f"no such file: {path}")
+            need(not path or Path(path).is_file(), path_flag, _not_a_file(path))
         for path in self.ensemble_config_file:
-            need(Path(path).is_file(), "ensemble_config_file", f"no such file: {path}")
+            need(Path(path).is_file(), "ensemble_config_file", _not_a_file(path))
+        resolved = [Path(p).resolve() for p in self.ensemble_config_file]
+        need(len(set(resolved)) == len(resolved), "ensemble_config_file",
+             f"the same file is given twice: {sorted({str(p) for p in resolved if resolved.count(p) > 1})}")
         return self
 
     def repository_root(self) -> Path:
@@ -188,3 +191,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="model that the upload page at GET /ui asks (empty: no page)")
     flag("--drain_timeout_seconds", type=float, default=d.drain_timeout_seconds,
          help="on SIGTERM, how long in-flight requests may take to finish")
+
+
+def _not_a_file(path: str) -> str:
+    return f"{path} is a folder, not a file" if Path(path).is_dir() else f"no such file: {path}"
+

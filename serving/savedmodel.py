@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from carclf import contract, imaging
 from carclf.errors import (
     CarClfError,
     DeadlineExceeded,
@@ -77,6 +78,23 @@ def typed_error(exc: Exception, context: str) -> CarClfError:
     return Internal(f"{context}: {type(exc).__name__}: {exc}")
 
 
+def _undecodable_photo(inputs: Mapping[str, np.ndarray]) -> str | None:
+    """After a refused run of a model that decodes photos in its graph (the product's ``image_bytes``
+    input): which photo does not decode, which TF's message does not say. Only on the error path."""
+    import tensorflow as tf
+
+    photos = inputs.get(contract.INPUT_IMAGE_BYTES)
+    if photos is None:
+        return None
+    for index, data in enumerate(np.ravel(photos)):
+        try:
+            imaging.decode_image(tf.constant(data))
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
+            return (f"{contract.INPUT_IMAGE_BYTES}[{index}] ({len(photos)} in the request) does not decode: "
+                    f"{runtime_message(exc.message)}")
+    return None
+
+
 class SavedModelServable(Servable):
     """A TensorFlow SavedModel version (``<base_path>/<version>/``)."""
 
@@ -122,7 +140,10 @@ class SavedModelServable(Servable):
         try:
             result = function(**inputs)
         except Exception as exc:  # noqa: BLE001 - typed below
-            raise typed_error(exc, f"{self.name} version {self.version} signature {signature_name}") from None
+            error = typed_error(exc, f"{self.name} version {self.version} signature {signature_name}")
+            if isinstance(error, InvalidInput):
+                error = InvalidInput(_undecodable_photo(inputs) or error.message)
+            raise error from None
         return {alias: tensor.numpy() for alias, tensor in result.items()}
 
     def warmup(self) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -52,10 +52,12 @@ class Signature:
 @dataclass(frozen=True)
 class Dependencies:
     """Models of the same server that a servable calls (an ensemble's members), and how many of them must
-    have an AVAILABLE version for it to answer."""
+    be able to answer for it to answer. ``versions`` names, per model, the version number or the version
+    label it is called with (absent: the latest AVAILABLE version)."""
 
     models: tuple[str, ...]
     needed: int
+    versions: Mapping[str, int | str] = field(default_factory=dict)
 
 
 class Servable(abc.ABC):

@@ -98,7 +98,9 @@ class ModelServer:
         self.batcher: BatchScheduler | None = None
         self.executor: ThreadPoolExecutor | None = None
         self.monitoring = MonitoringConfig()
-        self._config_text: str | None = None
+        self._config_text: str | None = None   # the config file's text in force
+        self._failed_text: str | None = None   # a text that failed to apply: not tried again until it changes
+        self._read_problem: str | None = None  # the last read error, logged once
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -277,18 +279,29 @@ class ModelServer:
                     log.exception("file-system poll failed")
 
     def _reload_config_file(self) -> None:
+        """Apply the config file when its text changed. A text that failed is not tried again (nor logged
+        again) until the file changes; so is a read error."""
         path = self.options.model_config_file
         try:
             text = Path(path).read_text(encoding="utf-8")
-            if text == self._config_text:
-                return
-            log.info("%s changed: reloading the model config", path)
-            self.manager.apply_config(parse_models_config(text, self.resolver, source=path))
-            self._config_text = text
-        except CarClfError as exc:
-            log.error("config reload from %s failed (keeping the current config): %s", path, exc.message)
         except OSError as exc:
-            log.error("cannot read %s: %s", path, exc)
+            problem = f"cannot read {path}: {exc.strerror or exc}"
+            if problem != self._read_problem:
+                log.error("%s; the current model config stays in force", problem)
+                self._read_problem = problem
+            return
+        self._read_problem = None
+        if text in (self._config_text, self._failed_text):
+            return
+        log.info("%s changed: reloading the model config", path)
+        try:
+            self.manager.apply_config(parse_models_config(text, self.resolver, source=path))
+        except CarClfError as exc:
+            log.error("config reload from %s failed; the previous config stays in force (tried again when the "
+                      "file changes): %s", path, exc.message)
+            self._failed_text = text
+            return
+        self._config_text, self._failed_text = text, None
 
     # -- shutdown ----------------------------------------------------------------------------------
 

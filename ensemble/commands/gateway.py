@@ -47,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
     from carclf.ensemble.gateway import Gateway
     from carclf.serving.options import ServerOptions
 
+    if not args.ensemble_config_file:  # before the server's own "nothing to serve", which names other flags
+        raise ConfigError("the gateway serves ensembles: give at least one --ensemble_config_file",
+                          source="--ensemble_config_file")
     member_urls = parse_member_urls(args.member)
     root_cert = args.members_root_cert.read_bytes() if args.members_root_cert else None
     gateway = Gateway(ServerOptions.from_args(args), args.members, member_urls=member_urls,

@@ -100,6 +100,7 @@ BAD = [
     ("input type", _edit(BASE, "data_type: TYPE_STRING\n  dims: 1\n  reshape",
                          "data_type: TYPE_UINT8\n  dims: 1\n  reshape"), "input[0].data_type", "TYPE_UINT8"),
     ("max_batch_size", _edit(BASE, "max_batch_size: 64", "max_batch_size: 0"), "max_batch_size", "0"),
+    ("name with a path", _edit(BASE, 'name: "tiny_ensemble"', 'name: "car ensemble/x"'), "name", "car ensemble/x"),
     ("no tta step", _edit(BASE, 'model_name: "carclf_tta"', 'model_name: "carclf_views"'),
      "ensemble_scheduling.step", "carclf_tta"),
 ]

@@ -15,7 +15,7 @@ from carclf.clients import connect
 from carclf.ensemble.config import load_config
 from carclf.ensemble.members import SavedModelMemberCaller
 from carclf.ensemble.runtime import EnsembleRuntime
-from carclf.errors import DeadlineExceeded, Unavailable
+from carclf.errors import ConfigError, DeadlineExceeded, Unavailable
 from tests.ensemble.servers import (
     TINY_LABELS,
     TINY_MEMBERS,
@@ -164,6 +164,8 @@ def test_gateway_command_refuses_a_rest_members_address(tmp_path, capsys):
     assert cli.main(["gateway", "--members", "grpc://h:1", "--member", "oops", "--ensemble_config_file",
                      str(config)]) == 2
     assert "expected NAME=URL, received 'oops'" in capsys.readouterr().err
+    assert cli.main(["gateway", "--members", "grpc://h:1"]) == 2  # named the gateway's own missing flag
+    assert "error: --ensemble_config_file: the gateway serves ensembles" in capsys.readouterr().err
 
 
 def test_member_version_label_picks_the_canary(tiny_ensemble_server, photos):
@@ -209,3 +211,34 @@ def test_an_ensemble_without_its_members_is_not_available_until_they_are_served(
         with connect(grpc_url(server)) as client:
             (status,) = client.status("strict")
             assert status.state == "END" and "tiny_a (not in the model config)" in status.error_message
+
+
+def test_an_ensemble_calling_a_version_label_its_member_lacks_is_not_available(tiny_repository_template, photos,
+                                                                              tmp_path):
+    """Every call would fail with "Unrecognized servable version label": the ensemble reads END and says why,
+    like an ensemble whose members are missing."""
+    config = write_ensemble_config(tmp_path, name="labelled", failure_policy="fail",
+                                   **{"version_label.tiny_a": "nolabel"})
+    with embedded_server(tiny_repository_template, tmp_path / "server", ensembles=[config],
+                         labels=TINY_LABELS) as server:
+        with connect(grpc_url(server)) as client:
+            (status,) = client.status("labelled")
+            assert (status.state, status.error_code) == ("END", "UNAVAILABLE")
+            assert "tiny_a (no version label 'nolabel' (labels: canary, stable))" in status.error_message
+            with pytest.raises(Unavailable, match="needs 2 of its 2 members"):
+                client.predict("labelled", images=[photos[0].read_bytes()])
+            assert client.status("tiny_a")[0].state == "AVAILABLE"
+
+
+def test_an_ensemble_whose_label_file_disagrees_with_its_members_does_not_start(tiny_repository_template, tmp_path):
+    config = write_ensemble_config(tmp_path, name="relabelled")
+    (config.parent / "labels.txt").write_text("a\nb\nc\n")
+    text = config.read_text().replace('name: "probabilities"', 'name: "probabilities"\n  label_filename: "labels.txt"')
+    config.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        with embedded_server(tiny_repository_template, tmp_path / "server", ensembles=[config]):
+            pass
+    message = refused.value.message
+    assert str(config) in message and "output.label_filename" in message
+    assert "has labels" in message and "(10), different from the ensemble's ['a', 'b', 'c']... (3)" in message
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,35 @@ def test_concurrent_requests_are_batched_and_visible_in_metrics(private_server, 
     assert metric(text, prefix + "input_batch_size_count") == 16 and examples == 16
     assert batches < 16, f"16 concurrent requests ran as {batches:.0f} batches: nothing was merged"
     assert metric(text, prefix + "queuing_latency_count") == 16
+
+
+def test_a_bad_photo_fails_only_its_own_request_in_a_merged_batch(private_server, conformance_repository, reference,
+                                                                  jpegs, tmp_path, caplog):
+    """A truncated JPEG (its header is whole) fails the merged batch in TensorFlow; the batch's requests run
+    again one by one, so the others answer as if alone and the bad one is told which photo does not decode."""
+    caplog.set_level(logging.INFO, logger="carclf.serving.batching")
+    batching = tmp_path / "batching.config"
+    batching.write_text("max_batch_size { value: 16 } batch_timeout_micros { value: 300000 } "
+                        "num_batch_threads { value: 1 } max_enqueued_batches { value: 4 }")
+    server = private_server(model_name=OTHER_MODEL, model_base_path=str(conformance_repository / OTHER_MODEL),
+                            enable_batching=True, batching_parameters_file=str(batching), enable_model_warmup=False)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}"))
+    expected = reference(OTHER_MODEL, 1, image_bytes=np.array(jpegs, dtype=object))["probabilities"]
+    truncated = jpegs[0][: len(jpegs[0]) // 2]
+    bodies = [[jpegs[i % len(jpegs)]] for i in range(7)]
+    bodies.insert(3, [jpegs[1], truncated])  # the bad request: its second photo
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = [pool.submit(stub.Predict, predict_request(OTHER_MODEL, image_bytes=np.array(body, dtype=object)),
+                               timeout=60) for body in bodies]
+        with pytest.raises(grpc.RpcError) as refused:
+            futures[3].result()
+        for i, future in enumerate(futures):
+            if i != 3:
+                np.testing.assert_allclose(outputs(future.result())["probabilities"][0],
+                                           expected[jpegs.index(bodies[i][0])], atol=1e-5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image_bytes[1] (2 in the request) does not decode" in refused.value.details()
+    assert any("running them one by one" in r.getMessage() for r in caplog.records), "the requests were not merged"
 
 
 def test_batches_are_padded_to_allowed_sizes(private_server, conformance_repository, reference, jpegs, tmp_path):

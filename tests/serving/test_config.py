@@ -216,6 +216,14 @@ def test_serving_config_cli_refuses_an_empty_repository(tmp_path):
     assert result.returncode == 2 and "no model with integer version folders" in result.stderr
 
 
+def test_serving_config_cli_refuses_a_folder_as_output_in_one_line(conformance_repository, tmp_path):
+    result = subprocess.run(shlex.split(f"{REPO_ROOT}/.venv/bin/python -m carclf serving-config --repository "
+                                        f"{conformance_repository} --output {tmp_path}"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == f"carclf serving-config: error: Is a directory: {tmp_path}"
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--model_config_file", "x", "--model_name", "a", "--model_base_path", "/m/a"], "not both"),
     (["--model_name", "a"], "go together"),
@@ -223,12 +231,15 @@ def test_serving_config_cli_refuses_an_empty_repository(tmp_path):
     (["--model_name", "a", "--model_base_path", "/m/a", "--port", "70000"], "--port"),
     (["--model_name", "a", "--model_base_path", "/m/a", "--batching_parameters_file", "b"], "--enable_batching"),
     (["--model_name", "a", "--model_base_path", "/m/a", "--batching_early_dispatch"], "--batching_early_dispatch"),
+    (["--model_config_file", "{tmp}"], "is a folder, not a file"),
+    (["--ensemble_config_file", "x", "--ensemble_config_file", "{tmp}/../{tmpname}/x"], "the same file is given twice"),
 ])
 def test_flag_validation(args, needle, tmp_path):
-    if "--model_config_file" in args:
+    if "x" in args:
         config = tmp_path / "x"
         config.write_text("")
         args = [str(config) if a == "x" else a for a in args]
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{tmpname}", tmp_path.name) for a in args]
     with pytest.raises(ConfigError, match=needle):
         ServerOptions.from_args(_server_flags(args))
 

@@ -230,3 +230,58 @@ def test_broken_newest_version_at_startup_falls_back_to_the_previous(private_ser
     assert result.version == 2
     np.testing.assert_allclose(result.outputs["probabilities"],
                                reference(MODEL, 2, image_bytes=data)["probabilities"], atol=1e-5)
+
+
+def _served(server) -> dict:
+    """What a client sees: readiness per model, and each model's AVAILABLE versions and labels."""
+    manager = server.manager
+    return {name: (ready, sorted(s.version for s in manager.status(name) if s.state == State.AVAILABLE),
+                   manager.labels(name)) for name, ready in manager.readiness().items()}
+
+
+def test_a_failed_reload_changes_nothing_and_a_restored_file_is_not_needed(private_server, private_repository,
+                                                                           jpegs, caplog):
+    """A reload that cannot be applied whole is not applied at all (TF Serving applies it in part): a base_path
+    typo with labels is refused before anything unloads, and a new model whose labelled version fails to load
+    is taken away again. The config file is not tried again, nor logged again, until it changes."""
+    repo = private_repository
+    config_file = repo / "models.config"
+    good = config_file.read_text()
+    server = private_server(model_config_file=str(config_file), model_repository=str(repo), enable_model_warmup=False,
+                            model_config_file_poll_wait_seconds=0.2)
+    before = _served(server)
+    assert all(ready for ready, _, _ in before.values()) and before[MODEL][2]
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    models = model_service_pb2_grpc.ModelServiceStub(channel)
+    predict = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    data = np.array(jpegs[:1], dtype=object)
+
+    typo = good.replace(f'"{repo / MODEL}"', f'"{repo / MODEL}_typo"')
+    expect_code(lambda: models.HandleReloadConfigRequest(reload_request(typo), timeout=60),
+                grpc.StatusCode.FAILED_PRECONDITION, "Nothing of this config was applied")
+    assert _served(server) == before
+    assert predict.Predict(predict_request(label="stable", image_bytes=data), timeout=30).model_spec.version.value
+
+    broken = repo / "broken"
+    (broken / "5" / "variables").mkdir(parents=True)
+    (broken / "5" / "saved_model.pb").write_bytes(b"")
+    with_broken = good.replace("model_config_list {", 'model_config_list {\n  config { name: "broken" base_path: '
+                               f'"{broken}" model_platform: "tensorflow" version_labels {{ key: "canary" value: 5 }} }}')
+    expect_code(lambda: models.HandleReloadConfigRequest(reload_request(with_broken), timeout=60),
+                grpc.StatusCode.FAILED_PRECONDITION, "broken (canary->5)")
+    assert _served(server) == before  # "broken" left again: /v1/ready stays 200
+    assert Rest(f"http://127.0.0.1:{server.rest_port}").get("/v1/ready").status == 200
+
+    caplog.clear()
+    config_file.write_text(typo)  # the same refusal through the polled file: tried once, logged once
+    deadline = time.monotonic() + 30
+    while not any("config reload from" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the changed config file was not tried"
+        time.sleep(0.1)
+    time.sleep(1.0)  # five more polls
+    assert sum("config reload from" in r.getMessage() for r in caplog.records) == 1
+    assert _served(server) == before
+    config_file.write_text(good)
+    time.sleep(1.0)
+    assert _served(server) == before
+    channel.close()
