@@ -21,7 +21,7 @@ demo: setup
 	$(PY) -m carclf.demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not browser"

@@ -49,6 +49,8 @@ def read_signature_defs(path: Path) -> dict:
             raise InvalidInput(f"{path} holds no saved_model.pb")
     except (DecodeError, text_format.ParseError) as exc:
         raise InvalidInput(f"{path}/saved_model.pb is not a SavedModel: {exc}") from None
+    if not saved_model.meta_graphs:  # an empty file parses as an empty message
+        raise InvalidInput(f"{path}/saved_model.pb holds no meta graph (an empty or unfinished file?)")
     for meta_graph in saved_model.meta_graphs:
         if SERVE_TAG in meta_graph.meta_info_def.tags:
             return {name: sig for name, sig in meta_graph.signature_def.items() if name not in _INTERNAL_SIGNATURES}

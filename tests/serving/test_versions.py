@@ -225,6 +225,9 @@ def test_broken_newest_version_at_startup_falls_back_to_the_previous(private_ser
                             enable_model_warmup=False)
     assert [(s.version, s.state) for s in server.manager.status(MODEL)] == [(3, State.END), (2, State.AVAILABLE)]
     assert "saved_model.pb" in server.manager.status(MODEL, 3)[0].error_message
+    (broken / "saved_model.pb").write_bytes(b"")  # an empty file parses as an empty SavedModel: said plainly
+    server.manager.poll()
+    assert "saved_model.pb holds no meta graph" in server.manager.status(MODEL, 3)[0].error_message
     data = np.array(jpegs[:1], dtype=object)
     result = server.predictor.predict(MODEL, {"image_bytes": data})
     assert result.version == 2

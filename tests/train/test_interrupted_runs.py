@@ -51,52 +51,57 @@ def _interrupt_write(monkeypatch, file_name: str, nth: int) -> dict:
     return seen
 
 
-@pytest.mark.parametrize("file_name,nth,epochs_kept", [
-    ("last.partial.weights.h5", 2, 1),      # the end of the 2nd epoch: after the CSV logger wrote its row
-    ("best-top.partial.weights.h5", 1, 2),  # the first best checkpoint of stage 2
-], ids=["last_checkpoint", "best_checkpoint"])
-def test_an_interrupt_during_a_checkpoint_write_resumes_from_the_last_whole_epoch(
-        two_class_data, tmp_path, monkeypatch, file_name, nth, epochs_kept):
-    recipe = parse_recipe(tiny_recipe(two_class_data, stages=STAGES), source="tiny")
-    root = tmp_path / "runs"
-    seen = _interrupt_write(monkeypatch, file_name, nth)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(recipe, runs_root=root, verbose=0)
-    monkeypatch.undo()
-    (run_dir,) = root.iterdir()
-    checkpoints = run_dir / runs.CHECKPOINTS
-    whole = checkpoints / file_name.replace(".partial", "")
+def _assert_whole(run_dir: Path, file_name: str, seen: dict, epochs_kept: int) -> None:
+    """After an interrupted write: the file in place is what it was before, and the state and the history
+    stop at the last whole epoch."""
+    whole = run_dir / runs.CHECKPOINTS / file_name.replace(".partial", "")
     if seen["before"] is None:
         assert not whole.exists()  # never half-written in place
     else:
         assert whole.read_bytes() == seen["before"]
-    state = runs.read_json(checkpoints / runs.STATE)
-    assert state["global_epoch"] == epochs_kept
+    assert runs.read_json(run_dir / runs.CHECKPOINTS / runs.STATE)["global_epoch"] == epochs_kept
     assert [h["epoch"] for h in runs.read_json(run_dir / runs.HISTORY_JSON)] == list(range(1, epochs_kept + 1))
+
+
+def test_interrupts_during_checkpoint_writes_resume_from_the_last_whole_epoch(two_class_data, tmp_path,
+                                                                              monkeypatch):
+    recipe = parse_recipe(tiny_recipe(two_class_data, stages=STAGES), source="tiny")
+    root = tmp_path / "runs"
+    # The end of the 2nd epoch, after the CSV logger wrote its row: the last checkpoint's write is cut.
+    seen = _interrupt_write(monkeypatch, "last.partial.weights.h5", 2)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(recipe, runs_root=root, verbose=0)
+    monkeypatch.undo()
+    (run_dir,) = root.iterdir()
+    _assert_whole(run_dir, "last.partial.weights.h5", seen, 1)
+    assert _csv_epochs(run_dir) == [0, 1]  # the logger is one epoch ahead of the checkpoint
+
+    # Resumed, it is cut again in the first best checkpoint of stage 2.
+    seen = _interrupt_write(monkeypatch, "best-top.partial.weights.h5", 1)
+    with pytest.raises(KeyboardInterrupt):
+        loop.resume(run_dir, verbose=0)
+    monkeypatch.undo()
+    _assert_whole(run_dir, "best-top.partial.weights.h5", seen, 2)
 
     loop.resume(run_dir, verbose=0)
     history = runs.read_json(run_dir / runs.HISTORY_JSON)
     assert [(h["stage"], h["epoch"]) for h in history] == [("head", 1), ("head", 2), ("top", 3)]
-    assert _csv_epochs(run_dir) == [0, 1, 2]  # one row per epoch: the interrupted epoch's row is not doubled
+    assert _csv_epochs(run_dir) == [0, 1, 2]  # one row per epoch: no interrupted epoch's row is doubled
+    checkpoints = run_dir / runs.CHECKPOINTS
     assert not list(checkpoints.glob("*.partial.*"))
     assert runs.read_json(run_dir / runs.RUN_INFO)["finished"]
-    trained = runs.load_run(run_dir)  # the final weights read back
-    assert trained.class_ids == ["0", "1"]
+    assert runs.load_run(run_dir).class_ids == ["0", "1"]  # the final weights read back
 
     with pytest.raises(FailedPrecondition, match="finished training already"):
         loop.resume(run_dir, verbose=0)
 
-
-def test_a_checkpoint_damaged_outside_the_run_is_reported_not_a_traceback(two_class_data, tmp_path):
-    recipe = parse_recipe(tiny_recipe(two_class_data, stages=STAGES[:1]), source="tiny")
-    run_dir = loop.train(recipe, runs_root=tmp_path / "runs", verbose=0)
-    state_file = run_dir / runs.CHECKPOINTS / runs.STATE
-    runs.write_json(state_file, {**runs.read_json(state_file), "stage_index": 0, "stage_epochs_done": 1})
-    last = run_dir / runs.CHECKPOINTS / runs.LAST_WEIGHTS
+    # A checkpoint damaged outside the run (a full disk, a bad copy) is reported, not a traceback.
+    state_file = checkpoints / runs.STATE
+    runs.write_json(state_file, {**runs.read_json(state_file), "stage_index": 1, "stage_epochs_done": 0})
+    last = checkpoints / runs.LAST_WEIGHTS
     last.write_bytes(last.read_bytes()[:1000])
     with pytest.raises(FailedPrecondition, match="cannot read the weights in .*last.weights.h5"):
         loop.resume(run_dir, verbose=0)
-
     with pytest.raises(NotFound, match="no run folder at"):
         loop.resume(tmp_path / "no_such_run", verbose=0)
 
