@@ -1,6 +1,8 @@
 # Two commands on a fresh clone: `make demo` (the main job) and `make test` (the suite).
 # Each sets up its own environment first.
 PYTHON ?= python3.11
+PORT      ?= 8500
+REST_PORT ?= 8501
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -36,13 +38,14 @@ serve: setup
 	mkdir -p runs/serving
 	$(VENV)/bin/carclf serving-config --repository model_repository --output runs/serving/models.config
 	$(VENV)/bin/carclf serve --model_config_file runs/serving/models.config --model_repository model_repository \
-	  --ensemble_config_file $(ENSEMBLE) \
+	  --port $(PORT) --rest_api_port $(REST_PORT) --ensemble_config_file $(ENSEMBLE) \
 	  --enable_batching --batching_parameters_file serving/batching.config --batching_early_dispatch \
 	  --monitoring_config_file serving/monitoring.config
 
-# ARGS go to the runner, e.g. make loadtest ARGS="--target-model demo_mobilenet_v2 --users 4"
+# ARGS go to the runner, e.g. make loadtest ARGS="--target-model demo_mobilenet_v2 --users 4"; PORT and
+# REST_PORT (as given to make serve) say where the server is
 loadtest: setup
-	$(PY) -m carclf.loadtest.run $(ARGS)
+	$(PY) -m carclf.loadtest.run --host http://127.0.0.1:$(REST_PORT) --grpc-host 127.0.0.1:$(PORT) $(ARGS)
 
 bench: setup
 	$(VENV)/bin/carclf bench

@@ -432,6 +432,10 @@ def _apply_parameters(config: EnsembleConfig, params: Mapping[str, str], fail) -
             retry["initial_backoff_s" if "initial" in key else "max_backoff_s"] = ms / 1000.0
     if retry:
         changes["retry"] = RetryPolicy(**{**RetryPolicy().__dict__, **retry})
+        if changes["retry"].initial_backoff_s > changes["retry"].max_backoff_s:
+            fail("parameters['retry_initial_backoff_ms']",
+                 f"must not exceed retry_max_backoff_ms ({changes['retry'].max_backoff_s * 1000:g}), received "
+                 f"{changes['retry'].initial_backoff_s * 1000:g}")
     ordered = tuple(members[m.name] for m in config.members)
     return replace(config, members=ordered, **changes)
 

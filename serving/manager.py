@@ -75,6 +75,7 @@ class _Model:
     retired: list[VersionEntry] = field(default_factory=list)  # from a previous base_path, unloading
     warned_missing: bool = False               # "no version folder" was logged already
     dependencies: Dependencies | None = None   # static servables only: models of this server it calls
+    degraded: dict[str, str] = field(default_factory=dict)  # its members that cannot answer, its quorum met
 
     @property
     def static(self) -> bool:
@@ -378,6 +379,13 @@ class ModelManager:
     def _update_dependent(self, model: _Model) -> None:
         """A static servable's state from its dependencies: AVAILABLE, or END with the reason (lock held)."""
         reason = self._missing_dependencies(model.name, model.dependencies)
+        down = self._unavailable_members(model.dependencies) if reason is None else {}
+        if down != model.degraded:  # answering without some members (its quorum met): said once per change
+            if down:
+                log.warning("model %s answers without %s (%d of %d members needed)", model.name,
+                            ", ".join(f"{m} ({why})" for m, why in down.items()), model.dependencies.needed,
+                            len(model.dependencies.models))
+            model.degraded = down
         for entry in model.versions.values():
             if reason is None and entry.state != State.AVAILABLE:
                 if entry.error is not None:
@@ -389,11 +397,17 @@ class ModelManager:
                 entry.error = Unavailable(reason)
                 self._set_state(entry, State.END)
 
+    def _unavailable_members(self, deps: Dependencies | None) -> dict[str, str]:
+        """The models a servable calls that could not answer now, with why (lock held)."""
+        if deps is None:
+            return {}
+        return {m: why for m in deps.models if (why := self._why_not_callable(m, deps.versions.get(m)))}
+
     def _missing_dependencies(self, name: str, deps: Dependencies | None) -> str | None:
         """Why ``name`` cannot answer for lack of the models it calls, or None (lock held)."""
         if deps is None:
             return None
-        down = {m: why for m in deps.models if (why := self._why_not_callable(m, deps.versions.get(m)))}
+        down = self._unavailable_members(deps)
         if len(deps.models) - len(down) >= deps.needed:
             return None
         served = sorted(n for n, m in self._models.items() if m.active and not m.static) or ["none"]

@@ -88,6 +88,9 @@ BAD = [
                                                               '"box": [0.5, 0, 0.2, 1]}]}'}),
      "parameters['tta_policy']", "0.5"),
     ("deadline", render("e", ["a"], parameters={"deadline_ms": "0"}), "parameters['deadline_ms']", "0"),
+    ("backoff above its maximum", render("e", ["a"], parameters={"retry_initial_backoff_ms": "500",
+                                                                 "retry_max_backoff_ms": "10"}),
+     "parameters['retry_initial_backoff_ms']", "500"),
     ("model_version 0", _edit(BASE, 'model_name: "tiny_a"\n    model_version: -1', 'model_name: "tiny_a"\n    '
                               'model_version: 0'), "ensemble_scheduling.step[1].model_version", "0"),
     ("member input name", _edit(BASE, 'key: "pixels"', 'key: "image"'), "ensemble_scheduling.step[1].input_map",

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from carclf.clients import connect
-from carclf.ensemble.config import load_config
+from carclf.ensemble.config import load_config, render
 from carclf.ensemble.members import SavedModelMemberCaller
 from carclf.ensemble.runtime import EnsembleRuntime
 from carclf.errors import ConfigError, DeadlineExceeded, Unavailable
 from tests.ensemble.servers import (
+    TINY_ENSEMBLE_PARAMETERS,
     TINY_LABELS,
     TINY_MEMBERS,
     embedded_server,
@@ -242,3 +243,20 @@ def test_an_ensemble_whose_label_file_disagrees_with_its_members_does_not_start(
     assert str(config) in message and "output.label_filename" in message
     assert "has labels" in message and "(10), different from the ensemble's ['a', 'b', 'c']... (3)" in message
 
+
+
+def test_an_ensemble_answering_without_a_member_says_so_once(tiny_repository_template, photos, tmp_path, caplog):
+    """Under failure_policy 'degrade' a misspelt member leaves the quorum met: the ensemble serves, and the
+    server's log says once which member it answers without (not on every state change)."""
+    config = tmp_path / "degraded" / "config.pbtxt"
+    config.parent.mkdir()
+    parameters = {k: v for k, v in TINY_ENSEMBLE_PARAMETERS.items() if k != "weight.tiny_b"}
+    config.write_text(render("degraded", ["tiny_a", "tiny_typo"], parameters={**parameters, "weight.tiny_typo": "1"}))
+    with embedded_server(tiny_repository_template, tmp_path / "server", ensembles=[config]) as server:
+        with connect(grpc_url(server)) as client:
+            assert client.status("degraded")[0].state == "AVAILABLE"
+            answer = client.predict("degraded", images=[photos[0].read_bytes()])
+            assert answer.outputs["member_answered"].tolist() == [[True, False]]
+        _reload(server, tiny_repository_template, ["tiny_a", "tiny_b"])  # more state changes, same members
+    said = [r.getMessage() for r in caplog.records if "answers without" in r.getMessage()]
+    assert said == ["model degraded answers without tiny_typo (not in the model config) (1 of 2 members needed)"]
