@@ -38,7 +38,9 @@ FORWARDED = {
     "grpc_host": "grpc-host", "target_model": "target-model", "ensemble_model": "ensemble-model",
     "ensemble_weight": "ensemble-weight", "backbone_weight": "backbone-weight", "photo_folder": "photo-folder",
     "signature": "signature", "model_repository": "model-repository", "max_p95_ms": "max-p95-ms",
-    "labels_file": "labels-file",
+    "labels_file": "labels-file", "ensemble_grpc_host": "ensemble-grpc-host",
+    "ensemble_rest_host": "ensemble-rest-host", "request_timeout": "request-timeout", "think_time": "think-time",
+    "max_fail_ratio": "max-fail-ratio",
 }
 
 
@@ -57,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--signature", help="serving_default or serving_pixels")
     parser.add_argument("--labels-file", help="labels answers are checked against")
     parser.add_argument("--model-repository", help="model repository (served when a server is started)")
+    parser.add_argument("--ensemble-grpc-host", help="where the ensemble is served over gRPC (default: --grpc-host)")
+    parser.add_argument("--ensemble-rest-host", help="where the ensemble is served over REST (default: --host)")
+    parser.add_argument("--request-timeout", type=float, help="seconds per call")
+    parser.add_argument("--think-time", type=float, help="seconds between a user's calls (0: closed loop)")
+    parser.add_argument("--max-fail-ratio", type=float, help="fail when more than this share of calls failed")
     parser.add_argument("--max-p95-ms", type=float, help="fail when the overall p95 is above this (0: off)")
     parser.add_argument("--reports", help="folder for the CSV and HTML reports (default: from the config)")
     parser.add_argument("--model-config", default="",

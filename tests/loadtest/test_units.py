@@ -127,6 +127,12 @@ def test_run_settings_flags_over_env_over_conf(tmp_path, monkeypatch):
     settings = run.resolve(parser.parse_args(["--config", str(conf), "--users", "3"]))
     assert settings["users"] == "3" and settings["target-model"] == "from_env"
     assert run.server_address(settings) == run.srv.ServerAddress("127.0.0.1", 8500, 8501)
+    # The locustfile's own options are flags of run.py too (so `make loadtest ARGS=...` takes them).
+    args = parser.parse_args(["--config", str(conf), "--think-time", "0.5", "--max-fail-ratio", "0.01",
+                              "--request-timeout", "9", "--ensemble-grpc-host", "gw:8600"])
+    command = " ".join(run.locust_command(args, run.resolve(args)))
+    for flag in ("--think-time 0.5", "--max-fail-ratio 0.01", "--request-timeout 9.0", "--ensemble-grpc-host gw:8600"):
+        assert flag in command, command
     conf.write_text("users 8\n")
     with pytest.raises(ConfigError, match="locust.conf:1"):
         run.resolve(parser.parse_args(["--config", str(conf)]))

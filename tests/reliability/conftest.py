@@ -2,8 +2,9 @@
 in front of it, and raw gRPC/REST access to both.
 
 The server (``reliability_server``) serves the tiny fixture backbones tiny_a (versions 1 and 2, labels
-stable -> 2, canary -> 1) and tiny_b, and ``car_ensemble``: an ensemble config over them rendered like the
-shipped one (hflip TTA, degrade with quorum 1). Batching uses the shipped ``serving/batching.config``
+stable -> 2, canary -> 1) and tiny_b, and ``car_ensemble``: an ensemble config over them rendered with the
+tests' parameters (hflip TTA, weighted mean, degrade with quorum 1; the shipped one has quorum 2 and a
+geometric mean). Batching uses the shipped ``serving/batching.config``
 (max batch 16) and the request-size bound is lowered to ``MAX_REQUEST_BYTES`` so that oversized bodies
 are cheap to send.
 """
