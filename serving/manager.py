@@ -118,6 +118,14 @@ class Lease:
 Loader = Callable[[str, int, Path], Servable]
 
 
+def _labels_unavailable(problems: list[str], outcome: str) -> FailedPrecondition:
+    """TF Serving's refusal of labels on versions that cannot serve, with what became of the config."""
+    return FailedPrecondition(
+        "Request to assign labels to versions which are not currently available for inference: "
+        + ", ".join(problems) + f". {outcome}; load those versions first or use "
+        "--allow_version_labels_for_unavailable_models")
+
+
 class ModelManager:
     """Thread-safe registry of models and their versions."""
 
@@ -185,10 +193,7 @@ class ModelManager:
                 problems.append(f"{model.name} ({', '.join(bad)}; versions {model.policy.describe()} serves from "
                                 f"{model.base_path}: {sorted(served) or 'none'})")
         if problems:
-            raise FailedPrecondition(
-                "Request to assign labels to versions which are not currently available for inference: "
-                + ", ".join(problems) + ". Nothing of this config was applied; publish those versions first or "
-                "use --allow_version_labels_for_unavailable_models")
+            raise _labels_unavailable(problems, "Nothing of this config was applied")
 
     def _apply(self, config: ModelsConfig) -> None:
         """Change the served models to ``config`` (the caller holds ``_reconcile``)."""
@@ -235,7 +240,11 @@ class ModelManager:
             return
         on_disk = list_versions(config.base_path)
         if not on_disk and not model.versions and not model.warned_missing:
-            log.warning("model %s: no version folder under %s yet", name, config.base_path)
+            hint = ""
+            if (config.base_path / "saved_model.pb").is_file() or (config.base_path / "saved_model.pbtxt").is_file():
+                hint = (f" ({config.base_path} is itself a SavedModel: base_path is the folder that holds the "
+                        f"version folders, here {config.base_path.parent})")
+            log.warning("model %s: no version folder under %s yet%s", name, config.base_path, hint)
         model.warned_missing = not on_disk
         # The policy picks among versions that have not failed (unless their files changed since): a broken
         # newest version leaves the next one serving. Loading may reveal new failures, hence the loop.
@@ -309,10 +318,7 @@ class ModelManager:
                     detail += f"; no version folder under {model_config.base_path}"
                 problems.append(detail + ")")
         if problems:
-            raise FailedPrecondition(
-                "Request to assign labels to versions which are not currently available for inference: "
-                + ", ".join(problems) + ". Nothing of this config stays applied; load those versions first or use "
-                "--allow_version_labels_for_unavailable_models")
+            raise _labels_unavailable(problems, "Nothing of this config stays applied")
 
     # -- unloading ---------------------------------------------------------------------------------
 

@@ -288,3 +288,14 @@ def test_a_failed_reload_changes_nothing_and_a_restored_file_is_not_needed(priva
     time.sleep(1.0)
     assert _served(server) == before
     channel.close()
+
+
+def test_a_version_folder_given_as_base_path_gets_a_hint(private_server, private_repository, caplog):
+    """TF Serving keeps running with a base path that holds no version folder; so does this server, and when
+    that path is itself a version folder (a common slip) the warning says which folder to give instead."""
+    version_folder = private_repository / MODEL / "1"
+    server = private_server(model_name=MODEL, model_base_path=str(version_folder),
+                            model_repository=str(private_repository), enable_model_warmup=False)
+    assert server.manager.readiness() == {MODEL: False}
+    (warning,) = [r.getMessage() for r in caplog.records if "no version folder under" in r.getMessage()]
+    assert f"{version_folder} is itself a SavedModel" in warning and f"here {private_repository / MODEL}" in warning
