@@ -125,8 +125,8 @@ class EnsembleRuntime:
         elif tuple(self._labels) != tuple(info.labels):
             self._info.pop(member.name, None)
             raise LabelMismatch(f"member {member.name!r} has labels {list(info.labels)[:3]}... "
-                                     f"({len(info.labels)}), different from the ensemble's "
-                                     f"{list(self._labels)[:3]}... ({len(self._labels)})")
+                                f"({len(info.labels)}), different from the ensemble's "
+                                f"{list(self._labels)[:3]}... ({len(self._labels)})")
 
     def prepare(self, *, strict: bool = True) -> dict[str, MemberInfo | CarClfError]:
         """Describe every member now (input sizes, labels). With ``strict`` any failure raises."""

@@ -49,24 +49,35 @@ class ServerAddress:
         return f"http://{self.host}:{self.rest_port}"
 
 
+def _get_json(url: str, timeout: float) -> tuple[int | None, object]:
+    """(HTTP status, JSON body) of a GET; an error status keeps its body; (None, None) when nothing answers,
+    and the body is None when it is not JSON."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            code, raw = reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        code, raw = exc.code, exc.read()
+    except OSError:
+        return None, None
+    try:
+        return code, json.loads(raw or b"{}")
+    except ValueError:
+        return code, None
+
+
 def model_status(rest_url: str, model: str, timeout: float = 2.0) -> tuple[str | None, str]:
     """(best version state, its error message) of ``model`` from ``GET /v1/models/<model>``, e.g.
     ("AVAILABLE", "") or ("END", "model car_ensemble needs 2 of its 3 members ...").
 
     State None when nothing answers on ``rest_url``; "NOT_FOUND" when the server does not know the model.
     """
-    try:
-        with urllib.request.urlopen(f"{rest_url}/v1/models/{model}", timeout=timeout) as reply:
-            body = json.loads(reply.read() or b"{}")
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read() or b"{}").get("error", "")
-        except (OSError, ValueError, AttributeError):
-            message = ""
-        return ("NOT_FOUND" if exc.code == 404 else f"HTTP_{exc.code}"), message
-    except (OSError, ValueError):
+    code, body = _get_json(f"{rest_url}/v1/models/{model}", timeout)
+    if code is None or (code == 200 and body is None):  # nothing, or not a model server, answers
         return None, ""
-    versions = body.get("model_version_status", [])
+    if code != 200:
+        message = body.get("error", "") if isinstance(body, dict) else ""
+        return ("NOT_FOUND" if code == 404 else f"HTTP_{code}"), message
+    versions = body.get("model_version_status", []) if isinstance(body, dict) else []
     if any(v.get("state") == "AVAILABLE" for v in versions):
         return "AVAILABLE", ""
     if not versions:
@@ -82,16 +93,7 @@ def model_state(rest_url: str, model: str, timeout: float = 2.0) -> str | None:
 def served_models(rest_url: str, timeout: float = 2.0) -> list[str]:
     """The models a server lists in the embedded server's ``/v1/ready`` (an extension; [] when the server
     has no such path, as real TF Serving)."""
-    try:
-        with urllib.request.urlopen(f"{rest_url}/v1/ready", timeout=timeout) as reply:
-            body = json.loads(reply.read() or b"{}")
-    except urllib.error.HTTPError as exc:
-        try:
-            body = json.loads(exc.read() or b"{}")
-        except (OSError, ValueError):
-            return []
-    except (OSError, ValueError):
-        return []
+    _, body = _get_json(f"{rest_url}/v1/ready", timeout)  # 503 (not ready) lists the models too
     models = body.get("models") if isinstance(body, dict) else None
     return sorted(models) if isinstance(models, dict) else []
 

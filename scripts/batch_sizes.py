@@ -58,11 +58,17 @@ def window(before: dict[float, float], after: dict[float, float]) -> dict[str, i
     return bands
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def workload_parser(doc: str) -> argparse.ArgumentParser:
+    """The scripts' parser with the served model and the photos it is sent (``bench.Workload.of_photos``)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--model", default="mobilenet_v2_224x448")
     p.add_argument("--model-repository", default="model_repository")
     p.add_argument("--photo-folder", default="../shared/data/sfdl_samples")
+    return p
+
+
+def main() -> int:
+    p = workload_parser(__doc__)
     p.add_argument("--batching-config", default="serving/batching.config", help="the parameters every setup starts from")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--early-timeouts", default="",

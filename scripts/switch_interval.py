@@ -11,14 +11,13 @@ photo, mean batch), then one at concurrency 1 (p50). Printed: per round, then ea
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from batch_sizes import histogram
+from batch_sizes import histogram, workload_parser
 
 from carclf.loadtest import bench, loadgen
 from carclf.loadtest import server as srv
@@ -30,10 +29,7 @@ if os.environ.get("CARCLF_SWITCH_INTERVAL_S"):
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="mobilenet_v2_224x448")
-    p.add_argument("--model-repository", default="model_repository")
-    p.add_argument("--photo-folder", default="../shared/data/sfdl_samples")
+    p = workload_parser(__doc__)
     p.add_argument("--intervals-ms", default="5,1,0.5", help="switch intervals to compare; the first is the baseline")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--duration", type=float, default=15.0, help="measured seconds of each concurrency-8 slice")

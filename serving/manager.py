@@ -384,8 +384,10 @@ class ModelManager:
 
     def _update_dependent(self, model: _Model) -> None:
         """A static servable's state from its dependencies: AVAILABLE, or END with the reason (lock held)."""
-        reason = self._missing_dependencies(model.name, model.dependencies)
-        down = self._unavailable_members(model.dependencies) if reason is None else {}
+        down = self._unavailable_members(model.dependencies)
+        reason = self._missing_dependencies(model.name, model.dependencies, down)
+        if reason is not None:
+            down = {}  # not answering at all: the END status says why
         if down != model.degraded:  # answering without some members (its quorum met): said once per change
             if down:
                 log.warning("model %s answers without %s (%d of %d members needed)", model.name,
@@ -409,11 +411,11 @@ class ModelManager:
             return {}
         return {m: why for m in deps.models if (why := self._why_not_callable(m, deps.versions.get(m)))}
 
-    def _missing_dependencies(self, name: str, deps: Dependencies | None) -> str | None:
-        """Why ``name`` cannot answer for lack of the models it calls, or None (lock held)."""
+    def _missing_dependencies(self, name: str, deps: Dependencies | None, down: dict[str, str]) -> str | None:
+        """Why ``name`` cannot answer for lack of the models it calls (``down``: those that cannot answer),
+        or None (lock held)."""
         if deps is None:
             return None
-        down = self._unavailable_members(deps)
         if len(deps.models) - len(down) >= deps.needed:
             return None
         served = sorted(n for n, m in self._models.items() if m.active and not m.static) or ["none"]
