@@ -113,15 +113,23 @@ def more_requests(flows, count: int, timeout: float = 60) -> None:
 # ---------------------------------------------------------------------------------------------
 
 EXPORT_IN_A_SUBPROCESS = (
-    "import sys\n"
+    "import sys, time\n"
     "from pathlib import Path\n"
+    "import tensorflow as tf\n"
     "from tests.fixtures import export_tiny\n"
+    "write = tf.saved_model.save\n"
+    "def write_then_wait(*args, **kwargs):\n"
+    "    write(*args, **kwargs)\n"
+    "    time.sleep(600)  # half-way: written, neither checked nor published; the test kills it here\n"
+    "tf.saved_model.save = write_then_wait\n"
     "export_tiny(Path(sys.argv[1]), sys.argv[2], seed=7)\n"
 )
 
 
 def start_export_process(repository: Path, model: str) -> subprocess.Popen:
-    """``export_model`` (through the test fixture's tiny model) in a process of its own, to be killed."""
+    """``export_model`` (through the test fixture's tiny model) in a process of its own, which stops once its
+    SavedModel is written, to be killed there. (Killed at a moment chosen by polling, a fast export could end
+    first on a busy machine.)"""
     return subprocess.Popen([sys.executable, "-c", EXPORT_IN_A_SUBPROCESS, str(repository), model], cwd=REPO_ROOT,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -155,8 +163,8 @@ def test_version_lifecycle_under_load(private_server, tiny_repository, tmp_path,
                  ensemble_flow("gRPC car_ensemble", grpc_client, photos))
         with traffic(*flows):
             # 1. kill -9 half-way
-            wait_until(lambda: export.poll() is not None or any(base.glob(".tmp-export-*/savedmodel/variables")),
-                       180, "the export to start writing its SavedModel")
+            wait_until(lambda: export.poll() is not None or any(base.glob(".tmp-export-*/savedmodel/saved_model.pb")),
+                       180, "the export to write its SavedModel")
             assert export.poll() is None, "the export finished before it could be killed"
             os.kill(export.pid, signal.SIGKILL)
             export.wait(30)

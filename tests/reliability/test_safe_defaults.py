@@ -207,8 +207,9 @@ def unsafe_calls(path: Path) -> list[str]:
     """Places in one source file that could deserialize or execute untrusted data."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     found = []
+    shown = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
     for node in ast.walk(tree):
-        where = f"{path.relative_to(REPO_ROOT)}:{getattr(node, 'lineno', '?')}"
+        where = f"{shown}:{getattr(node, 'lineno', '?')}"
         if isinstance(node, ast.Import | ast.ImportFrom):
             names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
             if any((n or "").split(".")[0] in UNSAFE_MODULES for n in names):
@@ -236,13 +237,10 @@ def test_no_unsafe_deserialization_in_the_product():
 
 
 def test_the_scan_finds_what_it_looks_for(tmp_path):
-    sample = REPO_ROOT / "tests" / "reliability" / "_unsafe_sample.py"
+    sample = tmp_path / "unsafe_sample.py"
     sample.write_text("import pickle\nimport yaml\nyaml.load(s)\neval(x)\nnp.load(f, allow_pickle=True)\n"
                       "subprocess.run(c, shell=True)\nyaml.safe_load(s)\n", encoding="utf-8")
-    try:
-        assert len(unsafe_calls(sample)) == 5
-    finally:
-        sample.unlink()
+    assert len(unsafe_calls(sample)) == 5
 
 
 def _normal(name: str) -> str:
