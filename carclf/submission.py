@@ -2,27 +2,52 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from carclf.errors import InvalidInput
+
 HEADER = ("Id", "Category")
+
+
+def check_destination(path: str | os.PathLike, what: str = "submission") -> None:
+    """Refuse, before any work, a path that cannot become a file: a folder, or a path under a file.
+    ``what`` names the path in the message (a flag such as ``--output``)."""
+    out = Path(path)
+    if out.is_dir():
+        raise InvalidInput(f"{what} {str(path)!r} is a folder; give a file path, such as "
+                           f"{str(out / 'submission.csv')!r}")
+    blocker = next((p for p in out.parents if p.exists()), None)  # the nearest existing ancestor
+    if blocker is not None and not blocker.is_dir():
+        raise InvalidInput(f"{what} {str(path)!r} cannot be created: {str(blocker)!r} is a file, "
+                           "not a folder")
 
 
 def write_submission(path: str | os.PathLike, rows: Iterable[tuple[str, ...]],
                      header: tuple[str, ...] = HEADER) -> int:
     """Write ``Id,Category`` rows (or ``header``'s columns) atomically (a temporary file beside it, then
-    rename); returns the row count."""
+    rename); returns the row count. On failure no temporary file is left and the error names ``path``."""
+    check_destination(path)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     count = 0
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        for row in rows:
-            writer.writerow(row)
-            count += 1
-    os.replace(tmp, out)
+    try:
+        with tmp.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            for row in rows:
+                writer.writerow(row)
+                count += 1
+        os.replace(tmp, out)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # never leave a half-written file behind
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # name the path the caller gave, not the temporary file
+            message = f"cannot write the submission ({exc.strerror or exc})"
+            raise OSError(exc.errno, message, str(path)) from exc
+        raise
     return count

@@ -76,26 +76,38 @@ class PredictResult:
         """The top-1 label of every row."""
         return [str(x) for x in np.asarray(self.outputs[contract.OUTPUT_LABEL]).reshape(-1)]
 
-    def top_k(self, k: int, class_names: Sequence[str] | None = None) -> list[list[tuple[str, float]]]:
-        """The k most likely (name, probability) of every row, best first.
+    @property
+    def named_ranks(self) -> int:
+        """How many ranks of every row the server names: the ensemble's ``top_k_labels`` width, 1 for a
+        backbone's top-1 ``label``, 0 for probabilities alone."""
+        if "top_k_labels" in self.outputs:
+            return int(np.asarray(self.outputs["top_k_labels"]).shape[-1])
+        return int(contract.OUTPUT_LABEL in self.outputs)
 
-        Names come from ``class_names`` when given, else from a ``top_k_labels`` output (the ensemble
-        returns one), else the server's top-1 ``label`` names rank 1 and other ranks read ``class <id>``.
+    def top_k(self, k: int, class_names: Sequence[str] | None = None) -> list[list[tuple[str, float]]]:
+        """The k most likely (name, probability) of every row, best first (k is capped at the class count).
+
+        The server's names always win: its ``top_k_labels`` (the ensemble), else its top-1 ``label``.
+        ``class_names`` (in class index order) name only the ranks the server did not; the others read
+        ``class <id>``.
         """
         probs = self.probabilities
         k = max(1, min(int(k), probs.shape[-1]))
+        if class_names is not None and k > self.named_ranks and len(class_names) < probs.shape[-1]:
+            raise InvalidInput(f"{len(class_names)} class names given, the model answers "
+                               f"{probs.shape[-1]} classes")
         order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
         server_top = self.outputs.get("top_k_labels")
         rows = []
         for i, ids in enumerate(order):
             row = []
             for rank, cid in enumerate(ids):
-                if class_names is not None:
-                    name = class_names[cid]
-                elif server_top is not None and rank < server_top.shape[-1]:
+                if server_top is not None and rank < server_top.shape[-1]:
                     name = str(server_top[i][rank])
-                elif rank == 0 and contract.OUTPUT_LABEL in self.outputs:
+                elif server_top is None and rank == 0 and contract.OUTPUT_LABEL in self.outputs:
                     name = self.labels[i]
+                elif class_names is not None:
+                    name = class_names[cid]
                 else:
                     name = f"class {int(cid)}"
                 row.append((name, float(probs[i, cid])))

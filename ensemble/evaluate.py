@@ -10,6 +10,9 @@ Every figure comes from the ensemble runtime itself (``EnsembleRuntime`` over th
 decode, views, batching and aggregation as the served ensemble). Weighted-mean weights are fit by
 stratified k-fold cross-validation over the validation photos: each photo is scored with weights fit on
 the other folds only, so no photo is scored by weights that saw it.
+
+Every argument (split file, policies, folds, output paths, test folder) is checked before any member loads:
+a fault is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -226,6 +229,42 @@ def write_submission(config: EnsembleConfig, repository, folder: Path, class_ids
     return write_csv(out, ((p.name, class_ids[i]) for p, i in zip(photos, ids, strict=True)))
 
 
+def parse_policies(text: str) -> list[str]:
+    """The TTA policy names of ``--policies`` (comma-separated), each known, at least one, none repeated."""
+    from carclf.tta import POLICIES
+
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise ConfigError(f"--policies {text!r} names no TTA policy; expected a comma-separated list of "
+                          f"{sorted(POLICIES)}")
+    unknown = [p for p in names if p not in POLICIES]
+    if unknown:
+        raise ConfigError(f"--policies {text!r}: unknown TTA policy {unknown[0]!r}; expected a comma-separated "
+                          f"list of {sorted(POLICIES)}")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--policies {text!r} names a policy twice")
+    return names
+
+
+def check_output(flag: str, path: Path) -> None:
+    """Refuse, before any work, an output file path that is a folder or lies under a file."""
+    if path.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is a folder; expected a file path")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} lies under {str(above)!r}, which is a file, not a folder")
+
+
+def check_test_folder(folder: Path) -> None:
+    """Refuse, before any work, a ``--test`` that is not a folder of photos."""
+    from carclf.train.data import list_photos
+
+    try:
+        list_photos(folder)
+    except CarClfError as exc:
+        raise ConfigError(f"--test: {exc.message}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m carclf.ensemble.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=Path("ensemble/car_ensemble/config.pbtxt"))
@@ -249,14 +288,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from carclf.train.data import load_split, read_folder_layout
 
+        policies = parse_policies(args.policies)
+        if args.folds < 2:
+            raise ConfigError(f"--folds must be >= 2, received {args.folds}")
+        check_output("--out", args.out)
+        check_output("--out", args.out.with_suffix(".md"))
+        if args.test is not None:
+            check_test_folder(args.test)
+            check_output("--submission", args.submission)
         config = load_config(args.config)
         dataset = read_folder_layout(args.train, args.classes)
         split = load_split(args.split, dataset)
+        if not split.val:
+            raise ConfigError(f"--split {str(args.split)!r} holds no validation photos (its run trained on all of "
+                              "them): there is nothing to score")
+        if args.folds > len(split.val):
+            raise ConfigError(f"--folds {args.folds} is more than the {len(split.val)} validation photos of --split "
+                              f"{str(args.split)!r}: some folds would hold no photo (choose at most {len(split.val)})")
         photos = read_photos([Path(s.path) for s in split.val], args.channel_order)
         labels = np.asarray([s.label for s in split.val], dtype=np.int64)
-        policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-        if args.folds < 2:
-            raise ConfigError(f"--folds must be >= 2, received {args.folds}", field="folds")
         report = evaluate(config, args.model_repository, photos, labels, policies, args.folds, args.seed,
                           progress=not args.quiet)
         report.update({
@@ -285,6 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except CarClfError as exc:
         print(f"carclf.ensemble.evaluate: error: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a folder where a file was expected, no permission, a full disk: one line
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"carclf.ensemble.evaluate: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
 
 

@@ -17,7 +17,7 @@ from carclf.ensemble.config import load_config
 from carclf.ensemble.members import GrpcMemberCaller
 from carclf.ensemble.runtime import EnsembleRuntime
 from carclf.ensemble.servable import EnsembleServable
-from carclf.errors import ConfigError
+from carclf.errors import ConfigError, InvalidInput
 from carclf.serving.options import ServerOptions
 from carclf.serving.servable import Servable
 from carclf.serving.server import ModelServer
@@ -27,10 +27,13 @@ def grpc_client(url: str, root_certificates: bytes | None = None):
     """A GrpcClient for ``grpc://host:port`` (``grpcs://`` for TLS); REST URLs are refused."""
     from carclf.clients.grpc_client import GrpcClient
 
-    transport, target, tls = parse_server_url(url)
-    if transport != "grpc":
+    if url.split("://", 1)[0].lower() not in ("grpc", "grpcs"):  # also a bare host:port, which reads as REST
         raise ConfigError(f"members are called over gRPC: expected grpc://host:port, received {url!r}",
                           field="--members")
+    try:
+        _, target, tls = parse_server_url(url)
+    except InvalidInput as exc:
+        raise ConfigError(exc.message, field="--members") from None
     return GrpcClient(target, tls=tls, root_certificates=root_certificates)
 
 

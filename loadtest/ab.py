@@ -29,6 +29,7 @@ import tomllib
 from pathlib import Path
 
 from carclf.errors import CarClfError, ConfigError
+from carclf.loadtest import options
 from carclf.loadtest import server as srv
 from carclf.loadtest.bench import MONITORING_CONFIG, Workload, measure_point
 
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Workload.of_photos(args.model, args.model_repository, args.photo_folder, args.photo_limit or None)
-    transports = [t for t in args.transports.split(",") if t]
+    transports = options.transports(args.transports)
     settings = {"duration_s": args.slice, "warmup_s": args.warmup, "max_requests": args.max_requests}
     result = {"command": " ".join([sys.executable, "-m", "carclf.loadtest.ab", *sys.argv[1:]]),
               "baseline": str(args.baseline_checkout), "model": args.model, "rounds": args.rounds,
@@ -182,12 +183,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """ConfigError naming the flag and value of the first setting that cannot be measured with."""
+    options.transports(args.transports)
+    for flag, ok, value, expected in (
+            ("--rounds", args.rounds >= 1, args.rounds, "an integer >= 1"),
+            ("--slice", args.slice > 0, args.slice, "seconds > 0"),
+            ("--warmup", args.warmup >= 0, args.warmup, "seconds >= 0"),
+            ("--max-requests", args.max_requests >= 1, args.max_requests, "a count >= 1"),
+            ("--photo-limit", args.photo_limit >= 0, args.photo_limit, "a count >= 0 (0: all)"),
+            ("--server-timeout", args.server_timeout > 0, args.server_timeout, "seconds > 0"),
+            ("--batching-config", not args.batching_config or Path(args.batching_config).is_file(),
+             args.batching_config, "an existing file, or '' for batching off")):
+        options.require(ok, flag, value, expected)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.rounds < 1 or args.slice <= 0:
-        print(f"ab: --rounds must be >= 1 and --slice > 0, received {args.rounds} and {args.slice}", file=sys.stderr)
-        return 2
     try:
+        check_arguments(args)
         return run(args)
     except CarClfError as exc:
         print(f"ab: {exc}", file=sys.stderr)
@@ -195,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    options.exit_on_sigterm()  # the servers it started are stopped by its finally blocks
     started = time.monotonic()
     status = main()
-    print(f"ab: done in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    if status != 2:  # a setup error is its one line
+        print(f"ab: done in {time.monotonic() - started:.0f} s", file=sys.stderr)
     sys.exit(status)

@@ -33,7 +33,7 @@ import numpy as np
 
 from carclf import contract
 from carclf.errors import CarClfError, ConfigError
-from carclf.loadtest import checks, inprocess, loadgen, metrics, payload, protocol, report
+from carclf.loadtest import checks, inprocess, loadgen, metrics, options, payload, protocol, report
 from carclf.loadtest import server as srv
 from carclf.loadtest.photos import load_photos
 
@@ -52,6 +52,7 @@ max_enqueued_batches { value: 1000 }
 REQUEST_TIMEOUT_S = 60.0
 METRICS_PATH = "/monitoring/prometheus/metrics"
 MONITORING_CONFIG = f'prometheus_config {{ enable: true path: "{METRICS_PATH}" }}\n'
+DEFAULT_ENSEMBLE_CONFIG = "ensemble/car_ensemble/config.pbtxt"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,8 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on (as make serve): batching on runs with the embedded server's "
                              "--batching_early_dispatch; off: TF Serving's rule alone")
     parser.add_argument("--ensemble-model", default="car_ensemble", help="ensemble served beside the backbone")
-    parser.add_argument("--ensemble-config", default="ensemble/car_ensemble/config.pbtxt",
-                        help="the ensemble's config.pbtxt")
+    parser.add_argument("--ensemble-config", help=f"the ensemble's config.pbtxt (default: {DEFAULT_ENSEMBLE_CONFIG}, "
+                        "its case skipped when that file is absent; a file named here must exist and load)")
     parser.add_argument("--no-ensemble", action="store_true", help="skip the ensemble case")
     parser.add_argument("--ensemble-concurrency", help="served ensemble concurrencies, e.g. 1,4")
     parser.add_argument("--payload-photos", type=int, help="photos to size the payload formats on")
@@ -103,26 +104,22 @@ def _ints(text: str, field: str) -> list[int]:
     return values
 
 
-def _choices(text: str, allowed: Sequence[str], field: str) -> list[str]:
-    values = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [v for v in values if v not in allowed]
-    if bad or not values:
-        raise ConfigError(f"expected a comma-separated subset of {list(allowed)}, received {text!r}", field=field)
-    return values
-
-
 def settings_from(args: argparse.Namespace) -> dict:
     """Resolved settings: explicit flags over the quick or full defaults, validated."""
     base = QUICK if args.quick else FULL
     pick = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
-    if pick["duration"] <= 0 or pick["warmup"] < 0 or pick["pair_duration"] <= 0 or pick["pair_warmup"] < 0:
-        raise ConfigError(f"durations must be > 0 and warmups >= 0, received --duration {pick['duration']}, "
-                          f"--warmup {pick['warmup']}, --pair-duration {pick['pair_duration']}, "
-                          f"--pair-warmup {pick['pair_warmup']}", field="--duration")
-    if int(pick["pairs"]) < 1:
-        raise ConfigError(f"at least one paired round is needed to judge the targets, received {pick['pairs']}",
-                          field="--pairs")
+    for key in ("duration", "pair_duration"):
+        options.require(pick[key] > 0, "--" + key.replace("_", "-"), pick[key], "seconds > 0")
+    for key in ("warmup", "pair_warmup"):
+        options.require(pick[key] >= 0, "--" + key.replace("_", "-"), pick[key], "seconds >= 0")
+    options.require(int(pick["pairs"]) >= 1, "--pairs", pick["pairs"],
+                    "at least one paired round (the targets are judged on them)")
+    options.require(int(pick["photo_limit"]) >= 0, "--photo-limit", pick["photo_limit"], "a count >= 0 (0: all)")
+    options.require(args.max_requests >= 1, "--max-requests", args.max_requests, "a count >= 1")
+    options.require(args.server_timeout > 0, "--server-timeout", args.server_timeout, "seconds > 0")
     protocol.signature_input(args.signature)
+    for flag, named in (("--ensemble-config", args.ensemble_config), ("--batching-config", args.batching_config)):
+        options.require(not named or Path(named).is_file(), flag, named, "an existing file")
     return {
         "model": args.model, "model_repository": str(args.model_repository), "photo_folder": str(args.photo_folder),
         "signature": args.signature, "out": str(args.out), "quick": bool(args.quick),
@@ -134,22 +131,19 @@ def settings_from(args: argparse.Namespace) -> dict:
         "photo_limit": int(pick["photo_limit"]) or None, "payload_photos": max(1, int(pick["payload_photos"])),
         "pairs": max(0, int(pick["pairs"])), "pair_duration_s": float(pick["pair_duration"]),
         "pair_warmup_s": float(pick["pair_warmup"]),
-        "transports": _choices(args.transports, ("grpc", "rest"), "--transports"),
-        "batching": _choices(args.batching, ("off", "on"), "--batching"),
+        "transports": options.transports(args.transports),
+        "batching": options.choices(args.batching, ("off", "on"), "--batching"),
         "early_dispatch": args.early_dispatch == "on",
         "ensemble_model": None if args.no_ensemble else args.ensemble_model,
-        "ensemble_config": str(args.ensemble_config), "max_requests": int(args.max_requests),
+        "ensemble_config": str(args.ensemble_config or DEFAULT_ENSEMBLE_CONFIG), "max_requests": int(args.max_requests),
         "server_timeout_s": float(args.server_timeout),
     }
 
 
 def batching_file(args: argparse.Namespace, out: Path, max_concurrency: int) -> Path:
     """The batching parameters used for "batching on"."""
-    if args.batching_config:
-        path = Path(args.batching_config)
-        if not path.is_file():
-            raise ConfigError(f"batching config does not exist, received {str(path)!r}", field="--batching-config")
-        return path
+    if args.batching_config:  # checked to exist by settings_from
+        return Path(args.batching_config)
     deployed = Path("serving/batching.config")
     if deployed.is_file():
         return deployed
@@ -383,9 +377,12 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.settings = settings_from(args)
+        self.repository = Path(self.settings["model_repository"])
+        self.ensemble_config, skip = load_ensemble(self.settings, self.repository)
+        if skip and args.ensemble_config and not args.no_ensemble:  # named explicitly: it must be measured
+            raise ConfigError(skip, field="--ensemble-config")
         self.out = Path(self.settings["out"])
         self.out.mkdir(parents=True, exist_ok=True)
-        self.repository = Path(self.settings["model_repository"])
         self.started = time.monotonic()
         self.result: dict = {
             "command": shlex.join(["carclf", *sys.argv[1:]]) if Path(sys.argv[0]).name == "carclf"
@@ -406,7 +403,6 @@ class Bench:
         self.served: list[dict] = []
         self.rounds: list[dict] = []
         self.memory: dict = {"inprocess_load_rss_mb": round(self.model.rss_delta_bytes / 2**20, 1)}
-        self.ensemble_config, skip = load_ensemble(self.settings, self.repository)
         self.ensemble: dict = {"skipped": skip} if self.ensemble_config is None else {}
         self.reference: inprocess.EnsembleReference | None = None
 

@@ -72,8 +72,12 @@ def read_labels(path: str | os.PathLike) -> list[str]:
         raise ConfigError(f"labels file does not exist, received {str(path)!r}", field="labels_file")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        mapping = json.loads(text)
-        return [mapping[str(i)] for i in range(len(mapping))]
+        try:
+            mapping = json.loads(text)
+            return [mapping[str(i)] for i in range(len(mapping))]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"expected a JSON object {{\"0\": name, ...}} in {str(path)!r} ({exc})",
+                              field="labels_file") from None
     return [line for line in text.splitlines() if line.strip()]
 
 

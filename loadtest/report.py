@@ -256,6 +256,11 @@ def paired_markdown(result: dict) -> list[str]:
     return lines
 
 
+def _nan(value: float | None) -> float:
+    """A figure to plot: a point without one (no request answered) is left out as NaN."""
+    return float("nan") if value is None else float(value)
+
+
 def plot(result: dict, path: str | Path) -> Path:
     """Throughput and p95 latency against concurrency, per transport and batching mode (PNG)."""
     import matplotlib
@@ -270,12 +275,14 @@ def plot(result: dict, path: str | Path) -> Path:
     for label, rows in sorted(series.items()):
         rows = sorted(rows, key=lambda r: r["concurrency"])
         xs = [r["concurrency"] for r in rows]
-        ax_tput.plot(xs, [r["throughput"] for r in rows], marker="o", label=label)
-        ax_p95.plot(xs, [r["p95_ms"] for r in rows], marker="o", label=label)
+        ax_tput.plot(xs, [_nan(r["throughput"]) for r in rows], marker="o", label=label)
+        ax_p95.plot(xs, [_nan(r["p95_ms"]) for r in rows], marker="o", label=label)
     lim = result["inprocess"]["limit"]
-    ax_tput.axhline(lim["throughput"], color="black", linestyle="--",
-                    label=f"in-process limit (batch {lim['batch_size']} x {lim.get('threads', 1)} thread(s))")
-    ax_p95.axhline(lim["p95_batch1_ms"], color="black", linestyle="--", label="in-process, batch 1")
+    if lim.get("throughput") is not None:
+        ax_tput.axhline(lim["throughput"], color="black", linestyle="--",
+                        label=f"in-process limit (batch {lim['batch_size']} x {lim.get('threads', 1)} thread(s))")
+    if lim.get("p95_batch1_ms") is not None:
+        ax_p95.axhline(lim["p95_batch1_ms"], color="black", linestyle="--", label="in-process, batch 1")
     ticks = sorted({r["concurrency"] for r in result["served"]})
     for ax, ylabel in ((ax_tput, "photos / s"), (ax_p95, "p95 latency (ms)")):
         ax.set_xscale("log", base=2)

@@ -21,11 +21,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from carclf.errors import CarClfError, ConfigError, NotFound, Unavailable
+from carclf.loadtest import checks, options, protocol
 from carclf.loadtest import server as srv
+from carclf.loadtest.photos import load_photos
 
 HERE = Path(__file__).resolve().parent
 LOCUSTFILE = HERE / "locustfile.py"
@@ -109,6 +112,63 @@ def resolve(args: argparse.Namespace) -> dict[str, str]:
         settings["csv"] = str(Path(args.reports) / "locust")
         settings["html"] = str(Path(args.reports) / "locust.html")
     return settings
+
+
+def origins(args: argparse.Namespace) -> dict[str, str]:
+    """Where each forwarded setting came from: its flag, its ``LOCUST_*`` variable, or the config file."""
+    found = {}
+    for attr, key in FORWARDED.items():
+        env = "LOCUST_" + key.upper().replace("-", "_")
+        found[key] = f"--{key}" if getattr(args, attr) is not None else env if env in os.environ else str(args.config)
+    return found
+
+
+# setting -> (type, accepted, what is expected); checked before any server or locust starts.
+NUMBERS: dict[str, tuple[type, Callable[[float], bool], str]] = {
+    "users": (int, lambda v: v >= 1, "an integer >= 1"),
+    "backbone-weight": (int, lambda v: v >= 0, "an integer >= 0"),
+    "ensemble-weight": (int, lambda v: v >= 0, "an integer >= 0"),
+    "spawn-rate": (float, lambda v: v > 0, "a number > 0"),
+    "request-timeout": (float, lambda v: v > 0, "seconds > 0"),
+    "think-time": (float, lambda v: v >= 0, "seconds >= 0"),
+    "max-fail-ratio": (float, lambda v: 0 <= v <= 1, "a ratio in [0, 1]"),
+    "max-p95-ms": (float, lambda v: v >= 0, "milliseconds >= 0 (0: off)"),
+}
+
+
+def _number(kind: type, text: str) -> float | None:
+    try:
+        return kind(text)
+    except ValueError:
+        return None
+
+
+def check_settings(settings: dict[str, str], where: dict[str, str] | None = None) -> None:
+    """Raise ConfigError naming the setting, its value and where it came from unless locust can run with
+    ``settings``: numbers in range, a run time > 0, photos, a known signature, a readable labels file."""
+    where = where or {}
+    for key, (kind, accepted, expected) in NUMBERS.items():
+        if key in settings:
+            value = _number(kind, settings[key])
+            options.require(value is not None and accepted(value), key, settings[key], expected, where.get(key, ""))
+    if "run-time" in settings:  # locust reads 0 as "no limit"
+        seconds = options.timespan_s(settings["run-time"])
+        options.require(seconds is not None and seconds > 0, "run-time", settings["run-time"],
+                        "a run time > 0 such as 30s, 2m or 1h30m", where.get("run-time", ""))
+    load_photos(settings.get("photo-folder", "data/sample"), limit=1)
+    protocol.signature_input(settings.get("signature", "serving_default"))
+    if settings.get("labels-file"):
+        checks.read_labels(settings["labels-file"])
+
+
+def reports_folder(settings: dict[str, str], flag: str) -> Path:
+    """The folder of the CSV and HTML reports, created; ConfigError (naming ``flag``) when it cannot be."""
+    reports = Path(settings.get("csv", "reports/loadtest/locust")).parent
+    try:
+        reports.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the reports folder {str(reports)!r}: {exc.strerror}", field=flag) from None
+    return reports
 
 
 def server_address(settings: dict[str, str]) -> srv.ServerAddress:
@@ -246,8 +306,8 @@ def print_summary(rows: list[dict[str, str]]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = resolve(args)
-    reports = Path(settings.get("csv", "reports/loadtest/locust")).parent
-    reports.mkdir(parents=True, exist_ok=True)
+    check_settings(settings, origins(args))
+    reports = reports_folder(settings, "--reports" if args.reports else "csv")
     address = server_address(settings)
     server = None
     if srv.model_state(address.rest_url, settings.get("target-model", "mobilenet_v2")) is None:
@@ -286,4 +346,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    options.exit_on_sigterm()  # what it started is stopped by its finally blocks
     sys.exit(main())

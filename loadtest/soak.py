@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from carclf.errors import CarClfError, ConfigError
+from carclf.loadtest import options
 from carclf.loadtest import run as loadtest_run
 from carclf.loadtest import server as srv
 
@@ -114,16 +115,29 @@ def _settings(args, ensemble: str, target: str, address: srv.ServerAddress, repo
     return settings
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """ConfigError naming the flag unless the run can give a memory verdict: at least a second of load
+    (locust reads 0 as "no limit"), longer than the warm-up, at least one user, samples taken."""
+    options.require(args.minutes * 60 >= 1, "--minutes", args.minutes, "at least 1/60 (one second)")
+    options.require(args.warmup_minutes >= 0, "--warmup-minutes", args.warmup_minutes, "minutes >= 0")
+    options.require(args.minutes > args.warmup_minutes, "--minutes", args.minutes,
+                    f"more than --warmup-minutes {args.warmup_minutes}")
+    options.require(args.users >= 1, "--users", args.users, "an integer >= 1")
+    options.require(args.sample_every > 0, "--sample-every", args.sample_every, "seconds > 0")
+
+
 def soak(args: argparse.Namespace) -> dict:
     from carclf.ensemble.config import load_config
 
+    check_arguments(args)
     config = load_config(args.ensemble_config)
     members = list(config.member_names)
     reports = Path(args.reports)
-    reports.mkdir(parents=True, exist_ok=True)
     address = srv.ServerAddress(srv.LOOPBACK, srv.free_port(), srv.free_port())
-    models_config = srv.write_models_config(reports / "models.config", args.model_repository, members)
     settings = _settings(args, config.name, members[0], address, reports)
+    loadtest_run.check_settings(settings)
+    loadtest_run.reports_folder(settings, "--reports")
+    models_config = srv.write_models_config(reports / "models.config", args.model_repository, members)
     start_args = argparse.Namespace(model_config=str(models_config), ensemble_config=args.ensemble_config,
                                     batching_config=args.batching_config, server_timeout=600.0)
     server = loadtest_run.start_server(start_args, settings, address, reports)
@@ -141,7 +155,10 @@ def soak(args: argparse.Namespace) -> dict:
         exit_status = server.stop()
     rows = loadtest_run.summarize(settings["csv"])
     total = next((r for r in rows if r["Name"] == "Aggregated"), {})
-    verdict = memory_verdict(samples, args.warmup_minutes * 60)
+    try:
+        verdict, no_verdict = memory_verdict(samples, args.warmup_minutes * 60), ""
+    except ConfigError as exc:  # the figures of the run are written all the same
+        verdict, no_verdict = None, f"no memory verdict: {exc.message}"
     requests, failures = int(total.get("Request Count", 0)), int(total.get("Failure Count", 0))
     result = {
         "command": " ".join(sys.argv), "locust_command": command, "locust_exit_status": code,
@@ -150,9 +167,11 @@ def soak(args: argparse.Namespace) -> dict:
         "requests": requests, "failures": failures,
         "requests_per_s": float(total.get("Requests/s", 0) or 0), "p50_ms": total.get("50%"),
         "p95_ms": total.get("95%"), "p99_ms": total.get("99%"),
-        "memory": asdict(verdict), "max_rss_growth": args.max_rss_growth,
+        "memory": asdict(verdict) if verdict else None, "no_verdict": no_verdict,
+        "max_rss_growth": args.max_rss_growth,
         "rss_samples": [(round(s.seconds, 1), s.rss_bytes) for s in samples],
-        "passed": failures == 0 and requests > 0 and verdict.growth < args.max_rss_growth and code == 0,
+        "passed": (failures == 0 and requests > 0 and verdict is not None and verdict.growth < args.max_rss_growth
+                   and code == 0),
     }
     (reports / "soak.json").write_text(json.dumps(result, indent=1) + "\n")
     (reports / "soak.md").write_text(markdown(result))
@@ -161,19 +180,22 @@ def soak(args: argparse.Namespace) -> dict:
 
 def markdown(result: dict) -> str:
     memory = result["memory"]
-    return (f"| figure | value |\n|---|---|\n"
+    head = (f"| figure | value |\n|---|---|\n"
             f"| load | {result['users']} locust users on `{result['ensemble']}` ({', '.join(result['members'])}), "
             f"{result['minutes']:.1f} min |\n"
             f"| requests / failures | {result['requests']} / {result['failures']} |\n"
             f"| throughput | {result['requests_per_s']:.2f} req/s |\n"
-            f"| latency p50 / p95 / p99 | {result['p50_ms']} / {result['p95_ms']} / {result['p99_ms']} ms |\n"
-            f"| server RSS after warm-up (first minute median) | {memory['baseline_mib']:.0f} MiB |\n"
-            f"| server RSS at the end (last minute median) | {memory['final_mib']:.0f} MiB |\n"
-            f"| RSS growth after warm-up | {100 * memory['growth']:+.2f} % (target < "
-            f"{100 * result['max_rss_growth']:.0f} %) |\n"
-            f"| RSS slope after warm-up | {memory['slope_mib_per_min']:+.2f} MiB/min |\n"
-            f"| peak RSS | {memory['peak_mib']:.0f} MiB |\n"
-            f"| server exit status (SIGTERM drain) | {result['server_exit_status']} |\n")
+            f"| latency p50 / p95 / p99 | {result['p50_ms']} / {result['p95_ms']} / {result['p99_ms']} ms |\n")
+    if memory is None:
+        return head + (f"| memory | {result['no_verdict']} |\n"
+                       f"| server exit status (SIGTERM drain) | {result['server_exit_status']} |\n")
+    return head + (f"| server RSS after warm-up (first minute median) | {memory['baseline_mib']:.0f} MiB |\n"
+                   f"| server RSS at the end (last minute median) | {memory['final_mib']:.0f} MiB |\n"
+                   f"| RSS growth after warm-up | {100 * memory['growth']:+.2f} % (target < "
+                   f"{100 * result['max_rss_growth']:.0f} %) |\n"
+                   f"| RSS slope after warm-up | {memory['slope_mib_per_min']:+.2f} MiB/min |\n"
+                   f"| peak RSS | {memory['peak_mib']:.0f} MiB |\n"
+                   f"| server exit status (SIGTERM drain) | {result['server_exit_status']} |\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,9 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"soak: error: {exc.message}", file=sys.stderr)
         return 2
     print(markdown(result))
-    print(f"soak: {'PASSED' if result['passed'] else 'FAILED'}; figures in {args.reports}/soak.json")
+    reason = f" ({result['no_verdict']})" if result["no_verdict"] else ""
+    print(f"soak: {'PASSED' if result['passed'] else 'FAILED'}{reason}; figures in {args.reports}/soak.json")
     return 0 if result["passed"] else 1
 
 
 if __name__ == "__main__":
+    options.exit_on_sigterm()  # what it started is stopped by its finally blocks
     sys.exit(main())

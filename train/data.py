@@ -316,27 +316,64 @@ def save_split(split: Split, path: str | os.PathLike) -> None:
 
 
 def load_split(path: str | os.PathLike, dataset: Dataset) -> Split:
-    """Read split.json back against ``dataset`` (files must still be there, labels must agree)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    """Read split.json back against ``dataset`` (files must still be there, labels must agree). A file that
+    cannot be read or is not a split (``save_split``'s layout) is a ConfigError naming the file and the fault."""
+    source = str(path)
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read the split file: {exc.strerror or exc}", source=source) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"is not a split file (not valid JSON: {exc})", source=source) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"is not a split file: expected a JSON object with \"train\" and \"val\" lists, found "
+                          f"a {type(data).__name__}", source=source)
     by_rel = {s.rel: s for s in dataset.samples}
 
-    def resolve(rows: list[list[Any]], part: str) -> list[Sample]:
+    def rows(part: str, default: list | None = None) -> list[tuple[str, int]]:
+        """The ``[file, label]`` rows of ``part``."""
+        if part not in data and default is None:
+            raise ConfigError("missing: expected a list of [file, label] rows", source=source, field=part)
+        value = data.get(part, default)
+        if not isinstance(value, list):
+            raise ConfigError(f"expected a list of [file, label] rows, found {value!r:.60}", source=source,
+                              field=part)
         out = []
-        for rel, label in rows:
+        for i, row in enumerate(value):
+            try:
+                if not isinstance(row, list) or len(row) != 2 or not isinstance(row[0], str):
+                    raise TypeError
+                out.append((row[0], int(row[1])))
+            except (TypeError, ValueError):
+                raise ConfigError(f"expected [file, label], found {row!r:.60}", source=source,
+                                  field=f"{part}[{i}]") from None
+        return out
+
+    def number(key: str, kind: type, default: Any = None) -> Any:
+        value = data.get(key, default)
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"expected a number, found {value!r:.60}" if key in data else "missing",
+                              source=source, field=key) from None
+
+    def resolve(part: str) -> list[Sample]:
+        out = []
+        for rel, label in rows(part):
             s = by_rel.get(rel)
-            if s is None or s.label != int(label):
+            if s is None or s.label != label:
                 raise ConfigError(f"{part} file {rel!r} (label {label}) is not in the data at {dataset.root}",
-                                  source=str(path))
+                                  source=source)
             out.append(s)
         return out
 
     extra = []
-    for file, label in data.get("extra_train", []):
+    for file, label in rows("extra_train", []):
         if not Path(file).is_file():
-            raise ConfigError(f"extra training photo {file!r} no longer exists", source=str(path))
-        extra.append(Sample(path=file, rel=file, label=int(label)))
-    return Split(resolve(data["train"], "train"), resolve(data["val"], "val"), int(data["seed"]),
-                 float(data["val_fraction"]), int(data.get("folds", 0)), int(data.get("fold", 0)), extra)
+            raise ConfigError(f"extra training photo {file!r} no longer exists", source=source)
+        extra.append(Sample(path=file, rel=file, label=label))
+    return Split(resolve("train"), resolve("val"), number("seed", int), number("val_fraction", float),
+                 number("folds", int, 0), number("fold", int, 0), extra)
 
 
 def extra_training_samples(sources: Sequence[Any], dataset: Dataset, split: Split,

@@ -4,7 +4,8 @@
     carclf predict FOLDER --server http://localhost:8501 --output submission.csv
 
 Photos print their top-k car models (and, with --verbose, each ensemble member's vote, version and
-latency). A folder becomes a Kaggle submission CSV (Id,Category) with a progress bar.
+latency), named by the server; --classes names only the ranks the server does not. A folder, or photos
+given with --output, becomes a Kaggle submission CSV (Id,Category) with a progress bar.
 
 A photo that cannot be classified does not stop the others: every file is checked locally before its
 request is sent (header only), and when the server refuses a request as invalid (a truncated JPEG, say) its photos are sent again
@@ -26,9 +27,11 @@ import numpy as np
 
 from carclf import contract, imaging
 from carclf.errors import ConfigError, InvalidInput, NotFound
+from carclf.submission import check_destination
 from carclf.submission import write_submission as write_csv
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,9 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=3, help="car models to print per photo (default %(default)s)")
     parser.add_argument("--verbose", action="store_true", help="also print each ensemble member's vote")
     parser.add_argument("--output", type=Path, default=None,
-                        help="submission CSV to write for folders (default submission.csv)")
+                        help="write the submission CSV (Id,Category) here instead of printing; a folder writes "
+                             "one to submission.csv when not given")
     parser.add_argument("--classes", type=Path, default=None,
-                        help="classes.json ({category id: name}) to write category ids and name top-k classes")
+                        help="classes.json ({category id: name}): the CSV gets category ids, and printed ranks "
+                             "the server does not name get names")
     parser.add_argument("--version", type=int, default=None, help="model version to ask for")
     parser.add_argument("--version-label", default=None, help="model version label to ask for (e.g. canary)")
     parser.add_argument("--batch-size", type=int, default=8, help="photos per request (default %(default)s)")
@@ -161,6 +166,50 @@ def read_classes(path: Path | None) -> tuple[list[str] | None, dict[str, str] | 
     return names, {str(mapping[k]): k for k in ids}
 
 
+def read_root_cert(path: Path | None) -> bytes | None:
+    """The PEM root certificates of ``--root-cert``, refused up front when the file holds none (gRPC would
+    only say "Failed to create security handshaker")."""
+    if path is None:
+        return None
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise NotFound(f"--root-cert {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise InvalidInput(f"--root-cert {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    if PEM_BEGIN not in data:
+        raise InvalidInput(f"--root-cert {str(path)!r} holds no PEM certificate "
+                           f"(no {PEM_BEGIN.decode()!r} line)")
+    return data
+
+
+def category_for(label: str, category_of: dict[str, str], source: Path) -> str:
+    """The classes file's category id of a label the server named; a file without it is refused."""
+    if label not in category_of:
+        raise ConfigError(f"the server's label {label!r} is not in the classes file", source=str(source))
+    return category_of[label]
+
+
+def check_classes(result, args, class_names: list[str], category_of: dict[str, str]) -> None:
+    """The classes file must hold every top label the server names and, where it names the other ranks (by
+    class index), hold as many classes as the model, in the model's order."""
+    labels = result.labels if contract.OUTPUT_LABEL in result.outputs else []
+    for label in labels:
+        category_for(label, category_of, args.classes)
+    classes = result.probabilities.shape[-1]
+    if min(args.top_k, classes) <= result.named_ranks:
+        return
+    if len(class_names) < classes:
+        raise ConfigError(f"holds {len(class_names)} classes, the model answers {classes}",
+                          source=str(args.classes))
+    ids = np.asarray(result.outputs.get(contract.OUTPUT_CLASS_ID, [])).reshape(-1)
+    for cid, label in zip(ids, labels, strict=False):  # a model answering labels without ids: nothing to check
+        if class_names[int(cid)] != label:
+            raise ConfigError(f"class {int(cid)} is {class_names[int(cid)]!r} here but {label!r} for the model: "
+                              "to name ranks by class index the file must list the model's classes in its "
+                              "order", source=str(args.classes))
+
+
 def run(args: argparse.Namespace) -> int:
     from carclf.clients.base import connect
 
@@ -172,18 +221,25 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--timeout must be > 0 seconds, received {args.timeout}")
     photos, folder_given = collect(args.paths)
     class_names, category_of = read_classes(args.classes)
-    root_cert = args.root_cert.read_bytes() if args.root_cert else None
+    root_cert = read_root_cert(args.root_cert)
+    output = args.output or (Path("submission.csv") if folder_given else None)
+    if output is not None:
+        check_destination(output, what="--output")  # before any photo is sent
     failures = Failures()
     with connect(args.server, timeout=args.timeout, root_certificates=root_cert) as client:
-        if folder_given:
-            write_submission(client, args, photos, category_of, failures)
+        if output is not None:
+            write_submission(client, args, photos, output, category_of, failures)
         else:
-            unnamed = False
+            named: int | None = None  # ranks the server names, once some printed rank went unnamed
             for batch, result in classify(client, args, photos, failures):
+                if class_names is not None:
+                    check_classes(result, args, class_names, category_of)
                 for i, path in enumerate(batch):
-                    unnamed = print_photo(path, result, i, args, class_names) or unnamed
-            if unnamed:
-                print("carclf predict: note: a backbone names only its top class; give --classes classes.json to "
+                    if print_photo(path, result, i, args, class_names):
+                        named = result.named_ranks
+            if named is not None:
+                what = f"its top {named} classes" if named > 1 else "its top class" if named else "no class"
+                print(f"carclf predict: note: {args.model} names only {what}; give --classes classes.json to "
                       "name the other ranks", file=sys.stderr)
     if failures:
         print(f"carclf predict: {len(failures)} of {len(photos)} photos could not be classified (see above)",
@@ -192,23 +248,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_submission(client, args, photos: list[Path], category_of: dict[str, str] | None,
+def write_submission(client, args, photos: list[Path], output: Path, category_of: dict[str, str] | None,
                      failures: Failures) -> None:
     from tqdm import tqdm
 
-    output = args.output or Path("submission.csv")
     rows: list[tuple[str, str]] = []
     with tqdm(total=len(photos), desc=f"predict {args.model}", unit="photo", file=sys.stderr) as bar:
         for batch, result in classify(client, args, photos, failures,
                                       output_filter=(contract.OUTPUT_CLASS_ID, contract.OUTPUT_LABEL)):
             ids = np.asarray(result.outputs[contract.OUTPUT_CLASS_ID]).reshape(-1)
             for path, class_id, label in zip(batch, ids, result.labels, strict=True):
-                category = str(int(class_id))
-                if category_of is not None:
-                    if label not in category_of:
-                        raise ConfigError(f"the server's label {label!r} is not in the classes file",
-                                          source=str(args.classes))
-                    category = category_of[label]
+                category = (str(int(class_id)) if category_of is None
+                            else category_for(label, category_of, args.classes))
                 rows.append((path.name, category))
             bar.update(len(batch))
         bar.update(len(failures))  # done with too, though not classified
@@ -220,7 +271,7 @@ def write_submission(client, args, photos: list[Path], category_of: dict[str, st
 def print_photo(path: Path, result, i: int, args, class_names: list[str] | None) -> bool:
     """Print one photo's answer; True when some rank could only be shown as ``class <id>``."""
     top = result.top_k(args.top_k, class_names)[i]
-    unnamed = class_names is None and "top_k_labels" not in result.outputs and len(top) > 1
+    unnamed = class_names is None and len(top) > result.named_ranks
     outputs = result.outputs
     members = []
     if "member_names" in outputs:

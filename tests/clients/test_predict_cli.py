@@ -14,6 +14,7 @@ import pytest
 
 from carclf import cli
 from carclf.clients import connect
+from carclf.errors import InvalidInput
 from tests.ensemble.servers import grpc_url, rest_url
 
 REPO = Path(__file__).resolve().parents[2]
@@ -174,5 +175,162 @@ def test_a_backbone_without_classes_names_its_top_class_and_says_how_to_name_the
     lines = run.stdout.splitlines()
     assert lines[1].strip().startswith(f"1. {answer.labels[0]} ")
     assert lines[2].strip().startswith(f"2. class {second} ")
-    assert own_lines(run.stderr) == ["carclf predict: note: a backbone names only its top class; give --classes "
+    assert own_lines(run.stderr) == ["carclf predict: note: tiny_a names only its top class; give --classes "
                                      "classes.json to name the other ranks"]
+
+
+def write_classes(path: Path, names: list[str]) -> Path:
+    path.write_text(json.dumps({str(i): name for i, name in enumerate(names)}), encoding="utf-8")
+    return path
+
+
+def one_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("carclf predict: error: "), err
+    return err[0]
+
+
+def test_the_servers_names_win_over_a_classes_file(tiny_ensemble_server, photos, labels, tmp_path, capsys):
+    """A classes file in another order than the model's labels names no rank the server named: the
+    ensemble's top_k_labels and a backbone's top label are printed as the server sent them. Where the file
+    would name other ranks by class index, its order is checked and a wrong one refused, naming the file."""
+    reordered = write_classes(tmp_path / "reordered.json", labels[::-1])
+    url = grpc_url(tiny_ensemble_server)
+    with connect(url) as client:
+        want = {m: client.predict(m, images=[photos[0].read_bytes()]) for m in ("tiny_ensemble", "tiny_a")}
+    for model, k in (("tiny_ensemble", "3"), ("tiny_a", "1")):
+        code = cli.main(["predict", str(photos[0]), "--server", url, "--model", model, "--top-k", k, "--json",
+                         "--classes", str(reordered)])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert [t["label"] for t in json.loads(out)["top_k"]] == [n for n, _ in want[model].top_k(int(k))[0]]
+
+    assert cli.main(["predict", str(photos[0]), "--server", url, "--model", "tiny_a", "--top-k", "3",
+                     "--classes", str(reordered)]) == 2
+    line = one_error(capsys)
+    assert str(reordered) in line and "must list the model's classes in its order" in line
+
+    right = write_classes(tmp_path / "classes.json", labels)  # the model's order: the file names ranks 2 and 3
+    assert cli.main(["predict", str(photos[0]), "--server", url, "--model", "tiny_a", "--top-k", "3", "--json",
+                     "--classes", str(right)]) == 0
+    out, err = capsys.readouterr()
+    order = np.argsort(-want["tiny_a"].probabilities[0], kind="stable")[:3]
+    assert [t["label"] for t in json.loads(out)["top_k"]] == [labels[int(i)] for i in order] and err == ""
+
+
+@pytest.mark.parametrize("model", ["tiny_ensemble", "tiny_a"])
+def test_a_classes_file_without_the_servers_label_is_refused_in_print_mode_too(tiny_ensemble_server, photos,
+                                                                              labels, tmp_path, capsys, model):
+    url = rest_url(tiny_ensemble_server)
+    with connect(url) as client:
+        label = client.predict(model, images=[photos[0].read_bytes()]).labels[0]
+    lacking = write_classes(tmp_path / "classes.json", [n if n != label else "Not A Car 1900" for n in labels])
+    assert cli.main(["predict", str(photos[0]), "--server", url, "--model", model, "--top-k", "1",
+                     "--classes", str(lacking)]) == 2
+    assert one_error(capsys) == (f"carclf predict: error: {lacking}: the server's label {label!r} is not in the "
+                                 "classes file")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / photos[0].name).write_bytes(photos[0].read_bytes())
+    out = tmp_path / "submission.csv"
+    assert cli.main(["predict", str(folder), "--server", url, "--model", model, "--classes", str(lacking),
+                     "--output", str(out)]) == 2  # folder mode: the same refusal
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("is not in the classes file")
+    assert not out.exists() and not (tmp_path / "submission.csv.tmp").exists()
+
+
+def test_a_classes_file_with_fewer_classes_than_the_model_is_one_line(tiny_ensemble_server, photos, labels,
+                                                                     tmp_path, capsys):
+    url = grpc_url(tiny_ensemble_server)
+    with connect(url) as client:
+        result = client.predict("tiny_a", images=[photos[0].read_bytes()])
+    short = write_classes(tmp_path / "classes.json", [result.labels[0], "Not A Car 1900"])
+    assert cli.main(["predict", str(photos[0]), "--server", url, "--model", "tiny_a", "--top-k", "3",
+                     "--classes", str(short)]) == 2
+    assert one_error(capsys) == f"carclf predict: error: {short}: holds 2 classes, the model answers 10"
+    with pytest.raises(InvalidInput, match="2 class names given, the model answers 10 classes"):
+        result.top_k(3, ["a", "b"])
+
+
+def test_an_unusable_output_is_refused_before_any_photo_is_sent(tiny_ensemble_server, sample_dir, tmp_path,
+                                                                 capsys):
+    folder, url = sample_dir / "test_upload", grpc_url(tiny_ensemble_server)
+    taken = tmp_path / "results"
+    taken.mkdir()
+    assert cli.main(["predict", str(folder), "--server", url, "--model", "tiny_a", "--output", str(taken)]) == 2
+    line = one_error(capsys)  # one line: no progress bar, nothing was classified
+    assert line.startswith(f"carclf predict: error: --output {str(taken)!r} is a folder")
+    assert list(taken.iterdir()) == [] and not (tmp_path / "results.tmp").exists()
+
+    note = tmp_path / "notes.txt"
+    note.write_text("a file")
+    under = note / "submission.csv"
+    assert cli.main(["predict", str(folder), "--server", url, "--model", "tiny_a", "--output", str(under)]) == 2
+    assert one_error(capsys) == (f"carclf predict: error: --output {str(under)!r} cannot be created: "
+                                 f"{str(note)!r} is a file, not a folder")
+    assert note.read_text() == "a file" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "results"]
+
+
+def test_write_submission_leaves_nothing_half_written_and_names_the_given_path(tmp_path):
+    from carclf.submission import write_submission
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    with pytest.raises(InvalidInput, match="submission '.*taken' is a folder"):
+        write_submission(taken, [("a.jpg", "1")])
+    out = tmp_path / "sub.csv"
+
+    def rows():  # the destination becomes a folder while the rows are written: the final rename fails
+        yield "a.jpg", "1"
+        out.mkdir()
+        yield "b.jpg", "2"
+
+    with pytest.raises(OSError) as caught:
+        write_submission(out, rows())
+    assert caught.value.filename == str(out) and "cannot write the submission" in caught.value.strerror
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.csv", "taken"] and list(out.iterdir()) == []
+
+
+def test_photos_with_output_write_the_csv(tiny_ensemble_server, photos, sample_dir, tmp_path, capsys):
+    chosen, out = photos[:3], tmp_path / "x.csv"
+    assert cli.main(["predict", *map(str, chosen), "--server", rest_url(tiny_ensemble_server), "--model",
+                     "tiny_ensemble", "--output", str(out), "--classes", str(sample_dir / "classes.json")]) == 0
+    assert f"wrote 3 predictions to {out}" in capsys.readouterr().out
+    with connect(grpc_url(tiny_ensemble_server)) as client:
+        ids = client.predict("tiny_ensemble", images=[p.read_bytes() for p in chosen]).outputs["class_id"]
+    rows = list(csv.reader(out.open()))
+    assert rows == [["Id", "Category"], *([p.name, str(int(i))] for p, i in zip(chosen, ids, strict=True))]
+    assert [p.name for p in tmp_path.iterdir()] == ["x.csv"]
+
+
+def test_ranks_past_the_ensembles_names_get_the_note_and_k_stops_at_the_class_count(tiny_ensemble_server, photos,
+                                                                                   labels, tmp_path, capsys):
+    url = grpc_url(tiny_ensemble_server)
+    assert cli.main(["predict", str(photos[0]), "--server", url, "--model", "tiny_ensemble", "--top-k", "100"]) == 0
+    out, err = capsys.readouterr()
+    ranks = out.splitlines()[1:]
+    with connect(url) as client:
+        want = client.predict("tiny_ensemble", images=[photos[0].read_bytes()])
+    order = np.argsort(-want.probabilities[0], kind="stable")
+    assert len(ranks) == 10 and [r.split(". ", 1)[1].rsplit("  ", 1)[0].strip() for r in ranks] == [
+        *(str(x) for x in want.outputs["top_k_labels"][0]), *(f"class {int(i)}" for i in order[3:])]
+    assert err.splitlines() == ["carclf predict: note: tiny_ensemble names only its top 3 classes; give --classes "
+                                "classes.json to name the other ranks"]
+
+    classes = write_classes(tmp_path / "classes.json", labels)
+    assert cli.main(["predict", str(photos[0]), "--server", url, "--model", "tiny_ensemble", "--top-k", "100",
+                     "--classes", str(classes), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [t["label"] for t in json.loads(out)["top_k"]] == [labels[int(i)] for i in order] and err == ""
+
+
+def test_a_root_cert_that_is_not_pem_is_refused_before_connecting(tiny_ensemble_server, photos, tmp_path):
+    bad = tmp_path / "ca.der"
+    bad.write_bytes(b"\x30\x82\x01\x0a not a PEM file")
+    port = grpc_url(tiny_ensemble_server).rsplit(":", 1)[1]
+    run = carclf("predict", str(photos[0]), "--server", f"grpcs://127.0.0.1:{port}", "--model", "tiny_a",
+                 "--root-cert", str(bad), "--timeout", "5")
+    assert run.returncode == 2
+    assert own_lines(run.stderr) == [f"carclf predict: error: --root-cert {str(bad)!r} holds no PEM certificate "
+                                     "(no '-----BEGIN CERTIFICATE-----' line)"]
+    assert "handshaker" not in run.stderr and "Traceback" not in run.stderr

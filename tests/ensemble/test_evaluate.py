@@ -6,6 +6,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 
 from carclf.ensemble import aggregate as agg
 from carclf.ensemble import evaluate as ev
@@ -78,3 +79,98 @@ def test_evaluation_reports_bad_arguments_in_one_line(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.pbtxt" in err[0]
+
+
+@pytest.fixture
+def refused(tiny_repository_template, sample_dir, tmp_path, monkeypatch, capsys):
+    """refused({flag: value}) -> the one stderr line of a run over the tiny models and a real split (20 validation
+    photos at tmp_path/split.json) that must exit 2 before any member loads and without writing a file."""
+    from carclf.train.data import read_folder_layout, save_split, stratified_split
+
+    dataset = read_folder_layout(sample_dir / "train", sample_dir / "classes.json")
+    save_split(stratified_split(dataset.samples, 0.5, seed=1), tmp_path / "split.json")
+    config = tmp_path / "e" / "config.pbtxt"
+    config.parent.mkdir()
+    config.write_text(render("e", ["tiny_a", "tiny_b"]))
+
+    def no_member(*args, **kwargs):
+        raise AssertionError("a member was loaded before the arguments were checked")
+
+    monkeypatch.setattr(ev, "SavedModelMemberCaller", no_member)
+
+    def run(flags: dict[str, str]) -> str:
+        argv = {"--config": str(config), "--model-repository": str(tiny_repository_template),
+                "--train": str(sample_dir / "train"), "--classes": str(sample_dir / "classes.json"),
+                "--split": str(tmp_path / "split.json"), "--out": str(tmp_path / "out" / "eval.json"), **flags}
+        before = sorted(tmp_path.rglob("*"))
+        capsys.readouterr()
+        code = ev.main([*(x for item in argv.items() for x in item), "--quiet"])
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "Traceback" not in captured.err, captured.err
+        assert err[0].startswith("carclf.ensemble.evaluate: error: ")
+        assert sorted(tmp_path.rglob("*")) == before  # nothing written
+        return err[0]
+
+    return run
+
+
+BAD_SPLITS = {
+    "broken JSON": ('{"train": [', "is not a split file (not valid JSON"),
+    "no train list": ('{"val": [["0/a.jpg", 0]], "seed": 1, "val_fraction": 0.5}', "field 'train': missing"),
+    "a JSON list": ('[["0/a.jpg", 0]]', "expected a JSON object with \"train\" and \"val\" lists, found a list"),
+    "a one-element row": ('{"train": [["0/a.jpg"]], "val": [], "seed": 1, "val_fraction": 0.5}',
+                          "field 'train[0]': expected [file, label], found ['0/a.jpg']"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPLITS))
+def test_a_bad_split_file_is_one_line_naming_it(refused, tmp_path, case):
+    text, needle = BAD_SPLITS[case]
+    bad = tmp_path / "bad_split.json"
+    bad.write_text(text)
+    line = refused({"--split": str(bad)})
+    assert f"{bad}: " in line and needle in line
+
+
+def test_a_missing_split_file_is_one_line_naming_it(refused, tmp_path):
+    line = refused({"--split": str(tmp_path / "nope.json")})
+    assert f"{tmp_path / 'nope.json'}: cannot read the split file: No such file or directory" in line
+
+
+def test_a_split_without_validation_photos_is_refused(refused, tmp_path):
+    split = json.loads((tmp_path / "split.json").read_text())
+    split["train"] += split["val"]
+    split["val"] = []
+    (tmp_path / "all_train.json").write_text(json.dumps(split))
+    line = refused({"--split": str(tmp_path / "all_train.json")})
+    assert f"--split {str(tmp_path / 'all_train.json')!r} holds no validation photos" in line
+
+
+def test_output_paths_are_checked_before_any_model_loads(refused, tmp_path, sample_dir):
+    under_file = tmp_path / "split.json" / "e.json"
+    line = refused({"--out": str(under_file)})
+    assert f"--out {str(under_file)!r} lies under {str(tmp_path / 'split.json')!r}, which is a file" in line
+    line = refused({"--out": str(tmp_path / "e")})
+    assert f"--out {str(tmp_path / 'e')!r} is a folder" in line
+    line = refused({"--test": str(sample_dir / "test_upload"), "--submission": str(under_file)})
+    assert f"--submission {str(under_file)!r} lies under" in line
+    line = refused({"--test": str(tmp_path / "nonexist")})
+    assert f"--test: photo folder {str(tmp_path / 'nonexist')!r} does not exist" in line
+    too_long = tmp_path / ("x" * 300 + ".json")  # an OSError is one line too, not a traceback
+    assert refused({"--out": str(too_long)}).endswith(f"File name too long: {too_long}")
+
+
+@pytest.mark.parametrize("policies,needle", [
+    (",", "--policies ',' names no TTA policy"),
+    ("none,bogus", "--policies 'none,bogus': unknown TTA policy 'bogus'; expected a comma-separated list of"),
+    ("none, none", "--policies 'none, none' names a policy twice"),
+])
+def test_policies_are_checked_before_any_model_loads(refused, policies, needle):
+    assert needle in refused({"--policies": policies})
+
+
+def test_folds_must_not_outnumber_the_validation_photos(refused, tmp_path):
+    line = refused({"--folds": "100"})
+    assert f"--folds 100 is more than the 20 validation photos of --split {str(tmp_path / 'split.json')!r}" in line
+    assert "--folds must be >= 2, received 1" in refused({"--folds": "1"})

@@ -162,6 +162,9 @@ def test_gateway_command_refuses_a_rest_members_address(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "carclf gateway: error: field '--members': members are called over gRPC: expected " \
                       "grpc://host:port, received 'http://127.0.0.1:8501'"
+    for address in ("127.0.0.1:8500", "grpc://h:notaport"):  # a bare host:port; a bad port: named as --members
+        assert cli.main(["gateway", "--members", address, "--ensemble_config_file", str(config)]) == 2
+        assert "error: field '--members': " in capsys.readouterr().err
     assert cli.main(["gateway", "--members", "grpc://h:1", "--member", "oops", "--ensemble_config_file",
                      str(config)]) == 2
     assert "expected NAME=URL, received 'oops'" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,3 +230,248 @@ def test_alternating_takes_the_senders_in_turn_and_times_each_call_alone():
     assert fast.errors == 0 and slow.errors >= 1 and "call 3 failed" in slow.first_error
     assert fast.requests >= slow.requests > 0 and max(fast.latencies_ms) < 50
     assert slow.percentile(50) - fast.percentile(50) >= 9.0  # the 10 ms of extra sleep, no check time added
+
+
+# --- Setup errors: one line naming the flag and value, exit 2, nothing started, nothing written ----------------
+
+def _no_start(monkeypatch) -> None:
+    """Any attempt to reach or start a server, or to run locust, fails the test."""
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a server or locust was started")
+
+    from carclf.loadtest import soak
+
+    monkeypatch.setattr(run, "start_server", refuse)
+    monkeypatch.setattr(run.srv, "model_state", refuse)
+    monkeypatch.setattr(run.subprocess, "call", refuse)
+    monkeypatch.setattr(soak.loadtest_run, "start_server", refuse)
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--run-time", "0s"], "field 'run-time': expected a run time > 0 such as 30s, 2m or 1h30m, received '0s' "
+                           "(from --run-time)"),
+    (["--run-time", "0"], "received '0' (from --run-time)"),
+    (["--run-time", "soon"], "field 'run-time'"),
+    (["--users", "0"], "field 'users': expected an integer >= 1, received '0' (from --users)"),
+    (["--users", "-1"], "received '-1' (from --users)"),
+    (["--request-timeout", "0"], "field 'request-timeout': expected seconds > 0, received '0.0'"),
+    (["--think-time", "-1"], "field 'think-time': expected seconds >= 0, received '-1.0'"),
+    (["--max-fail-ratio", "-1"], "field 'max-fail-ratio': expected a ratio in [0, 1], received '-1.0'"),
+    (["--max-fail-ratio", "1.5"], "field 'max-fail-ratio'"),
+    (["--photo-folder", "/no/such/photos"], "photo folder does not exist, received '/no/such/photos'"),
+    (["--labels-file", "/no/such/labels.txt"], "labels file does not exist, received '/no/such/labels.txt'"),
+    (["--signature", "serving_jpeg"], "signature must be one of ['serving_default', 'serving_pixels'], "
+                                      "received 'serving_jpeg'"),
+])
+def test_loadtest_run_refuses_bad_settings_before_anything_starts(flags, expected, tmp_path, sample_dir,
+                                                                 monkeypatch, capsys):
+    _no_start(monkeypatch)
+    reports = tmp_path / "reports"
+    args = ["--photo-folder", str(sample_dir), "--reports", str(reports), *flags]
+    assert run.main(args) == 2
+    line = _one_line(capsys)
+    assert line.startswith("loadtest: error: ") and expected in line, line
+    assert not reports.exists()
+
+
+def test_loadtest_run_names_a_bad_setting_from_the_environment(tmp_path, sample_dir, monkeypatch, capsys):
+    _no_start(monkeypatch)
+    monkeypatch.setenv("LOCUST_BACKBONE_WEIGHT", "abc")
+    assert run.main(["--photo-folder", str(sample_dir), "--reports", str(tmp_path / "r")]) == 2
+    assert _one_line(capsys) == ("loadtest: error: field 'backbone-weight': expected an integer >= 0, received "
+                                 "'abc' (from LOCUST_BACKBONE_WEIGHT)")
+    conf = tmp_path / "locust.conf"
+    conf.write_text("users = many\n")
+    monkeypatch.delenv("LOCUST_BACKBONE_WEIGHT")
+    monkeypatch.delenv("LOCUST_USERS", raising=False)
+    assert run.main(["--config", str(conf), "--photo-folder", str(sample_dir), "--reports", str(tmp_path / "r")]) == 2
+    assert f"received 'many' (from {conf})" in _one_line(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+def test_loadtest_run_refuses_reports_at_or_under_a_file(tmp_path, sample_dir, monkeypatch, capsys):
+    _no_start(monkeypatch)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for reports in (blocker, blocker / "reports"):
+        assert run.main(["--photo-folder", str(sample_dir), "--reports", str(reports)]) == 2
+        line = _one_line(capsys)
+        assert line.startswith(f"loadtest: error: field '--reports': cannot create the reports folder '{reports}'")
+
+
+def test_loadtest_run_accepts_the_shipped_settings():
+    run.check_settings({**run.read_conf(run.DEFAULT_CONF), "photo-folder": str(run.HERE.parent / "data" / "sample")})
+
+
+def test_locust_run_times_parse_as_locust_reads_them():
+    from carclf.loadtest.options import timespan_s
+
+    assert [timespan_s(t) for t in ("90", "30s", "2m", "1h30m", "0s", "", "2x", "-5")] == [
+        90, 30, 120, 5400, 0, None, None, None]
+
+
+def test_a_bad_classes_json_is_a_config_error(tmp_path):
+    bad = tmp_path / "classes.json"
+    bad.write_text('{"1": "a"}')
+    with pytest.raises(ConfigError, match="labels_file.*classes.json"):
+        checks.read_labels(bad)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--minutes", "0"], "field '--minutes': expected at least 1/60 (one second), received 0.0"),
+    (["--minutes", "-1"], "field '--minutes'"),
+    (["--minutes", "0.1"], "field '--minutes': expected more than --warmup-minutes 2.0, received 0.1"),
+    (["--minutes", "1", "--warmup-minutes", "-1"], "field '--warmup-minutes': expected minutes >= 0, received -1.0"),
+    (["--users", "0"], "field '--users': expected an integer >= 1, received 0"),
+    (["--sample-every", "0"], "field '--sample-every': expected seconds > 0, received 0.0"),
+    (["--sample-every", "-5"], "field '--sample-every'"),
+    (["--minutes", "3", "--photo-folder", "/no/such/photos"], "received '/no/such/photos'"),
+])
+def test_soak_refuses_bad_arguments_before_the_server_starts(flags, expected, tmp_path, monkeypatch, capsys):
+    from carclf.loadtest import soak
+
+    _no_start(monkeypatch)
+    reports = tmp_path / "soak"
+    config = run.HERE.parent / "ensemble" / "car_ensemble" / "config.pbtxt"
+    assert soak.main(["--reports", str(reports), "--ensemble-config", str(config), *flags]) == 2
+    line = _one_line(capsys)
+    assert line.startswith("soak: error: ") and expected in line, line
+    assert not reports.exists()
+
+
+def test_soak_writes_its_figures_when_no_memory_verdict_can_be_made(tmp_path, sample_dir, monkeypatch, capsys):
+    """Too few RSS samples after warm-up: soak.json still holds the request counts and says why it failed."""
+    from carclf.loadtest import soak
+
+    class FakeServer:
+        def rss_bytes(self) -> int:
+            return 100 * 2**20
+
+        def stop(self) -> int:
+            return 0
+
+    def locust(command):
+        prefix = command[command.index("--csv") + 1]
+        Path(prefix + "_stats.csv").write_text("Type,Name,Request Count,Failure Count,Requests/s,50%,95%,99%\n"
+                                               ",Aggregated,42,0,7.0,10,20,30\n")
+        return 0
+
+    def models_config(path, *_args):
+        Path(path).write_text("")
+        return Path(path)
+
+    monkeypatch.setattr(soak.loadtest_run, "start_server", lambda *_a: FakeServer())
+    monkeypatch.setattr(soak.subprocess, "call", locust)
+    monkeypatch.setattr(soak.srv, "write_models_config", models_config)
+    reports = tmp_path / "soak"
+    config = run.HERE.parent / "ensemble" / "car_ensemble" / "config.pbtxt"
+    assert soak.main(["--minutes", "1", "--warmup-minutes", "0.5", "--sample-every", "60", "--reports", str(reports),
+                      "--ensemble-config", str(config), "--photo-folder", str(sample_dir)]) == 1
+    data = json.loads((reports / "soak.json").read_text())
+    assert data["requests"] == 42 and data["failures"] == 0 and data["memory"] is None and not data["passed"]
+    assert data["no_verdict"].startswith("no memory verdict") and "only 0 memory samples" in data["no_verdict"]
+    assert data["no_verdict"] in (reports / "soak.md").read_text()
+    assert "soak: FAILED (no memory verdict" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--max-requests", "0"], "field '--max-requests': expected a count >= 1, received 0"),
+    (["--photo-limit", "-1"], "field '--photo-limit': expected a count >= 0 (0: all), received -1"),
+    (["--duration", "0"], "field '--duration': expected seconds > 0, received 0.0"),
+    (["--warmup", "-1"], "field '--warmup': expected seconds >= 0, received -1.0"),
+    (["--pair-duration", "0"], "field '--pair-duration': expected seconds > 0, received 0.0"),
+    (["--pair-warmup", "-1"], "field '--pair-warmup': expected seconds >= 0, received -1.0"),
+    (["--ensemble-config", "/nonexist.pbtxt"], "field '--ensemble-config': expected an existing file, "
+                                               "received '/nonexist.pbtxt'"),
+    (["--batching-config", "/nonexist.config"], "field '--batching-config': expected an existing file"),
+    (["--transports", "quic"], "field '--transports': expected a comma-separated subset of ['grpc', 'rest'], "
+                               "received 'quic'"),
+    (["--transports", ""], "field '--transports'"),
+])
+def test_bench_refuses_bad_flags_before_any_measurement(flags, expected, tmp_path, capsys):
+    from carclf import cli
+
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "--out", str(out), *flags]) == 2
+    line = _one_line(capsys)
+    assert line.startswith("carclf bench: error: ") and expected in line, line
+    assert not out.exists()
+
+
+def test_bench_refuses_a_named_ensemble_config_it_cannot_measure(tmp_path, sample_dir):
+    """A config named with --ensemble-config must be measured: one that does not load is refused before the
+    model loads; the default one is skipped quietly when absent."""
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    broken = tmp_path / "config.pbtxt"
+    broken.write_text("this is not a config")
+    out = tmp_path / "bench"
+    args = parser.parse_args(["--ensemble-config", str(broken), "--photo-folder", str(sample_dir), "--out", str(out)])
+    with pytest.raises(ConfigError, match="--ensemble-config"):
+        bench.Bench(args)
+    assert not out.exists()
+    assert bench.settings_from(parser.parse_args([]))["ensemble_config"] == bench.DEFAULT_ENSEMBLE_CONFIG
+    _, skip = bench.load_ensemble({"ensemble_model": "car_ensemble", "ensemble_config": str(tmp_path / "none")},
+                                  tmp_path)
+    assert "does not exist" in skip
+
+
+def test_bench_plot_leaves_out_points_without_figures(tmp_path):
+    from carclf.loadtest import report
+
+    served = [{"transport": "grpc", "batching": "on", "concurrency": c, "throughput": t, "p95_ms": p}
+              for c, t, p in ((1, 0.0, None), (2, 5.0, 12.0))]
+    result = {"served": served, "settings": {"model": "m"}, "environment": {"cpus": 2},
+              "inprocess": {"limit": {"throughput": None, "batch_size": 1, "p95_batch1_ms": None}}}
+    assert report.plot(result, tmp_path / "bench.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--transports", "quic"], "field '--transports': expected a comma-separated subset of ['grpc', 'rest'], "
+                               "received 'quic'"),
+    (["--transports", ""], "field '--transports'"),
+    (["--photo-limit", "-1"], "field '--photo-limit'"),
+    (["--max-requests", "0"], "field '--max-requests'"),
+    (["--warmup", "-1"], "field '--warmup': expected seconds >= 0, received -1.0"),
+    (["--rounds", "0"], "field '--rounds'"),
+    (["--batching-config", "/nonexist.config"], "field '--batching-config'"),
+])
+def test_ab_refuses_bad_flags_before_any_server_starts(flags, expected, tmp_path, monkeypatch, capsys):
+    from carclf.loadtest import ab
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a server was started")
+
+    monkeypatch.setattr(ab, "start_servers", refuse)
+    out = tmp_path / "ab"
+    assert ab.main(["--baseline-checkout", str(tmp_path), "--model", "m", "--out", str(out), *flags]) == 2
+    line = _one_line(capsys)
+    assert line.startswith("ab: ") and expected in line, line
+    assert not out.exists()
+
+
+def test_sigterm_stops_the_locust_child_too(tmp_path):
+    """Killing run/soak/ab with SIGTERM ends the locust (or other) child it is waiting on."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    script = ("import os, signal, subprocess, threading\n"
+              "from carclf.loadtest.options import exit_on_sigterm\n"
+              "exit_on_sigterm()\n"
+              "threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+              f"subprocess.call(['sh', '-c', 'echo $$ > {pid_file}; exec sleep 60'])\n")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 143 and time.monotonic() - started < 30, result.stderr
+    child = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)

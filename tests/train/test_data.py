@@ -158,6 +158,36 @@ def test_split_is_saved_and_read_back(two_class_data, tmp_path):
     assert (again.folds, again.fold, again.fingerprint()) == (3, 2, fold.fingerprint())
 
 
+@pytest.mark.parametrize("text,needle", [
+    (None, "cannot read the split file: No such file or directory"),
+    ("{not json", "is not a split file (not valid JSON: "),
+    ('[["0/a.jpg", 0]]', 'is not a split file: expected a JSON object with "train" and "val" lists, found a list'),
+    ('{"val": [], "seed": 1, "val_fraction": 0.4}', "field 'train': missing: expected a list of [file, label] rows"),
+    ('{"train": [], "val": {"0/a.jpg": 0}, "seed": 1, "val_fraction": 0.4}',
+     "field 'val': expected a list of [file, label] rows, found {'0/a.jpg': 0}"),
+    ('{"train": [["0/a.jpg"]], "val": [], "seed": 1, "val_fraction": 0.4}',
+     "field 'train[0]': expected [file, label], found ['0/a.jpg']"),
+    ('{"train": [], "val": [["0/a.jpg", "zero"]], "seed": 1, "val_fraction": 0.4}',
+     "field 'val[0]': expected [file, label], found ['0/a.jpg', 'zero']"),
+    ('{"train": [], "val": [], "val_fraction": 0.4}', "field 'seed': missing"),
+])
+def test_a_file_that_is_not_a_split_is_one_config_error_naming_it(two_class_data, tmp_path, text, needle):
+    dataset = data.read_folder_layout(two_class_data / "train")
+    path = tmp_path / "split.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        data.load_split(path, dataset)
+    assert caught.value.message.startswith(f"{path}: ") and needle in caught.value.message
+
+
+def test_a_split_without_validation_photos_reads_back(two_class_data, tmp_path):
+    dataset = data.read_folder_layout(two_class_data / "train")
+    data.save_split(data.stratified_split(dataset.samples, 0.0, seed=5), tmp_path / "split.json")
+    again = data.load_split(tmp_path / "split.json", dataset)  # a run may train on every photo
+    assert again.val == [] and len(again.train) == len(dataset.samples)
+
+
 def test_csv_layout_and_class_names(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
