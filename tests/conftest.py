@@ -58,11 +58,3 @@ def tiny_ensemble_server(tiny_repository_template, tmp_path_factory):
     with embedded_server(tiny_repository_template, work, ensembles=ensembles,
                          labels=TINY_LABELS, web_ui_model="tiny_ensemble") as server:
         yield server
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Files holding slow tests first, each file's tests in their own order. `make test` runs whole files in
-    two processes: the long training and serving files start early and the short ones fill in at the end,
-    instead of one process finishing a long file alone."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: files stay whole and in order
