@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from carclf.errors import CarClfError
+from carclf.errors import CarClfError, os_error_line
 
 # command -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -60,12 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     except CarClfError as exc:
         print(f"carclf {args.command}: error: {exc.message}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
-        print(f"carclf {args.command}: error: no such file or folder: {exc.filename}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a folder where a file was expected, no permission, a full disk: one line
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"carclf {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+    except OSError as exc:
+        print(f"carclf {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"carclf {args.command}: interrupted", file=sys.stderr)

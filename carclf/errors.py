@@ -112,3 +112,12 @@ def runtime_message(message: str) -> str:
     node = next((i for i, line in enumerate(lines) if line.startswith("[[")), len(lines))
     text = next((line for line in reversed(lines[:node]) if line), "") or next((x for x in lines if x), "")
     return re.sub(r"\s*\[Op:[^\]]*\]", "", text)
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError a command could not foresee (a folder where a file was expected, no
+    permission, a full disk): what failed, and on which path."""
+    if isinstance(exc, FileNotFoundError):
+        return f"no such file or folder: {exc.filename}"
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"

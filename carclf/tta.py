@@ -92,6 +92,18 @@ def get_policy(policy: str | TTAPolicy | Mapping[str, Any]) -> TTAPolicy:
                       "with name and views", field="tta")
 
 
+def policy_names(text: str, flag: str) -> list[str]:
+    """The policy names of a comma-separated command-line value (``flag``): at least one, each known."""
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    expected = f"expected a comma-separated list of {sorted(POLICIES)}"
+    if not names:
+        raise ConfigError(f"{flag} {text!r} names no TTA policy; {expected}")
+    unknown = [p for p in names if p not in POLICIES]
+    if unknown:
+        raise ConfigError(f"{flag} {text!r}: unknown TTA policy {unknown[0]!r}; {expected}")
+    return names
+
+
 def make_views(image, policy: str | TTAPolicy, size: imaging.Size, resize: str = "squash"):
     """All views of one decoded uint8 [H, W, 3] image: uint8 [len(policy), height, width, 3] for the model's
     ``size`` (one side, or (height, width)); each crop is resized as the model was trained

@@ -10,12 +10,13 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from carclf import contract
-from carclf.errors import InvalidInput
+from carclf.errors import InvalidInput, NotFound
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -195,6 +196,25 @@ def as_input_array(values) -> np.ndarray:
     if array.dtype.kind == "S" and not isinstance(values, np.ndarray):
         array = np.array(values, dtype=object)  # an object array keeps the given bytes objects themselves
     return array
+
+
+PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+
+
+def read_root_cert(path: Path | None, flag: str) -> bytes | None:
+    """The PEM root certificates in ``path`` (given as ``flag``), refused up front when the file holds none
+    (gRPC would only say "Failed to create security handshaker" at the first call)."""
+    if path is None:
+        return None
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise NotFound(f"{flag} {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise InvalidInput(f"{flag} {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    if PEM_BEGIN not in data:
+        raise InvalidInput(f"{flag} {str(path)!r} holds no PEM certificate (no {PEM_BEGIN.decode()!r} line)")
+    return data
 
 
 def parse_server_url(url: str) -> tuple[str, str, bool]:

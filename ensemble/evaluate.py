@@ -32,7 +32,7 @@ from carclf.ensemble import aggregate as agg
 from carclf.ensemble.config import EnsembleConfig, load_config
 from carclf.ensemble.members import SavedModelMemberCaller
 from carclf.ensemble.runtime import EnsembleRuntime
-from carclf.errors import CarClfError, ConfigError
+from carclf.errors import CarClfError, ConfigError, os_error_line
 from carclf.submission import write_submission as write_csv
 
 CHUNK = 16  # photos per ensemble request
@@ -230,17 +230,11 @@ def write_submission(config: EnsembleConfig, repository, folder: Path, class_ids
 
 
 def parse_policies(text: str) -> list[str]:
-    """The TTA policy names of ``--policies`` (comma-separated), each known, at least one, none repeated."""
-    from carclf.tta import POLICIES
+    """The TTA policy names of ``--policies``: each known, at least one, none repeated (a repeat would
+    give duplicate rows and weight keys)."""
+    from carclf.tta import policy_names
 
-    names = [p.strip() for p in text.split(",") if p.strip()]
-    if not names:
-        raise ConfigError(f"--policies {text!r} names no TTA policy; expected a comma-separated list of "
-                          f"{sorted(POLICIES)}")
-    unknown = [p for p in names if p not in POLICIES]
-    if unknown:
-        raise ConfigError(f"--policies {text!r}: unknown TTA policy {unknown[0]!r}; expected a comma-separated "
-                          f"list of {sorted(POLICIES)}")
+    names = policy_names(text, "--policies")
     if len(set(names)) < len(names):
         raise ConfigError(f"--policies {text!r} names a policy twice")
     return names
@@ -336,9 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CarClfError as exc:
         print(f"carclf.ensemble.evaluate: error: {exc.message}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a folder where a file was expected, no permission, a full disk: one line
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"carclf.ensemble.evaluate: error: {exc.strerror or exc}{where}", file=sys.stderr)
+    except OSError as exc:
+        print(f"carclf.ensemble.evaluate: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -34,7 +34,9 @@ def transports(text: str, flag: str = "--transports") -> list[str]:
 
 
 def timespan_s(text: str) -> int | None:
-    """Seconds of a locust run time (``90``, ``30s``, ``2m``, ``1h30m``), None when it is not one."""
+    """Seconds of a locust run time (``90``, ``30s``, ``2m``, ``1h30m``), None when it is not one. (The same
+    rule as ``locust.util.timespan``, which cannot be imported here: importing locust monkey-patches the whole
+    process with gevent.)"""
     text = str(text).strip()
     if text.isdigit():
         return int(text)

@@ -31,7 +31,6 @@ from carclf.submission import check_destination
 from carclf.submission import write_submission as write_csv
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,23 +165,6 @@ def read_classes(path: Path | None) -> tuple[list[str] | None, dict[str, str] | 
     return names, {str(mapping[k]): k for k in ids}
 
 
-def read_root_cert(path: Path | None) -> bytes | None:
-    """The PEM root certificates of ``--root-cert``, refused up front when the file holds none (gRPC would
-    only say "Failed to create security handshaker")."""
-    if path is None:
-        return None
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise NotFound(f"--root-cert {str(path)!r} does not exist") from None
-    except OSError as exc:
-        raise InvalidInput(f"--root-cert {str(path)!r} cannot be read: {exc.strerror or exc}") from None
-    if PEM_BEGIN not in data:
-        raise InvalidInput(f"--root-cert {str(path)!r} holds no PEM certificate "
-                           f"(no {PEM_BEGIN.decode()!r} line)")
-    return data
-
-
 def category_for(label: str, category_of: dict[str, str], source: Path) -> str:
     """The classes file's category id of a label the server named; a file without it is refused."""
     if label not in category_of:
@@ -211,7 +193,7 @@ def check_classes(result, args, class_names: list[str], category_of: dict[str, s
 
 
 def run(args: argparse.Namespace) -> int:
-    from carclf.clients.base import connect
+    from carclf.clients.base import connect, read_root_cert
 
     if args.top_k < 1:
         raise InvalidInput(f"--top-k must be >= 1, received {args.top_k}")
@@ -221,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--timeout must be > 0 seconds, received {args.timeout}")
     photos, folder_given = collect(args.paths)
     class_names, category_of = read_classes(args.classes)
-    root_cert = read_root_cert(args.root_cert)
+    root_cert = read_root_cert(args.root_cert, "--root-cert")
     output = args.output or (Path("submission.csv") if folder_given else None)
     if output is not None:
         check_destination(output, what="--output")  # before any photo is sent

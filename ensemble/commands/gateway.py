@@ -44,6 +44,7 @@ def parse_member_urls(items: list[str]) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from carclf.clients.base import read_root_cert
     from carclf.ensemble.gateway import Gateway
     from carclf.serving.options import ServerOptions
 
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("the gateway serves ensembles: give at least one --ensemble_config_file",
                           source="--ensemble_config_file")
     member_urls = parse_member_urls(args.member)
-    root_cert = args.members_root_cert.read_bytes() if args.members_root_cert else None
+    root_cert = read_root_cert(args.members_root_cert, "--members_root_cert")
     gateway = Gateway(ServerOptions.from_args(args), args.members, member_urls=member_urls,
                       root_certificates=root_cert).start()
     stop = threading.Event()

@@ -168,6 +168,11 @@ def test_gateway_command_refuses_a_rest_members_address(tmp_path, capsys):
     assert cli.main(["gateway", "--members", "grpc://h:1", "--member", "oops", "--ensemble_config_file",
                      str(config)]) == 2
     assert "expected NAME=URL, received 'oops'" in capsys.readouterr().err
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("not a certificate")
+    assert cli.main(["gateway", "--members", "grpcs://h:1", "--members_root_cert", str(not_pem),
+                     "--ensemble_config_file", str(config)]) == 2
+    assert f"error: --members_root_cert {str(not_pem)!r} holds no PEM certificate" in capsys.readouterr().err
     assert cli.main(["gateway", "--members", "grpc://h:1"]) == 2  # named the gateway's own missing flag
     assert "error: --ensemble_config_file: the gateway serves ensembles" in capsys.readouterr().err
 

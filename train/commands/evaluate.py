@@ -26,11 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    policies = [p.strip() for p in args.tta.split(",") if p.strip()]
-    if not policies:
-        raise InvalidInput("--tta names no policy")
-    for p in policies:
-        tta.get_policy(p)
+    policies = tta.policy_names(args.tta, "--tta")
     model = evaluate.load_model(args.model)
     data_root = args.data or model.info.get("data_root")
     channel_order = channel_order_for(args.channel_order, bool(args.data), model.info.get("data_channel_order", "rgb"))
