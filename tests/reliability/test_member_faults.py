@@ -26,8 +26,10 @@ from tests.serving.test_drain import ServeProcess
 
 MEMBER = "tiny_b"
 STRICT = "car_ensemble_strict"
-DEADLINE_S = 1.5
-SLACK_S = 1.0  # scheduling on a loaded 2-core machine
+# `make test` runs a second test process beside this one, often training a model: a request to the healthy
+# member was once starved past a 1.5 s deadline there (4.2 s end to end), so the deadline leaves room.
+DEADLINE_S = 3.0
+SLACK_S = 2.0  # scheduling on a loaded 2-core machine
 MONITORING = REPO_ROOT / "serving" / "monitoring.config"
 INFLIGHT = re.compile(r'^carclf_serving_inflight_requests\{entrypoint="GRPC"\} (\S+)$', re.MULTILINE)
 
