@@ -21,6 +21,21 @@ function showError(message) {
 function clearState() {
   $("error").hidden = true;
   $("result").hidden = true;
+  $("busy").hidden = true;
+}
+
+// Each choice of photo gets a number; an answer that arrives after a newer choice is dropped, so what the
+// page shows always belongs to the photo in the preview.
+let latestUpload = 0;
+let previewUrl = null;
+
+function showPreview(file) {
+  const preview = $("preview");
+  if (previewUrl) URL.revokeObjectURL(previewUrl);
+  previewUrl = file ? URL.createObjectURL(file) : null;
+  preview.hidden = !previewUrl;
+  if (previewUrl) preview.src = previewUrl;
+  else preview.removeAttribute("src");
 }
 
 async function checkModel() {
@@ -98,22 +113,23 @@ function render(outputs, latencyMs) {
 }
 
 async function classify(file) {
+  const upload = ++latestUpload;
   clearState();
   if (!file) return;
-  if (file.size === 0) return showError(`${file.name} is empty (0 bytes): choose a photo.`);
+  const refuse = (message) => { showPreview(null); showError(message); };
+  if (file.size === 0) return refuse(`${file.name} is empty (0 bytes): choose a photo.`);
   if (file.size > MAX_BYTES) {
-    return showError(`${file.name} is ${megabytes(file.size)}, larger than the ${megabytes(MAX_BYTES)} limit: ` +
-                     "choose a smaller photo.");
+    return refuse(`${file.name} is ${megabytes(file.size)}, larger than the ${megabytes(MAX_BYTES)} limit: ` +
+                  "choose a smaller photo.");
   }
   if (file.type && !file.type.startsWith("image/")) {
-    return showError(`${file.name} is not an image (${file.type}): choose a JPEG, PNG, GIF, BMP or WebP photo.`);
+    return refuse(`${file.name} is not an image (${file.type}): choose a JPEG, PNG, GIF, BMP or WebP photo.`);
   }
-  const preview = $("preview");
-  preview.src = URL.createObjectURL(file);
-  preview.hidden = false;
+  showPreview(file);
   $("busy").hidden = false;
   try {
     const b64 = await readAsBase64(file);
+    if (upload !== latestUpload) return;
     const started = performance.now();
     const response = await fetch(`${API}:predict`, {
       method: "POST",
@@ -123,6 +139,7 @@ async function classify(file) {
     const latency = performance.now() - started;
     let data;
     try { data = await response.json(); } catch (e) { data = { error: `HTTP ${response.status}` }; }
+    if (upload !== latestUpload) return;  // a newer photo was chosen meanwhile: its answer is the one to show
     $("busy").hidden = true;
     if (!response.ok || data.error) {
       const reason = data.error || response.statusText;
@@ -132,12 +149,16 @@ async function classify(file) {
     }
     render(data.outputs, latency);
   } catch (err) {
-    showError(`Could not reach the server: ${err.message}`);
+    if (upload === latestUpload) showError(`Could not reach the server: ${err.message}`);
   }
 }
 
 $("limit").textContent = megabytes(MAX_BYTES);
-$("file").addEventListener("change", (e) => classify(e.target.files[0]));
+$("file").addEventListener("change", (e) => {
+  const file = e.target.files[0];
+  e.target.value = "";  // so that choosing the same photo again classifies it again
+  classify(file);
+});
 const drop = $("drop");
 ["dragenter", "dragover"].forEach((type) => drop.addEventListener(type, (e) => {
   e.preventDefault();

@@ -101,6 +101,7 @@ def test_upload_shows_top_models_votes_versions_and_latency(browser, page_url, t
         want = client.predict(MODEL, images=[photo.read_bytes()])
     _open(browser, page_url)
     assert f"{MODEL}: v1 AVAILABLE" in browser.find_element("id", "model-status").text
+    assert not browser.find_element("id", "preview").is_displayed()  # no empty image frame before an upload
     browser.find_element("id", "file").send_keys(str(photo))
     result = _wait_for(browser, "result")
     items = result.find_elements("css selector", "#top li")
@@ -156,6 +157,67 @@ def test_non_image_and_oversized_uploads_get_clear_messages(browser, page_url, t
     limit = json.loads(browser.find_element("tag name", "body").get_attribute("data-max-bytes"))
     assert error.text == (f"huge.jpg is 25.0 MB, larger than the {limit / 1048576:.1f} MB limit: "
                           "choose a smaller photo.")
+
+
+# Wraps the page's fetch: counts :predict calls and, when asked, holds the first answer back for a while,
+# then says (window.__firstSettled) once the page has had time to handle it.
+COUNT_AND_DELAY_PREDICT = """
+    const delayMs = arguments[0];
+    window.__predictCalls = 0;
+    window.__firstSettled = false;
+    const realFetch = window.fetch;
+    window.fetch = async (url, init) => {
+      if (!String(url).endsWith(":predict")) return realFetch(url, init);
+      const call = ++window.__predictCalls;
+      const response = await realFetch(url, init);
+      if (call !== 1 || !delayMs) return response;
+      const body = await response.text();
+      await new Promise((resolve) => setTimeout(resolve, delayMs));
+      setTimeout(() => { window.__firstSettled = true; }, 300);
+      return new Response(body, {status: response.status, headers: response.headers});
+    };
+"""
+
+
+def test_a_slow_answer_for_an_earlier_photo_never_replaces_the_newer_photos(browser, page_url, photos, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _open(browser, page_url)
+    browser.execute_script(COUNT_AND_DELAY_PREDICT, 1500)
+    browser.find_element("id", "file").send_keys(str(photos[0]))  # answered, but held back 1.5 s
+    fake = tmp_path / "fake.jpg"
+    fake.write_text("not a photo")
+    browser.find_element("id", "file").send_keys(str(fake))  # chosen while the first is in flight
+    error = _wait_for(browser, "error")
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return window.__firstSettled"))
+    assert browser.execute_script("return window.__predictCalls") == 2
+    assert error.text.startswith("fake.jpg was refused: ")
+    assert not browser.find_element("id", "result").is_displayed()  # the first photo's answer was dropped
+    assert not browser.find_element("id", "busy").is_displayed()
+
+
+def test_choosing_the_same_photo_again_asks_again_and_a_refusal_clears_the_old_preview(browser, page_url, photos,
+                                                                                        tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _open(browser, page_url)
+    browser.execute_script(COUNT_AND_DELAY_PREDICT, 0)
+    chooser = browser.find_element("id", "file")
+    for expected_calls in (1, 2):
+        chooser.send_keys(str(photos[2]))
+        WebDriverWait(browser, 60).until(
+            lambda d, want=expected_calls: d.execute_script("return window.__predictCalls") == want
+            and d.find_element("id", "result").is_displayed())
+    assert browser.find_element("id", "preview").is_displayed()
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a photo")
+    chooser.send_keys(str(text))
+    error = _wait_for(browser, "error")
+    assert error.text.startswith("notes.txt is not an image")
+    assert not browser.find_element("id", "preview").is_displayed()  # not the previous photo beside its error
+    assert not browser.find_element("id", "result").is_displayed()
+    assert browser.execute_script("return window.__predictCalls") == 2
 
 
 def test_page_is_not_served_for_unknown_files(page_url):
