@@ -18,7 +18,6 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -323,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
             {"settings": settings, "command": cmd, "started_server": server is not None,
              "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
         print("loadtest: " + " ".join(cmd), flush=True)
-        code = subprocess.call(cmd)
+        code = srv.call_child(cmd)
     finally:
         if server is not None:
             server.stop()

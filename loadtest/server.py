@@ -16,13 +16,43 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from carclf.errors import ConfigError, Unavailable
 
 LOOPBACK = "127.0.0.1"
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_this_process() -> Callable[[], None] | None:
+    """A ``preexec_fn`` after which the kernel sends the child SIGTERM when the thread that started it dies,
+    even by SIGKILL or the OOM killer (Linux's ``PR_SET_PDEATHSIG``), so that a killed load test or benchmark
+    leaves no server holding its ports and no locust running. None (nothing to do) on other systems.
+
+    Start children from the main thread: the kernel ties them to the starting thread, not the process.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+    parent = os.getpid()
+
+    def tie() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent died between fork and prctl: no signal will come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return tie
+
+
+def call_child(command: Sequence[str]) -> int:
+    """``subprocess.call`` for a child that must not outlive this process (locust under run and soak)."""
+    return subprocess.call(list(command), preexec_fn=end_with_this_process())
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -199,7 +229,7 @@ class EmbeddedServer:
         # session of its own would get a CPU share of its own on a busy machine, and served figures would
         # be compared with in-process ones measured on half the share.
         self.process = subprocess.Popen(self.args, stdout=self._log or subprocess.DEVNULL,
-                                        stderr=subprocess.STDOUT, env=env)
+                                        stderr=subprocess.STDOUT, env=env, preexec_fn=end_with_this_process())
         return self
 
     def wait_ready(self, models: Sequence[str], timeout: float = 120.0) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -148,7 +147,7 @@ def soak(args: argparse.Namespace) -> dict:
         sampler = RssSampler(server, args.sample_every)
         sampler.start()
         started = time.monotonic()
-        code = subprocess.call(command)
+        code = srv.call_child(command)
         duration = time.monotonic() - started
         samples = sampler.stop()
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -243,7 +244,7 @@ def _no_start(monkeypatch) -> None:
 
     monkeypatch.setattr(run, "start_server", refuse)
     monkeypatch.setattr(run.srv, "model_state", refuse)
-    monkeypatch.setattr(run.subprocess, "call", refuse)
+    monkeypatch.setattr(run.srv, "call_child", refuse)
     monkeypatch.setattr(soak.loadtest_run, "start_server", refuse)
 
 
@@ -367,7 +368,7 @@ def test_soak_writes_its_figures_when_no_memory_verdict_can_be_made(tmp_path, sa
         return Path(path)
 
     monkeypatch.setattr(soak.loadtest_run, "start_server", lambda *_a: FakeServer())
-    monkeypatch.setattr(soak.subprocess, "call", locust)
+    monkeypatch.setattr(soak.srv, "call_child", locust)
     monkeypatch.setattr(soak.srv, "write_models_config", models_config)
     reports = tmp_path / "soak"
     config = run.HERE.parent / "ensemble" / "car_ensemble" / "config.pbtxt"
@@ -454,6 +455,58 @@ def test_ab_refuses_bad_flags_before_any_server_starts(flags, expected, tmp_path
     line = _one_line(capsys)
     assert line.startswith("ab: ") and expected in line, line
     assert not out.exists()
+
+
+def _ended(pid: int) -> bool:
+    """The process is gone or a zombie (killed; its new parent has not reaped it yet)."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return not os.path.exists(f"/proc/{pid}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_sigkill_to_run_or_soak_still_ends_its_server_and_locust(tmp_path):
+    """SIGKILL (or the OOM killer) gives run/soak/bench no chance to clean up; the kernel ends their children."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    server_pid, locust_pid = tmp_path / "server.pid", tmp_path / "locust.pid"
+    script = ("import sys\n"
+              "from carclf.loadtest import server as srv\n"
+              # the server as run/soak/bench start it (EmbeddedServer), with a stand-in command for carclf serve
+              "srv.EmbeddedServer(srv.ServerAddress(), model_config_file='unused',\n"
+              f"                  command=['sh', '-c', 'echo $$ > {server_pid}; exec sleep 120']).start()\n"
+              # and locust as run/soak call it, waiting on it
+              f"srv.call_child(['sh', '-c', 'echo $$ > {locust_pid}; exec sleep 120'])\n")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not (server_pid.exists() and locust_pid.exists() and locust_pid.read_text().strip()
+                   and server_pid.read_text().strip()):
+            assert parent.poll() is None and time.monotonic() < deadline, "the children did not start"
+            time.sleep(0.05)
+        children = [int(server_pid.read_text()), int(locust_pid.read_text())]
+        assert not any(_ended(pid) for pid in children)
+        parent.send_signal(signal.SIGKILL)
+        assert parent.wait(10) == -signal.SIGKILL
+        deadline = time.monotonic() + 10
+        while not all(_ended(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [pid for pid in children if not _ended(pid)] == []
+    finally:
+        parent.kill()
+        for pid_file in (server_pid, locust_pid):
+            if pid_file.exists() and pid_file.read_text().strip():
+                try:
+                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 def test_sigterm_stops_the_locust_child_too(tmp_path):
