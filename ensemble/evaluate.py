@@ -259,6 +259,9 @@ def check_test_folder(folder: Path) -> None:
         raise ConfigError(f"--test: {exc.message}") from None
 
 
+DEFAULT_SUBMISSION = Path("results/cars10_ensemble_submission.csv")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m carclf.ensemble.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=Path("ensemble/car_ensemble/config.pbtxt"))
@@ -271,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/cars10_ensemble_eval.json"))
     parser.add_argument("--test", type=Path, default=None, help="unlabelled photo folder for a submission")
-    parser.add_argument("--submission", type=Path, default=Path("results/cars10_ensemble_submission.csv"))
+    parser.add_argument("--submission", type=Path, default=None,
+                        help=f"where the --test submission goes (default: {DEFAULT_SUBMISSION})")
     parser.add_argument("--per-view", action="store_true",
                         help="also score every member on each single view of hflip_crops (why TTA helps or not)")
     parser.add_argument("--channel-order", choices=imaging.CHANNEL_ORDERS, default="rgb",
@@ -287,7 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--folds must be >= 2, received {args.folds}")
         check_output("--out", args.out)
         check_output("--out", args.out.with_suffix(".md"))
+        if args.submission is not None and args.test is None:
+            raise ConfigError(f"--submission {str(args.submission)!r} needs --test, the photo folder to predict")
         if args.test is not None:
+            args.submission = args.submission or DEFAULT_SUBMISSION
             check_test_folder(args.test)
             check_output("--submission", args.submission)
         config = load_config(args.config)

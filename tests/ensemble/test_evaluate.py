@@ -157,6 +157,9 @@ def test_output_paths_are_checked_before_any_model_loads(refused, tmp_path, samp
     assert f"--submission {str(under_file)!r} lies under" in line
     line = refused({"--test": str(tmp_path / "nonexist")})
     assert f"--test: photo folder {str(tmp_path / 'nonexist')!r} does not exist" in line
+    sub = tmp_path / "sub.csv"  # a submission asked for without the photos to predict: refused, not ignored
+    line = refused({"--submission": str(sub)})
+    assert f"--submission {str(sub)!r} needs --test, the photo folder to predict" in line
     too_long = tmp_path / ("x" * 300 + ".json")  # an OSError is one line too, not a traceback
     assert refused({"--out": str(too_long)}).endswith(f"File name too long: {too_long}")
 
