@@ -24,6 +24,7 @@ grpc_gevent.init_gevent()
 
 import logging  # noqa: E402
 import random  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -133,8 +134,7 @@ def _prepare(environment) -> None:
         return  # options unchanged (the web UI may change them between runs)
     try:
         _workload, _built_from = Workload.build(options), dict(vars(options))
-    except CarClfError as exc:
-        log.error("cannot build the workload: %s", exc.message)
+    except CarClfError:
         environment.process_exit_code = 2
         raise
     for user_class in (GrpcPredictUser, RestPredictUser):
@@ -143,18 +143,51 @@ def _prepare(environment) -> None:
     RestPredictUser.network_timeout = RestPredictUser.connection_timeout = options.request_timeout
 
 
+# parsed option (attribute) of each setting that run.check_settings checks, where the names differ
+OPTION_NAMES = {"users": "num_users"}
+
+
+def check_options(options) -> None:
+    """The checks ``python -m carclf.loadtest.run`` makes before it starts locust, for a plain ``locust`` run:
+    ConfigError naming the setting and its value (numbers in range, a run time > 0, photos, signature,
+    labels file)."""
+    from carclf.loadtest.run import NUMBERS, check_settings
+
+    settings = {}
+    for key in NUMBERS:
+        value = getattr(options, OPTION_NAMES.get(key, key.replace("-", "_")), None)
+        if value is not None:
+            settings[key] = str(value)
+    if getattr(options, "run_time", None) is not None:  # locust has parsed it to seconds; 0 would mean no limit
+        settings["run-time"] = f"{options.run_time}s"
+    settings.update({"photo-folder": options.photo_folder, "signature": options.signature,
+                     "labels-file": options.labels_file})
+    check_settings(settings)
+
+
 @events.init.add_listener
 def _prepare_local(environment, **_kwargs) -> None:
-    """A single-process run builds its workload before the run time starts counting."""
+    """A single-process run checks its options and builds its workload before the run time starts counting.
+    A bad setting ends it at once with one line and exit status 2, as under ``carclf.loadtest.run``."""
     if environment.parsed_options is not None and not isinstance(environment.runner, MasterRunner | WorkerRunner):
-        _prepare(environment)
+        try:
+            check_options(environment.parsed_options)
+            _prepare(environment)
+        except CarClfError as exc:
+            log.error("cannot start the load test: %s", exc.message)
+            sys.exit(2)  # SystemExit passes through locust's event handler (it catches Exception only)
 
 
 @events.test_start.add_listener
 def _prepare_worker(environment, **_kwargs) -> None:
-    """Workers build theirs at test start, when the master's options have arrived."""
+    """Workers build theirs at test start, when the master's options have arrived (a single process again only
+    if the web UI changed them)."""
     if not isinstance(environment.runner, MasterRunner):
-        _prepare(environment)
+        try:
+            _prepare(environment)
+        except CarClfError as exc:
+            log.error("cannot build the workload: %s", exc.message)
+            raise
 
 
 @events.quitting.add_listener

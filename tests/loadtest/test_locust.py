@@ -113,3 +113,26 @@ def test_a_running_server_without_the_model_stops_before_any_request(tiny_deploy
         f"loadtest: error: the server at {address.rest_url} does not serve the backbone model 'no_such_model'; "
         f"it serves {served}; give --target-model NAME (or LOCUST_TARGET_MODEL=NAME)")
     assert not (reports / "locust_stats.csv").exists()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--photo-folder", "/no/such/photos"], "photo folder does not exist, received '/no/such/photos'"),
+    (["--run-time", "0s"], "field 'run-time': expected a run time > 0 such as 30s, 2m or 1h30m, received '0s'"),
+    (["--users", "0"], "field 'users': expected an integer >= 1, received '0'"),
+])
+def test_a_plain_locust_run_refuses_bad_settings_in_one_line(tmp_path, flags, needle):
+    """``locust --config loadtest/locust.conf`` (not through run.py) makes run.py's checks before any request:
+    one error line and exit status 2, not a traceback from locust's event handler (and no run without limit)."""
+    port = srv.free_port()  # nothing listens there: a run that started would fail its requests, not exit 2
+    result = subprocess.run([sys.executable, "-m", "locust", "--config", str(REPO_ROOT / "loadtest" / "locust.conf"),
+                             "--host", f"http://127.0.0.1:{port}", "--grpc-host", f"127.0.0.1:{port}",
+                             "--csv", str(tmp_path / "locust"), "--html", str(tmp_path / "locust.html"), *flags],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if "/ERROR/" in line]
+    assert len(errors) == 1 and "cannot start the load test: " in errors[0] and errors[0].endswith(needle), \
+        output[-3000:]
+    assert "Traceback" not in output
+    # no report of a run that never was: locust opens its CSV files at start, and they stay empty
+    assert [f.name for f in tmp_path.iterdir() if f.stat().st_size or f.suffix != ".csv"] == []
