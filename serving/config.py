@@ -73,6 +73,9 @@ class ModelConfig:
 class ModelsConfig:
     models: tuple[ModelConfig, ...]
     source: str = ""
+    # no model_config_list at all (an empty file, or one caught half-written): TF Serving takes no action for
+    # such a config, so the models served stay as they are. ``model_config_list {}`` serves nothing.
+    empty: bool = False
 
     def names(self) -> list[str]:
         return [m.name for m in self.models]
@@ -160,7 +163,7 @@ def models_config_from_proto(proto, resolver: BasePathResolver, *, source: str) 
                                   source=source, field=f"{where}.version_labels")
             labels[label] = int(version)
         models.append(ModelConfig(entry.name, base, policy, labels, configured_base_path=entry.base_path))
-    return ModelsConfig(tuple(models), source=source)
+    return ModelsConfig(tuple(models), source=source, empty=choice is None)
 
 
 def parse_models_config(text: str, resolver: BasePathResolver, *, source: str = "<models.config>") -> ModelsConfig:
@@ -194,6 +197,7 @@ def models_config_to_text(models: Iterable[tuple[str, str, VersionPolicy, Mappin
     from tensorflow_serving.config import model_server_config_pb2
 
     proto = model_server_config_pb2.ModelServerConfig()
+    proto.model_config_list.SetInParent()  # no models is "model_config_list {}", which serves nothing
     for name, base_path, policy, labels in models:
         entry = proto.model_config_list.config.add(name=name, base_path=base_path, model_platform="tensorflow")
         if policy.kind == "latest":

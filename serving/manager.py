@@ -163,7 +163,13 @@ class ModelManager:
         All or nothing: a label on a version that the version policy will not serve from the folders as
         they are refuses the config before anything changes; a labelled version that then fails to load
         puts the previous config back (its models and labels) before the FailedPrecondition is raised.
+        A config without ``model_config_list`` (``config.empty``) changes nothing, as in TF Serving; so a
+        config file caught between truncation and writing never unloads the models.
         """
+        if config.empty:
+            log.info("%s holds no model_config_list: taking no action, the served models stay as they are",
+                     config.source or "the new model config")
+            return
         with self._reconcile:
             if not self._allow_unavailable_labels:
                 self._check_labels_reachable(config)

@@ -185,6 +185,7 @@ def test_a_slow_answer_for_an_earlier_photo_never_replaces_the_newer_photos(brow
     _open(browser, page_url)
     browser.execute_script(COUNT_AND_DELAY_PREDICT, 1500)
     browser.find_element("id", "file").send_keys(str(photos[0]))  # answered, but held back 1.5 s
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return window.__predictCalls") == 1)  # sent
     fake = tmp_path / "fake.jpg"
     fake.write_text("not a photo")
     browser.find_element("id", "file").send_keys(str(fake))  # chosen while the first is in flight

@@ -3,6 +3,7 @@ in-flight requests, config reloads (RPC and file polling) and labels."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -200,6 +201,51 @@ def test_config_file_is_polled(private_server, private_repository):
     while OTHER_MODEL not in server.manager.readiness() or not server.manager.readiness()[OTHER_MODEL]:
         assert time.monotonic() < deadline, "the changed config file was not picked up"
         time.sleep(0.2)
+
+
+def test_a_config_without_model_config_list_takes_no_action(private_server, private_repository, jpegs, caplog):
+    """TF Serving takes no action for a config file without model_config_list (and refuses such a
+    HandleReloadConfigRequest). So a polled config file caught between truncation and writing (empty) never
+    unloads the models; ``model_config_list {}`` still means "serve nothing"."""
+    repo = private_repository
+    config_file = repo / "models.config"
+    good = config_file.read_text()
+    server = private_server(model_config_file=str(config_file), model_repository=str(repo), enable_model_warmup=False,
+                            model_config_file_poll_wait_seconds=0.1)
+    before = _served(server)
+    assert before and all(ready for ready, _, _ in before.values())
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    models = model_service_pb2_grpc.ModelServiceStub(channel)
+    predict = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    data = np.array(jpegs[:1], dtype=object)
+
+    caplog.set_level(logging.INFO, logger="carclf.serving")
+    caplog.clear()
+    config_file.write_text("")  # what a poll sees between an editor's truncation and its write
+    deadline = time.monotonic() + 30
+    while not any("changed: reloading the model config" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the emptied config file was not read"
+        time.sleep(0.05)
+    time.sleep(0.5)  # five more polls
+    assert _served(server) == before
+    assert any("holds no model_config_list: taking no action" in r.getMessage() for r in caplog.records)
+    assert predict.Predict(predict_request(image_bytes=data), timeout=30).model_spec.version.value
+    config_file.write_text(good.replace("stable", "steady"))  # the new text, once written, is applied
+    deadline = time.monotonic() + 30
+    while "steady" not in server.manager.labels(MODEL):
+        assert time.monotonic() < deadline, "the rewritten config file was not applied"
+        time.sleep(0.05)
+
+    served = _served(server)  # over gRPC, TF Serving refuses such a config outright
+    expect_code(lambda: models.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(), timeout=60),
+                grpc.StatusCode.INVALID_ARGUMENT, "Only ModelConfigList is currently supported")
+    assert _served(server) == served
+    assert predict.Predict(predict_request(label="steady", image_bytes=data), timeout=30).model_spec.version.value
+
+    reply = models.HandleReloadConfigRequest(reload_request("model_config_list {}"), timeout=60)
+    assert reply.status.error_code == 0 and _served(server) == {}  # an empty list is another matter
+    expect_code(lambda: predict.Predict(predict_request(image_bytes=data), timeout=30), grpc.StatusCode.NOT_FOUND)
+    channel.close()
 
 
 def test_labels_on_unavailable_versions(private_server, private_repository):
