@@ -203,6 +203,16 @@ def test_config_file_is_polled(private_server, private_repository):
         time.sleep(0.2)
 
 
+def _polled_server(private_server, repo: Path, poll_s: float):
+    """A server over ``repo/models.config``, polled every ``poll_s``; (server, channel, ModelService stub,
+    PredictionService stub)."""
+    server = private_server(model_config_file=str(repo / "models.config"), model_repository=str(repo),
+                            enable_model_warmup=False, model_config_file_poll_wait_seconds=poll_s)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    return (server, channel, model_service_pb2_grpc.ModelServiceStub(channel),
+            prediction_service_pb2_grpc.PredictionServiceStub(channel))
+
+
 def test_a_config_without_model_config_list_takes_no_action(private_server, private_repository, jpegs, caplog):
     """TF Serving takes no action for a config file without model_config_list (and refuses such a
     HandleReloadConfigRequest). So a polled config file caught between truncation and writing (empty) never
@@ -210,13 +220,9 @@ def test_a_config_without_model_config_list_takes_no_action(private_server, priv
     repo = private_repository
     config_file = repo / "models.config"
     good = config_file.read_text()
-    server = private_server(model_config_file=str(config_file), model_repository=str(repo), enable_model_warmup=False,
-                            model_config_file_poll_wait_seconds=0.1)
+    server, channel, models, predict = _polled_server(private_server, repo, 0.1)
     before = _served(server)
     assert before and all(ready for ready, _, _ in before.values())
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
-    models = model_service_pb2_grpc.ModelServiceStub(channel)
-    predict = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     data = np.array(jpegs[:1], dtype=object)
 
     caplog.set_level(logging.INFO, logger="carclf.serving")
@@ -296,13 +302,9 @@ def test_a_failed_reload_changes_nothing_and_a_restored_file_is_not_needed(priva
     repo = private_repository
     config_file = repo / "models.config"
     good = config_file.read_text()
-    server = private_server(model_config_file=str(config_file), model_repository=str(repo), enable_model_warmup=False,
-                            model_config_file_poll_wait_seconds=0.2)
+    server, channel, models, predict = _polled_server(private_server, repo, 0.2)
     before = _served(server)
     assert all(ready for ready, _, _ in before.values()) and before[MODEL][2]
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
-    models = model_service_pb2_grpc.ModelServiceStub(channel)
-    predict = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     data = np.array(jpegs[:1], dtype=object)
 
     typo = good.replace(f'"{repo / MODEL}"', f'"{repo / MODEL}_typo"')
