@@ -8,6 +8,9 @@ Two grpc servers run in this process (grpc's synchronous server, with and withou
 interceptor); the client is the plain synchronous stub. Printed per round: median round-trip time minus the
 handler's wait, in ms. What an in-process call never pays, and every served call does, is this figure.
 
+With ``--grpc-option NAME=VALUE`` (repeatable) one more case runs: the sleeping handler with those channel
+arguments on both the server and the client's channel, e.g. ``--grpc-option grpc.http2.bdp_probe=0``.
+
 With ``--raw-tcp`` the same payload also goes over a bare TCP socket to another process that answers 200
 bytes, at once or after the same wait: what the kernel and the machine charge without gRPC.
 """
@@ -45,8 +48,22 @@ class Handler(prediction_service_pb2_grpc.PredictionServiceServicer):
         return self.reply
 
 
-def serve(handler: Handler, interceptor: bool) -> tuple[grpc.Server, int]:
-    server = grpc.server(futures.ThreadPoolExecutor(16),
+GrpcOptions = list[tuple[str, int | str]]
+
+
+def parse_option(text: str) -> tuple[str, int | str]:
+    """``NAME=VALUE`` as a grpc channel argument (VALUE as int when it is one)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("grpc."):
+        raise argparse.ArgumentTypeError(f"expected grpc.NAME=VALUE, received {text!r}")
+    try:
+        return name, int(value)
+    except ValueError:
+        return name, value
+
+
+def serve(handler: Handler, interceptor: bool, options: GrpcOptions = ()) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(16), options=list(options),
                          interceptors=[UnparsableRequestInterceptor()] if interceptor else None)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(handler, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -54,8 +71,8 @@ def serve(handler: Handler, interceptor: bool) -> tuple[grpc.Server, int]:
     return server, port
 
 
-def round_trip_ms(port: int, payload: bytes, requests: int) -> float:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+def round_trip_ms(port: int, payload: bytes, requests: int, options: GrpcOptions = ()) -> float:
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=list(options)) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         request = predict_pb2.PredictRequest()
         request.model_spec.name = "floor"
@@ -128,16 +145,23 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="requests per measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--raw-tcp", action="store_true", help="also measure a bare TCP socket (no gRPC)")
+    parser.add_argument("--grpc-option", type=parse_option, action="append", default=[], metavar="NAME=VALUE",
+                        help="also measure the sleeping handler with this channel argument on both ends")
     args = parser.parse_args()
     wait_s = args.wait_ms / 1000
-    cases = {"no wait": ("none", False), f"sleep {args.wait_ms:g} ms": ("sleep", False),
-             f"busy {args.wait_ms:g} ms": ("spin", False), f"sleep {args.wait_ms:g} ms + interceptor": ("sleep", True)}
-    servers = {name: serve(Handler(wait_s, how), icpt) for name, (how, icpt) in cases.items()}
+    cases = {"no wait": ("none", False, []), f"sleep {args.wait_ms:g} ms": ("sleep", False, []),
+             f"busy {args.wait_ms:g} ms": ("spin", False, []),
+             f"sleep {args.wait_ms:g} ms + interceptor": ("sleep", True, [])}
+    if args.grpc_option:
+        named = ", ".join(f"{name}={value}" for name, value in args.grpc_option)
+        cases[f"sleep {args.wait_ms:g} ms, {named}"] = ("sleep", False, args.grpc_option)
+    servers = {name: serve(Handler(wait_s, how), icpt, opts) for name, (how, icpt, opts) in cases.items()}
     payload = b"\xff" * args.payload_bytes
     for number in range(args.rounds):
         figures = []
-        for name, (how, _) in cases.items():
-            overhead = round_trip_ms(servers[name][1], payload, args.requests) - (0 if how == "none" else args.wait_ms)
+        for name, (how, _, opts) in cases.items():
+            overhead = (round_trip_ms(servers[name][1], payload, args.requests, opts)
+                        - (0 if how == "none" else args.wait_ms))
             figures.append(f"{name}: {overhead:.3f}")
         if args.raw_tcp:
             for how in ("none", "sleep", "spin"):
