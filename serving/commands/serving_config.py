@@ -73,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
     else:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        # In place, not a temporary file renamed over it: docker-compose mounts this one file into the TF
+        # Serving container, and a bind mount keeps showing the old inode after a rename. A server polling
+        # the file mid-write reads an empty text (no action) or an unclosed one (refused, read again).
         Path(args.output).write_text(text, encoding="utf-8")
         print(f"wrote {args.output}: {', '.join(e[0] for e in entries)}", file=sys.stderr)
     return 0

@@ -210,6 +210,20 @@ def test_serving_config_writes_a_loadable_config(conformance_repository, tmp_pat
         "/models/tiny_a", "/models/tiny_b", "/models/echo"}
 
 
+def test_serving_config_rewrites_its_output_in_place(conformance_repository, tmp_path):
+    """A container that mounts the one file (docker-compose) sees the new text only if the inode stays: a hard
+    link stands in for the mount."""
+    out, mounted = tmp_path / "models.config", tmp_path / "mounted.config"
+    args = argparse.Namespace(repository=str(conformance_repository), output=str(out), base_path_prefix="",
+                              models=["tiny_b"], policy="labelled")
+    serving_config.run(args)
+    mounted.hardlink_to(out)
+    args.models = None
+    serving_config.run(args)
+    assert out.stat().st_ino == mounted.stat().st_ino
+    assert {e.name for e in official_models_config(mounted).model_config_list.config} == {"tiny_a", "tiny_b", "echo"}
+
+
 def test_serving_config_cli_refuses_an_empty_repository(tmp_path):
     result = subprocess.run(shlex.split(f"{REPO_ROOT}/.venv/bin/python -m carclf serving-config --repository "
                                         f"{tmp_path}"), capture_output=True, text=True, timeout=60)
