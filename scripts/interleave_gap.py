@@ -17,7 +17,6 @@ runs the model as fast as the bench's in-process one (LoadedModel.predict), both
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -25,13 +24,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from batch_sizes import workload_parser
+
 from carclf import contract
 from carclf.loadtest import bench, inprocess, metrics, protocol
 from carclf.loadtest import server as srv
 from carclf.loadtest.photos import load_photos
 from carclf.serving.savedmodel import SavedModelServable
 
-METRICS_PATH = bench.METRICS_PATH
 Sender = Callable[[int], object]
 
 
@@ -68,11 +68,11 @@ def measure(local: Sender, served: Sender, server: srv.EmbeddedServer, model: st
         return metrics.breakdown(before, after, model, transport.upper())["runtime_ms_per_batch"]
 
     alone_local = timed(local, calls, gap_s)
-    before = metrics.scrape(server.address.rest_url, METRICS_PATH)
+    before = metrics.scrape(server.address.rest_url, bench.METRICS_PATH)
     alone_served = timed(served, calls, gap_s)
-    mid = metrics.scrape(server.address.rest_url, METRICS_PATH)
+    mid = metrics.scrape(server.address.rest_url, bench.METRICS_PATH)
     turn_local, turn_served = in_turn(local, served, calls, gap_s)
-    after = metrics.scrape(server.address.rest_url, METRICS_PATH)
+    after = metrics.scrape(server.address.rest_url, bench.METRICS_PATH)
     parts = []
     for name, here, there, run in (("alone", alone_local, alone_served, model_run(before, mid)),
                                    ("in turn", turn_local, turn_served, model_run(mid, after))):
@@ -84,10 +84,7 @@ def measure(local: Sender, served: Sender, server: srv.EmbeddedServer, model: st
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="mobilenet_v2_224x448")
-    p.add_argument("--model-repository", default="model_repository")
-    p.add_argument("--photo-folder", default="../shared/data/sfdl_samples")
+    p = workload_parser(__doc__)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--calls", type=int, default=120, help="timed calls per sender and measurement")
     p.add_argument("--gaps", default="0,5,20", help="pauses before each call to try, ms, comma-separated")
