@@ -34,6 +34,14 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check carclf train serving ensemble clients loadtest tests
 
+# TensorFlow threads inside one op, for make serve and make bench: the cores shared out among
+# serving/batching.config's num_batch_threads (2), so the batches that run side by side fill the cores without
+# contending for them: 1 on a 2-core machine, where it served 19-29 % more photos/s at concurrency 8 at the
+# same single-photo latency (MobileNetV2), and ran EfficientNetB0/B3 34-76 % faster with two callers at equal
+# or lower latency; Xception gained 9-14 % but one photo took 1.4-1.5x as long (docs/PERFORMANCE.md,
+# 2026-12-05 08:30-). TF_INTRA_OP=0 restores TensorFlow's default: every core for each op.
+TF_INTRA_OP ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 3 ? n / 2 : 1 )))
+
 # Serves what model_repository/ holds (models.config generated from it) plus the ensemble of $(ENSEMBLE)
 # (after `make demo`: make serve ENSEMBLE=runs/demo/serving/car_ensemble/config.pbtxt).
 ENSEMBLE ?= ensemble/car_ensemble/config.pbtxt
@@ -43,7 +51,7 @@ serve: setup
 	$(VENV)/bin/carclf serve --model_config_file runs/serving/models.config --model_repository model_repository \
 	  --port $(PORT) --rest_api_port $(REST_PORT) --ensemble_config_file $(ENSEMBLE) \
 	  --enable_batching --batching_parameters_file serving/batching.config --batching_early_dispatch \
-	  --monitoring_config_file serving/monitoring.config
+	  --monitoring_config_file serving/monitoring.config --tensorflow_intra_op_parallelism $(TF_INTRA_OP)
 
 # ARGS go to the runner, e.g. make loadtest ARGS="--target-model demo_mobilenet_v2 --users 4"; PORT and
 # REST_PORT (as given to make serve) say where the server is
@@ -51,7 +59,7 @@ loadtest: setup
 	$(PY) -m carclf.loadtest.run --host http://127.0.0.1:$(REST_PORT) --grpc-host 127.0.0.1:$(PORT) $(ARGS)
 
 bench: setup
-	$(VENV)/bin/carclf bench
+	$(VENV)/bin/carclf bench --tensorflow-intra-op-parallelism $(TF_INTRA_OP)
 
 lock:
 	$(PY) -m pip freeze --exclude-editable > constraints.txt

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from carclf import contract
+from carclf import contract, tf_threads
 from carclf.errors import CarClfError, ConfigError
 from carclf.loadtest import checks, inprocess, loadgen, metrics, options, payload, protocol, report
 from carclf.loadtest import server as srv
@@ -75,6 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--early-dispatch", default="on", choices=("on", "off"),
                         help="on (as make serve): batching on runs with the embedded server's "
                              "--batching_early_dispatch; off: TF Serving's rule alone")
+    for pool, where in (("intra", "inside one op"), ("inter", "across ops")):
+        parser.add_argument(f"--tensorflow-{pool}-op-parallelism", type=int, default=0, metavar="N",
+                            help=f"TensorFlow threads {where}, for the in-process calls and the server alike "
+                                 f"(the server's --tensorflow_{pool}_op_parallelism; 0: TensorFlow's default; "
+                                 f"make bench passes make serve's TF_INTRA_OP)")
     parser.add_argument("--ensemble-model", default="car_ensemble", help="ensemble served beside the backbone")
     parser.add_argument("--ensemble-config", help=f"the ensemble's config.pbtxt (default: {DEFAULT_ENSEMBLE_CONFIG}, "
                         "its case skipped when that file is absent; a file named here must exist and load)")
@@ -118,6 +123,10 @@ def settings_from(args: argparse.Namespace) -> dict:
     options.require(args.max_requests >= 1, "--max-requests", args.max_requests, "a count >= 1")
     options.require(args.server_timeout > 0, "--server-timeout", args.server_timeout, "seconds > 0")
     protocol.signature_input(args.signature)
+    threads = {pool: getattr(args, f"tensorflow_{pool}_parallelism") for pool in tf_threads.POOLS}
+    for pool, count in threads.items():
+        options.require(count >= 0, f"--tensorflow-{pool.replace('_', '-')}-parallelism", count,
+                        "a thread count >= 0 (0: TensorFlow's default)")
     for flag, named in (("--ensemble-config", args.ensemble_config), ("--batching-config", args.batching_config)):
         options.require(not named or Path(named).is_file(), flag, named, "an existing file")
     return {
@@ -134,6 +143,7 @@ def settings_from(args: argparse.Namespace) -> dict:
         "transports": options.transports(args.transports),
         "batching": options.choices(args.batching, ("off", "on"), "--batching"),
         "early_dispatch": args.early_dispatch == "on",
+        "tf_threads": threads,
         "ensemble_model": None if args.no_ensemble else args.ensemble_model,
         "ensemble_config": str(args.ensemble_config or DEFAULT_ENSEMBLE_CONFIG), "max_requests": int(args.max_requests),
         "server_timeout_s": float(args.server_timeout),
@@ -377,6 +387,13 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.settings = settings_from(args)
+        threads = self.settings["tf_threads"]
+        refused = tf_threads.configure(threads["intra_op"], threads["inter_op"])
+        if refused:  # the in-process side would run with other threads than the server: not a fair comparison
+            pool = refused[0]
+            raise ConfigError(f"TensorFlow already runs in this process with other thread counts, so the in-process "
+                              f"calls cannot use {threads[pool]}; run carclf bench in a new process",
+                              field=f"--tensorflow-{pool.replace('_', '-')}-parallelism")
         self.repository = Path(self.settings["model_repository"])
         self.ensemble_config, skip = load_ensemble(self.settings, self.repository)
         if skip and args.ensemble_config and not args.no_ensemble:  # named explicitly: it must be measured
@@ -396,7 +413,8 @@ class Bench:
         self.result["photos"] = [p.name for p in self.photos]
         self.signature = self.settings["signature"]
         self.inputs = [protocol.photo_inputs(self.signature, p.data) for p in self.photos]
-        print(f"bench: loading {self.settings['model']} in-process", flush=True)
+        print(f"bench: loading {self.settings['model']} in-process (TensorFlow threads: "
+              f"{tf_threads.describe(threads['intra_op'], threads['inter_op'])})", flush=True)
         self.model = inprocess.LoadedModel.load(self.repository, self.settings["model"])
         self.result["model_version"] = int(self.model.path.name)
         self.work = Workload(self.settings["model"], self.signature, self.inputs, self.model.labels)
@@ -441,7 +459,8 @@ class Bench:
 
     def server(self, mode: str, with_ensemble: bool) -> tuple[srv.EmbeddedServer, dict[str, Path]]:
         served_models = {self.settings["model"]: self.repository / self.settings["model"]}
-        flags: list[str] = []
+        flags = [f"--tensorflow_{pool}_parallelism={count}"
+                 for pool, count in self.settings["tf_threads"].items() if count]
         if mode == "on":
             flags += srv.batching_flags(self.batching_path, early_dispatch=self.settings["early_dispatch"])
         if with_ensemble:

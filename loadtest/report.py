@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from carclf import contract
+from carclf import contract, tf_threads
 
 # Targets of the serving and ensemble issues: (key, description, threshold).
 TARGETS = (
@@ -118,6 +118,15 @@ def _batching_line(result: dict) -> list[str]:
     return [f"Batching on: `{params}`" + ("" if early is None else f"; early dispatch {'on' if early else 'off'}") + "."]
 
 
+def _threads_line(settings: dict) -> list[str]:
+    """The TensorFlow threading both sides ran with (reports written before it was a setting have none)."""
+    threads = settings.get("tf_threads")
+    if threads is None:
+        return []
+    return [f"TensorFlow threads, in-process and in the server alike: "
+            f"{tf_threads.describe(threads['intra_op'], threads['inter_op'])}."]
+
+
 def markdown(result: dict) -> str:
     """The whole benchmark as markdown tables (what docs/PERFORMANCE.md quotes)."""
     s, lim = result["settings"], result["inprocess"]["limit"]
@@ -129,6 +138,7 @@ def markdown(result: dict) -> str:
         f"(load average {result['environment']['loadavg_start']} at start, "
         f"{result['environment']['loadavg_end']} at end); {len(result['photos'])} photos from {s['photo_folder']}.",
         *_batching_line(result),
+        *_threads_line(s),
         "",
         "## In-process limit (the same signature called directly, closed loop)",
         "",

@@ -26,6 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from carclf import tf_threads
 from carclf.errors import CarClfError, ConfigError
 from carclf.serving.batching import BatchScheduler
 from carclf.serving.config import (
@@ -54,19 +55,11 @@ log = logging.getLogger("carclf.serving")
 
 def apply_tf_threading(options: ServerOptions) -> None:
     """--tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism (0 keeps TF's default)."""
-    import tensorflow as tf
-
-    for flag, value, setter in (
-        ("tensorflow_intra_op_parallelism", options.tensorflow_intra_op_parallelism,
-         tf.config.threading.set_intra_op_parallelism_threads),
-        ("tensorflow_inter_op_parallelism", options.tensorflow_inter_op_parallelism,
-         tf.config.threading.set_inter_op_parallelism_threads),
-    ):
-        if value:
-            try:
-                setter(value)
-            except RuntimeError:
-                log.warning("TensorFlow is already initialised in this process; --%s=%d has no effect", flag, value)
+    intra, inter = options.tensorflow_intra_op_parallelism, options.tensorflow_inter_op_parallelism
+    for pool in tf_threads.configure(intra, inter):
+        log.warning("TensorFlow is already initialised in this process; --tensorflow_%s_parallelism=%d has no "
+                    "effect", pool, intra if pool == "intra_op" else inter)
+    log.info("TensorFlow threads: %s", tf_threads.describe(intra, inter))
 
 
 def load_ensemble(path: str, predictor: Predictor) -> Servable:

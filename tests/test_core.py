@@ -186,3 +186,30 @@ def test_letterbox_of_a_batch_equals_each_photo_and_squash_is_unchanged(photos):
     np.testing.assert_array_equal(views[0], single.numpy())
     with pytest.raises(ValueError, match="unknown resize mode 'stretch'"):
         imaging.prepare(image, 48, "stretch")
+
+
+def test_tf_threads_are_set_before_tensorflow_runs_and_refused_after():
+    """carclf.tf_threads.configure in a new process: the counts asked for are in place; once TensorFlow runs,
+    the same counts are accepted and other ones are reported as refused, not silently dropped."""
+    import subprocess
+    import sys
+
+    program = """
+import tensorflow as tf
+from carclf import tf_threads
+assert tf_threads.configure(1, 2) == []
+print(tf.config.threading.get_intra_op_parallelism_threads(), tf.config.threading.get_inter_op_parallelism_threads())
+float(tf.reduce_sum(tf.ones(3)))
+print(tf_threads.configure(1, 2), tf_threads.configure(3, 0), tf_threads.configure(0, 5))
+try:
+    tf_threads.configure(-1, 0)
+except ValueError as exc:
+    print(exc)
+"""
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["1 2", "[] ['intra_op'] ['inter_op']",
+                                          "intra_op threads must be >= 0, received -1"]
+    from carclf import tf_threads
+
+    assert tf_threads.describe(1, 0) == "intra-op 1, inter-op TensorFlow's default"

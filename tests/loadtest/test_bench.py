@@ -20,7 +20,7 @@ def test_bench_quick_writes_json_table_and_plot(lt_repository, lt_ensemble, tmp_
     result = subprocess.run(
         [sys.executable, "-m", "carclf", "bench", "--quick", "--duration", "0.6", "--warmup", "0.1", "--batching", "on",
          "--model", "tiny_a", "--model-repository", str(lt_repository), "--photo-folder", str(sample_dir),
-         "--out", str(out), *ensemble_args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+         "--out", str(out), "--tensorflow-intra-op-parallelism", "1", *ensemble_args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     data = json.loads((out / "bench.json").read_text())
 
@@ -74,4 +74,11 @@ def test_bench_quick_writes_json_table_and_plot(lt_repository, lt_ensemble, tmp_
         assert heading in table
     assert data["settings"]["early_dispatch"] is True  # batching on is served as make serve serves it
     assert "early dispatch on" in table and "max_batch_size" in table
+    # the same TensorFlow threading on both sides: said in the report, applied in the server
+    assert data["settings"]["tf_threads"] == {"intra_op": 1, "inter_op": 0}
+    assert "TensorFlow threads, in-process and in the server alike: intra-op 1," in table
+    assert "bench: loading tiny_a in-process (TensorFlow threads: intra-op 1," in result.stdout
+    server_log = (out / "server_batching_on.log").read_text()
+    assert "TensorFlow threads: intra-op 1, inter-op TensorFlow's default" in server_log
+    assert "has no effect" not in server_log
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

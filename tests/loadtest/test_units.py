@@ -150,6 +150,9 @@ def test_bench_settings_are_validated():
     for bad in (["--concurrency", "0"], ["--concurrency", "a"], ["--batching", "maybe"], ["--duration", "0"]):
         with pytest.raises(ConfigError):
             bench.settings_from(parser.parse_args(bad))
+    assert full["tf_threads"] == {"intra_op": 0, "inter_op": 0}  # TensorFlow's default unless told
+    threads = bench.settings_from(parser.parse_args(["--tensorflow-intra-op-parallelism", "1"]))["tf_threads"]
+    assert threads == {"intra_op": 1, "inter_op": 0}
 
 
 def test_verdicts_need_both_figures_to_agree():
@@ -394,6 +397,9 @@ def test_soak_writes_its_figures_when_no_memory_verdict_can_be_made(tmp_path, sa
     (["--transports", "quic"], "field '--transports': expected a comma-separated subset of ['grpc', 'rest'], "
                                "received 'quic'"),
     (["--transports", ""], "field '--transports'"),
+    (["--tensorflow-intra-op-parallelism", "-1"],
+     "field '--tensorflow-intra-op-parallelism': expected a thread count >= 0 (0: TensorFlow's default), received -1"),
+    (["--tensorflow-inter-op-parallelism", "-2"], "field '--tensorflow-inter-op-parallelism'"),
 ])
 def test_bench_refuses_bad_flags_before_any_measurement(flags, expected, tmp_path, capsys):
     from carclf import cli
@@ -421,6 +427,24 @@ def test_bench_refuses_a_named_ensemble_config_it_cannot_measure(tmp_path, sampl
     _, skip = bench.load_ensemble({"ensemble_model": "car_ensemble", "ensemble_config": str(tmp_path / "none")},
                                   tmp_path)
     assert "does not exist" in skip
+
+
+def test_bench_refuses_threads_it_cannot_give_its_in_process_side(tmp_path, sample_dir):
+    """TensorFlow's thread counts are fixed once it runs; a bench whose in-process calls would run with other
+    counts than its server is refused before anything is written, naming the flag."""
+    import tensorflow as tf
+
+    float(tf.reduce_sum(tf.ones(2)))  # TensorFlow runs in this process from here on
+    running = tf.config.threading.get_intra_op_parallelism_threads()
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "bench"
+    args = parser.parse_args(["--tensorflow-intra-op-parallelism", str(running + 3), "--no-ensemble",
+                              "--photo-folder", str(sample_dir), "--out", str(out)])
+    with pytest.raises(ConfigError, match="field '--tensorflow-intra-op-parallelism': TensorFlow already runs"):
+        bench.Bench(args)
+    assert not out.exists()
+    assert tf.config.threading.get_intra_op_parallelism_threads() == running
 
 
 def test_bench_plot_leaves_out_points_without_figures(tmp_path):

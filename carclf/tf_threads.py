@@ -1,0 +1,42 @@
+"""TensorFlow's two CPU thread pools, set once per process (TF Serving's ``--tensorflow_intra_op_parallelism``
+and ``--tensorflow_inter_op_parallelism``).
+
+The server and ``carclf bench`` both call :func:`configure`, so that a benchmark compares the served model
+with in-process calls under the same threading.
+"""
+
+from __future__ import annotations
+
+POOLS = ("intra_op", "inter_op")
+
+
+def configure(intra_op: int = 0, inter_op: int = 0) -> list[str]:
+    """Give this process's TensorFlow ``intra_op`` threads inside one op and ``inter_op`` threads across ops;
+    0 leaves TensorFlow's own choice (one per core).
+
+    Works only before TensorFlow runs anything. Returns the pools that kept another count because
+    TensorFlow was already running (empty when everything asked for is in place).
+    """
+    import tensorflow as tf
+
+    setters = {"intra_op": tf.config.threading.set_intra_op_parallelism_threads,
+               "inter_op": tf.config.threading.set_inter_op_parallelism_threads}
+    refused = []
+    for pool, count in zip(POOLS, (intra_op, inter_op), strict=True):
+        if count < 0:
+            raise ValueError(f"{pool} threads must be >= 0, received {count}")
+        if not count:
+            continue
+        try:
+            setters[pool](count)  # a no-op when TensorFlow already has this count
+        except RuntimeError:
+            refused.append(pool)
+    return refused
+
+
+def describe(intra_op: int, inter_op: int) -> str:
+    """E.g. "intra-op 1, inter-op TensorFlow's default" for logs and reports."""
+    def one(name: str, count: int) -> str:
+        return f"{name} {count}" if count else f"{name} TensorFlow's default"
+
+    return f"{one('intra-op', intra_op)}, {one('inter-op', inter_op)}"
