@@ -39,7 +39,7 @@ lint: setup
 # contending for them: 1 on a 2-core machine, where it served 19-29 % more photos/s at concurrency 8 at the
 # same single-photo latency (MobileNetV2), and ran EfficientNetB0/B3 34-76 % faster with two callers at equal
 # or lower latency; Xception gained 9-14 % but one photo took 1.4-1.5x as long (docs/PERFORMANCE.md,
-# 2026-12-05 08:30-). TF_INTRA_OP=0 restores TensorFlow's default: every core for each op.
+# "2026-12-05 (08:30-09:26)"). TF_INTRA_OP=0 restores TensorFlow's default: every core for each op.
 TF_INTRA_OP ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 3 ? n / 2 : 1 )))
 
 # Serves what model_repository/ holds (models.config generated from it) plus the ensemble of $(ENSEMBLE)
