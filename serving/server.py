@@ -56,10 +56,12 @@ log = logging.getLogger("carclf.serving")
 def apply_tf_threading(options: ServerOptions) -> None:
     """--tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism (0 keeps TF's default)."""
     intra, inter = options.tensorflow_intra_op_parallelism, options.tensorflow_inter_op_parallelism
-    for pool in tf_threads.configure(intra, inter):
+    refused = tf_threads.configure(intra, inter)
+    for pool in refused:
         log.warning("TensorFlow is already initialised in this process; --tensorflow_%s_parallelism=%d has no "
                     "effect", pool, intra if pool == "intra_op" else inter)
-    log.info("TensorFlow threads: %s", tf_threads.describe(intra, inter))
+    if not refused:
+        log.info("TensorFlow threads: %s", tf_threads.describe(intra, inter))
 
 
 def load_ensemble(path: str, predictor: Predictor) -> Servable:
