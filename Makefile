@@ -34,7 +34,7 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check carclf train serving ensemble clients loadtest tests
 
-# TensorFlow threads inside one op, for make serve and make bench: the cores shared out among
+# TensorFlow threads inside one op, for make serve, make bench and the server make loadtest starts when none runs: the cores shared out among
 # serving/batching.config's num_batch_threads (2), so the batches that run side by side fill the cores without
 # contending for them: 1 on a 2-core machine, where it served 19-29 % more photos/s at concurrency 8 at the
 # same single-photo latency (MobileNetV2), and ran EfficientNetB0/B3 34-76 % faster with two callers at equal
@@ -56,7 +56,8 @@ serve: setup
 # ARGS go to the runner, e.g. make loadtest ARGS="--target-model demo_mobilenet_v2 --users 4"; PORT and
 # REST_PORT (as given to make serve) say where the server is
 loadtest: setup
-	$(PY) -m carclf.loadtest.run --host http://127.0.0.1:$(REST_PORT) --grpc-host 127.0.0.1:$(PORT) $(ARGS)
+	$(PY) -m carclf.loadtest.run --host http://127.0.0.1:$(REST_PORT) --grpc-host 127.0.0.1:$(PORT) \
+	  --tensorflow-intra-op-parallelism $(TF_INTRA_OP) $(ARGS)
 
 bench: setup
 	$(VENV)/bin/carclf bench --tensorflow-intra-op-parallelism $(TF_INTRA_OP)

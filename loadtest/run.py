@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ensemble config for a started server, when the ensemble tasks are on")
     parser.add_argument("--batching-config", default="serving/batching.config",
                         help="batching parameters for a started server (batching off if missing)")
+    parser.add_argument("--tensorflow-intra-op-parallelism", type=int, default=0, metavar="N",
+                        help="TensorFlow threads inside one op for a started server (0: TensorFlow's default; "
+                             "make loadtest passes make serve's TF_INTRA_OP)")
     parser.add_argument("--no-start", action="store_true", help="never start a server")
     parser.add_argument("--server-timeout", type=float, default=300.0, help="seconds to wait for models")
     parser.add_argument("locust_args", nargs=argparse.REMAINDER, help="-- then any other locust flags")
@@ -264,6 +267,8 @@ def start_server(args, settings: dict[str, str], address: srv.ServerAddress, rep
         flags += ["--ensemble_config_file", str(args.ensemble_config)]
     if Path(args.batching_config).is_file():
         flags += srv.batching_flags(args.batching_config)
+    if args.tensorflow_intra_op_parallelism:
+        flags.append(f"--tensorflow_intra_op_parallelism={args.tensorflow_intra_op_parallelism}")
     server = srv.EmbeddedServer(address, model_config_file=config, model_repository=repository, flags=flags,
                                 log_path=reports / "server.log")
     waited = list(called.values())
@@ -304,6 +309,8 @@ def print_summary(rows: list[dict[str, str]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    options.require(args.tensorflow_intra_op_parallelism >= 0, "--tensorflow-intra-op-parallelism",
+                    args.tensorflow_intra_op_parallelism, "a thread count >= 0 (0: TensorFlow's default)")
     settings = resolve(args)
     check_settings(settings, origins(args))
     reports = reports_folder(settings, "--reports" if args.reports else "csv")

@@ -62,7 +62,7 @@ def test_a_started_server_serves_the_repository_and_is_stopped(lt_repository, tm
     address = srv.ServerAddress(srv.LOOPBACK, srv.free_port(), srv.free_port())
     reports = tmp_path / "reports"
     result = run_loadtest("--host", address.rest_url, "--grpc-host", address.grpc_target, "--batching-config", "none",
-                          "--users", "2", "--spawn-rate", "2", "--run-time", "2s",
+                          "--tensorflow-intra-op-parallelism", "1", "--users", "2", "--spawn-rate", "2", "--run-time", "2s",
                           "--target-model", "tiny_b", "--ensemble-weight", "0", "--max-p95-ms", "0",
                           "--photo-folder", str(sample_dir), "--model-repository", str(lt_repository),
                           "--labels-file", str(sample_dir / "classes.json"), "--reports", str(reports))
@@ -72,6 +72,7 @@ def test_a_started_server_serves_the_repository_and_is_stopped(lt_repository, tm
     total = stats(reports)["Aggregated"]
     assert int(total["Request Count"]) > 0 and total["Failure Count"] == "0"
     assert json.loads((reports / "run.json").read_text())["started_server"] is True
+    assert "TensorFlow threads: intra-op 1," in (reports / "server.log").read_text()  # as make serve runs it
     with socket.socket() as sock:  # the server it started is stopped
         assert sock.connect_ex((address.host, address.rest_port)) != 0
 

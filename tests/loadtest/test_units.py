@@ -272,6 +272,8 @@ def _one_line(capsys) -> str:
     (["--labels-file", "/no/such/labels.txt"], "labels file does not exist, received '/no/such/labels.txt'"),
     (["--signature", "serving_jpeg"], "signature must be one of ['serving_default', 'serving_pixels'], "
                                       "received 'serving_jpeg'"),
+    (["--tensorflow-intra-op-parallelism", "-1"], "field '--tensorflow-intra-op-parallelism': expected a thread "
+                                                  "count >= 0 (0: TensorFlow's default), received -1"),
 ])
 def test_loadtest_run_refuses_bad_settings_before_anything_starts(flags, expected, tmp_path, sample_dir,
                                                                  monkeypatch, capsys):
