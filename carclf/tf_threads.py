@@ -34,6 +34,12 @@ def configure(intra_op: int = 0, inter_op: int = 0) -> list[str]:
     return refused
 
 
+def server_flags(intra_op: int = 0, inter_op: int = 0) -> list[str]:
+    """The server's flags for these counts, e.g. ["--tensorflow_intra_op_parallelism=1"] (0s left out)."""
+    return [f"--tensorflow_{pool}_parallelism={count}"
+            for pool, count in zip(POOLS, (intra_op, inter_op), strict=True) if count]
+
+
 def describe(intra_op: int, inter_op: int) -> str:
     """E.g. "intra-op 1, inter-op TensorFlow's default" for logs and reports."""
     def one(name: str, count: int) -> str:

@@ -109,6 +109,11 @@ def _ints(text: str, field: str) -> list[int]:
     return values
 
 
+def _threads_flag(pool: str) -> str:
+    """The bench's flag for a TensorFlow pool ("intra_op" -> "--tensorflow-intra-op-parallelism")."""
+    return f"--tensorflow-{pool.replace('_', '-')}-parallelism"
+
+
 def settings_from(args: argparse.Namespace) -> dict:
     """Resolved settings: explicit flags over the quick or full defaults, validated."""
     base = QUICK if args.quick else FULL
@@ -123,10 +128,8 @@ def settings_from(args: argparse.Namespace) -> dict:
     options.require(args.max_requests >= 1, "--max-requests", args.max_requests, "a count >= 1")
     options.require(args.server_timeout > 0, "--server-timeout", args.server_timeout, "seconds > 0")
     protocol.signature_input(args.signature)
-    threads = {pool: getattr(args, f"tensorflow_{pool}_parallelism") for pool in tf_threads.POOLS}
-    for pool, count in threads.items():
-        options.require(count >= 0, f"--tensorflow-{pool.replace('_', '-')}-parallelism", count,
-                        "a thread count >= 0 (0: TensorFlow's default)")
+    threads = {pool: options.thread_count(getattr(args, f"tensorflow_{pool}_parallelism"), _threads_flag(pool))
+               for pool in tf_threads.POOLS}
     for flag, named in (("--ensemble-config", args.ensemble_config), ("--batching-config", args.batching_config)):
         options.require(not named or Path(named).is_file(), flag, named, "an existing file")
     return {
@@ -388,12 +391,12 @@ class Bench:
         self.args = args
         self.settings = settings_from(args)
         threads = self.settings["tf_threads"]
-        refused = tf_threads.configure(threads["intra_op"], threads["inter_op"])
+        refused = tf_threads.configure(**threads)
         if refused:  # the in-process side would run with other threads than the server: not a fair comparison
             pool = refused[0]
             raise ConfigError(f"TensorFlow already runs in this process with other thread counts, so the in-process "
                               f"calls cannot use {threads[pool]}; run carclf bench in a new process",
-                              field=f"--tensorflow-{pool.replace('_', '-')}-parallelism")
+                              field=_threads_flag(pool))
         self.repository = Path(self.settings["model_repository"])
         self.ensemble_config, skip = load_ensemble(self.settings, self.repository)
         if skip and args.ensemble_config and not args.no_ensemble:  # named explicitly: it must be measured
@@ -414,7 +417,7 @@ class Bench:
         self.signature = self.settings["signature"]
         self.inputs = [protocol.photo_inputs(self.signature, p.data) for p in self.photos]
         print(f"bench: loading {self.settings['model']} in-process (TensorFlow threads: "
-              f"{tf_threads.describe(threads['intra_op'], threads['inter_op'])})", flush=True)
+              f"{tf_threads.describe(**threads)})", flush=True)
         self.model = inprocess.LoadedModel.load(self.repository, self.settings["model"])
         self.result["model_version"] = int(self.model.path.name)
         self.work = Workload(self.settings["model"], self.signature, self.inputs, self.model.labels)
@@ -459,8 +462,7 @@ class Bench:
 
     def server(self, mode: str, with_ensemble: bool) -> tuple[srv.EmbeddedServer, dict[str, Path]]:
         served_models = {self.settings["model"]: self.repository / self.settings["model"]}
-        flags = [f"--tensorflow_{pool}_parallelism={count}"
-                 for pool, count in self.settings["tf_threads"].items() if count]
+        flags = tf_threads.server_flags(**self.settings["tf_threads"])
         if mode == "on":
             flags += srv.batching_flags(self.batching_path, early_dispatch=self.settings["early_dispatch"])
         if with_ensemble:

@@ -20,6 +20,12 @@ def require(ok: bool, flag: str, value: object, expected: str, where: str = "") 
         raise ConfigError(f"expected {expected}, received {value!r}{source}", field=flag)
 
 
+def thread_count(count: int, flag: str) -> int:
+    """A TensorFlow thread count given to ``flag``: 0 (TensorFlow's default) or more."""
+    require(count >= 0, flag, count, "a thread count >= 0 (0: TensorFlow's default)")
+    return count
+
+
 def choices(text: str, allowed: Sequence[str], flag: str) -> list[str]:
     """A non-empty comma-separated subset of ``allowed``."""
     values = [x.strip() for x in str(text).split(",") if x.strip()]

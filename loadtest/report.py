@@ -124,7 +124,7 @@ def _threads_line(settings: dict) -> list[str]:
     if threads is None:
         return []
     return [f"TensorFlow threads, in-process and in the server alike: "
-            f"{tf_threads.describe(threads['intra_op'], threads['inter_op'])}."]
+            f"{tf_threads.describe(**threads)}."]
 
 
 def markdown(result: dict) -> str:

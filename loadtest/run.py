@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from carclf import tf_threads
 from carclf.errors import CarClfError, ConfigError, NotFound, Unavailable
 from carclf.loadtest import checks, options, protocol
 from carclf.loadtest import server as srv
@@ -267,8 +268,7 @@ def start_server(args, settings: dict[str, str], address: srv.ServerAddress, rep
         flags += ["--ensemble_config_file", str(args.ensemble_config)]
     if Path(args.batching_config).is_file():
         flags += srv.batching_flags(args.batching_config)
-    if args.tensorflow_intra_op_parallelism:
-        flags.append(f"--tensorflow_intra_op_parallelism={args.tensorflow_intra_op_parallelism}")
+    flags += tf_threads.server_flags(args.tensorflow_intra_op_parallelism)
     server = srv.EmbeddedServer(address, model_config_file=config, model_repository=repository, flags=flags,
                                 log_path=reports / "server.log")
     waited = list(called.values())
@@ -309,8 +309,7 @@ def print_summary(rows: list[dict[str, str]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    options.require(args.tensorflow_intra_op_parallelism >= 0, "--tensorflow-intra-op-parallelism",
-                    args.tensorflow_intra_op_parallelism, "a thread count >= 0 (0: TensorFlow's default)")
+    options.thread_count(args.tensorflow_intra_op_parallelism, "--tensorflow-intra-op-parallelism")
     settings = resolve(args)
     check_settings(settings, origins(args))
     reports = reports_folder(settings, "--reports" if args.reports else "csv")

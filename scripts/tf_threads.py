@@ -95,6 +95,7 @@ def in_process(args, intras: list[int]) -> None:
 
 
 def served(args, intras: list[int]) -> None:
+    from carclf import tf_threads
     from carclf.loadtest import bench
     from carclf.loadtest import server as srv
 
@@ -107,7 +108,7 @@ def served(args, intras: list[int]) -> None:
         for intra in intras:
             folder = Path(tmp) / str(intra)
             folder.mkdir()
-            flags = [*batching, f"--tensorflow_intra_op_parallelism={intra}"]
+            flags = [*batching, *tf_threads.server_flags(intra)]
             servers[intra] = stack.enter_context(bench.measured_server(
                 folder, repository, {args.model: repository / args.model}, flags, f"intra{intra}"))
         for server in servers.values():
