@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from carclf import contract
 from carclf.contract import Size, plain_size, side_pair, size_text  # noqa: F401 - the size forms, as imaging.*
-from carclf.errors import InvalidInput
+from carclf.errors import InvalidInput, runtime_message
 
 # How many leading bytes are searched for the EXIF orientation tag (APP1 sits near the start).
 _EXIF_SEARCH_BYTES = 65536
@@ -101,6 +101,19 @@ def decode_image(data):
     image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
     image.set_shape([None, None, 3])
     return apply_orientation(image, _exif_orientation(data))
+
+
+def decode_checked(data, what: str = "", decode=None):
+    """``decode_image`` of photo bytes (``decode``: a traced copy of it), with bytes that do not decode refused as
+    InvalidInput: "<what> does not decode (truncated or corrupt): <TensorFlow's reason, one line>"."""
+    import tensorflow as tf
+
+    try:
+        return (decode or decode_image)(tf.constant(data))
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
+        prefix = f"{what} " if what else ""
+        raise InvalidInput(f"{prefix}does not decode (truncated or corrupt): "
+                           f"{runtime_message(exc.message)[:160]}") from None
 
 
 #: The order in which a photo file stores its colour channels. ``bgr`` is a data set saved with red and blue

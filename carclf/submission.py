@@ -18,8 +18,7 @@ def check_destination(path: str | os.PathLike, what: str = "submission") -> None
     ``what`` names the path in the message (a flag such as ``--output``)."""
     out = Path(path)
     if out.is_dir():
-        raise InvalidInput(f"{what} {str(path)!r} is a folder; give a file path, such as "
-                           f"{str(out / 'submission.csv')!r}")
+        raise InvalidInput(f"{what} {str(path)!r} is a folder; give a file path")
     blocker = next((p for p in out.parents if p.exists()), None)  # the nearest existing ancestor
     if blocker is not None and not blocker.is_dir():
         raise InvalidInput(f"{what} {str(path)!r} cannot be created: {str(blocker)!r} is a file, "

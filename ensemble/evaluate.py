@@ -33,6 +33,7 @@ from carclf.ensemble.config import EnsembleConfig, load_config
 from carclf.ensemble.members import SavedModelMemberCaller
 from carclf.ensemble.runtime import EnsembleRuntime
 from carclf.errors import CarClfError, ConfigError, os_error_line
+from carclf.submission import check_destination
 from carclf.submission import write_submission as write_csv
 
 CHUNK = 16  # photos per ensemble request
@@ -240,15 +241,6 @@ def parse_policies(text: str) -> list[str]:
     return names
 
 
-def check_output(flag: str, path: Path) -> None:
-    """Refuse, before any work, an output file path that is a folder or lies under a file."""
-    if path.is_dir():
-        raise ConfigError(f"{flag} {str(path)!r} is a folder; expected a file path")
-    above = next((p for p in path.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise ConfigError(f"{flag} {str(path)!r} lies under {str(above)!r}, which is a file, not a folder")
-
-
 def check_test_folder(folder: Path) -> None:
     """Refuse, before any work, a ``--test`` that is not a folder of photos."""
     from carclf.train.data import list_photos
@@ -289,14 +281,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         policies = parse_policies(args.policies)
         if args.folds < 2:
             raise ConfigError(f"--folds must be >= 2, received {args.folds}")
-        check_output("--out", args.out)
-        check_output("--out", args.out.with_suffix(".md"))
+        check_destination(args.out, "--out")
+        check_destination(args.out.with_suffix(".md"), "--out")
         if args.submission is not None and args.test is None:
             raise ConfigError(f"--submission {str(args.submission)!r} needs --test, the photo folder to predict")
         if args.test is not None:
             args.submission = args.submission or DEFAULT_SUBMISSION
             check_test_folder(args.test)
-            check_output("--submission", args.submission)
+            check_destination(args.submission, "--submission")
         config = load_config(args.config)
         dataset = read_folder_layout(args.train, args.classes)
         split = load_split(args.split, dataset)

@@ -35,7 +35,6 @@ from carclf.errors import (
     InvalidInput,
     Unavailable,
     error_for_code,
-    runtime_message,
 )
 from carclf.tta import average_views, make_views
 
@@ -195,8 +194,6 @@ class EnsembleRuntime:
 
     def decode(self, images: Sequence[bytes]) -> list:
         """Check and decode each photo once: uint8 [H, W, 3] tensors, EXIF orientation applied."""
-        import tensorflow as tf
-
         if len(images) == 0:
             raise InvalidInput("no photos in the request")
         if len(images) > self.config.max_batch_size:
@@ -207,11 +204,9 @@ class EnsembleRuntime:
         for i, data in enumerate(images):
             try:
                 imaging.probe_image(bytes(data))
-                decoded.append(decode(tf.constant(bytes(data))))
             except InvalidInput as exc:
                 raise InvalidInput(f"photo {i}: {exc.message}") from None
-            except tf.errors.InvalidArgumentError as exc:
-                raise InvalidInput(f"photo {i}: cannot be decoded: {runtime_message(exc.message)}") from None
+            decoded.append(imaging.decode_checked(bytes(data), f"photo {i}", decode))
         return decoded
 
     def views(self, decoded: Sequence, specs: Sequence[InputSpec]) -> dict[InputSpec, np.ndarray]:

@@ -83,17 +83,14 @@ def typed_error(exc: Exception, context: str) -> CarClfError:
 def _undecodable_photo(inputs: Mapping[str, np.ndarray]) -> str | None:
     """After a refused run of a model that decodes photos in its graph (the product's ``image_bytes``
     input): which photo does not decode, which TF's message does not say. Only on the error path."""
-    import tensorflow as tf
-
     photos = inputs.get(contract.INPUT_IMAGE_BYTES)
     if photos is None:
         return None
     for index, data in enumerate(np.ravel(photos)):
         try:
-            imaging.decode_image(tf.constant(data))
-        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
-            return (f"{contract.INPUT_IMAGE_BYTES}[{index}] ({len(photos)} in the request) does not decode: "
-                    f"{runtime_message(exc.message)}")
+            imaging.decode_checked(data, f"{contract.INPUT_IMAGE_BYTES}[{index}] ({len(photos)} in the request)")
+        except InvalidInput as exc:
+            return exc.message
     return None
 
 

@@ -57,6 +57,26 @@ def test_png_named_jpg_decodes_by_content(tmp_path):
     assert pixels.shape == (12, 16, 3) and tuple(pixels[0, 0]) == (200, 10, 10)
 
 
+def test_decode_checked_names_the_photo_that_does_not_decode():
+    """One refusal for every caller (server, ensemble, submit, data scan): InvalidInput naming the photo and
+    TensorFlow's reason in one line; a good photo gives the same pixels as decode_image."""
+    import tensorflow as tf
+
+    photo = _jpeg((np.arange(40 * 60 * 3) % 253).astype(np.uint8).reshape(40, 60, 3))
+    assert np.array_equal(imaging.decode_checked(photo, "a.jpg").numpy(),
+                          imaging.decode_image(tf.constant(photo)).numpy())
+    traced = tf.function(imaging.decode_image, input_signature=[tf.TensorSpec([], tf.string)])
+    assert imaging.decode_checked(photo, "a.jpg", traced).shape == (40, 60, 3)
+    for bad in (photo[: len(photo) // 2], b"plain text, not a photo"):
+        with pytest.raises(InvalidInput) as refused:
+            imaging.decode_checked(bad, "photo 3")
+        message = refused.value.message
+        assert message.startswith("photo 3 does not decode (truncated or corrupt): ") and "\n" not in message
+        assert len(message.split(": ", 1)[1]) > 0
+    with pytest.raises(InvalidInput, match=r"^does not decode"):
+        imaging.decode_checked(photo[:100])
+
+
 def test_probe_refuses_bomb_before_decoding():
     img = Image.new("L", (1, 1))
     buf = io.BytesIO()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from carclf import contract, imaging, tta
-from carclf.errors import InvalidInput, NotFound, runtime_message
+from carclf.errors import InvalidInput, NotFound
 
 PixelPredictor = Callable[[np.ndarray], np.ndarray]
 
@@ -80,8 +80,6 @@ def predict_policies(predictor: PixelPredictor, images: Iterable[bytes], policie
     """Probabilities [N, C] per TTA policy name, for photos given as encoded bytes (``names`` label errors);
     ``resize`` is the model's resize mode (``imaging.RESIZE_MODES``), ``channel_order`` the photos' own
     (``imaging.CHANNEL_ORDERS``)."""
-    import tensorflow as tf
-
     resolved = [tta.get_policy(p) for p in policies]
     views: list[tta.View] = []
     for policy in resolved:
@@ -99,11 +97,7 @@ def predict_policies(predictor: PixelPredictor, images: Iterable[bytes], policie
             pending.clear()
 
     for i, data in enumerate(images):
-        try:
-            image = imaging.decode_image(tf.constant(data))
-        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
-            which = names[i] if names is not None else f"photo #{i}"
-            raise InvalidInput(f"{which} does not decode: {runtime_message(exc.message)[:160]}") from None
+        image = imaging.decode_checked(data, names[i] if names is not None else f"photo #{i}")
         pending.append(tta.make_views(imaging.to_rgb(image, channel_order), union, size, resize).numpy())
         if progress is not None:
             progress.update(1)

@@ -150,11 +150,11 @@ def test_a_split_without_validation_photos_is_refused(refused, tmp_path):
 def test_output_paths_are_checked_before_any_model_loads(refused, tmp_path, sample_dir):
     under_file = tmp_path / "split.json" / "e.json"
     line = refused({"--out": str(under_file)})
-    assert f"--out {str(under_file)!r} lies under {str(tmp_path / 'split.json')!r}, which is a file" in line
+    assert f"--out {str(under_file)!r} cannot be created: {str(tmp_path / 'split.json')!r} is a file" in line
     line = refused({"--out": str(tmp_path / "e")})
     assert f"--out {str(tmp_path / 'e')!r} is a folder" in line
     line = refused({"--test": str(sample_dir / "test_upload"), "--submission": str(under_file)})
-    assert f"--submission {str(under_file)!r} lies under" in line
+    assert f"--submission {str(under_file)!r} cannot be created" in line
     line = refused({"--test": str(tmp_path / "nonexist")})
     assert f"--test: photo folder {str(tmp_path / 'nonexist')!r} does not exist" in line
     sub = tmp_path / "sub.csv"  # a submission asked for without the photos to predict: refused, not ignored

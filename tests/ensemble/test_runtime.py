@@ -189,7 +189,7 @@ def test_bad_photos_are_refused_by_index(runtime_for, photo_bytes):
     truncated = photo_bytes[0][:len(photo_bytes[0]) // 3]  # a real JPEG cut short: its header still reads
     with pytest.raises(InvalidInput) as cut:
         runtime.predict([photo_bytes[0], truncated])
-    assert cut.value.message.startswith("photo 1: cannot be decoded: ")
+    assert cut.value.message.startswith("photo 1 does not decode (truncated or corrupt): ")
     # one line, TensorFlow's reason only: no stack of the server's files
     assert "\n" not in cut.value.message and "File " not in cut.value.message and "Detected at" not in cut.value.message
     with pytest.raises(InvalidInput, match="no photos"):
