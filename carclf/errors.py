@@ -107,11 +107,13 @@ def error_for_code(code: str, message: str) -> CarClfError:
 
 def runtime_message(message: str) -> str:
     """The line of a TensorFlow runtime error that says what went wrong, without the "Detected at node"
-    stack, the node lines and the ``[Op:...]`` suffix (those name server files, not the caller's mistake)."""
+    stack, the node lines, the ``{{function_node ...}}`` prefix and the ``[Op:...]`` / empty ``name:`` suffix
+    (those name server files and devices, not the caller's mistake)."""
     lines = [line.strip() for line in message.splitlines()]
     node = next((i for i, line in enumerate(lines) if line.startswith("[[")), len(lines))
     text = next((line for line in reversed(lines[:node]) if line), "") or next((x for x in lines if x), "")
-    return re.sub(r"\s*\[Op:[^\]]*\]", "", text)
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)  # the eager op's wrapper and device
+    return re.sub(r"\s*\[Op:[^\]]*\]|\s*\bname:\s*$", "", text)
 
 
 def os_error_line(exc: OSError) -> str:
