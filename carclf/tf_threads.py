@@ -10,6 +10,11 @@ from __future__ import annotations
 POOLS = ("intra_op", "inter_op")
 
 
+def counts(intra_op: int = 0, inter_op: int = 0) -> dict[str, int]:
+    """{pool: count} in ``POOLS`` order (0: TensorFlow's default)."""
+    return dict(zip(POOLS, (intra_op, inter_op), strict=True))
+
+
 def configure(intra_op: int = 0, inter_op: int = 0) -> list[str]:
     """Give this process's TensorFlow ``intra_op`` threads inside one op and ``inter_op`` threads across ops;
     0 leaves TensorFlow's own choice (one per core).
@@ -22,7 +27,7 @@ def configure(intra_op: int = 0, inter_op: int = 0) -> list[str]:
     setters = {"intra_op": tf.config.threading.set_intra_op_parallelism_threads,
                "inter_op": tf.config.threading.set_inter_op_parallelism_threads}
     refused = []
-    for pool, count in zip(POOLS, (intra_op, inter_op), strict=True):
+    for pool, count in counts(intra_op, inter_op).items():
         if count < 0:
             raise ValueError(f"{pool} threads must be >= 0, received {count}")
         if not count:
@@ -36,13 +41,10 @@ def configure(intra_op: int = 0, inter_op: int = 0) -> list[str]:
 
 def server_flags(intra_op: int = 0, inter_op: int = 0) -> list[str]:
     """The server's flags for these counts, e.g. ["--tensorflow_intra_op_parallelism=1"] (0s left out)."""
-    return [f"--tensorflow_{pool}_parallelism={count}"
-            for pool, count in zip(POOLS, (intra_op, inter_op), strict=True) if count]
+    return [f"--tensorflow_{pool}_parallelism={count}" for pool, count in counts(intra_op, inter_op).items() if count]
 
 
 def describe(intra_op: int, inter_op: int) -> str:
     """E.g. "intra-op 1, inter-op TensorFlow's default" for logs and reports."""
-    def one(name: str, count: int) -> str:
-        return f"{name} {count}" if count else f"{name} TensorFlow's default"
-
-    return f"{one('intra-op', intra_op)}, {one('inter-op', inter_op)}"
+    default = "TensorFlow's default"
+    return ", ".join(f"{pool.replace('_', '-')} {count or default}" for pool, count in counts(intra_op, inter_op).items())

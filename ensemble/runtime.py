@@ -202,11 +202,12 @@ class EnsembleRuntime:
         decode = self._decoder()
         decoded = []
         for i, data in enumerate(images):
+            data = bytes(data)
             try:
-                imaging.probe_image(bytes(data))
+                imaging.probe_image(data)
             except InvalidInput as exc:
                 raise InvalidInput(f"photo {i}: {exc.message}") from None
-            decoded.append(imaging.decode_checked(bytes(data), f"photo {i}", decode))
+            decoded.append(imaging.decode_checked(data, f"photo {i}", decode))
         return decoded
 
     def views(self, decoded: Sequence, specs: Sequence[InputSpec]) -> dict[InputSpec, np.ndarray]:

@@ -55,13 +55,13 @@ log = logging.getLogger("carclf.serving")
 
 def apply_tf_threading(options: ServerOptions) -> None:
     """--tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism (0 keeps TF's default)."""
-    intra, inter = options.tensorflow_intra_op_parallelism, options.tensorflow_inter_op_parallelism
-    refused = tf_threads.configure(intra, inter)
+    asked = tf_threads.counts(options.tensorflow_intra_op_parallelism, options.tensorflow_inter_op_parallelism)
+    refused = tf_threads.configure(**asked)
     for pool in refused:
         log.warning("TensorFlow is already initialised in this process; --tensorflow_%s_parallelism=%d has no "
-                    "effect", pool, intra if pool == "intra_op" else inter)
+                    "effect", pool, asked[pool])
     if not refused:
-        log.info("TensorFlow threads: %s", tf_threads.describe(intra, inter))
+        log.info("TensorFlow threads: %s", tf_threads.describe(**asked))
 
 
 def load_ensemble(path: str, predictor: Predictor) -> Servable:
