@@ -304,6 +304,21 @@ class BatchScheduler:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
+    def refuse_queued(self, error: CarClfError) -> int:
+        """Fail every request still waiting in a queue with ``error`` (batches already running finish);
+        returns how many were refused. Used when a drain runs out of time."""
+        with self._cond:
+            waiting = [task for queue in self._queues.values() for batch in (*queue.closed, queue.open)
+                       for task in batch]
+            self._queues.clear()
+            self._cond.notify_all()
+        refused = 0
+        for task in waiting:
+            if task.future.set_running_or_notify_cancel():
+                task.future.set_exception(error)
+                refused += 1
+        return refused
+
     def close(self, timeout: float = 30.0) -> None:
         """Run what is queued, then stop the threads."""
         with self._cond:

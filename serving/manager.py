@@ -186,18 +186,26 @@ class ModelManager:
                 raise
             self._config = config
 
-    @staticmethod
-    def _check_labels_reachable(config: ModelsConfig) -> None:
-        """Refuse labels on versions the policy will not pick from what is on disk now (nothing changed)."""
+    def _check_labels_reachable(self, config: ModelsConfig) -> None:
+        """Refuse labels on versions the policy will not pick from what is on disk now (nothing changed).
+
+        As when serving, versions that failed to load and whose files have not changed since are passed over:
+        the policy picks among the others."""
         problems = []
         for model in config.models:
             if not model.labels:
                 continue
-            served = model.policy.select(list_versions(model.base_path))
+            on_disk = list_versions(model.base_path)
+            with self._lock:
+                known = self._models.get(model.name)
+                broken = set() if known is None or known.config is None or known.config.base_path != model.base_path \
+                    else {v for v, path in on_disk.items() if self._failed_unchanged(known, v, path)}
+            served = model.policy.select(set(on_disk) - broken)
             bad = [f"{label}->{version}" for label, version in sorted(model.labels.items()) if version not in served]
             if bad:
+                skipped = f", passing over {sorted(broken)} that failed to load" if broken else ""
                 problems.append(f"{model.name} ({', '.join(bad)}; versions {model.policy.describe()} serves from "
-                                f"{model.base_path}: {sorted(served) or 'none'})")
+                                f"{model.base_path}: {sorted(served) or 'none'}{skipped})")
         if problems:
             raise _labels_unavailable(problems, "Nothing of this config was applied")
 

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from carclf import tf_threads
-from carclf.errors import CarClfError, ConfigError
+from carclf.errors import CarClfError, ConfigError, Unavailable
 from carclf.serving.batching import BatchScheduler
 from carclf.serving.config import (
     BasePathResolver,
@@ -314,8 +314,17 @@ class ModelServer:
                 self._health.enter_graceful_shutdown()
             drained = self.gate.wait_idle(drain_timeout)
             if not drained:
-                log.warning("%d request(s) still in flight after %.1f s; shutting down anyway",
-                            self.gate.inflight, drain_timeout)
+                inflight = self.gate.inflight
+                refused = 0
+                if self.batcher is not None:  # what has not started will not: its callers hear so at once
+                    refused = self.batcher.refuse_queued(Unavailable(
+                        f"server is shutting down: the request was still queued after the {drain_timeout:g} s "
+                        "drain (--drain_timeout_seconds) and was not run; send it again"))
+                log.warning("%d request(s) still in flight after %.1f s: %d refused unrun from the batching "
+                            "queue; waiting up to %.1f s more for the batches that are running (they cannot be "
+                            "stopped)", inflight, drain_timeout, refused, drain_timeout)
+                if not self.gate.wait_idle(drain_timeout):
+                    log.warning("%d request(s) still running; shutting down anyway", self.gate.inflight)
             self._stop_polling.set()
             if self._poller is not None:
                 self._poller.join()

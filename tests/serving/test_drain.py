@@ -17,6 +17,7 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from tests.serving.conformance_setup import OTHER_MODEL
 from tests.serving.conftest import REPO_ROOT, Rest
+from tests.serving.test_batching import SlowServable
 from tests.serving.test_grpc import expect_code, outputs, predict_request
 from tests.serving.test_rest import b64
 
@@ -118,3 +119,64 @@ def test_bad_flags_fail_with_one_clear_line(tmp_path):
     assert result.returncode == 2
     assert "--model_config_file" in result.stderr and "no such file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+class CountingSlowServable(SlowServable):
+    """SlowServable that counts the batches it ran."""
+
+    def __init__(self, seconds: float):
+        super().__init__(seconds)
+        self.runs = 0
+
+    def run(self, signature_name, inputs):
+        self.runs += 1
+        return super().run(signature_name, inputs)
+
+
+@pytest.mark.extension
+def test_drain_timeout_refuses_queued_requests_and_lets_the_running_batch_answer(tmp_path):
+    """Past --drain_timeout_seconds, requests still queued are refused unrun (UNAVAILABLE, retryable elsewhere)
+    instead of being run one after another; the batch already running delivers its answer."""
+    from carclf.serving.options import ServerOptions
+    from carclf.serving.server import ModelServer
+
+    slow = CountingSlowServable(1.0)
+
+    class SlowModelServer(ModelServer):
+        def static_servables(self):
+            return [slow]
+
+    batching = tmp_path / "batching.config"  # one batch of one request at a time: the others queue
+    batching.write_text("max_batch_size { value: 1 } batch_timeout_micros { value: 0 } "
+                        "num_batch_threads { value: 1 } max_enqueued_batches { value: 16 }")
+    models = tmp_path / "models.config"  # no model folder: the only model is the servable above
+    models.write_text("model_config_list {}")
+    server = SlowModelServer(ServerOptions(port=0, rest_api_port=-1, model_config_file=str(models),
+                                           file_system_poll_wait_seconds=0, enable_batching=True,
+                                           batching_parameters_file=str(batching))).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    try:
+        calls = [stub.Predict.future(predict_request("slow", x=np.full(1, i, np.float32)), timeout=60)
+                 for i in range(5)]
+        deadline = time.monotonic() + 10
+        while server.gate.inflight < len(calls) or not slow.started.is_set():
+            assert time.monotonic() < deadline, "the requests never became in flight"
+            time.sleep(0.02)
+        assert server.stop(drain_timeout=0.2) is False  # the drain timed out
+    finally:
+        server.stop(drain_timeout=0)
+    answered, refused = [], []
+    for i, call in enumerate(calls):
+        try:
+            answered.append((i, outputs(call.result(timeout=30))["y"]))
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, (exc.code(), exc.details())
+            assert "was not run" in exc.details() and "--drain_timeout_seconds" in exc.details()
+            refused.append(i)
+    channel.close()
+    assert answered, "the batch that was running lost its answer"
+    assert refused, "queued requests were run after the drain timed out"
+    assert len(answered) == slow.runs < len(calls)  # every batch that ran was answered; none ran after the timeout
+    for i, y in answered:
+        np.testing.assert_array_equal(y, [2.0 * i])

@@ -347,3 +347,40 @@ def test_a_version_folder_given_as_base_path_gets_a_hint(private_server, private
     assert server.manager.readiness() == {MODEL: False}
     (warning,) = [r.getMessage() for r in caplog.records if "no version folder under" in r.getMessage()]
     assert f"{version_folder} is itself a SavedModel" in warning and f"here {private_repository / MODEL}" in warning
+
+
+def test_labels_may_point_at_the_versions_served_around_a_broken_newest_one(private_server, private_repository,
+                                                                             jpegs):
+    """With ``latest { num_versions: 2 }`` and a newest version that fails to load, the server serves the two
+    before it; a reload that labels those two is accepted (the label check passes over the broken version as
+    the policy does), and a label on the broken version is still refused naming it."""
+    repo = private_repository
+    broken = repo / MODEL / "9"
+    (broken / "variables").mkdir(parents=True)
+    (broken / "saved_model.pb").write_bytes(b"not a SavedModel")
+    policy = "model_version_policy { latest { num_versions: 2 } }"
+    server = private_server(model_config_file=str(single_model_config(repo, policy=policy)),
+                            model_repository=str(repo), enable_model_warmup=False)
+    states = {s.version: s.state for s in server.manager.status(MODEL)}
+    assert states == {1: State.AVAILABLE, 2: State.AVAILABLE, 9: State.END}
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    models = model_service_pb2_grpc.ModelServiceStub(channel)
+    predict = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    text = (f'model_config_list {{ config {{ name: "{MODEL}" base_path: "{repo / MODEL}" model_platform: '
+            f'"tensorflow" {policy} version_labels {{ key: "stable" value: 1 }} '
+            'version_labels { key: "canary" value: 2 } } }')
+
+    reply = models.HandleReloadConfigRequest(reload_request(text), timeout=60)
+    assert reply.status.error_code == 0, reply.status.error_message
+    assert server.manager.labels(MODEL) == {"stable": 1, "canary": 2}
+    data = np.array(jpegs[:1], dtype=object)
+    for label, version in (("stable", 1), ("canary", 2)):
+        assert predict.Predict(predict_request(label=label, image_bytes=data),
+                               timeout=30).model_spec.version.value == version
+
+    on_broken = text.replace("value: 2", "value: 9")
+    details = expect_code(lambda: models.HandleReloadConfigRequest(reload_request(on_broken), timeout=60),
+                          grpc.StatusCode.FAILED_PRECONDITION, "canary->9")
+    assert "[1, 2]" in details and "passing over [9] that failed to load" in details
+    assert server.manager.labels(MODEL) == {"stable": 1, "canary": 2}
+    channel.close()
