@@ -90,15 +90,51 @@ def apply_orientation(image, orientation):
     return out
 
 
+# A BMP file: "BM", then (little-endian) the DIB header's size at byte 14, bits per pixel at 28, compression at
+# 30 and the palette's length at 46 (0: 2 ** bits); the palette (B, G, R, 0 per entry) follows the DIB header.
+_BMP_HEADER_BYTES = 54
+
+
+def _bmp_field(head, offset: int, width: int):
+    """The little-endian unsigned field of ``width`` bytes at ``offset`` of a BMP header (int32 bytes)."""
+    value = head[offset]
+    for k in range(1, width):
+        value = value + head[offset + k] * (256 ** k)
+    return value
+
+
+def _through_bmp_palette(data, image):
+    """An 8-bit BMP stores palette indices, and TensorFlow's decoder returns them as grey levels: look them up
+    in the file's palette. Any other image comes back as it is. (A grey 8-bit BMP's palette maps each index to
+    its own grey, so it decodes as before.)"""
+    import tensorflow as tf
+
+    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 0, _BMP_HEADER_BYTES), tf.uint8), tf.int32)
+    head = tf.concat([raw, tf.zeros([_BMP_HEADER_BYTES], tf.int32)], 0)  # shorter data reads as zeros
+    paletted = ((tf.shape(raw)[0] == _BMP_HEADER_BYTES) & (head[0] == 0x42) & (head[1] == 0x4D)
+                & (_bmp_field(head, 28, 2) == 8))
+
+    def lookup():
+        colours = _bmp_field(head, 46, 4)
+        colours = tf.where(colours == 0, 256, colours)
+        entries = tf.io.decode_raw(tf.strings.substr(data, 14 + _bmp_field(head, 14, 4), 4 * colours), tf.uint8)
+        palette = tf.reverse(tf.reshape(entries, [-1, 4])[:, :3], axis=[1])  # BGR0 -> RGB
+        return tf.gather(palette, tf.cast(image[..., 0], tf.int32))  # an index past the palette: InvalidArgument
+
+    return tf.cond(paletted, lookup, lambda: image)
+
+
 def decode_image(data):
     """Decode JPEG/PNG/GIF/BMP/WebP bytes into uint8 RGB [H, W, 3], EXIF orientation applied.
 
-    Grayscale, CMYK and RGBA become RGB; for animated images the first frame is used; a PNG named .jpg
-    decodes by its content. Malformed or truncated data raises tf.errors.InvalidArgumentError.
+    Grayscale, CMYK and RGBA become RGB; 8-bit BMPs go through their palette; for animated images the first
+    frame is used (animated WebP does not decode: ``probe_image`` refuses it); a PNG named .jpg decodes by its
+    content. Malformed or truncated data raises tf.errors.InvalidArgumentError.
     """
     import tensorflow as tf
 
     image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+    image = _through_bmp_palette(data, image)
     image.set_shape([None, None, 3])
     return apply_orientation(image, _exif_orientation(data))
 
@@ -244,8 +280,31 @@ def probe_image(
         raise InvalidInput(f"image header is malformed: {exc}") from None
     if fmt not in ("JPEG", "PNG", "GIF", "BMP", "WEBP", "MPO"):
         raise InvalidInput(f"image format {fmt} is not supported; send JPEG, PNG, GIF, BMP or WebP")
+    if fmt == "BMP":
+        _check_bmp_variant(data)
+    if fmt == "WEBP" and frames > 1:
+        raise InvalidInput(f"animated WebP ({frames} frames) is not supported; send one frame as JPEG, PNG or "
+                           "still WebP")
     return _checked(ImageInfo(format=fmt, width=width, height=height, mode=mode, frames=frames), max_pixels,
                     min_side)
+
+
+def _check_bmp_variant(data) -> None:
+    """Refuse the BMP variants TensorFlow's decoder cannot read (it takes uncompressed 8-, 24- and 32-bit
+    pixels after a Windows header of 40 bytes or more) before they fail as if they were damaged."""
+    head = bytes(data[:_BMP_HEADER_BYTES]).ljust(_BMP_HEADER_BYTES, b"\0")
+    header_size = int.from_bytes(head[14:18], "little")
+    bits = int.from_bytes(head[28:30], "little")
+    compression = int.from_bytes(head[30:34], "little")
+    if header_size < 40:
+        raise InvalidInput(f"BMP with a {header_size}-byte (OS/2) header is not supported; send JPEG or PNG, or a "
+                           "Windows BMP")
+    if bits not in (8, 24, 32):
+        raise InvalidInput(f"BMP with {bits} bit(s) per pixel is not supported; send JPEG or PNG, or an 8-, 24- or "
+                           "32-bit BMP")
+    if compression not in (0, 3):  # BI_RGB, BI_BITFIELDS; not RLE or embedded JPEG/PNG
+        raise InvalidInput(f"compressed BMP (compression {compression}) is not supported; send JPEG or PNG, or an "
+                           "uncompressed BMP")
 
 
 def _checked(info: ImageInfo, max_pixels: int, min_side: int) -> ImageInfo:

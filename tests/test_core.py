@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import zlib
 
 import numpy as np
@@ -46,6 +47,54 @@ def test_decode_converts_modes_to_rgb(mode):
     buf = io.BytesIO()
     img.save(buf, "PNG" if mode in ("RGBA", "P") else "JPEG")
     assert imaging.decode_image(tf.constant(buf.getvalue())).numpy().shape == (20, 24, 3)
+
+
+@pytest.mark.parametrize("mode,colours", [("P", 256), ("P", 16), ("L", None)])
+def test_an_8_bit_bmp_decodes_through_its_palette(mode, colours):
+    """TensorFlow's BMP decoder returns an 8-bit BMP's palette indices as grey; decode_image (eager and traced,
+    as in the SavedModel) gives PIL's colours. A grey BMP, whose palette is the identity, stays as it was."""
+    import tensorflow as tf
+
+    photo = Image.fromarray(np.random.default_rng(1).integers(0, 255, (18, 26, 3), dtype=np.uint8))
+    image = photo.convert("P", palette=Image.ADAPTIVE, colors=colours) if mode == "P" else photo.convert("L")
+    buf = io.BytesIO()
+    image.save(buf, "BMP")
+    data = buf.getvalue()
+    assert data[28] == 8  # bits per pixel
+    imaging.probe_image(data, min_side=1)
+    expected = np.asarray(image.convert("RGB"))
+    traced = tf.function(imaging.decode_image, input_signature=[tf.TensorSpec([], tf.string)])
+    np.testing.assert_array_equal(imaging.decode_image(tf.constant(data)).numpy(), expected)
+    np.testing.assert_array_equal(traced(tf.constant(data)).numpy(), expected)
+    short = bytearray(data)  # a palette shorter than the indices used: refused, not read past its end
+    short[46:50] = (2).to_bytes(4, "little")
+    with pytest.raises(InvalidInput, match="does not decode"):
+        imaging.decode_checked(bytes(short), "photo")
+
+
+def test_probe_names_the_image_variants_tensorflow_cannot_decode():
+    """Variants TensorFlow's decoders refuse (or would misread) are refused by the header probe as not
+    supported, not left to fail as if the file were damaged; their plain siblings pass."""
+    photo = Image.fromarray(np.random.default_rng(2).integers(0, 255, (20, 24, 3), dtype=np.uint8))
+
+    def encoded(image, fmt, **options):
+        buf = io.BytesIO()
+        image.save(buf, fmt, **options)
+        return buf.getvalue()
+
+    refused = {
+        "BMP with 1 bit(s) per pixel is not supported": encoded(photo.convert("1"), "BMP"),
+        "animated WebP (3 frames) is not supported": encoded(photo, "WEBP", save_all=True,
+                                                             append_images=[photo.rotate(90), photo.rotate(180)]),
+    }
+    rle = bytearray(encoded(photo.convert("P"), "BMP"))
+    rle[30:34] = (1).to_bytes(4, "little")  # RLE8
+    refused["compressed BMP (compression 1) is not supported"] = bytes(rle)
+    for needle, data in refused.items():
+        with pytest.raises(InvalidInput, match=re.escape(needle)):
+            imaging.probe_image(data)
+    for data in (encoded(photo, "BMP"), encoded(photo.convert("RGBA"), "BMP"), encoded(photo, "WEBP")):
+        assert imaging.probe_image(data).width == 24
 
 
 def test_png_named_jpg_decodes_by_content(tmp_path):

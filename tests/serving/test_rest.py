@@ -201,6 +201,26 @@ def test_truncated_jpeg_is_invalid_argument(rest, jpegs):
            "jpeg")
 
 
+def test_an_8_bit_palette_bmp_is_answered_like_the_png_of_its_pixels(rest, jpegs):
+    """The exported graph looks 8-bit BMP indices up in the file's palette (TensorFlow's decoder alone reads
+    them as grey levels and the model would answer confidently about the wrong picture)."""
+    import io
+
+    from PIL import Image
+
+    paletted = Image.open(io.BytesIO(jpegs[2])).convert("P", palette=Image.ADAPTIVE, colors=64)
+    encoded = {}
+    for fmt in ("BMP", "PNG"):
+        buf = io.BytesIO()
+        paletted.save(buf, fmt)
+        encoded[fmt] = buf.getvalue()
+    assert encoded["BMP"][28] == 8  # bits per pixel: a palette BMP
+    replies = [rest.post(f"/v1/models/{MODEL}:predict", {"instances": [b64(encoded[fmt])]}) for fmt in encoded]
+    assert all(reply.status == 200 for reply in replies), [reply.body for reply in replies]
+    bmp, png = (probabilities(reply.json["predictions"]) for reply in replies)
+    np.testing.assert_allclose(bmp, png, atol=1e-5)
+
+
 def test_server_keeps_answering_after_errors(rest, reference, jpegs):
     for raw in (b"{", b'{"instances": [1]}', b'{"instances": [{"b64": "%%"}]}'):
         assert rest.post(f"/v1/models/{MODEL}:predict", raw).status == 400
@@ -230,6 +250,22 @@ def test_prometheus_metrics_use_tf_serving_names(rest, jpegs):
 ])
 def test_images_are_probed_before_decoding(rest, embedded_only, data, needle):
     _error(rest.post(f"/v1/models/{MODEL}:predict", {"instances": [b64(data)]}), 400, needle)
+
+
+@pytest.mark.extension
+def test_image_variants_tensorflow_cannot_decode_are_named_not_called_corrupt(rest, embedded_only, jpegs):
+    import io
+
+    from PIL import Image
+
+    photo = Image.open(io.BytesIO(jpegs[0]))
+    variants = {"BMP with 1 bit(s) per pixel is not supported": (photo.convert("1"), "BMP", {}),
+                "animated WebP (2 frames) is not supported": (photo, "WEBP", {"save_all": True,
+                                                                             "append_images": [photo.rotate(90)]})}
+    for needle, (image, fmt, options) in variants.items():
+        buf = io.BytesIO()
+        image.save(buf, fmt, **options)
+        _error(rest.post(f"/v1/models/{MODEL}:predict", {"instances": [b64(buf.getvalue())]}), 400, needle)
 
 
 @pytest.mark.extension
