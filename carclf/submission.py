@@ -8,28 +8,16 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from carclf.errors import InvalidInput
+from carclf.destinations import check_file
 
 HEADER = ("Id", "Category")
-
-
-def check_destination(path: str | os.PathLike, what: str = "submission") -> None:
-    """Refuse, before any work, a path that cannot become a file: a folder, or a path under a file.
-    ``what`` names the path in the message (a flag such as ``--output``)."""
-    out = Path(path)
-    if out.is_dir():
-        raise InvalidInput(f"{what} {str(path)!r} is a folder; give a file path")
-    blocker = next((p for p in out.parents if p.exists()), None)  # the nearest existing ancestor
-    if blocker is not None and not blocker.is_dir():
-        raise InvalidInput(f"{what} {str(path)!r} cannot be created: {str(blocker)!r} is a file, "
-                           "not a folder")
 
 
 def write_submission(path: str | os.PathLike, rows: Iterable[tuple[str, ...]],
                      header: tuple[str, ...] = HEADER) -> int:
     """Write ``Id,Category`` rows (or ``header``'s columns) atomically (a temporary file beside it, then
     rename); returns the row count. On failure no temporary file is left and the error names ``path``."""
-    check_destination(path)
+    check_file(path)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

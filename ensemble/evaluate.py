@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from carclf import imaging
+from carclf.destinations import check_file
 from carclf.ensemble import aggregate as agg
 from carclf.ensemble.config import EnsembleConfig, load_config
 from carclf.ensemble.members import SavedModelMemberCaller
 from carclf.ensemble.runtime import EnsembleRuntime
-from carclf.errors import CarClfError, ConfigError, os_error_line
-from carclf.submission import check_destination
+from carclf.errors import CarClfError, ConfigError, InvalidInput, os_error_line
 from carclf.submission import write_submission as write_csv
 
 CHUNK = 16  # photos per ensemble request
@@ -66,10 +66,25 @@ def cross_validated(member_probs: np.ndarray, labels: np.ndarray, folds: np.ndar
     return out, weights
 
 
+def read_photo(path: Path, channel_order: str = "rgb") -> bytes:
+    """One photo's bytes as the ensemble takes them: RGB (``bgr`` files are re-encoded, ``imaging.rgb_encoded``).
+    A file that is not a usable photo (unreadable, refused by the header probe, or not decoding to the end) is
+    refused naming the file."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    try:
+        imaging.probe_image(data)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{path}: {exc.message}") from None
+    imaging.decode_checked(data, f"{path}:")
+    return imaging.rgb_encoded(data, channel_order)
+
+
 def read_photos(paths: Sequence[Path], channel_order: str = "rgb") -> list[bytes]:
-    """The photos' bytes as the ensemble takes them, read once: RGB (``bgr`` files are re-encoded,
-    ``imaging.rgb_encoded``)."""
-    return [imaging.rgb_encoded(p.read_bytes(), channel_order) for p in paths]
+    """``read_photo`` of every path, in order."""
+    return [read_photo(p, channel_order) for p in paths]
 
 
 def run_policy(runtime: EnsembleRuntime, photos: Sequence[bytes], progress: bool = True
@@ -213,6 +228,7 @@ def write_submission(config: EnsembleConfig, repository, folder: Path, class_ids
     from carclf.train.data import list_photos
 
     photos = list_photos(folder)
+    check_test_folder(folder, channel_order)  # before the models load: a bad photo stops the run naming it
     runtime = EnsembleRuntime(config.with_overrides(deadline_s=600.0), SavedModelMemberCaller(repository))
     runtime.prepare()
     ids = []
@@ -241,12 +257,14 @@ def parse_policies(text: str) -> list[str]:
     return names
 
 
-def check_test_folder(folder: Path) -> None:
-    """Refuse, before any work, a ``--test`` that is not a folder of photos."""
+def check_test_folder(folder: Path, channel_order: str = "rgb") -> None:
+    """Refuse, before any work, a ``--test`` that is not a folder of photos, or holds a file that is not a
+    usable photo (named)."""
     from carclf.train.data import list_photos
 
     try:
-        list_photos(folder)
+        for photo in list_photos(folder):
+            read_photo(photo, channel_order)
     except CarClfError as exc:
         raise ConfigError(f"--test: {exc.message}") from None
 
@@ -281,14 +299,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         policies = parse_policies(args.policies)
         if args.folds < 2:
             raise ConfigError(f"--folds must be >= 2, received {args.folds}")
-        check_destination(args.out, "--out")
-        check_destination(args.out.with_suffix(".md"), "--out")
+        check_file(args.out, "--out")
+        check_file(args.out.with_suffix(".md"), "--out")
         if args.submission is not None and args.test is None:
             raise ConfigError(f"--submission {str(args.submission)!r} needs --test, the photo folder to predict")
         if args.test is not None:
             args.submission = args.submission or DEFAULT_SUBMISSION
-            check_test_folder(args.test)
-            check_destination(args.submission, "--submission")
+            check_test_folder(args.test, args.channel_order)
+            check_file(args.submission, "--submission")
         config = load_config(args.config)
         dataset = read_folder_layout(args.train, args.classes)
         split = load_split(args.split, dataset)

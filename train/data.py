@@ -112,7 +112,18 @@ def read_csv_layout(csv_path: str | os.PathLike, images_dir: str | os.PathLike,
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"Id", "Category"} <= set(reader.fieldnames):
             raise ConfigError(f"expected columns Id,Category, received {reader.fieldnames}", source=str(csv_file))
-        rows = [(r["Id"], str(r["Category"]).strip()) for r in reader]
+        rows = [(str(r["Id"] or "").strip(), str(r["Category"] or "").strip()) for r in reader]
+    first_row: dict[str, int] = {}
+    for line, (name, category) in enumerate(rows, start=2):  # line 1 is the header
+        if not name or not category:
+            raise ConfigError(f"line {line}: Id and Category must both be given, received {name!r},{category!r}",
+                              source=str(csv_file))
+        if name in first_row:
+            before = rows[first_row[name] - 2][1]
+            also = "again" if before == category else f"with category {before!r} and {category!r}"
+            raise ConfigError(f"{name!r} is listed twice (lines {first_row[name]} and {line}, {also}): each photo "
+                              "needs one label", source=str(csv_file))
+        first_row[name] = line
     class_ids = _sort_ids({c for _, c in rows})
     index = {c: i for i, c in enumerate(class_ids)}
     samples = [Sample(path=str((root / name).resolve()), rel=name, label=index[c]) for name, c in sorted(rows)]

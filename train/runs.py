@@ -15,6 +15,7 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -67,9 +68,15 @@ def new_run_dir(recipe_name: str, root: str | os.PathLike = "runs") -> Path:
 
 
 def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON atomically (a temporary file beside it, then rename); nothing is left on failure."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: Path) -> Any:

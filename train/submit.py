@@ -46,8 +46,8 @@ def write_pseudo_labels(model: LoadedModel | Sequence[LoadedModel], photos_dir: 
     """Label the photos of an unlabelled folder with the models' prediction, keeping those predicted with
     at least ``min_confidence`` (the mean top probability): a CSV ``Id,Category,Confidence`` that a recipe's
     ``data.extra_train`` reads. Returns the counts, per class too."""
-    if not 0.0 <= min_confidence < 1.0:
-        raise InvalidInput(f"min_confidence must be in [0, 1), received {min_confidence}")
+    if not 0.0 <= min_confidence <= 1.0:
+        raise InvalidInput(f"min_confidence must be in [0, 1], received {min_confidence}")
     found = predict_folder(model, photos_dir, policy, on_bad, progress, desc="pseudo-label",
                            channel_order=channel_order)
     confidence = found.probs.max(axis=1)

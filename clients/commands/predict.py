@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from carclf import contract, imaging
+from carclf.destinations import check_file
 from carclf.errors import ConfigError, InvalidInput, NotFound
-from carclf.submission import check_destination
 from carclf.submission import write_submission as write_csv
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+DEFAULT_SUBMISSION = Path("submission.csv")  # where a folder's predictions go when --output is not given
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="also print each ensemble member's vote")
     parser.add_argument("--output", type=Path, default=None,
                         help="write the submission CSV (Id,Category) here instead of printing; a folder writes "
-                             "one to submission.csv when not given")
+                             "one to submission.csv when not given (never replacing an existing one)")
     parser.add_argument("--classes", type=Path, default=None,
                         help="classes.json ({category id: name}): the CSV gets category ids, and printed ranks "
                              "the server does not name get names")
@@ -201,12 +202,18 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--batch-size must be >= 1, received {args.batch_size}")
     if not args.timeout > 0:
         raise InvalidInput(f"--timeout must be > 0 seconds, received {args.timeout}")
+    if args.output is not None:
+        check_file(args.output, what="--output")  # before anything is read or sent
     photos, folder_given = collect(args.paths)
     class_names, category_of = read_classes(args.classes)
     root_cert = read_root_cert(args.root_cert, "--root-cert")
-    output = args.output or (Path("submission.csv") if folder_given else None)
-    if output is not None:
-        check_destination(output, what="--output")  # before any photo is sent
+    output = args.output
+    if output is None and folder_given:
+        output = DEFAULT_SUBMISSION
+        if output.exists():  # never replace a file nobody named
+            raise InvalidInput(f"{output} exists: give --output PATH for the submission of a folder "
+                               f"(--output {output} replaces it)")
+        check_file(output, what="the submission")
     failures = Failures()
     with connect(args.server, timeout=args.timeout, root_certificates=root_cert) as client:
         if output is not None:

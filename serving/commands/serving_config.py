@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path, PurePosixPath
 
+from carclf.destinations import check_file
 from carclf.errors import ConfigError
 from carclf.serving.config import MODEL_NAME_RE, VersionPolicy, models_config_to_text
 from carclf.serving.repository import list_models
@@ -35,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_entries(repository: Path, *, prefix: str = "", only: list[str] | None = None, policy: str = "labelled"):
     """(name, base_path, VersionPolicy, labels) per model of the repository."""
+    if not repository.is_dir():
+        raise ConfigError(f"{str(repository)!r} is not a folder (a model repository holds <name>/<version>/)",
+                          source="--repository")
     models = list_models(repository)
     if only:
         missing = sorted(set(only) - set(models))
@@ -66,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     if args.base_path_prefix and not args.base_path_prefix.startswith("/"):
         raise ConfigError(f"received {args.base_path_prefix!r}; TF Serving needs absolute base paths",
                           source="--base_path_prefix")
+    if args.output != "-":
+        check_file(args.output, "--output")
     entries = build_entries(Path(args.repository), prefix=args.base_path_prefix, only=args.models,
                             policy=args.policy)
     text = HEADER + models_config_to_text(entries)

@@ -334,3 +334,19 @@ def test_a_root_cert_that_is_not_pem_is_refused_before_connecting(tiny_ensemble_
     assert own_lines(run.stderr) == [f"carclf predict: error: --root-cert {str(bad)!r} holds no PEM certificate "
                                      "(no '-----BEGIN CERTIFICATE-----' line)"]
     assert "handshaker" not in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_folder_never_replaces_a_submission_nobody_named(tmp_path, photos, monkeypatch, capsys):
+    """A folder without --output writes submission.csv in the working folder, but not over an existing one:
+    that is refused before anything is sent, and the file is left as it was."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / photos[0].name).write_bytes(photos[0].read_bytes())
+    monkeypatch.chdir(tmp_path)
+    precious = tmp_path / "submission.csv"
+    precious.write_text("Id,Category\nmine.jpg,3\n")
+    assert cli.main(["predict", str(folder), "--server", "grpc://127.0.0.1:9"]) == 2  # no server is needed
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == ("carclf predict: error: submission.csv exists: give --output PATH for the submission of a "
+                    "folder (--output submission.csv replaces it)")
+    assert precious.read_text() == "Id,Category\nmine.jpg,3\n"

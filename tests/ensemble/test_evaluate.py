@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -157,6 +158,16 @@ def test_output_paths_are_checked_before_any_model_loads(refused, tmp_path, samp
     assert f"--submission {str(under_file)!r} cannot be created" in line
     line = refused({"--test": str(tmp_path / "nonexist")})
     assert f"--test: photo folder {str(tmp_path / 'nonexist')!r} does not exist" in line
+    bad = tmp_path / "test_photos"  # a test folder with a file that is no photo: refused naming the file
+    shutil.copytree(sample_dir / "test_upload", bad)
+    (bad / "empty.jpg").write_bytes(b"")
+    line = refused({"--test": str(bad)})
+    assert line.endswith(f"--test: {bad / 'empty.jpg'}: image is empty (0 bytes)")
+    cut = next(p for p in sorted(bad.glob("*.jpg")) if p.stat().st_size)
+    (bad / "empty.jpg").unlink()
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    line = refused({"--test": str(bad)})
+    assert f"--test: {cut}: does not decode (truncated or corrupt): " in line
     sub = tmp_path / "sub.csv"  # a submission asked for without the photos to predict: refused, not ignored
     line = refused({"--submission": str(sub)})
     assert f"--submission {str(sub)!r} needs --test, the photo folder to predict" in line

@@ -235,7 +235,8 @@ def test_serving_config_cli_refuses_a_folder_as_output_in_one_line(conformance_r
                                         f"{conformance_repository} --output {tmp_path}"),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.strip() == f"carclf serving-config: error: Is a directory: {tmp_path}"
+    assert result.stderr.strip() == (f"carclf serving-config: error: --output {str(tmp_path)!r} is a folder; give a "
+                                     "file path")
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -206,6 +207,27 @@ def test_csv_layout_and_class_names(tmp_path):
     with pytest.raises(ConfigError, match="lists 2 names for 3 classes"):
         (tmp_path / "two.txt").write_text("a\nb\n")
         data.read_csv_layout(tmp_path / "train.csv", images, tmp_path / "two.txt")
+
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ("2.jpg,0", "'2.jpg' is listed twice (lines 4 and 8, with category '2' and '0'): each photo needs one label"),
+    ("2.jpg,2", "'2.jpg' is listed twice (lines 4 and 8, again)"),
+    ("3.jpg,", "line 8: Id and Category must both be given, received '3.jpg',''"),
+])
+def test_a_label_csv_with_a_photo_twice_or_a_blank_is_refused_naming_the_lines(tmp_path, extra, needle):
+    """A label file that gives one photo two labels (or one twice, which would weigh it double in training) is
+    refused, as is a row without its Id or Category; a photo never silently counts in two classes."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = [f"{i}.jpg,{i % 3}" for i in range(6)]
+    for i in range(6):
+        (images / f"{i}.jpg").write_bytes(jpeg_bytes(noise_image(40, 40, i)))
+    labels = tmp_path / "train.csv"
+    labels.write_text("Id,Category\n" + "\n".join([*rows, extra]) + "\n")
+    with pytest.raises(ConfigError, match=re.escape(needle)) as caught:
+        data.read_csv_layout(labels, images)
+    assert str(labels) in str(caught.value)
 
 
 def test_missing_folders_are_clear_errors(tmp_path):

@@ -152,7 +152,7 @@ def test_pseudo_label_refuses_bad_arguments_and_writes_nothing(first_cross_valid
     assert "--out must hold {fold}" in capsys.readouterr().err
     assert carclf_main(["pseudo-label", str(summary), str(PHOTOS), "--out", str(tmp_path / "labels.csv"),
                         "--min-confidence", "1.5"]) == 2
-    assert "min_confidence must be in [0, 1), received 1.5" in capsys.readouterr().err
+    assert "--min-confidence must be in [0, 1], received 1.5" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     # a recipe whose extra photo is a validation photo stops before training, naming both
     run = sorted(p for p in (root / "runs").iterdir() if p.is_dir())[0]

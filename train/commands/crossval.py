@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from carclf.destinations import check_file
 from carclf.train import crossval
 from carclf.train.runs import write_json
 
@@ -17,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out:
+        check_file(args.out, "--out")
     summary = crossval.summarize(args.runs)
     print(crossval.format_summary(summary))
     if args.compare:

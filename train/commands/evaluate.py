@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from carclf import tta
+from carclf.destinations import check_folder
 from carclf.errors import InvalidInput
 from carclf.train import data, evaluate
 from carclf.train.commands import add_channel_order_argument, channel_order_for
@@ -27,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     policies = tta.policy_names(args.tta, "--tta")
+    if args.out:
+        check_folder(args.out, "--out")  # before the model loads and the photos are read
     model = evaluate.load_model(args.model)
     data_root = args.data or model.info.get("data_root")
     channel_order = channel_order_for(args.channel_order, bool(args.data), model.info.get("data_channel_order", "rgb"))

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from carclf import backbones
+from carclf.destinations import check_folder
 from carclf.errors import InvalidInput
 from carclf.train import data, runs
 from carclf.train.export import export_model
@@ -58,6 +59,7 @@ def real_photos(trained: runs.TrainedRun, count: int) -> list[bytes]:
 def run(args: argparse.Namespace) -> int:
     if args.warmup < 0 or args.verify < 1:
         raise InvalidInput(f"--warmup must be >= 0 and --verify >= 1, received {args.warmup} and {args.verify}")
+    check_folder(args.repository, "--repository")
     trained = runs.load_run(args.run_dir)
     photos = real_photos(trained, max(args.warmup, args.verify))
     name = args.name or trained.recipe.name

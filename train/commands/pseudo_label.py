@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from carclf import tta
+from carclf.destinations import check_file
 from carclf.errors import InvalidInput
 from carclf.train import crossval
 from carclf.train.commands import add_photo_prediction_arguments, setup_logging
@@ -36,13 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     setup_logging()
     tta.get_policy(args.tta)
+    if not 0.0 <= args.min_confidence <= 1.0:
+        raise InvalidInput(f"--min-confidence must be in [0, 1], received {args.min_confidence}")
+    if (FOLD_PLACEHOLDER in args.out) != args.per_fold:
+        raise InvalidInput(f"--out holds {FOLD_PLACEHOLDER} only with --per-fold (one CSV per fold), received "
+                           f"{args.out!r}" + ("" if args.per_fold else " without --per-fold"))
+    check_file(args.out.replace(FOLD_PLACEHOLDER, "0"), "--out")  # before any model loads
     paths = crossval.model_paths(args.model)
     if not args.per_fold:
         _label([load_model(p) for p in paths], args.out, args)
         return 0
-    if FOLD_PLACEHOLDER not in args.out:
-        raise InvalidInput(f"--per-fold writes one CSV per fold: --out must hold {FOLD_PLACEHOLDER}, "
-                           f"received {args.out!r}")
     folds = [crossval.read_fold_run(p) for p in paths]  # each must be a finished run of a k-fold split
     for fold_run in folds:
         _label([load_model(fold_run.path)], args.out.replace(FOLD_PLACEHOLDER, str(fold_run.fold)), args)

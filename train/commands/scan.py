@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from carclf.destinations import check_folder
 from carclf.train import data, plots
 
 
@@ -18,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_folder(args.out, "--out")
     if args.csv:
         dataset = data.read_csv_layout(args.csv, args.train, args.classes)
     else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from carclf import tta
+from carclf.destinations import check_file
 from carclf.train import crossval
 from carclf.train.commands import add_photo_prediction_arguments, setup_logging
 from carclf.train.evaluate import load_model
@@ -24,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     setup_logging()
     tta.get_policy(args.tta)
+    check_file(args.out, "--out")  # before any model loads
     paths = crossval.model_paths(args.model)
     models = [load_model(path) for path in paths]
     stats = write_submission(models, args.photos, args.out, policy=args.tta, on_bad=args.on_bad,

@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from carclf.destinations import check_folder
 from carclf.errors import InvalidInput
 from carclf.train.commands import add_channel_order_argument, channel_order_for, setup_logging
 from carclf.train.recipe import ExtraSource, Recipe, load_recipe, recipe_names
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         recipe = recipe_from(args)
         if args.data and not os.path.isdir(args.data):
             raise InvalidInput(f"--data {args.data!r} is not a folder")
+        check_folder(args.runs, "--runs")
         if args.folds is not None and args.fold is None and recipe.split.folds:
             return _cross_validate(recipe, args)
         from carclf.train import loop
