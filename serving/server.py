@@ -52,6 +52,9 @@ __all__ = ["ModelServer", "PredictResult", "Predictor", "ServerOptions", "load_e
 
 log = logging.getLogger("carclf.serving")
 
+# The upload page's request around the photo's base64: {"instances": [{"b64": ...}]} and headers, with room to spare.
+PAGE_REQUEST_OVERHEAD_BYTES = 4096
+
 
 def apply_tf_threading(options: ServerOptions) -> None:
     """--tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism (0 keeps TF's default)."""
@@ -141,6 +144,10 @@ class ModelServer:
         log.info("Running gRPC ModelServer at %s:%d ...", opts.host, self.grpc_port)
         if self.rest_port is not None:
             log.info("Exporting HTTP/REST API at:%s:%d ...", opts.host, self.rest_port)
+            if opts.web_ui_model and opts.web_ui_model not in self.manager.model_names(active_only=False):
+                log.warning("the upload page (/ui) asks model %r, which this server does not serve (yet); "
+                            "--web_ui_model NAME picks another, --web_ui_model '' turns the page off",
+                            opts.web_ui_model)
         return self
 
     def static_servables(self) -> list[Servable]:
@@ -230,7 +237,8 @@ class ModelServer:
             if opts.rest_api_port != REST_DISABLED:
                 api = RestApi(self.predictor, self.manager, self.gate, monitoring=self.monitoring,
                               max_request_bytes=opts.max_request_bytes, timeout_ms=opts.rest_api_timeout_in_ms,
-                              executor=self.executor, extra_routes=_upload_page_routes(opts.web_ui_model))
+                              executor=self.executor, extra_routes=_upload_page_routes(opts.web_ui_model,
+                                                                                 opts.max_request_bytes))
                 try:
                     runner, self.rest_port = await start_rest(api, opts.host,
                                                               0 if opts.rest_api_port == ANY_PORT else opts.rest_api_port)
@@ -357,11 +365,14 @@ class ModelServer:
         self.stop()
 
 
-def _upload_page_routes(model: str):
-    """The upload page of carclf.clients (GET /ui), asking ``model``; None when the page is off."""
+def _upload_page_routes(model: str, max_request_bytes: int):
+    """The upload page of carclf.clients (GET /ui), asking ``model``; None when the page is off. The page
+    refuses in the browser a photo whose request (base64 in JSON) would exceed ``max_request_bytes``."""
     if not model:
         return None
+    from carclf import contract
     from carclf.clients.web.app import PageSettings, add_routes
 
-    settings = PageSettings(model=model)
+    largest_photo = (max_request_bytes - PAGE_REQUEST_OVERHEAD_BYTES) * 3 // 4  # base64: 4 bytes per 3
+    settings = PageSettings(model=model, max_bytes=max(1, min(contract.MAX_IMAGE_BYTES, largest_photo)))
     return lambda app: add_routes(app, settings)
