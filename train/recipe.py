@@ -27,6 +27,7 @@ from carclf.train.mixing import MixConfig
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 #: Recipes of experiments whose results are in docs/RESULTS.md; found by name like the main ones.
 EXPERIMENTS_DIR = RECIPES_DIR / "experiments"
+PROJECT_ROOT = RECIPES_DIR.parent.parent  # packaged recipes name files relative to it (../shared/...)
 _MISSING = object()
 
 UNFREEZE_MODES = ("none", "top_blocks", "all")
@@ -510,9 +511,38 @@ def recipe_names(experiments: bool = True) -> list[str]:
 
 
 def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
+    """A recipe by name (packaged) or YAML path. A packaged recipe's relative paths (weights file, data) are
+    relative to the project's root, so it reads the same files from whatever folder it is run."""
     path = recipe_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"is not valid YAML: {exc}", source=str(path)) from None
+    if isinstance(data, dict) and path.resolve().parent in (RECIPES_DIR, EXPERIMENTS_DIR):
+        data = _rooted(data, PROJECT_ROOT)
     return parse_recipe(data, source=str(path))
+
+
+def _rooted(data: dict, root: Path) -> dict:
+    """``data`` with its relative file paths made absolute against ``root`` (a copy; other values untouched)."""
+
+    def rooted(value):
+        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)) and (
+                "/" in value or value.endswith((".h5", ".keras", ".weights.h5"))):
+            return os.path.normpath(root / value)
+        return value
+
+    out = dict(data)
+    out["weights"] = rooted(data.get("weights"))
+    if "weights" not in data:
+        del out["weights"]
+    if isinstance(data.get("data"), dict):
+        section = dict(data["data"])
+        for key in ("train", "csv", "images", "classes"):
+            if key in section:
+                section[key] = rooted(section[key])
+        if isinstance(section.get("extra_train"), list):
+            section["extra_train"] = [{k: rooted(v) if k in ("csv", "images") else v for k, v in e.items()}
+                                      if isinstance(e, dict) else e for e in section["extra_train"]]
+        out["data"] = section
+    return out

@@ -138,3 +138,22 @@ def test_stage_fields_counted_in_epochs_fit_the_stage(tmp_path, key, too_long, a
         assert f"stages[1].{key}" in str(info.value) and f"received {bad}" in str(info.value)
     data["stages"][1][key] = allowed
     assert getattr(parse_recipe(data, source="r.yaml").stages[1], key) == allowed
+
+
+def test_a_packaged_recipe_reads_the_same_files_from_any_folder(tmp_path, monkeypatch):
+    """Packaged recipes name their weights and data relative to the project root; loaded from another folder
+    they must not point elsewhere (the weights would be missed and a demo would silently train from scratch)."""
+    import os
+
+    from carclf.train.recipe import PROJECT_ROOT
+
+    at_root = load_recipe("demo_mobilenet_v2")
+    monkeypatch.chdir(tmp_path)
+    elsewhere = load_recipe("demo_mobilenet_v2")
+    assert elsewhere == at_root
+    assert os.path.isabs(elsewhere.weights) and elsewhere.weights == os.path.normpath(
+        PROJECT_ROOT / "../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
+    assert os.path.isabs(load_recipe("mobilenet_v2").data.train)
+    own = tmp_path / "mine.yaml"  # a recipe file of one's own keeps its paths as written
+    own.write_text(yaml.safe_dump(tiny_recipe(tmp_path) | {"weights": None}))
+    assert load_recipe(own).data.train == str(tmp_path / "train")
