@@ -109,19 +109,21 @@ def _through_bmp_palette(data, image):
     its own grey, so it decodes as before.)"""
     import tensorflow as tf
 
-    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 0, _BMP_HEADER_BYTES), tf.uint8), tf.int32)
-    head = tf.concat([raw, tf.zeros([_BMP_HEADER_BYTES], tf.int32)], 0)  # shorter data reads as zeros
-    paletted = ((tf.shape(raw)[0] == _BMP_HEADER_BYTES) & (head[0] == 0x42) & (head[1] == 0x4D)
-                & (_bmp_field(head, 28, 2) == 8))
+    def if_8_bit():  # a BMP (its pixels decoded, so its header is whole)
+        head = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 0, _BMP_HEADER_BYTES), tf.uint8), tf.int32)
 
-    def lookup():
-        colours = _bmp_field(head, 46, 4)
-        colours = tf.where(colours == 0, 256, colours)
-        entries = tf.io.decode_raw(tf.strings.substr(data, 14 + _bmp_field(head, 14, 4), 4 * colours), tf.uint8)
-        palette = tf.reverse(tf.reshape(entries, [-1, 4])[:, :3], axis=[1])  # BGR0 -> RGB
-        return tf.gather(palette, tf.cast(image[..., 0], tf.int32))  # an index past the palette: InvalidArgument
+        def lookup():
+            colours = _bmp_field(head, 46, 4)
+            colours = tf.where(colours == 0, 256, colours)
+            entries = tf.io.decode_raw(tf.strings.substr(data, 14 + _bmp_field(head, 14, 4), 4 * colours),
+                                       tf.uint8)
+            palette = tf.reverse(tf.reshape(entries, [-1, 4])[:, :3], axis=[1])  # BGR0 -> RGB
+            return tf.gather(palette, tf.cast(image[..., 0], tf.int32))  # an index past the palette: InvalidArgument
 
-    return tf.cond(paletted, lookup, lambda: image)
+        return tf.cond(_bmp_field(head, 28, 2) == 8, lookup, lambda: image)
+
+    # One string comparison for the photos the server gets (JPEG, PNG): the BMP branch is not run for them.
+    return tf.cond(tf.equal(tf.strings.substr(data, 0, 2), "BM"), if_8_bit, lambda: image)
 
 
 def decode_image(data):

@@ -196,10 +196,11 @@ class ModelManager:
             if not model.labels:
                 continue
             on_disk = list_versions(model.base_path)
+            broken: set[int] = set()
             with self._lock:
                 known = self._models.get(model.name)
-                broken = set() if known is None or known.config is None or known.config.base_path != model.base_path \
-                    else {v for v, path in on_disk.items() if self._failed_unchanged(known, v, path)}
+                if known is not None and known.config is not None and known.config.base_path == model.base_path:
+                    broken = {v for v, path in on_disk.items() if self._failed_unchanged(known, v, path)}
             served = model.policy.select(set(on_disk) - broken)
             bad = [f"{label}->{version}" for label, version in sorted(model.labels.items()) if version not in served]
             if bad:

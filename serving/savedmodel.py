@@ -25,6 +25,7 @@ from carclf.errors import (
 )
 from carclf.serving.repository import SAVED_MODEL_FILES
 from carclf.serving.servable import Servable, Signature, TensorInfo
+from carclf.serving.validation import element_name
 from carclf.serving.warmup import read_warmup_requests, warmup_file
 from carclf.tensors import numpy_dtype_name, shape_of_proto
 
@@ -88,7 +89,7 @@ def _undecodable_photo(inputs: Mapping[str, np.ndarray]) -> str | None:
         return None
     for index, data in enumerate(np.ravel(photos)):
         try:
-            imaging.decode_checked(data, f"{contract.INPUT_IMAGE_BYTES}[{index}] ({len(photos)} in the request)")
+            imaging.decode_checked(data, element_name(contract.INPUT_IMAGE_BYTES, index, len(photos)))
         except InvalidInput as exc:
             return exc.message
     return None

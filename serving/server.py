@@ -310,7 +310,8 @@ class ModelServer:
 
     def stop(self, drain_timeout: float | None = None) -> bool:
         """Refuse new requests, let in-flight ones finish (up to ``drain_timeout``, default
-        ``--drain_timeout_seconds``), shut everything down. True if every in-flight request finished."""
+        ``--drain_timeout_seconds``; then requests still queued for a batch are refused unrun and running batches
+        get as long again), shut everything down. True if every in-flight request finished within the timeout."""
         return self._shutdown(self.options.drain_timeout_seconds if drain_timeout is None else drain_timeout)
 
     def _shutdown(self, drain_timeout: float) -> bool:

@@ -66,14 +66,22 @@ def check_tensor(signature: Signature, info: TensorInfo, array) -> None:
 def check_strings(info: TensorInfo, array: np.ndarray) -> None:
     """String tensors hold bytes; ``image_bytes`` elements must be acceptable images."""
     probe = info.name == contract.INPUT_IMAGE_BYTES
-    for index, value in enumerate(array.reshape(-1)):
+    values = array.reshape(-1)
+    for index, value in enumerate(values):
         if not isinstance(value, bytes):
-            raise InvalidInput(f"input '{info.name}' element {index} must be bytes, received {type(value).__name__}")
+            raise InvalidInput(f"{element_name(info.name, index, len(values))} must be bytes, received "
+                               f"{type(value).__name__}")
         if probe:
             try:
                 probe_image(value)
             except CarClfError as exc:
-                raise InvalidInput(f"input '{info.name}' element {index}: {exc.message}") from None
+                raise InvalidInput(f"{element_name(info.name, index, len(values))}: {exc.message}") from None
+
+
+def element_name(name: str, index: int, count: int) -> str:
+    """How an error names one element of an input: "input 'image_bytes' element 1 (of 3)", the index 0-based as
+    in the tensor."""
+    return f"input '{name}' element {index} (of {count})"
 
 
 def batch_size(inputs: Mapping[str, np.ndarray]) -> int:

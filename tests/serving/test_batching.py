@@ -80,7 +80,7 @@ def test_a_bad_photo_fails_only_its_own_request_in_a_merged_batch(private_server
                 np.testing.assert_allclose(outputs(future.result())["probabilities"][0],
                                            expected[jpegs.index(bodies[i][0])], atol=1e-5)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "image_bytes[1] (2 in the request) does not decode" in refused.value.details()
+    assert "input 'image_bytes' element 1 (of 2) does not decode" in refused.value.details()
     assert any("running them one by one" in r.getMessage() for r in caplog.records), "the requests were not merged"
 
 

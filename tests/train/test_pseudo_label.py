@@ -150,6 +150,8 @@ def test_pseudo_label_refuses_bad_arguments_and_writes_nothing(first_cross_valid
     assert carclf_main(["pseudo-label", str(summary), str(PHOTOS), "--per-fold", "--out",
                         str(tmp_path / "labels.csv")]) == 2
     assert "--out must hold {fold}" in capsys.readouterr().err
+    assert carclf_main(["pseudo-label", str(summary), str(PHOTOS), "--out", str(tmp_path / "labels-{fold}.csv")]) == 2
+    assert "holds {fold}, which only --per-fold fills" in capsys.readouterr().err
     assert carclf_main(["pseudo-label", str(summary), str(PHOTOS), "--out", str(tmp_path / "labels.csv"),
                         "--min-confidence", "1.5"]) == 2
     assert "--min-confidence must be in [0, 1], received 1.5" in capsys.readouterr().err

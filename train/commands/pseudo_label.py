@@ -39,9 +39,12 @@ def run(args: argparse.Namespace) -> int:
     tta.get_policy(args.tta)
     if not 0.0 <= args.min_confidence <= 1.0:
         raise InvalidInput(f"--min-confidence must be in [0, 1], received {args.min_confidence}")
-    if (FOLD_PLACEHOLDER in args.out) != args.per_fold:
-        raise InvalidInput(f"--out holds {FOLD_PLACEHOLDER} only with --per-fold (one CSV per fold), received "
-                           f"{args.out!r}" + ("" if args.per_fold else " without --per-fold"))
+    if args.per_fold and FOLD_PLACEHOLDER not in args.out:
+        raise InvalidInput(f"--per-fold writes one CSV per fold: --out must hold {FOLD_PLACEHOLDER}, "
+                           f"received {args.out!r}")
+    if FOLD_PLACEHOLDER in args.out and not args.per_fold:
+        raise InvalidInput(f"--out {args.out!r} holds {FOLD_PLACEHOLDER}, which only --per-fold fills (one CSV per "
+                           "fold run)")
     check_file(args.out.replace(FOLD_PLACEHOLDER, "0"), "--out")  # before any model loads
     paths = crossval.model_paths(args.model)
     if not args.per_fold:
