@@ -235,6 +235,20 @@ def crop_fraction(image, box):
 
 
 # ---------------------------------------------------------------------------------------------
+# Which files of a folder are photos
+# ---------------------------------------------------------------------------------------------
+
+#: The file name endings read as photos when a folder is given (case does not matter).
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
+def is_photo_file(path) -> bool:
+    """A file with a photo's ending and not hidden: macOS's ``._name.jpg`` companions and other dot-files, which
+    archives carry along, are not photos."""
+    return path.suffix.lower() in PHOTO_SUFFIXES and not path.name.startswith(".") and path.is_file()
+
+
+# ---------------------------------------------------------------------------------------------
 # Header probing in Python: refuse bad uploads before decoding
 # ---------------------------------------------------------------------------------------------
 

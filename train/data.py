@@ -26,8 +26,6 @@ from carclf.errors import ConfigError, InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-
 
 @dataclass(frozen=True)
 class Sample:
@@ -424,9 +422,11 @@ def extra_training_samples(sources: Sequence[Any], dataset: Dataset, split: Spli
 def list_photos(folder: str | os.PathLike) -> list[Path]:
     """Image files of a folder (a Kaggle test_upload), sorted by name."""
     root = Path(folder)
+    if root.is_file():
+        raise InvalidInput(f"{str(root)!r} is a file; give the folder of photos")
     if not root.is_dir():
         raise NotFound(f"photo folder {str(root)!r} does not exist")
-    photos = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    photos = sorted(p for p in root.iterdir() if imaging.is_photo_file(p))
     if not photos:
-        raise InvalidInput(f"photo folder {str(root)!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise InvalidInput(f"photo folder {str(root)!r} has no images ({', '.join(imaging.PHOTO_SUFFIXES)})")
     return photos

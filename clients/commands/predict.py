@@ -30,7 +30,6 @@ from carclf.destinations import check_file
 from carclf.errors import ConfigError, InvalidInput, NotFound
 from carclf.submission import write_submission as write_csv
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 DEFAULT_SUBMISSION = Path("submission.csv")  # where a folder's predictions go when --output is not given
 
 
@@ -64,9 +63,9 @@ def collect(paths: Sequence[str]) -> tuple[list[Path], bool]:
         path = Path(raw)
         if path.is_dir():
             folder_given = True
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.iterdir() if imaging.is_photo_file(p))
             if not found:
-                raise InvalidInput(f"folder {raw!r} has no photos ({', '.join(IMAGE_SUFFIXES)})")
+                raise InvalidInput(f"folder {raw!r} has no photos ({', '.join(imaging.PHOTO_SUFFIXES)})")
             photos.extend(found)
         elif path.is_file():
             photos.append(path)

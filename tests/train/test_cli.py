@@ -125,3 +125,26 @@ def test_resume_of_a_missing_folder_says_so(tmp_path):
 
 def test_scan_of_the_layouts_root_points_at_its_train_folder(two_class_data):
     _assert_clean_error(_carclf("scan", str(two_class_data)), "holds a train/ folder", str(two_class_data / "train"))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("evaluate", "{tmp}", "--all", "--split", "{tmp}/split.json"), "give --all (every usable photo of the data) or "
+                                                                    "--split"),
+    (("train", "demo_mobilenet_v2", "--folds", "5", "--val-fraction", "0", "--runs", "{tmp}"),
+     "--val-fraction 0.0 does not apply with --folds 5"),
+    (("scan", "{tmp}", "--min-side", "-5"), "--min-side must be >= 1 pixel, received -5"),
+    (("export", "{tmp}", "--name", " "), "--name is empty"),
+    (("submit", "{tmp}", "{tmp}", "--tta", "bogus"), "argument --tta: invalid choice: 'bogus'"),
+])
+def test_flags_that_contradict_or_make_no_sense_are_refused_not_ignored(tmp_path, capsys, args, needle):
+    """In-process: each refusal comes before any model, photo or run is read (the paths name an empty folder)."""
+    from carclf.cli import main
+
+    try:
+        code = main([a.replace("{tmp}", str(tmp_path)) for a in args])
+    except SystemExit as exc:  # argparse's own refusal (an invalid choice)
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []

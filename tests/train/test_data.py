@@ -250,3 +250,21 @@ def test_prepared_images_follow_the_resize_mode(two_class_data):
     for sample, image in zip(samples, got, strict=True):
         decoded = imaging.decode_image(tf.io.read_file(str(sample.path)))
         np.testing.assert_array_equal(image, imaging.prepare(decoded, 32, "letterbox").numpy())
+
+
+def test_a_photo_folder_leaves_out_hidden_files_and_a_file_is_not_a_folder(tmp_path):
+    """macOS's ``._name.jpg`` companions (AppleDouble files that zip archives carry along) and other dot-files
+    are not photos: a submission must not stop on them. A photo given where a folder is wanted says so."""
+    from carclf.clients.commands.predict import collect
+
+    folder = tmp_path / "test_upload"
+    folder.mkdir()
+    photo = jpeg_bytes(noise_image(40, 40, 1))
+    for name in ("b.jpg", "a.JPG", "._a.JPG", ".thumbnail.jpg", "notes.txt"):
+        (folder / name).write_bytes(photo if not name.startswith("._") else b"\0\5\26\7 AppleDouble")
+    (folder / "nested.jpg").mkdir()
+    assert [p.name for p in data.list_photos(folder)] == ["a.JPG", "b.jpg"]
+    assert [p.name for p in collect([str(folder)])[0]] == ["a.JPG", "b.jpg"]  # carclf predict FOLDER alike
+    with pytest.raises(InvalidInput, match=re.escape(f"{str(folder / 'b.jpg')!r} is a file; give the folder of "
+                                                     "photos")):
+        data.list_photos(folder / "b.jpg")

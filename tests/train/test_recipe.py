@@ -81,8 +81,15 @@ def test_missing_required_field_and_bad_yaml(tmp_path):
         parse_recipe(data, source="r.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: [unclosed\n")
-    with pytest.raises(ConfigError, match="broken.yaml.*not valid YAML"):
+    with pytest.raises(ConfigError, match="broken.yaml.*not valid YAML") as caught:
         load_recipe(broken)
+    assert "\n" not in str(caught.value) and "line 2" in str(caught.value)  # one line, with where it broke
+    twice = tmp_path / "twice.yaml"  # PyYAML alone keeps the second value silently
+    text = yaml.safe_dump(tiny_recipe(tmp_path), sort_keys=False)
+    twice.write_text(text.replace("name: tiny\n", "name: tiny\nname: other\n", 1))
+    assert "name: other" in twice.read_text()
+    with pytest.raises(ConfigError, match=r"twice.yaml.*key 'name' is given twice \(lines 1 and 2\)"):
+        load_recipe(twice)
     with pytest.raises(NotFound, match="unknown recipe 'nope'"):
         load_recipe("nope")
 

@@ -31,7 +31,7 @@ def add_photo_prediction_arguments(parser: argparse.ArgumentParser, on_bad: str)
     from carclf import tta
     from carclf.train.submit import ON_BAD
 
-    parser.add_argument("--tta", default="hflip", help=f"TTA policy ({', '.join(tta.POLICIES)})")
+    parser.add_argument("--tta", default="hflip", choices=tuple(tta.POLICIES), help="TTA policy (default: hflip)")
     add_channel_order_argument(parser, default="rgb")
     parser.add_argument("--on-bad", choices=ON_BAD, default=on_bad,
                         help=f"what to do with a file that is not a usable image (default: {on_bad})")

@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     policies = tta.policy_names(args.tta, "--tta")
+    if args.all and args.split:
+        raise InvalidInput(f"give --all (every usable photo of the data) or --split {args.split!r}, not both")
     if args.out:
         check_folder(args.out, "--out")  # before the model loads and the photos are read
     model = evaluate.load_model(args.model)

@@ -59,6 +59,8 @@ def real_photos(trained: runs.TrainedRun, count: int) -> list[bytes]:
 def run(args: argparse.Namespace) -> int:
     if args.warmup < 0 or args.verify < 1:
         raise InvalidInput(f"--warmup must be >= 0 and --verify >= 1, received {args.warmup} and {args.verify}")
+    if args.name is not None and not args.name.strip():
+        raise InvalidInput("--name is empty; give a model name, or leave --name out for the run's recipe name")
     check_folder(args.repository, "--repository")
     trained = runs.load_run(args.run_dir)
     photos = real_photos(trained, max(args.warmup, args.verify))

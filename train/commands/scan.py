@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from carclf.destinations import check_folder
+from carclf.errors import InvalidInput
 from carclf.train import data, plots
 
 
@@ -19,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.min_side < 1:
+        raise InvalidInput(f"--min-side must be >= 1 pixel, received {args.min_side}")
     check_folder(args.out, "--out")
     if args.csv:
         dataset = data.read_csv_layout(args.csv, args.train, args.classes)
