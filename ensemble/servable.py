@@ -122,6 +122,11 @@ def _as_bytes(value, index: int) -> bytes:
     raise InvalidInput(f"image_bytes[{index}] must be encoded photo bytes, received {type(value).__name__}")
 
 
+def check(config_path: str | os.PathLike) -> None:
+    """The embedded server's check before it loads any model: the config file parses and validates."""
+    load_config(config_path)
+
+
 def load(config_path: str | os.PathLike, predictor, *, model_repository: str | os.PathLike | None = None) -> EnsembleServable:
     """The embedded server's entry point: the ensemble of ``config_path`` over the in-process ``predictor``."""
     config = load_config(config_path)

@@ -67,14 +67,26 @@ def apply_tf_threading(options: ServerOptions) -> None:
         log.info("TensorFlow threads: %s", tf_threads.describe(**asked))
 
 
-def load_ensemble(path: str, predictor: Predictor) -> Servable:
-    """The ensemble hook: ``carclf.ensemble.servable.load(path, predictor) -> Servable``."""
+def _ensemble_hook(path: str):
+    """The module behind ``--ensemble_config_file``: ``carclf.ensemble.servable``."""
     try:
         from carclf.ensemble import servable as ensemble_servable
     except ImportError as exc:
         raise ConfigError(f"serving an ensemble needs carclf.ensemble.servable, which cannot be imported ({exc})",
                           source=path, field="--ensemble_config_file") from None
-    servable = ensemble_servable.load(path, predictor)
+    return ensemble_servable
+
+
+def check_ensemble(path: str) -> None:
+    """The hook's ``check(path)``, when it has one: the config alone, validated before any model loads."""
+    check = getattr(_ensemble_hook(path), "check", None)
+    if check is not None:
+        check(path)
+
+
+def load_ensemble(path: str, predictor: Predictor) -> Servable:
+    """The ensemble hook: ``carclf.ensemble.servable.load(path, predictor) -> Servable``."""
+    servable = _ensemble_hook(path).load(path, predictor)
     if not isinstance(servable, Servable):
         raise ConfigError(f"carclf.ensemble.servable.load returned {type(servable).__name__}, not a Servable",
                           source=path)
@@ -132,6 +144,8 @@ class ModelServer:
                                               on_runtime=lambda name, s: self.predictor.record_runtime(name, s),
                                               early_dispatch=opts.batching_early_dispatch)
             self.predictor = Predictor(self.manager, self.metrics, batcher=self.batcher, executor=self.executor)
+            for path in opts.ensemble_config_file:  # a bad ensemble config fails before minutes of model loading
+                check_ensemble(path)
             if opts.model_config_file or opts.model_base_path:
                 self.manager.apply_config(self._read_models_config())
             for servable in self.static_servables():

@@ -268,3 +268,23 @@ def test_an_ensemble_answering_without_a_member_says_so_once(tiny_repository_tem
         _reload(server, tiny_repository_template, ["tiny_a", "tiny_b"])  # more state changes, same members
     said = [r.getMessage() for r in caplog.records if "answers without" in r.getMessage()]
     assert said == ["model degraded answers without tiny_typo (not in the model config) (1 of 2 members needed)"]
+
+
+def test_a_bad_ensemble_config_is_refused_before_any_model_loads(tiny_repository_template, tmp_path, monkeypatch):
+    """The server reads --ensemble_config_file before it loads the models (which takes minutes for real
+    backbones), so a slip in the ensemble's file is reported at once, naming the file."""
+    from carclf.serving.server import ModelServer
+
+    loaded = []
+    real_load = ModelServer._load_version
+    monkeypatch.setattr(ModelServer, "_load_version", lambda self, *a: loaded.append(a) or real_load(self, *a))
+    config = write_ensemble_config(tmp_path)
+    config.write_text(config.read_text() + "\nmax_batch_sise: 8\n")
+    with pytest.raises(ConfigError, match="max_batch_sise") as caught:
+        with embedded_server(tiny_repository_template, tmp_path / "server", ensembles=[config]):
+            pass
+    assert str(config) in str(caught.value)
+    assert loaded == []  # no model was loaded first
+    with embedded_server(tiny_repository_template, tmp_path / "good", ensembles=[write_ensemble_config(
+            tmp_path / "good_config")]) as server:  # the check passes a good file: the same server starts
+        assert server.manager.readiness()[ENSEMBLE] and {name for name, *_ in loaded} == set(TINY_MEMBERS)
