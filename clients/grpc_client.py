@@ -37,7 +37,9 @@ def error_from_rpc(exc, target: str = "") -> CarClfError:
     code = exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None
     name = code.name if code is not None else "INTERNAL"
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    if name == "UNAVAILABLE" and target and target not in (details or ""):
+    if "Trying to connect an http1.x server" in (details or ""):
+        details = f"{target or 'the server'} answers HTTP/1.x, as a REST port does: give http://host:port for it"
+    elif name == "UNAVAILABLE" and target and target not in (details or ""):
         details = f"{details} (server {target})"
     return error_for_code(name, details or name)
 

@@ -124,6 +124,20 @@ def test_unreachable_server_is_unavailable_on_both():
             client.status("tiny_a")
 
 
+def test_a_url_of_the_other_transport_says_which_scheme_to_give(tiny_ensemble_server):
+    """http:// to the gRPC port, or grpc:// to the REST port: one readable line naming the scheme to use, not
+    the binary frames or the HTTP/2 parser's complaint."""
+    server = tiny_ensemble_server
+    wrong = {f"http://127.0.0.1:{server.grpc_port}": "it answers in HTTP/2 frames, as a gRPC port does: give "
+                                                     "grpc://host:port for it",
+             f"grpc://127.0.0.1:{server.rest_port}": f"127.0.0.1:{server.rest_port} answers HTTP/1.x, as a REST "
+                                                     "port does: give http://host:port for it"}
+    for url, words in wrong.items():
+        with connect(url, timeout=10) as client, pytest.raises(Unavailable) as caught:
+            client.status("tiny_a")
+        assert words in caught.value.message and "\\x00" not in caught.value.message, caught.value.message
+
+
 def test_client_side_argument_errors(clients):
     for client in clients:
         with pytest.raises(InvalidInput, match="either inputs or images"):
