@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from carclf.destinations import check_file
 from carclf.errors import ConfigError
 from carclf.serving.config import MODEL_NAME_RE, VersionPolicy, models_config_to_text
-from carclf.serving.repository import list_models
+from carclf.serving.repository import SAVED_MODEL_FILES, list_models
 
 HEADER = ("# ModelServerConfig for TensorFlow Serving (--model_config_file), written by `carclf serving-config`.\n"
           "# Labels: stable = the version users get, canary = the newest export under trial.\n")
@@ -39,7 +39,15 @@ def build_entries(repository: Path, *, prefix: str = "", only: list[str] | None 
     if not repository.is_dir():
         raise ConfigError(f"{str(repository)!r} is not a folder (a model repository holds <name>/<version>/)",
                           source="--repository")
-    models = list_models(repository)
+    models = {}
+    for name, versions in list_models(repository).items():  # version folders that hold a SavedModel
+        complete = {v: path for v, path in versions.items() if any((path / f).is_file() for f in SAVED_MODEL_FILES)}
+        left_out = sorted(set(versions) - set(complete))
+        if left_out:
+            print(f"carclf serving-config: note: {name}: leaving out version folder(s) {left_out} without "
+                  f"{' or '.join(SAVED_MODEL_FILES)}", file=sys.stderr)
+        if complete:
+            models[name] = complete
     if only:
         missing = sorted(set(only) - set(models))
         if missing:

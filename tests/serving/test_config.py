@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -208,6 +209,25 @@ def test_serving_config_writes_a_loadable_config(conformance_repository, tmp_pat
     serving_config.run(args)
     assert {e.base_path for e in official_models_config(tmp_path / "container.config").model_config_list.config} == {
         "/models/tiny_a", "/models/tiny_b", "/models/echo"}
+
+
+def test_serving_config_leaves_out_version_folders_without_a_savedmodel(conformance_repository, tmp_path, capsys):
+    """An empty or half-copied version folder (no saved_model.pb) would take the stable or canary label and
+    fail to load in TF Serving; it is left out, with a note, and a model with no complete version with it."""
+    repo = tmp_path / "repository"
+    shutil.copytree(conformance_repository, repo)
+    (repo / "tiny_a" / "3" / "variables").mkdir(parents=True)  # newer than the complete versions 1 and 2
+    (repo / "junk" / "1").mkdir(parents=True)
+    out = tmp_path / "models.config"
+    args = argparse.Namespace(repository=str(repo), output=str(out), base_path_prefix="", models=None,
+                              policy="labelled")
+    assert serving_config.run(args) == 0
+    entries = {e.name: e for e in official_models_config(out).model_config_list.config}
+    assert set(entries) == {"tiny_a", "tiny_b", "echo"}
+    assert dict(entries["tiny_a"].version_labels) == {"stable": 1, "canary": 2}
+    err = capsys.readouterr().err
+    assert "tiny_a: leaving out version folder(s) [3] without saved_model.pb or saved_model.pbtxt" in err
+    assert "junk: leaving out version folder(s) [1]" in err
 
 
 def test_serving_config_rewrites_its_output_in_place(conformance_repository, tmp_path):
