@@ -25,7 +25,7 @@ from carclf.errors import CarClfError, FailedPrecondition, NotFound
 from carclf.imaging import Size, side_pair, size_text
 from carclf.train import data as data_mod
 from carclf.train import evaluate, pipeline, runs
-from carclf.train.augment import Augmenter
+from carclf.train.augment import Augmenter, build_compose
 from carclf.train.callbacks import (
     ExponentialDecay,
     LinearWarmup,
@@ -86,7 +86,9 @@ def train(recipe: Recipe, runs_root: str | Path = "runs", run_dir: str | Path | 
     With ``time_budget_s`` the run stops after the epoch in which the budget ran out (later stages are
     skipped) and is evaluated as it stands; run.json records that it was cut short.
     """
-    root_made = run_dir is None and not Path(runs_root).exists()
+    for size in {side_pair(stage.image_size): stage.image_size for stage in recipe.stages}.values():
+        build_compose(recipe.augmentation, size, recipe.seed, recipe.source)  # a bad transform: refused before
+    root_made = run_dir is None and not Path(runs_root).exists()          # any folder or model is made
     path = Path(run_dir) if run_dir else runs.new_run_dir(runs.run_name(recipe), runs_root)
     (path / runs.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     try:

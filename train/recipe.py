@@ -510,33 +510,46 @@ def recipe_names(experiments: bool = True) -> list[str]:
     return names + sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")) if experiments else names
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently, so a
-    recipe's second ``epochs:`` would win unnoticed)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
-                    key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
+def _duplicate_key(root) -> str | None:
+    """Where a mapping of the composed YAML ``root`` gives a key twice (PyYAML keeps the last value silently, so a
+    recipe's second ``epochs:`` would win unnoticed); None when no key repeats. Each node is read once, however
+    many aliases point at it."""
+    todo, visited = [root], set()
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    ident = (key.tag, key.value)
+                    if ident in seen:
+                        return (f"key {key.value!r} is given twice (lines {seen[ident] + 1} and "
+                                f"{key.start_mark.line + 1})")
+                    seen[ident] = key.start_mark.line
+                todo.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend(node.value)
+    return None
 
 
 def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
     """A recipe by name (packaged) or YAML path. A packaged recipe's relative paths (weights file, data) are
     relative to the project's root, so it reads the same files from whatever folder it is run."""
     path = recipe_path(name_or_path)
+    text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
-    except yaml.MarkedYAMLError as exc:
-        where = f" (line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1})" if exc.problem_mark else ""
-        raise ConfigError(f"is not valid YAML{where}: {exc.problem or exc.context}", source=str(path)) from None
+        data = yaml.safe_load(text)
+        twice = _duplicate_key(yaml.compose(text))  # nodes only: composing constructs no object
     except yaml.YAMLError as exc:
-        raise ConfigError(f"is not valid YAML: {' '.join(str(exc).split())}", source=str(path)) from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ConfigError(f"is not valid YAML{where}: {problem}", source=str(path)) from None
+    if twice:
+        raise ConfigError(f"is not valid YAML: {twice}", source=str(path))
     if isinstance(data, dict) and path.resolve().parent in (RECIPES_DIR, EXPERIMENTS_DIR):
         data = _rooted(data, PROJECT_ROOT)
     return parse_recipe(data, source=str(path))

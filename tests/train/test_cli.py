@@ -148,3 +148,17 @@ def test_flags_that_contradict_or_make_no_sense_are_refused_not_ignored(tmp_path
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_transform_is_refused_before_a_run_folder_or_model_is_made(tmp_path, two_class_data, monkeypatch):
+    from carclf.errors import ConfigError
+    from carclf.train import loop
+    from carclf.train.recipe import parse_recipe
+
+    built = []
+    monkeypatch.setattr(loop, "build_classifier", lambda *a, **k: built.append(a))
+    data = tiny_recipe(two_class_data)
+    data["augmentation"] = [{"name": "HorizontalFlip", "p": 0.5}, {"name": "HorizFlipper", "p": 0.5}]
+    with pytest.raises(ConfigError, match=r"augmentation\[1\].name.*unknown albumentations transform 'HorizFlipper'"):
+        loop.train(parse_recipe(data, source="r.yaml"), runs_root=tmp_path / "runs")
+    assert built == [] and not (tmp_path / "runs").exists()
