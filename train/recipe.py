@@ -565,9 +565,8 @@ def _rooted(data: dict, root: Path) -> dict:
         return value
 
     out = dict(data)
-    out["weights"] = rooted(data.get("weights"))
-    if "weights" not in data:
-        del out["weights"]
+    if "weights" in data:
+        out["weights"] = rooted(data["weights"])
     if isinstance(data.get("data"), dict):
         section = dict(data["data"])
         for key in ("train", "csv", "images", "classes"):

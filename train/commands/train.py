@@ -77,10 +77,10 @@ def run(args: argparse.Namespace) -> int:
         recipe = recipe_from(args)
         if args.data and not os.path.isdir(args.data):
             raise InvalidInput(f"--data {args.data!r} is not a folder")
-        check_folder(args.runs, "--runs")
         if args.folds is not None and args.val_fraction is not None:
             raise InvalidInput(f"--val-fraction {args.val_fraction} does not apply with --folds {args.folds}: each "
                                "fold validates on its 1/K of the photos")
+        check_folder(args.runs, "--runs")
         if args.folds is not None and args.fold is None and recipe.split.folds:
             return _cross_validate(recipe, args)
         from carclf.train import loop
