@@ -90,13 +90,15 @@ def apply_orientation(image, orientation):
     return out
 
 
-# A BMP file: "BM", then (little-endian) the DIB header's size at byte 14, bits per pixel at 28, compression at
-# 30 and the palette's length at 46 (0: 2 ** bits); the palette (B, G, R, 0 per entry) follows the DIB header.
+# A BMP file: "BM", then little-endian fields at fixed offsets (below); the palette (B, G, R, 0 per entry)
+# follows the DIB header. Read by the graph (``_through_bmp_palette``) and by the header probe alike.
 _BMP_HEADER_BYTES = 54
+_BMP_FIELDS = {"header_size": (14, 4), "bits": (28, 2), "compression": (30, 4), "colours": (46, 4)}  # 0 colours: 2**bits
 
 
-def _bmp_field(head, offset: int, width: int):
-    """The little-endian unsigned field of ``width`` bytes at ``offset`` of a BMP header (int32 bytes)."""
+def _bmp_field(head, name: str):
+    """A BMP header field by name, from the header's bytes (Python ``bytes`` or an int32 tensor of them)."""
+    offset, width = _BMP_FIELDS[name]
     value = head[offset]
     for k in range(1, width):
         value = value + head[offset + k] * (256 ** k)
@@ -113,14 +115,14 @@ def _through_bmp_palette(data, image):
         head = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 0, _BMP_HEADER_BYTES), tf.uint8), tf.int32)
 
         def lookup():
-            colours = _bmp_field(head, 46, 4)
+            colours = _bmp_field(head, "colours")
             colours = tf.where(colours == 0, 256, colours)
-            entries = tf.io.decode_raw(tf.strings.substr(data, 14 + _bmp_field(head, 14, 4), 4 * colours),
+            entries = tf.io.decode_raw(tf.strings.substr(data, 14 + _bmp_field(head, "header_size"), 4 * colours),
                                        tf.uint8)
             palette = tf.reverse(tf.reshape(entries, [-1, 4])[:, :3], axis=[1])  # BGR0 -> RGB
             return tf.gather(palette, tf.cast(image[..., 0], tf.int32))  # an index past the palette: InvalidArgument
 
-        return tf.cond(_bmp_field(head, 28, 2) == 8, lookup, lambda: image)
+        return tf.cond(_bmp_field(head, "bits") == 8, lookup, lambda: image)
 
     # One string comparison for the photos the server gets (JPEG, PNG): the BMP branch is not run for them.
     return tf.cond(tf.equal(tf.strings.substr(data, 0, 2), "BM"), if_8_bit, lambda: image)
@@ -309,9 +311,7 @@ def _check_bmp_variant(data) -> None:
     """Refuse the BMP variants TensorFlow's decoder cannot read (it takes uncompressed 8-, 24- and 32-bit
     pixels after a Windows header of 40 bytes or more) before they fail as if they were damaged."""
     head = bytes(data[:_BMP_HEADER_BYTES]).ljust(_BMP_HEADER_BYTES, b"\0")
-    header_size = int.from_bytes(head[14:18], "little")
-    bits = int.from_bytes(head[28:30], "little")
-    compression = int.from_bytes(head[30:34], "little")
+    header_size, bits, compression = (_bmp_field(head, name) for name in ("header_size", "bits", "compression"))
     if header_size < 40:
         raise InvalidInput(f"BMP with a {header_size}-byte (OS/2) header is not supported; send JPEG or PNG, or a "
                            "Windows BMP")

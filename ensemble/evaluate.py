@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from carclf import imaging
+from carclf import contract, imaging
 from carclf.destinations import check_file
 from carclf.ensemble import aggregate as agg
 from carclf.ensemble.config import EnsembleConfig, load_config
@@ -70,15 +70,15 @@ def read_photo(path: Path, channel_order: str = "rgb") -> bytes:
     """One photo's bytes as the ensemble takes them: RGB (``bgr`` files are re-encoded, ``imaging.rgb_encoded``).
     A file that is not a usable photo (unreadable, refused by the header probe, or not decoding to the end) is
     refused naming the file."""
+    from carclf.train.data import check_image_bytes
+
     try:
         data = path.read_bytes()
+        check_image_bytes(data, min_side=contract.MIN_IMAGE_SIDE)  # the header's limits, then a whole decode
     except OSError as exc:
         raise InvalidInput(f"{path}: cannot be read: {exc.strerror or exc}") from None
-    try:
-        imaging.probe_image(data)
     except InvalidInput as exc:
         raise InvalidInput(f"{path}: {exc.message}") from None
-    imaging.decode_checked(data, f"{path}:")
     return imaging.rgb_encoded(data, channel_order)
 
 

@@ -28,7 +28,7 @@ from carclf.errors import (
     Unavailable,
 )
 from carclf.serving.config import ModelConfig, ModelsConfig
-from carclf.serving.repository import fingerprint, list_versions
+from carclf.serving.repository import fingerprint, holds_savedmodel, list_versions
 from carclf.serving.servable import Dependencies, Servable
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ class ModelManager:
         on_disk = list_versions(config.base_path)
         if not on_disk and not model.versions and not model.warned_missing:
             hint = ""
-            if (config.base_path / "saved_model.pb").is_file() or (config.base_path / "saved_model.pbtxt").is_file():
+            if holds_savedmodel(config.base_path):
                 hint = (f" ({config.base_path} is itself a SavedModel: base_path is the folder that holds the "
                         f"version folders, here {config.base_path.parent})")
             log.warning("model %s: no version folder under %s yet%s", name, config.base_path, hint)

@@ -12,6 +12,11 @@ from pathlib import Path
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 
 
+def holds_savedmodel(folder: Path) -> bool:
+    """Whether ``folder`` holds a SavedModel's graph file (binary or text)."""
+    return any((folder / name).is_file() for name in SAVED_MODEL_FILES)
+
+
 def list_versions(base_path: Path) -> dict[int, Path]:
     """Integer version -> folder, for every numeric sub-folder of ``base_path`` (empty when missing)."""
     versions: dict[int, Path] = {}

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from carclf.destinations import check_file
 from carclf.errors import ConfigError
 from carclf.serving.config import MODEL_NAME_RE, VersionPolicy, models_config_to_text
-from carclf.serving.repository import SAVED_MODEL_FILES, list_models
+from carclf.serving.repository import SAVED_MODEL_FILES, holds_savedmodel, list_models
 
 HEADER = ("# ModelServerConfig for TensorFlow Serving (--model_config_file), written by `carclf serving-config`.\n"
           "# Labels: stable = the version users get, canary = the newest export under trial.\n")
@@ -41,7 +41,7 @@ def build_entries(repository: Path, *, prefix: str = "", only: list[str] | None 
                           source="--repository")
     models = {}
     for name, versions in list_models(repository).items():  # version folders that hold a SavedModel
-        complete = {v: path for v, path in versions.items() if any((path / f).is_file() for f in SAVED_MODEL_FILES)}
+        complete = {v: path for v, path in versions.items() if holds_savedmodel(path)}
         left_out = sorted(set(versions) - set(complete))
         if left_out:
             print(f"carclf serving-config: note: {name}: leaving out version folder(s) {left_out} without "
