@@ -59,8 +59,9 @@ loadtest: setup
 	$(PY) -m carclf.loadtest.run --host http://127.0.0.1:$(REST_PORT) --grpc-host 127.0.0.1:$(PORT) \
 	  --tensorflow-intra-op-parallelism $(TF_INTRA_OP) $(ARGS)
 
+# ARGS go to carclf bench, e.g. make bench ARGS="--model mobilenet_v2_224x448 --quick --out reports/bench_quick"
 bench: setup
-	$(VENV)/bin/carclf bench --tensorflow-intra-op-parallelism $(TF_INTRA_OP)
+	$(VENV)/bin/carclf bench --tensorflow-intra-op-parallelism $(TF_INTRA_OP) $(ARGS)
 
 lock:
 	$(PY) -m pip freeze --exclude-editable > constraints.txt

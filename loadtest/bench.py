@@ -35,7 +35,7 @@ from carclf import contract, tf_threads
 from carclf.errors import CarClfError, ConfigError
 from carclf.loadtest import checks, inprocess, loadgen, metrics, options, payload, protocol, report
 from carclf.loadtest import server as srv
-from carclf.loadtest.photos import load_photos
+from carclf.loadtest.photos import Photo, load_photos
 
 FULL = {"duration": 8.0, "warmup": 2.0, "concurrency": "1,2,4,8,16", "batch_sizes": "1,2,4,8,16,32",
         "inprocess_threads": "1,2", "ensemble_concurrency": "1,4", "photo_limit": 0, "payload_photos": 10,
@@ -75,11 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--early-dispatch", default="on", choices=("on", "off"),
                         help="on (as make serve): batching on runs with the embedded server's "
                              "--batching_early_dispatch; off: TF Serving's rule alone")
-    for pool, where in (("intra", "inside one op"), ("inter", "across ops")):
+    for pool, where, make in (("intra", "inside one op", "; make bench passes make serve's TF_INTRA_OP"),
+                              ("inter", "across ops", "")):
         parser.add_argument(f"--tensorflow-{pool}-op-parallelism", type=int, default=0, metavar="N",
                             help=f"TensorFlow threads {where}, for the in-process calls and the server alike "
-                                 f"(the server's --tensorflow_{pool}_op_parallelism; 0: TensorFlow's default; "
-                                 f"make bench passes make serve's TF_INTRA_OP)")
+                                 f"(the server's --tensorflow_{pool}_op_parallelism; 0: TensorFlow's default{make})")
     parser.add_argument("--ensemble-model", default="car_ensemble", help="ensemble served beside the backbone")
     parser.add_argument("--ensemble-config", help=f"the ensemble's config.pbtxt (default: {DEFAULT_ENSEMBLE_CONFIG}, "
                         "its case skipped when that file is absent; a file named here must exist and load)")
@@ -125,6 +125,7 @@ def settings_from(args: argparse.Namespace) -> dict:
     options.require(int(pick["pairs"]) >= 1, "--pairs", pick["pairs"],
                     "at least one paired round (the targets are judged on them)")
     options.require(int(pick["photo_limit"]) >= 0, "--photo-limit", pick["photo_limit"], "a count >= 0 (0: all)")
+    options.require(int(pick["payload_photos"]) >= 1, "--payload-photos", pick["payload_photos"], "a count >= 1")
     options.require(args.max_requests >= 1, "--max-requests", args.max_requests, "a count >= 1")
     options.require(args.server_timeout > 0, "--server-timeout", args.server_timeout, "seconds > 0")
     protocol.signature_input(args.signature)
@@ -140,7 +141,7 @@ def settings_from(args: argparse.Namespace) -> dict:
         "batch_sizes": _ints(pick["batch_sizes"], "--batch-sizes"),
         "inprocess_threads": _ints(pick["inprocess_threads"], "--inprocess-threads"),
         "ensemble_concurrency": _ints(pick["ensemble_concurrency"], "--ensemble-concurrency"),
-        "photo_limit": int(pick["photo_limit"]) or None, "payload_photos": max(1, int(pick["payload_photos"])),
+        "photo_limit": int(pick["photo_limit"]) or None, "payload_photos": int(pick["payload_photos"]),
         "pairs": max(0, int(pick["pairs"])), "pair_duration_s": float(pick["pair_duration"]),
         "pair_warmup_s": float(pick["pair_warmup"]),
         "transports": options.transports(args.transports),
@@ -384,6 +385,22 @@ def _with_ratios(row: dict, limit: dict) -> dict:
     return row
 
 
+def checked_photos(folder: str | Path, limit: int | None) -> list[Photo]:
+    """The photos to send, each one the model can decode (a benchmark of error answers measures nothing):
+    ConfigError naming ``--photo-folder`` and the first photo that is not, before anything is measured."""
+    from carclf.train.data import check_image_bytes
+
+    photos = load_photos(folder, limit)
+    for photo in photos:
+        try:
+            check_image_bytes(photo.data, min_side=1)
+        except CarClfError as exc:
+            raise ConfigError(f"photo {photo.name!r} under {str(folder)!r}: {exc.message}; a benchmark sends "
+                              f"photos the model decodes: remove it or give --photo-folder of good ones",
+                              field="--photo-folder") from None
+    return photos
+
+
 class Bench:
     """One benchmark run: its settings, the in-process model, the collected figures."""
 
@@ -401,6 +418,7 @@ class Bench:
         self.ensemble_config, skip = load_ensemble(self.settings, self.repository)
         if skip and args.ensemble_config and not args.no_ensemble:  # named explicitly: it must be measured
             raise ConfigError(skip, field="--ensemble-config")
+        self.photos = checked_photos(self.settings["photo_folder"], self.settings["photo_limit"])
         self.out = Path(self.settings["out"])
         self.out.mkdir(parents=True, exist_ok=True)
         self.started = time.monotonic()
@@ -412,7 +430,6 @@ class Bench:
             "environment": {"cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
                             "python": platform.python_version(), "platform": platform.platform()},
         }
-        self.photos = load_photos(self.settings["photo_folder"], self.settings["photo_limit"])
         self.result["photos"] = [p.name for p in self.photos]
         self.signature = self.settings["signature"]
         self.inputs = [protocol.photo_inputs(self.signature, p.data) for p in self.photos]
@@ -497,7 +514,7 @@ class Bench:
                   f"{here.first_error or there.first_error}", flush=True)
         here_p50, there_p50 = here.summary()["p50_ms"], there.summary()["p50_ms"]
         return {"inprocess_p50_ms": here_p50, "served_p50_ms": there_p50, "added_p50_ms": _diff(there_p50, here_p50),
-                "errors": here.errors + there.errors}
+                "errors": here.errors + there.errors, "first_error": here.first_error or there.first_error}
 
     def paired_rounds(self, server: srv.EmbeddedServer, mode: str) -> None:
         """Targets measured side by side: in-process and served slices alternate, round after round, so
@@ -512,12 +529,14 @@ class Bench:
             mixed = {t: self.interleaved(t, server, d, w) for t in s["transports"]}
             row: dict = {"round": number + 1, "batching": mode, "inprocess_limit": limit["throughput"],
                          "inprocess_limit_cpu_ms": limit["cpu_ms_per_photo"], "inprocess_p50_ms": one["p50_ms"],
-                         "inprocess_cpu_ms": one["cpu_ms_per_photo"], "errors": 0}
+                         "inprocess_cpu_ms": one["cpu_ms_per_photo"], "errors": 0, "first_error": ""}
             for t in s["transports"]:
                 cpu8, cpu1 = _served_cpu(c8[t]), _served_cpu(c1[t])
+                # a slice in which no request completed measured nothing: no ratio (not a ratio of 0)
+                answered8 = c8[t]["p50_ms"] is not None
                 parts = c1[t].get("breakdown") or {}
                 row.update({f"{t}_c8_throughput": c8[t]["throughput"],
-                            f"{t}_c8_ratio": _ratio(c8[t]["throughput"], limit["throughput"]),
+                            f"{t}_c8_ratio": _ratio(c8[t]["throughput"], limit["throughput"]) if answered8 else None,
                             f"{t}_c8_cpu_ratio": _ratio(limit["cpu_ms_per_photo"], cpu8),
                             f"{t}_c1_p50_ms": c1[t]["p50_ms"],
                             f"{t}_added_p50_ms": _diff(c1[t]["p50_ms"], one["p50_ms"]),
@@ -527,6 +546,8 @@ class Bench:
                             f"{t}_interleaved_inprocess_p50_ms": mixed[t]["inprocess_p50_ms"],
                             f"{t}_added_cpu_ms": _diff(cpu1, one["cpu_ms_per_photo"])})
                 row["errors"] += c8[t]["errors"] + c1[t]["errors"] + mixed[t]["errors"]
+                row["first_error"] = (row["first_error"] or c8[t]["first_error"] or c1[t]["first_error"]
+                                      or mixed[t]["first_error"])
             self.rounds.append(row)
 
     def ensemble_rounds(self, server: srv.EmbeddedServer, mode: str) -> None:
@@ -546,13 +567,14 @@ class Bench:
             d, w = s["pair_duration_s"], s["pair_warmup_s"]
             ref = self.reference_point(d, w)
             row = {"round": number + 1, "inprocess_p50_ms": ref["p50_ms"], "inprocess_cpu_ms": ref["cpu_ms_per_photo"],
-                   "errors": 0}
+                   "errors": 0, "first_error": ""}
             for t in s["transports"]:
                 served = self.point(work, t, server, 1, d, w)
                 row.update({f"{t}_p50_ms": served["p50_ms"],
                             f"{t}_overhead": _ratio(served["p50_ms"], ref["p50_ms"], minus_one=True),
                             f"{t}_cpu_overhead": _ratio(_served_cpu(served), ref["cpu_ms_per_photo"], minus_one=True)})
                 row["errors"] += served["errors"]
+                row["first_error"] = row["first_error"] or served["first_error"]
             rounds.append(row)
         self.ensemble["rounds"] = rounds
 

@@ -25,7 +25,13 @@ def latest_version(repository: str | os.PathLike, model: str) -> Path:
     base = Path(repository) / model
     versions = sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()) if base.is_dir() else []
     if not versions:
-        raise NotFound(f"model {model!r} has no version under {str(base)!r}")
+        from carclf.loadtest.server import repository_models
+
+        held = repository_models(repository)
+        hint = (f"; {str(repository)!r} holds {', '.join(held)}: give --model NAME" if held
+                else f"; {str(repository)!r} holds no exported model: export one (carclf export) or give "
+                     f"--model-repository")
+        raise NotFound(f"model {model!r} has no version under {str(base)!r}{hint}")
     return base / str(versions[-1])
 
 

@@ -154,6 +154,10 @@ def check_settings(settings: dict[str, str], where: dict[str, str] | None = None
         if key in settings:
             value = _number(kind, settings[key])
             options.require(value is not None and accepted(value), key, settings[key], expected, where.get(key, ""))
+    weights = [_number(int, settings.get(k, "1")) or 0 for k in ("backbone-weight", "ensemble-weight")]
+    options.require(sum(weights) > 0, "backbone-weight", settings.get("backbone-weight", "1"),
+                    "a weight > 0 here or for ensemble-weight: with both 0 the users have nothing to call",
+                    where.get("backbone-weight", ""))
     if "run-time" in settings:  # locust reads 0 as "no limit"
         seconds = options.timespan_s(settings["run-time"])
         options.require(seconds is not None and seconds > 0, "run-time", settings["run-time"],
@@ -175,15 +179,25 @@ def reports_folder(settings: dict[str, str], flag: str) -> Path:
 
 
 def server_address(settings: dict[str, str]) -> srv.ServerAddress:
+    """The REST host and port of ``host`` with the gRPC port of ``grpc-host`` (ConfigError naming the setting
+    unless they read as http://HOST:PORT and HOST:PORT)."""
     rest = urlsplit(settings.get("host", "http://127.0.0.1:8501"))
-    grpc_host, _, grpc_port = settings.get("grpc-host", "127.0.0.1:8500").rpartition(":")
-    if not rest.hostname or not rest.port or not grpc_port.isdigit():
-        raise ConfigError(f"need host=http://HOST:PORT and grpc-host=HOST:PORT, received {settings.get('host')!r} "
-                          f"and {settings.get('grpc-host')!r}", field="host")
-    if grpc_host != rest.hostname:
-        raise ConfigError(f"gRPC and REST must be on the same host to start a server, received "
-                          f"{grpc_host!r} and {rest.hostname!r}", field="grpc-host")
+    grpc_text = settings.get("grpc-host", "127.0.0.1:8500")
+    grpc_host, _, grpc_port = grpc_text.rpartition(":")
+    if not rest.hostname or not rest.port:
+        raise ConfigError(f"expected http://HOST:PORT, received {settings.get('host')!r}", field="host")
+    if "://" in grpc_text or not grpc_host or not grpc_port.isdigit():
+        raise ConfigError(f"expected HOST:PORT (no scheme), received {grpc_text!r}", field="grpc-host")
     return srv.ServerAddress(rest.hostname, int(grpc_port), rest.port)
+
+
+def same_host(settings: dict[str, str]) -> None:
+    """ConfigError unless gRPC and REST are on one host, as a server started here listens on one."""
+    rest_host = urlsplit(settings.get("host", "http://127.0.0.1:8501")).hostname
+    grpc_host = settings.get("grpc-host", "127.0.0.1:8500").rpartition(":")[0]
+    if grpc_host != rest_host:
+        raise ConfigError(f"gRPC and REST must be on the same host to start a server, received "
+                          f"{grpc_host!r} and {rest_host!r}", field="grpc-host")
 
 
 def called_models(settings: dict[str, str]) -> dict[str, str]:
@@ -214,6 +228,22 @@ def check_served(address: srv.ServerAddress, called: dict[str, str]) -> None:
         error = NotFound if state == "NOT_FOUND" else Unavailable
         raise error(f"the server at {address.rest_url} {why} the {role} model {model!r}{detail}{listing}; "
                     f"{HOW_TO_CHOOSE[role]}")
+
+
+def check_grpc_served(settings: dict[str, str], called: dict[str, str]) -> None:
+    """Raise Unavailable / NotFound, naming the gRPC address and the model, unless every called model is
+    AVAILABLE over gRPC too (the REST check says nothing about a wrong ``grpc-host``)."""
+    for role, model in called.items():
+        target = settings.get("grpc-host", "127.0.0.1:8500")
+        if role == "ensemble" and settings.get("ensemble-grpc-host"):
+            target = settings["ensemble-grpc-host"]
+        try:
+            state, message = srv.grpc_model_status(target, model)
+        except CarClfError as exc:
+            raise type(exc)(f"gRPC at {target} (grpc-host): the {role} model {model!r}: {exc.message}") from None
+        if state != "AVAILABLE":
+            raise Unavailable(f"gRPC at {target} (grpc-host) has no AVAILABLE version of the {role} model "
+                              f"{model!r} ({state}{': ' + message if message else ''})")
 
 
 def check_repository(repository: str, served: list[str], called: dict[str, str], ensemble_config: str) -> None:
@@ -248,6 +278,7 @@ def start_server(args, settings: dict[str, str], address: srv.ServerAddress, rep
     AVAILABLE (refusing at once when the repository cannot serve them)."""
     if address.host not in LOCAL_HOSTS:
         raise Unavailable(f"no server answers at {address.rest_url} and it is not a local address to start one on")
+    same_host(settings)
     repository = settings.get("model-repository", "model_repository")
     called = called_models(settings)
     if args.model_config:
@@ -322,20 +353,26 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"loadtest: using the server already answering at {address.rest_url}", flush=True)
         check_served(address, called_models(settings))
+        check_grpc_served(settings, called_models(settings))
     try:
         cmd = locust_command(args, settings)
         (reports / "run.json").write_text(json.dumps(
             {"settings": settings, "command": cmd, "started_server": server is not None,
              "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
         print("loadtest: " + " ".join(cmd), flush=True)
-        code = srv.call_child(cmd)
+        try:
+            code = srv.call_child(cmd)
+        except KeyboardInterrupt:
+            print("loadtest: interrupted; the figures up to then follow", flush=True)
+            code = 130
     finally:
         if server is not None:
             server.stop()
     rows = summarize(settings.get("csv", ""))
     if rows:
         print_summary(rows)
-    print(f"loadtest: {'PASSED' if code == 0 else 'FAILED'} (locust exit status {code}); reports in {reports}/")
+    verdict = "INTERRUPTED" if code == 130 else "PASSED" if code == 0 else "FAILED"
+    print(f"loadtest: {verdict} (locust exit status {code}); reports in {reports}/")
     return code
 
 

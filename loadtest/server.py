@@ -7,6 +7,7 @@ status URL, so this module treats it exactly as it would treat a real TF Serving
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -50,9 +51,25 @@ def end_with_this_process() -> Callable[[], None] | None:
     return tie
 
 
-def call_child(command: Sequence[str]) -> int:
-    """``subprocess.call`` for a child that must not outlive this process (locust under run and soak)."""
-    return subprocess.call(list(command), preexec_fn=end_with_this_process())
+def call_child(command: Sequence[str], stop_timeout_s: float = 30.0) -> int:
+    """Run a child that must not outlive this process (locust under run and soak); its exit status.
+
+    The child runs in its own process group with no terminal input, so that a terminal's Ctrl-C reaches this
+    process only (a SIGINT landing in locust mid-call prints greenlet tracebacks); this process then stops it
+    with SIGTERM, locust's clean stop that still writes the reports, and gives it ``stop_timeout_s`` before
+    SIGKILL. The interrupt (or SystemExit, from SIGTERM) is raised again once the child has gone."""
+    child = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, process_group=0,
+                             preexec_fn=end_with_this_process())
+    try:
+        return child.wait()
+    except BaseException:
+        child.terminate()
+        try:
+            child.wait(timeout=stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        raise
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -89,6 +106,9 @@ def _get_json(url: str, timeout: float) -> tuple[int | None, object]:
         code, raw = exc.code, exc.read()
     except OSError:
         return None, None
+    except http.client.HTTPException as exc:  # something answers, but not HTTP/1.x: a gRPC port's HTTP/2 frames
+        raise Unavailable(f"{url.split('/v1/', 1)[0]} does not answer HTTP/1.x ({type(exc).__name__}), as a gRPC "
+                          f"port does: give the REST port (http://host:port) there") from None
     try:
         return code, json.loads(raw or b"{}")
     except ValueError:
@@ -121,11 +141,26 @@ def model_state(rest_url: str, model: str, timeout: float = 2.0) -> str | None:
 
 
 def served_models(rest_url: str, timeout: float = 2.0) -> list[str]:
-    """The models a server lists in the embedded server's ``/v1/ready`` (an extension; [] when the server
-    has no such path, as real TF Serving)."""
+    """The models with an AVAILABLE version that a server lists in the embedded server's ``/v1/ready`` (an
+    extension; [] when the server has no such path, as real TF Serving)."""
     _, body = _get_json(f"{rest_url}/v1/ready", timeout)  # 503 (not ready) lists the models too
     models = body.get("models") if isinstance(body, dict) else None
-    return sorted(models) if isinstance(models, dict) else []
+    return sorted(name for name, available in models.items() if available) if isinstance(models, dict) else []
+
+
+def grpc_model_status(target: str, model: str, timeout: float = 5.0) -> tuple[str, str]:
+    """(best version state, its error message) of ``model`` from ModelService.GetModelStatus at ``target``
+    (host:port), as ``model_status`` reads it over REST; raises the product's error when the call fails
+    (Unavailable when nothing answers gRPC there, NotFound for an unknown model)."""
+    from carclf.clients.grpc_client import GrpcClient
+
+    with GrpcClient(target, timeout=timeout) as client:
+        versions = client.status(model)
+    if any(v.state == "AVAILABLE" for v in versions):
+        return "AVAILABLE", ""
+    if not versions:
+        return "UNKNOWN", ""
+    return versions[0].state, versions[0].error_message
 
 
 def is_serving(address: ServerAddress, models: Sequence[str], timeout: float = 2.0) -> bool:

@@ -100,6 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batching-config", default="serving/batching.config")
     parser.add_argument("--photo-folder", default="data/sample")
     parser.add_argument("--reports", default="reports/soak")
+    parser.add_argument("--tensorflow-intra-op-parallelism", type=int, default=0, metavar="N",
+                        help="TensorFlow threads inside one op for the server (0: TensorFlow's default)")
 
 
 def _settings(args, ensemble: str, target: str, address: srv.ServerAddress, reports: Path) -> dict[str, str]:
@@ -123,6 +125,9 @@ def check_arguments(args: argparse.Namespace) -> None:
                     f"more than --warmup-minutes {args.warmup_minutes}")
     options.require(args.users >= 1, "--users", args.users, "an integer >= 1")
     options.require(args.sample_every > 0, "--sample-every", args.sample_every, "seconds > 0")
+    options.require(args.max_rss_growth > 0, "--max-rss-growth", args.max_rss_growth,
+                    "a growth ratio > 0 such as 0.05 (5 %)")
+    options.thread_count(args.tensorflow_intra_op_parallelism, "--tensorflow-intra-op-parallelism")
 
 
 def soak(args: argparse.Namespace) -> dict:
@@ -138,7 +143,8 @@ def soak(args: argparse.Namespace) -> dict:
     loadtest_run.reports_folder(settings, "--reports")
     models_config = srv.write_models_config(reports / "models.config", args.model_repository, members)
     start_args = argparse.Namespace(model_config=str(models_config), ensemble_config=args.ensemble_config,
-                                    batching_config=args.batching_config, server_timeout=600.0)
+                                    batching_config=args.batching_config, server_timeout=600.0,
+                                    tensorflow_intra_op_parallelism=args.tensorflow_intra_op_parallelism)
     server = loadtest_run.start_server(start_args, settings, address, reports)
     try:
         command = loadtest_run.locust_command(argparse.Namespace(config=str(loadtest_run.DEFAULT_CONF),
@@ -147,7 +153,11 @@ def soak(args: argparse.Namespace) -> dict:
         sampler = RssSampler(server, args.sample_every)
         sampler.start()
         started = time.monotonic()
-        code = srv.call_child(command)
+        try:
+            code = srv.call_child(command)
+        except KeyboardInterrupt:  # the figures up to then are written all the same
+            print("soak: interrupted", flush=True)
+            code = 130
         duration = time.monotonic() - started
         samples = sampler.stop()
     finally:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from carclf.loadtest import protocol
 from carclf.loadtest import server as srv
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -137,3 +141,113 @@ def test_a_plain_locust_run_refuses_bad_settings_in_one_line(tmp_path, flags, ne
     assert "Traceback" not in output
     # no report of a run that never was: locust opens its CSV files at start, and they stay empty
     assert [f.name for f in tmp_path.iterdir() if f.stat().st_size or f.suffix != ".csv"] == []
+
+
+def _mixed_photos(folder: Path, sample_dir: Path, good: int = 3) -> Path:
+    """``good`` real photos and one file named .jpg that is not an image (its calls fail with 400)."""
+    folder.mkdir()
+    for path in sorted(sample_dir.rglob("*.jpg"))[:good]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "not_a_photo.jpg").write_text("this is text, not a JPEG")
+    return folder
+
+
+@pytest.mark.slow
+def test_failures_within_max_fail_ratio_pass_and_above_it_fail(tiny_deployment, tmp_path, sample_dir):
+    """--max-fail-ratio decides the exit status (locust alone exits 1 on any failed request)."""
+    address = tiny_deployment.address
+    photos = _mixed_photos(tmp_path / "photos", sample_dir)
+    common = ("--host", address.rest_url, "--grpc-host", address.grpc_target, "--no-start", "--users", "2",
+              "--spawn-rate", "2", "--run-time", "2s", "--target-model", "tiny_a", "--ensemble-weight", "0",
+              "--photo-folder", str(photos), "--model-repository", str(tiny_deployment.repository),
+              "--max-p95-ms", "0")
+    allowed = run_loadtest(*common, "--max-fail-ratio", "0.9", "--reports", str(tmp_path / "allowed"))
+    total = stats(tmp_path / "allowed")["Aggregated"]
+    failed, made = int(total["Failure Count"]), int(total["Request Count"])
+    assert 0 < failed < made, total  # the bad photo's calls failed, the others answered
+    assert allowed.returncode == 0, allowed.stdout[-3000:] + allowed.stderr[-3000:]
+    assert "loadtest: PASSED" in allowed.stdout and "within --max-fail-ratio 0.9" in allowed.stderr
+
+    strict = run_loadtest(*common, "--max-fail-ratio", "0", "--reports", str(tmp_path / "strict"))
+    assert strict.returncode == 1, strict.stdout[-3000:] + strict.stderr[-3000:]
+    assert re.search(r"load test failed: failure ratio [\d.]+% \(\d+ of \d+\) is above 0\.00%", strict.stderr)
+
+
+def test_settings_that_would_call_nothing_or_a_wrong_port_stop_before_any_request(tiny_deployment, tmp_path,
+                                                                                  sample_dir):
+    """Each mistake ends the run with one line and exit status 2 before locust starts: a gRPC address where
+    nothing answers (the REST check alone passed it, and the run then counted a flood of refused calls),
+    the REST address given the gRPC port, a gRPC address with a scheme, both task weights 0."""
+    address = tiny_deployment.address
+    nothing = srv.free_port()
+    cases = [
+        (["--host", address.rest_url, "--grpc-host", f"127.0.0.1:{nothing}"],
+         f"gRPC at 127.0.0.1:{nothing} (grpc-host): the backbone model 'tiny_a': "),
+        (["--host", f"http://127.0.0.1:{address.grpc_port}", "--grpc-host", address.grpc_target],
+         "does not answer HTTP/1.x (BadStatusLine), as a gRPC port does: give the REST port (http://host:port)"),
+        (["--host", address.rest_url, "--grpc-host", f"http://{address.grpc_target}"],
+         f"field 'grpc-host': expected HOST:PORT (no scheme), received 'http://{address.grpc_target}'"),
+        (["--host", address.rest_url, "--grpc-host", address.grpc_target, "--backbone-weight", "0"],
+         "field 'backbone-weight': expected a weight > 0 here or for ensemble-weight: with both 0 the users have "
+         "nothing to call, received '0'"),
+    ]
+    for number, (flags, needle) in enumerate(cases):
+        reports = tmp_path / f"case{number}"
+        result = run_loadtest(*flags, "--no-start", "--target-model", "tiny_a", "--ensemble-weight", "0",
+                              "--photo-folder", str(sample_dir), "--run-time", "2s", "--reports", str(reports),
+                              timeout=60)
+        assert result.returncode == 2, (flags, result.stdout[-2000:], result.stderr[-2000:])
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("loadtest: error: ") and needle in last, (flags, last)
+        assert "Traceback" not in result.stderr and not (reports / "locust_stats.csv").exists()
+
+
+def test_calls_nothing_answers_say_why_and_back_off(tmp_path, sample_dir):
+    """A plain locust run where nothing listens: every failure says why (not "HTTP 0:"), and each user waits
+    before trying again instead of looping thousands of times a second."""
+    rest_port, grpc_port = srv.free_port(), srv.free_port()
+    run_s = 2
+    result = subprocess.run([sys.executable, "-m", "locust", "--config", str(REPO_ROOT / "loadtest" / "locust.conf"),
+                             "--host", f"http://127.0.0.1:{rest_port}", "--grpc-host", f"127.0.0.1:{grpc_port}",
+                             "--users", "2", "--spawn-rate", "2", "--run-time", f"{run_s}s", "--ensemble-weight", "0",
+                             "--target-model", "tiny_a", "--photo-folder", str(sample_dir), "--max-fail-ratio", "1",
+                             "--csv", str(tmp_path / "locust")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]  # every call failed, and a ratio of 1 allows that
+    with (tmp_path / "locust_failures.csv").open(newline="") as handle:
+        failures = {row["Method"]: row for row in csv.DictReader(handle)}
+    rest, grpc_row = failures["POST"], failures["grpc"]
+    assert rest["Error"].startswith(f"CatchResponseError('no answer from http://127.0.0.1:{rest_port}: "), rest
+    assert "refused" in rest["Error"].lower(), rest
+    assert grpc_row["Error"].startswith("Unavailable('UNAVAILABLE: "), grpc_row
+    # one user per transport, one call per back-off at most (plus the first): a handful, not thousands
+    bound = run_s / protocol.UNANSWERED_BACKOFF_S + 3
+    for row in (rest, grpc_row):
+        assert 1 <= int(row["Occurrences"]) <= bound, row
+
+
+def test_ctrl_c_ends_the_run_with_its_figures_so_far(tiny_deployment, tmp_path, sample_dir):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) stops locust cleanly: the table of what
+    was measured, an INTERRUPTED verdict and exit status 130, no traceback."""
+    address, reports = tiny_deployment.address, tmp_path / "reports"
+    child = subprocess.Popen([sys.executable, "-m", "carclf.loadtest.run", "--host", address.rest_url,
+                              "--grpc-host", address.grpc_target, "--no-start", "--users", "2", "--spawn-rate", "2",
+                              "--run-time", "60s", "--target-model", "tiny_a", "--ensemble-weight", "0",
+                              "--photo-folder", str(sample_dir), "--reports", str(reports)],
+                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (reports / "locust_stats_history.csv").is_file():
+            time.sleep(0.2)
+        time.sleep(3)  # some requests made
+        os.killpg(child.pid, signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 130, out[-2000:] + err[-3000:]
+    assert "loadtest: interrupted; the figures up to then follow" in out
+    assert re.search(r"^\s*Aggregated\s+[1-9]\d*\s", out, re.M), out[-2000:]
+    assert "loadtest: INTERRUPTED (locust exit status 130)" in out
+    assert "Traceback" not in out + err, err[-3000:]
