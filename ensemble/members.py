@@ -45,6 +45,7 @@ class MemberInfo:
     input_size: contract.Size
     labels: tuple[str, ...] | None = None
     resize: str = "squash"
+    version: int | None = None  # the version whose model card this is (None: not read from a version)
 
     @property
     def input_spec(self) -> InputSpec:
@@ -61,8 +62,14 @@ class MemberCaller(abc.ABC):
     """Calls one member model on a stack of prepared views."""
 
     @abc.abstractmethod
-    def describe(self, member: Member) -> MemberInfo:
-        """Input size and labels of the member (raises NotFound/Unavailable when it cannot be reached)."""
+    def describe(self, member: Member, version: int | None = None) -> MemberInfo:
+        """Input size and labels of the member: of the version a call would use now, or of ``version`` (one
+        that answered a call). Raises NotFound/Unavailable when it cannot be reached."""
+
+    def current_version(self, member: Member) -> int | None:
+        """The version a call would use now, found cheaply (no model card read); None when this caller cannot
+        tell before calling (the reply names the version that answered)."""
+        return None
 
     @abc.abstractmethod
     def call(self, member: Member, pixels: np.ndarray, *, deadline: float) -> MemberReply:
@@ -105,7 +112,7 @@ def read_model_card(version_dir: str | os.PathLike) -> dict:
         raise FailedPrecondition(f"model card {str(path)!r} is unreadable: {exc}") from None
 
 
-def info_from_card(card: Mapping, member: Member, where: str) -> MemberInfo:
+def info_from_card(card: Mapping, member: Member, where: str, version: int | None = None) -> MemberInfo:
     size = member.input_size or contract.card_input_size(card)
     if size is None:
         raise FailedPrecondition(f"member {member.name!r}: no usable input_size in {where} (received "
@@ -116,22 +123,27 @@ def info_from_card(card: Mapping, member: Member, where: str) -> MemberInfo:
         raise FailedPrecondition(f"member {member.name!r}: unknown resize mode {resize!r} in {where}; expected "
                                  f"one of {list(imaging.RESIZE_MODES)}")
     labels = card.get("labels")
-    return MemberInfo(input_size=size, labels=tuple(str(x) for x in labels) if labels else None, resize=resize)
+    return MemberInfo(input_size=size, labels=tuple(str(x) for x in labels) if labels else None, resize=resize,
+                      version=version)
 
 
-def info_from_repository(repository: str | os.PathLike, member: Member) -> MemberInfo:
-    """The member's model card in ``<repository>/<name>/<version>/`` (the newest version unless pinned)."""
+def info_from_repository(repository: str | os.PathLike, member: Member, version: int | None = None) -> MemberInfo:
+    """The member's model card in ``<repository>/<name>/<version>/``: of ``version``, else of the member's
+    pinned version, else of the newest."""
     versions = version_folders(Path(repository) / member.name)
-    if member.version is not None:
-        versions = [v for v in versions if int(v.name) == member.version]
+    wanted = version if version is not None else member.version
+    if wanted is not None:
+        versions = [v for v in versions if int(v.name) == wanted]
     if not versions:
-        raise NotFound(f"member {member.name!r}: no version folder under {str(Path(repository) / member.name)!r}")
-    return info_from_card(read_model_card(versions[-1]), member, str(versions[-1]))
+        which = f"version {wanted}" if wanted is not None else "version folder"
+        raise NotFound(f"member {member.name!r}: no {which} under {str(Path(repository) / member.name)!r}")
+    return info_from_card(read_model_card(versions[-1]), member, str(versions[-1]), int(versions[-1].name))
 
-def declared_info(member: Member, model_repository: str | os.PathLike | None, hint: str) -> MemberInfo:
+def declared_info(member: Member, model_repository: str | os.PathLike | None, hint: str,
+                  version: int | None = None) -> MemberInfo:
     """A member's facts from a local model repository, else from the config's ``input_size.<member>``."""
     if model_repository is not None:
-        return info_from_repository(model_repository, member)
+        return info_from_repository(model_repository, member, version)
     if member.input_size:
         return MemberInfo(input_size=member.input_size, resize=member.resize or "squash")
     raise FailedPrecondition(f"member {member.name!r}: its input size is unknown; {hint}")
@@ -160,9 +172,10 @@ class GrpcMemberCaller(MemberCaller):
     def client_for(self, member: Member):
         return self.clients.get(member.name, self.client)
 
-    def describe(self, member: Member) -> MemberInfo:
+    def describe(self, member: Member, version: int | None = None) -> MemberInfo:
         return declared_info(member, self.model_repository,
-                             f"give the gateway --model_repository or declare parameter 'input_size.{member.name}'")
+                             f"give the gateway --model_repository or declare parameter 'input_size.{member.name}'",
+                             version)
 
     def call(self, member: Member, pixels: np.ndarray, *, deadline: float) -> MemberReply:
         """One Predict to the member. The gateway never cancels a member call (its deadline ends one as
@@ -193,27 +206,31 @@ class PredictorMemberCaller(MemberCaller):
     ``predictor.predict(model_name, inputs, *, signature_name, version, version_label, output_filter,
     deadline) -> PredictResult(model_name, version, signature_name, outputs)`` takes the same path as a
     gRPC Predict (version resolution, batching, metrics) without serialising anything. The member's model
-    card is read from the folder of the version the server would use (``predictor.manager.acquire``), or
-    from ``predictor.model_card(...)`` when a predictor offers that, else from the config's ``input_size.<m>``.
+    card is read from the folder of the version the server would use (``predictor.manager.acquire``), else
+    the config's ``input_size.<m>`` describes it.
     """
 
     def __init__(self, predictor, *, model_repository: str | os.PathLike | None = None):
         self.predictor = predictor
         self.model_repository = model_repository
 
-    def describe(self, member: Member) -> MemberInfo:
-        card_of = getattr(self.predictor, "model_card", None)
-        if callable(card_of):
-            card = card_of(member.name, version=member.version, version_label=member.version_label)
-            return info_from_card(card, member, f"the model card of {member.name!r}")
+    def current_version(self, member: Member) -> int | None:
+        manager = getattr(self.predictor, "manager", None)
+        if manager is None:
+            return None
+        with manager.acquire(member.name, member.version, member.version_label) as lease:
+            return lease.version
+
+    def describe(self, member: Member, version: int | None = None) -> MemberInfo:
         manager = getattr(self.predictor, "manager", None)
         if manager is not None:
-            with manager.acquire(member.name, member.version, member.version_label) as lease:
-                folder = getattr(lease.servable, "path", None)
+            pinned = (version, None) if version is not None else (member.version, member.version_label)
+            with manager.acquire(member.name, *pinned) as lease:
+                folder, served = getattr(lease.servable, "path", None), lease.version
             if folder is not None:
-                return info_from_card(read_model_card(folder), member, str(folder))
+                return info_from_card(read_model_card(folder), member, str(folder), served)
         return declared_info(member, self.model_repository,
-                             f"declare parameter 'input_size.{member.name}' in the ensemble config")
+                             f"declare parameter 'input_size.{member.name}' in the ensemble config", version)
 
     def call(self, member: Member, pixels: np.ndarray, *, deadline: float) -> MemberReply:
         """Views beyond the server's ``max_batch_size`` (photos x TTA views can exceed it) are sent in
@@ -247,13 +264,14 @@ class SavedModelMemberCaller(MemberCaller):
         self._loaded: dict[tuple[str, int], object] = {}
         self._lock = threading.Lock()
 
-    def _version_dir(self, member: Member) -> Path:
+    def _version_dir(self, member: Member, version: int | None = None) -> Path:
         if member.version_label is not None:
             raise InvalidInput(f"member {member.name!r} is pinned to version label {member.version_label!r}; "
                                "labels need a server (models.config); pin a version number instead")
         versions = version_folders(self.repository / member.name)
-        if member.version is not None:
-            versions = [v for v in versions if int(v.name) == member.version]
+        wanted = version if version is not None else member.version
+        if wanted is not None:
+            versions = [v for v in versions if int(v.name) == wanted]
         if not versions:
             raise NotFound(f"member {member.name!r}: no version under {str(self.repository / member.name)!r}")
         return versions[-1]
@@ -270,10 +288,13 @@ class SavedModelMemberCaller(MemberCaller):
             loaded = self._loaded[key]
         return loaded.signatures[contract.SIGNATURE_PIXELS], key[1]
 
-    def describe(self, member: Member) -> MemberInfo:
+    def current_version(self, member: Member) -> int | None:
+        return int(self._version_dir(member).name)
+
+    def describe(self, member: Member, version: int | None = None) -> MemberInfo:
         self.signature(member)  # load now, not inside the first request's deadline
-        folder = self._version_dir(member)
-        return info_from_card(read_model_card(folder), member, str(folder))
+        folder = self._version_dir(member, version)
+        return info_from_card(read_model_card(folder), member, str(folder), int(folder.name))
 
     def call(self, member: Member, pixels: np.ndarray, *, deadline: float) -> MemberReply:
         import tensorflow as tf

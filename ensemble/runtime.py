@@ -87,6 +87,11 @@ class EnsembleResult:
         return out
 
 
+def _spec_text(info: MemberInfo) -> str:
+    size = info.input_size if isinstance(info.input_size, int) else "x".join(map(str, info.input_size))
+    return f"{size} px {info.resize}"
+
+
 class EnsembleRuntime:
     """Runs one ensemble config against members reached through a ``MemberCaller``. Thread-safe."""
 
@@ -106,11 +111,14 @@ class EnsembleRuntime:
     # Members ---------------------------------------------------------------------------------
 
     def describe(self, member: Member) -> MemberInfo:
-        """Cached member description; a failure is not cached (the member may come up later)."""
+        """The member's description, cached per version: read again when the version a call would use has
+        changed (a new version loaded), so that views are made for the version that answers. A failure is
+        not cached (the member may come up later)."""
+        version = self.caller.current_version(member)
         with self._info_lock:
             info = self._info.get(member.name)
-        if info is None:
-            info = self.caller.describe(member)
+        if info is None or (version is not None and info.version is not None and info.version != version):
+            info = self.caller.describe(member, version)
             with self._info_lock:
                 self._info[member.name] = info
                 self._check_labels(member, info)
@@ -223,15 +231,23 @@ class EnsembleRuntime:
             out[key] = np.concatenate([make(img).numpy() for img in decoded], axis=0)
         return out
 
-    def member_inputs(self) -> dict[str, InputSpec | CarClfError]:
-        """Each member's input spec (size and resize mode), or the error that kept it from being described."""
-        specs: dict[str, InputSpec | CarClfError] = {}
+    def member_infos(self) -> dict[str, MemberInfo | CarClfError]:
+        """Each member's description, or the error that kept it from being described. A member whose labels
+        differ from the ensemble's is UNAVAILABLE to it (left out, as a member that is down)."""
+        infos: dict[str, MemberInfo | CarClfError] = {}
         for m in self.config.members:
             try:
-                specs[m.name] = self.describe(m).input_spec
+                infos[m.name] = self.describe(m)
+            except LabelMismatch as exc:
+                infos[m.name] = Unavailable(f"{exc.message}; left out of the ensemble")
             except CarClfError as exc:
-                specs[m.name] = exc
-        return specs
+                infos[m.name] = exc
+        return infos
+
+    def member_inputs(self) -> dict[str, InputSpec | CarClfError]:
+        """Each member's input spec (size and resize mode), or the error that kept it from being described."""
+        return {name: info.input_spec if isinstance(info, MemberInfo) else info
+                for name, info in self.member_infos().items()}
 
     # Prediction -------------------------------------------------------------------------------
 
@@ -241,8 +257,8 @@ class EnsembleRuntime:
         deadline = self._deadline(start, deadline)
         decoded = self.decode(images)
         t_decode = time.monotonic()
-        inputs = self.member_inputs()
-        views = self.views(decoded, [s for s in inputs.values() if isinstance(s, InputSpec)])
+        inputs = self.member_infos()
+        views = self.views(decoded, [i.input_spec for i in inputs.values() if isinstance(i, MemberInfo)])
         t_views = time.monotonic()
         result = self.predict_views(views, len(decoded), deadline=deadline, inputs=inputs)
         timings = {"decode_ms": (t_decode - start) * 1e3, "views_ms": (t_views - t_decode) * 1e3,
@@ -250,24 +266,28 @@ class EnsembleRuntime:
         return EnsembleResult(result.probabilities, result.labels, result.members, result.degraded, timings)
 
     def predict_views(self, views: Mapping[InputSpec, np.ndarray], num_photos: int, *, deadline: float | None = None,
-                      inputs: Mapping[str, InputSpec | CarClfError] | None = None) -> EnsembleResult:
+                      inputs: Mapping[str, MemberInfo | InputSpec | CarClfError] | None = None) -> EnsembleResult:
         """Run the members on prepared views ({input spec: [photos * views, S, S, 3]}) and aggregate.
 
-        This is the ensemble's own cost with decoding and view building left out (the benchmark uses it).
+        ``inputs``: what the views were made for, per member (``member_infos()``, the default). This is the
+        ensemble's own cost with decoding and view building left out (the benchmark uses it).
         """
         start = time.monotonic()
         deadline = self._deadline(start, deadline)
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(f"ensemble {self.config.name!r}: the deadline passed while preparing views")
-        inputs = dict(inputs) if inputs is not None else self.member_inputs()
+        inputs = dict(inputs) if inputs is not None else self.member_infos()
         futures: dict[str, cf.Future] = {}
         outcomes: dict[str, MemberOutcome] = {}
         for m in self.config.members:
-            spec = inputs[m.name]
-            if isinstance(spec, CarClfError):
-                outcomes[m.name] = MemberOutcome(m.name, False, None, None, 0.0, 0, spec)
-            else:
-                futures[m.name] = self._pool.submit(self._call_member, m, views[spec], num_photos, deadline)
+            info = inputs[m.name]
+            if isinstance(info, CarClfError):
+                outcomes[m.name] = MemberOutcome(m.name, False, None, None, 0.0, 0, info)
+                continue
+            if isinstance(info, InputSpec):
+                info = MemberInfo(info.size, resize=info.resize)
+            futures[m.name] = self._pool.submit(self._call_member, m, info, views[info.input_spec], num_photos,
+                                                deadline)
         done, _ = cf.wait(futures.values(), timeout=max(0.0, deadline - time.monotonic()))
         for name, fut in futures.items():
             if fut in done:
@@ -286,8 +306,10 @@ class EnsembleRuntime:
         own = now + self.config.deadline_s
         return own if deadline is None else min(own, deadline)
 
-    def _call_member(self, member: Member, pixels: np.ndarray, num_photos: int, deadline: float) -> MemberOutcome:
-        """One member, with retries of UNAVAILABLE under the deadline; never raises."""
+    def _call_member(self, member: Member, info: MemberInfo, pixels: np.ndarray, num_photos: int,
+                     deadline: float) -> MemberOutcome:
+        """One member, with retries of UNAVAILABLE under the deadline; never raises. ``info``: what the views
+        were made for; an answer that does not fit it (another version, another class count) is left out."""
         start = time.monotonic()
         retry = self.config.retry
         attempt = 0
@@ -298,6 +320,10 @@ class EnsembleRuntime:
                 probs = np.asarray(reply.probabilities, dtype=np.float32)
                 if probs.ndim != 2 or probs.shape[0] != pixels.shape[0]:
                     raise Internal(f"member {member.name!r} answered shape {probs.shape} for {pixels.shape[0]} views")
+                problem = self._unfit_answer(member, info, reply.version, probs.shape[1])
+                if problem is not None:
+                    return MemberOutcome(member.name, False, None, reply.version, (time.monotonic() - start) * 1e3,
+                                         attempt, problem)
                 per_photo = average_views(probs, pixels.shape[0] // num_photos).astype(np.float32)
                 return MemberOutcome(member.name, True, per_photo, reply.version,
                                      (time.monotonic() - start) * 1e3, attempt)
@@ -311,6 +337,34 @@ class EnsembleRuntime:
                 return MemberOutcome(member.name, False, None, None, (time.monotonic() - start) * 1e3, attempt,
                                      error)
             time.sleep(pause)
+
+    def _unfit_answer(self, member: Member, info: MemberInfo, version: int | None, classes: int) -> CarClfError | None:
+        """Why an answer cannot be used (None when it can). A member that answered from another version than
+        the one described (a new version was loaded meanwhile) is described again, and the next request makes
+        views for that version; this answer stands only if the new version takes the same input and labels.
+        Answers with another number of classes than the ensemble's are left out."""
+        if version is not None and info.version is not None and version != info.version:
+            try:
+                now = self.caller.describe(member, version)
+            except CarClfError as exc:
+                return Unavailable(f"member {member.name!r} answered from version {version}, which cannot be "
+                                   f"described ({exc.message}); left out of this answer")
+            with self._info_lock:
+                self._info[member.name] = now
+                try:
+                    self._check_labels(member, now)
+                except LabelMismatch as exc:
+                    return Unavailable(f"{exc.message}; left out of the ensemble")
+            if now.input_spec != info.input_spec or now.labels != info.labels:
+                return Unavailable(
+                    f"member {member.name!r} answered from version {version}, whose input ({_spec_text(now)}) or "
+                    f"labels differ from those of version {info.version} ({_spec_text(info)}) the views were made "
+                    f"for; left out of this answer (the next request uses version {version})")
+        expected = len(self._labels) if self._labels is not None else None
+        if expected is not None and classes != expected:
+            return Unavailable(f"member {member.name!r} answered {classes} class probabilities, the ensemble has "
+                               f"{expected} classes; left out of the ensemble")
+        return None
 
     def _combine(self, outcomes: Sequence[MemberOutcome]) -> tuple[np.ndarray, bool]:
         config = self.config
@@ -327,6 +381,11 @@ class EnsembleRuntime:
             if all(o.error.code == "DEADLINE_EXCEEDED" for o in failed):
                 raise DeadlineExceeded(message)
             raise Unavailable(message)
+        counts = {o.name: o.probabilities.shape[-1] for o in answered}
+        if len(set(counts.values())) > 1:  # no labels anywhere to say which count is right
+            raise FailedPrecondition(f"ensemble {config.name!r}: its members answer different numbers of classes "
+                                     f"({', '.join(f'{n}: {c}' for n, c in counts.items())}); give the members "
+                                     f"model cards with labels, or the ensemble a label_filename")
         weights = {m.name: m.weight for m in config.members}
         stack = np.stack([o.probabilities for o in answered])
         probs = agg.aggregate(config.aggregation, stack, [weights[o.name] for o in answered])

@@ -55,8 +55,8 @@ def embedded_server(repository: Path, workdir: Path, *, models: Sequence[str] = 
         options.setdefault("web_ui_model", Path(ensembles[0]).parent.name)
     server = ModelServer(ServerOptions(
         model_config_file=str(config), model_repository=str(repository), ensemble_config_file=[str(p) for p in ensembles],
-        port=0, rest_api_port=-1, host="127.0.0.1", file_system_poll_wait_seconds=0, drain_timeout_seconds=2.0,
-        **options)).start()
+        port=0, rest_api_port=-1, host="127.0.0.1", **{"file_system_poll_wait_seconds": 0, **options},
+        drain_timeout_seconds=2.0)).start()
     try:
         yield server
     finally:

@@ -16,7 +16,7 @@ from carclf import imaging
 from carclf.ensemble import aggregate as agg
 from carclf.ensemble.members import InputSpec, SavedModelMemberCaller
 from carclf.ensemble.runtime import EnsembleRuntime
-from carclf.errors import DeadlineExceeded, InvalidInput, NotFound, Unavailable
+from carclf.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, NotFound, Unavailable
 from carclf.tta import make_views
 
 
@@ -259,3 +259,41 @@ def test_a_member_call_its_server_cancels_is_unavailable_to_the_ensemble():
     finally:
         caller.close()
         server.stop(0)
+
+
+class FewerClassesCaller(RecordingCaller):
+    """tiny_b answers only the first ``classes`` probabilities (a member trained on fewer classes)."""
+
+    def __init__(self, repository, classes: int, **kwargs):
+        super().__init__(repository, **kwargs)
+        self.classes = classes
+
+    def call(self, member, pixels, *, deadline):
+        reply = super().call(member, pixels, deadline=deadline)
+        if member.name != "tiny_b":
+            return reply
+        return type(reply)(reply.probabilities[:, :self.classes], reply.version)
+
+
+def test_a_member_answering_another_number_of_classes_is_left_out_or_named(tiny_repository_template, photo_bytes,
+                                                                           runtime_for, monkeypatch):
+    """With labels known, a member answering 5 class probabilities of the ensemble's 10 is left out (a degraded
+    answer naming it); with no labels anywhere the request fails naming each member's count (it used to end in
+    numpy's "all input arrays must have the same shape", which took the server down at start)."""
+    caller = FewerClassesCaller(tiny_repository_template, 5)
+    result = runtime_for(caller=caller, failure_policy="degrade", quorum="1").predict(photo_bytes[:1])
+    a, b = result.members
+    assert result.degraded and a.answered and not b.answered
+    assert b.error.code == "UNAVAILABLE" and b.error.message == (
+        "member 'tiny_b' answered 5 class probabilities, the ensemble has 10 classes; left out of the ensemble")
+
+    from carclf.ensemble import members
+
+    real = members.info_from_card
+    monkeypatch.setattr(members, "info_from_card",  # model cards without labels, and no label_filename
+                        lambda card, *a, **k: real({k2: v for k2, v in card.items() if k2 != "labels"}, *a, **k))
+    unlabelled = runtime_for(caller=FewerClassesCaller(tiny_repository_template, 5), failure_policy="degrade",
+                             quorum="1")
+    with pytest.raises(FailedPrecondition, match=r"members answer different numbers of classes \(tiny_a: 10, "
+                                                 r"tiny_b: 5\); give the members model cards with labels"):
+        unlabelled.predict(photo_bytes[:1])

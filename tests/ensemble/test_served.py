@@ -288,3 +288,64 @@ def test_a_bad_ensemble_config_is_refused_before_any_model_loads(tiny_repository
     with embedded_server(tiny_repository_template, tmp_path / "good", ensembles=[write_ensemble_config(
             tmp_path / "good_config")]) as server:  # the check passes a good file: the same server starts
         assert server.manager.readiness()[ENSEMBLE] and {name for name, *_ in loaded} == set(TINY_MEMBERS)
+
+
+def _wait_for_version(server, model: str, version: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    with connect(grpc_url(server)) as client:
+        while time.monotonic() < deadline:
+            if any(s.version == version and s.state == "AVAILABLE" for s in client.status(model)):
+                return
+            time.sleep(0.2)
+    raise AssertionError(f"{model} version {version} did not become AVAILABLE")
+
+
+def test_a_new_member_version_is_described_again_before_views_are_made_for_it(tiny_repository_template, photos,
+                                                                              tmp_path):
+    """A member's new version takes another input size: the ensemble makes views of that size for it (it used
+    to keep the old version's size and answer wrongly without a word). A later version whose labels differ
+    from the ensemble's is left out (a degraded answer), not a failure of every request."""
+    import json
+    import shutil
+
+    from carclf import contract
+    from tests.fixtures import TINY_SIZE, export_tiny
+
+    repository = tmp_path / "repo"
+    shutil.copytree(tiny_repository_template, repository)
+    shutil.rmtree(repository / "tiny_a" / "2")  # tiny_a: version 1 only, TINY_SIZE px
+    config = write_ensemble_config(tmp_path, name="swapping")
+    images = [p.read_bytes() for p in photos[:2]]
+
+    def in_process():
+        with EnsembleRuntime(load_config(config), SavedModelMemberCaller(repository)) as runtime:
+            return runtime.predict(images)
+
+    with embedded_server(repository, tmp_path / "server", ensembles=[config],
+                         file_system_poll_wait_seconds=1) as server, connect(grpc_url(server)) as client:
+        before = client.predict("swapping", images=images)
+        assert before.outputs["member_versions"].tolist() == [[1, 1], [1, 1]]
+
+        bigger = TINY_SIZE + 16
+        export_tiny(repository, "tiny_a", seed=7, size=bigger)  # version 2
+        _wait_for_version(server, "tiny_a", 2)
+        after = client.predict("swapping", images=images)
+        assert after.outputs["member_versions"][0].tolist() == [2, 1]
+        assert not after.outputs["degraded"].any()
+        expected = in_process()  # the repository's newest versions, run straight on the SavedModels
+        assert [m.version for m in expected.members] == [2, 1]
+        np.testing.assert_allclose(after.outputs["member_probabilities"], expected.member_probabilities(), atol=1e-5)
+        np.testing.assert_allclose(after.probabilities, expected.probabilities, atol=1e-5)
+
+        relabelled = repository / "tiny_b" / "2"  # tiny_b version 2: its card lists the classes in another order
+        shutil.copytree(repository / "tiny_b" / "1", tmp_path / "staging")
+        card_path = tmp_path / "staging" / "assets.extra" / contract.MODEL_CARD
+        card = json.loads(card_path.read_text())
+        card_path.write_text(json.dumps({**card, "labels": list(reversed(card["labels"]))}))
+        (tmp_path / "staging").rename(relabelled)
+        _wait_for_version(server, "tiny_b", 2)
+        degraded = client.predict("swapping", images=images)
+        assert degraded.outputs["member_answered"].tolist() == [[True, False], [True, False]]
+        assert degraded.outputs["degraded"].all()
+        np.testing.assert_allclose(degraded.outputs["member_probabilities"][:, 0], expected.member_probabilities()[:, 0],
+                                   atol=1e-5)
