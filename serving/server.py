@@ -109,7 +109,8 @@ class ModelServer:
         self.executor: ThreadPoolExecutor | None = None
         self.monitoring = MonitoringConfig()
         self._config_text: str | None = None   # the config file's text in force
-        self._failed_text: str | None = None   # a text that failed to apply: not tried again until it changes
+        self._failed_text: str | None = None   # a text that failed to apply: tried again every poll
+        self._failed_message: str | None = None  # and why, logged again only when it reads differently
         self._read_problem: str | None = None  # the last read error, logged once
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -296,8 +297,10 @@ class ModelServer:
                     log.exception("file-system poll failed")
 
     def _reload_config_file(self) -> None:
-        """Apply the config file when its text changed. A text that failed is not tried again (nor logged
-        again) until the file changes; so is a read error."""
+        """Apply the config file when its text differs from the config in force. A text that was refused is
+        tried again every poll, as TF Serving re-reads its file, so that it applies once what it waits for is
+        there (a labelled version exported after the config was written); its refusal is logged again only
+        when it reads differently. A read error is logged once until it changes."""
         path = self.options.model_config_file
         try:
             text = Path(path).read_text(encoding="utf-8")
@@ -308,17 +311,22 @@ class ModelServer:
                 self._read_problem = problem
             return
         self._read_problem = None
-        if text in (self._config_text, self._failed_text):
+        if text == self._config_text:
             return
-        log.info("%s changed: reloading the model config", path)
+        again = text == self._failed_text
+        if not again:
+            log.info("%s changed: reloading the model config", path)
         try:
             self.manager.apply_config(parse_models_config(text, self.resolver, source=path))
         except CarClfError as exc:
-            log.error("config reload from %s failed; the previous config stays in force (tried again when the "
-                      "file changes): %s", path, exc.message)
-            self._failed_text = text
+            if not again or exc.message != self._failed_message:
+                log.error("config reload from %s failed; the previous config stays in force (tried again every "
+                          "poll until it applies or the file changes): %s", path, exc.message)
+            self._failed_text, self._failed_message = text, exc.message
             return
-        self._config_text, self._failed_text = text, None
+        if again:
+            log.info("%s applied on a later try", path)
+        self._config_text, self._failed_text, self._failed_message = text, None, None
 
     # -- shutdown ----------------------------------------------------------------------------------
 

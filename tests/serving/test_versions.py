@@ -298,7 +298,8 @@ def test_a_failed_reload_changes_nothing_and_a_restored_file_is_not_needed(priva
                                                                            jpegs, caplog):
     """A reload that cannot be applied whole is not applied at all (TF Serving applies it in part): a base_path
     typo with labels is refused before anything unloads, and a new model whose labelled version fails to load
-    is taken away again. The config file is not tried again, nor logged again, until it changes."""
+    is taken away again. The polled config file is tried again every poll, but its refusal is logged once while
+    it reads the same."""
     repo = private_repository
     config_file = repo / "models.config"
     good = config_file.read_text()
@@ -324,7 +325,7 @@ def test_a_failed_reload_changes_nothing_and_a_restored_file_is_not_needed(priva
     assert Rest(f"http://127.0.0.1:{server.rest_port}").get("/v1/ready").status == 200
 
     caplog.clear()
-    config_file.write_text(typo)  # the same refusal through the polled file: tried once, logged once
+    config_file.write_text(typo)  # the same refusal through the polled file: logged once
     deadline = time.monotonic() + 30
     while not any("config reload from" in r.getMessage() for r in caplog.records):
         assert time.monotonic() < deadline, "the changed config file was not tried"
@@ -383,4 +384,45 @@ def test_labels_may_point_at_the_versions_served_around_a_broken_newest_one(priv
                           grpc.StatusCode.FAILED_PRECONDITION, "canary->9")
     assert "[1, 2]" in details and "passing over [9] that failed to load" in details
     assert server.manager.labels(MODEL) == {"stable": 1, "canary": 2}
+    channel.close()
+
+
+def test_a_refused_config_file_applies_once_the_version_its_label_needs_is_exported(private_server,
+                                                                                     private_repository, jpegs,
+                                                                                     caplog):
+    """The canary rollout with the config written first: ``canary -> 3`` is refused while version 3 does not
+    exist, and applies by itself once version 3 is exported (the file unchanged), as TF Serving re-reads its
+    file every poll. The refusal is logged once, not every poll."""
+    repo = private_repository
+    config_file = single_model_config(repo, policy="model_version_policy { all {} }")
+    server = private_server(model_config_file=str(config_file), model_repository=str(repo),
+                            enable_model_warmup=False, model_config_file_poll_wait_seconds=0.2,
+                            file_system_poll_wait_seconds=0.2)
+    on_disk = sorted(int(p.name) for p in (repo / MODEL).iterdir() if p.name.isdigit())
+    new = on_disk[-1] + 1
+    caplog.set_level(logging.INFO, logger="carclf.serving")
+    caplog.clear()
+    config_file.write_text(config_file.read_text().replace(
+        "model_version_policy { all {} }", f'model_version_policy {{ all {{}} }} version_labels {{ key: "canary" '
+                                           f'value: {new} }}'))
+    deadline = time.monotonic() + 30
+    while not any("config reload from" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the changed config file was not tried"
+        time.sleep(0.1)
+    time.sleep(1.0)  # five more polls, each trying the file again
+    assert sum("config reload from" in r.getMessage() for r in caplog.records) == 1
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    predict = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    data = np.array(jpegs[:1], dtype=object)
+    expect_code(lambda: predict.Predict(predict_request(label="canary", image_bytes=data), timeout=30),
+                grpc.StatusCode.INVALID_ARGUMENT, "Unrecognized servable version label: canary")
+
+    publish_copy(repo, MODEL, on_disk[-1], new)
+    deadline = time.monotonic() + 60
+    while "canary" not in server.manager.labels(MODEL):
+        assert time.monotonic() < deadline, "the refused config file was not applied once its version was there"
+        time.sleep(0.1)
+    reply = predict.Predict(predict_request(label="canary", image_bytes=data), timeout=30)
+    assert reply.model_spec.version.value == new
+    assert any("applied on a later try" in r.getMessage() for r in caplog.records)
     channel.close()
