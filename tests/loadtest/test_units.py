@@ -389,6 +389,7 @@ def test_soak_writes_its_figures_when_no_memory_verdict_can_be_made(tmp_path, sa
 @pytest.mark.parametrize(("flags", "expected"), [
     (["--max-requests", "0"], "field '--max-requests': expected a count >= 1, received 0"),
     (["--photo-limit", "-1"], "field '--photo-limit': expected a count >= 0 (0: all), received -1"),
+    (["--payload-photos", "-1"], "field '--payload-photos': expected a count >= 1, received -1"),
     (["--duration", "0"], "field '--duration': expected seconds > 0, received 0.0"),
     (["--warmup", "-1"], "field '--warmup': expected seconds >= 0, received -1.0"),
     (["--pair-duration", "0"], "field '--pair-duration': expected seconds > 0, received 0.0"),
@@ -410,6 +411,25 @@ def test_bench_refuses_bad_flags_before_any_measurement(flags, expected, tmp_pat
     assert cli.main(["bench", "--out", str(out), *flags]) == 2
     line = _one_line(capsys)
     assert line.startswith("carclf bench: error: ") and expected in line, line
+    assert not out.exists()
+
+
+def test_bench_refuses_a_photo_the_model_cannot_decode_before_measuring(tmp_path, sample_dir, capsys):
+    """A benchmark of error answers measures nothing (and its payload step used to end in a TensorFlow
+    traceback after minutes of measuring): the photo is named before the model loads or --out is made."""
+    from carclf import cli
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sorted(sample_dir.rglob("*.jpg"))[:2]:
+        (photos / path.name).write_bytes(path.read_bytes())
+    (photos / "notes.jpg").write_text("not a photo")
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "--out", str(out), "--photo-folder", str(photos), "--no-ensemble",
+                     "--model-repository", str(tmp_path / "no_repository")]) == 2
+    line = _one_line(capsys)
+    assert line.startswith("carclf bench: error: field '--photo-folder': photo 'notes.jpg' under ") and \
+        "remove it or give --photo-folder of good ones" in line, line
     assert not out.exists()
 
 
@@ -554,3 +574,25 @@ def test_sigterm_stops_the_locust_child_too(tmp_path):
     child = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
+
+
+def test_a_paired_slice_nothing_answered_is_not_a_ratio_of_zero_and_keeps_its_error():
+    """A served slice in which no request completed (a window shorter than one call) measured nothing: its
+    throughput ratio is left out (the target reads "not measured", not "missed"), and the round keeps why."""
+    fake = bench.Bench.__new__(bench.Bench)
+    fake.settings = {"pairs": 1, "pair_duration_s": 0.5, "pair_warmup_s": 0.0, "transports": ["grpc"]}
+    fake.best = {"batch_size": 4, "threads": 1}
+    fake.rounds, fake.work = [], None
+    fake.inprocess = lambda *_a, **_k: [{"throughput": 100.0, "cpu_ms_per_photo": 10.0, "p50_ms": 9.0}]
+    why = "no request completed within the 0.5 s window"
+    nothing = {"throughput": 0.0, "p50_ms": None, "mean_ms": None, "errors": 1, "first_error": why,
+               "server_cpu_ms_per_photo": None}
+    fake.point = lambda *_a, **_k: nothing
+    fake.interleaved = lambda *_a, **_k: {"inprocess_p50_ms": 9.0, "served_p50_ms": None, "added_p50_ms": None,
+                                          "errors": 0, "first_error": ""}
+    fake.paired_rounds(server=None, mode="on")
+    (row,) = fake.rounds
+    assert row["grpc_c8_ratio"] is None and row["errors"] == 2 and row["first_error"] == why
+    summary = bench.summarize_rounds(fake.rounds, "batching")
+    (target,) = [t for t in bench.report.judge_targets(summary, None, ["grpc"]) if t["target"] == "grpc_c8_ratio"]
+    assert target["value"] is None and target["verdict"] != "missed", target
