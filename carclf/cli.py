@@ -36,7 +36,8 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carclf", description="Car-model photo classifier and serving stack")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        # no abbreviated flags: a prefix such as --batching_param must not pass for --batching_parameters_file
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         if name == selected:
             importlib.import_module(module_name).add_arguments(p)
     return parser

@@ -12,6 +12,7 @@ and ``--rest_api_port -1`` binds any free REST port (extension). Bound ports are
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,6 +23,9 @@ ANY_PORT = -1          # REST: bind any free port (extension); gRPC uses 0 for t
 REST_DISABLED = 0
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 DEFAULT_MODEL_REPOSITORY = "model_repository"
+DEFAULT_MODEL_NAME = "default"  # --model_name when only --model_base_path is given, as in TF Serving
+
+log = logging.getLogger("carclf.serving")
 
 
 def parse_bool(text: str | bool) -> bool:
@@ -83,10 +87,15 @@ class ServerOptions:
         need(0 <= self.port <= 65535, "port", f"must be 0..65535 (0: any free port), received {self.port}")
         need(-1 <= self.rest_api_port <= 65535, "rest_api_port",
              f"must be 0 (off), -1 (any free port) or a port, received {self.rest_api_port}")
-        need(not (self.model_config_file and (self.model_name or self.model_base_path)), "model_config_file",
-             "give either --model_config_file or --model_name/--model_base_path, not both")
-        need(bool(self.model_name) == bool(self.model_base_path), "model_base_path",
-             "--model_name and --model_base_path go together")
+        if self.model_config_file and (self.model_name or self.model_base_path):
+            # As tensorflow_model_server, whose image's entrypoint always passes both: the file wins.
+            log.warning("--model_name/--model_base_path are ignored: --model_config_file %s says what is served",
+                        self.model_config_file)
+            self.model_name, self.model_base_path = "", ""
+        elif self.model_base_path and not self.model_name:
+            self.model_name = DEFAULT_MODEL_NAME  # TF Serving's default name
+        need(not self.model_name or bool(self.model_base_path) or bool(self.model_config_file), "model_base_path",
+             f"--model_name {self.model_name!r} needs --model_base_path, the folder of its versions")
         need(bool(self.model_config_file or self.model_base_path or self.ensemble_config_file), "model_config_file",
              "nothing to serve: give --model_config_file, or --model_name and --model_base_path")
         need(not self.batching_parameters_file or self.enable_batching, "batching_parameters_file",

@@ -7,7 +7,9 @@
 set -euo pipefail
 config=${1:-/config/models.config}
 port=${2:-8501}
-names=$( (grep -oE '(^|[[:space:]{])name:[[:space:]]*"[^"]+"' "$config" || true) | sed -E 's/.*"([^"]+)"/\1/')
+# comments dropped first (a commented-out model is not served); names in double or single quotes
+names=$( (sed -E 's/#.*$//' "$config" | grep -oE "(^|[[:space:]{])name:[[:space:]]*(\"[^\"]+\"|'[^']+')" || true) \
+  | sed -E "s/.*[\"']([^\"']+)[\"']\$/\1/")
 if [ -z "$names" ]; then
   echo "readiness: no model names in $config" >&2
   exit 1

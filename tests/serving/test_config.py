@@ -4,6 +4,7 @@ mirrors) and validated; `carclf serving-config`; docker-compose and Kubernetes m
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import shutil
 import subprocess
@@ -105,6 +106,9 @@ def test_kubernetes_manifests():
     assert {p["port"] for p in service["spec"]["ports"]} == {8500, 8501}
     claim = deployment["spec"]["template"]["spec"]["volumes"][1]["persistentVolumeClaim"]["claimName"]
     assert pvc["kind"] == "PersistentVolumeClaim" and pvc["metadata"]["name"] == claim
+    # the replicas read the repository; a publishing pod must be able to write new versions into it meanwhile
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["models"]["readOnly"] is True and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 def test_readiness_script_checks_model_state(target, embedded_only, conformance_repository, tmp_path):
@@ -118,6 +122,14 @@ def test_readiness_script_checks_model_state(target, embedded_only, conformance_
     missing.write_text('model_config_list { config { name: "not_loaded" base_path: "/models/x" } }')
     failed = subprocess.run(["bash", str(script), str(missing), port], capture_output=True, text=True, timeout=30)
     assert failed.returncode != 0 and "not_loaded" in failed.stderr
+    # a commented-out entry is not served, and a name may be single-quoted (both valid text proto)
+    served = (conformance_repository / "models.config").read_text()
+    edited = tmp_path / "edited.config"
+    edited.write_text("# config { name: \"old_model\" base_path: \"/models/old\" }\n"
+                      + re.sub(r'name: "([^"]+)"', r"name: '\1'", served, count=1))
+    quoted = subprocess.run(["bash", str(script), str(edited), port], capture_output=True, text=True, timeout=30)
+    assert quoted.returncode == 0, quoted.stderr
+    assert "'" in edited.read_text() and "old_model" in edited.read_text()
 
 
 # ------------------------------------------------------------------------------------- parsing and validation
@@ -260,8 +272,7 @@ def test_serving_config_cli_refuses_a_folder_as_output_in_one_line(conformance_r
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--model_config_file", "x", "--model_name", "a", "--model_base_path", "/m/a"], "not both"),
-    (["--model_name", "a"], "go together"),
+    (["--model_name", "a"], "--model_name 'a' needs --model_base_path, the folder of its versions"),
     ([], "nothing to serve"),
     (["--model_name", "a", "--model_base_path", "/m/a", "--port", "70000"], "--port"),
     (["--model_name", "a", "--model_base_path", "/m/a", "--batching_parameters_file", "b"], "--enable_batching"),
@@ -277,6 +288,29 @@ def test_flag_validation(args, needle, tmp_path):
     args = [a.replace("{tmp}", str(tmp_path)).replace("{tmpname}", tmp_path.name) for a in args]
     with pytest.raises(ConfigError, match=needle):
         ServerOptions.from_args(_server_flags(args))
+
+
+def test_model_flags_default_and_yield_to_a_config_file_as_in_tf_serving(tmp_path, caplog):
+    """--model_base_path alone serves the model as "default"; with --model_config_file (the official image's
+    entrypoint always passes --model_name and --model_base_path) the file says what is served, with a warning."""
+    alone = ServerOptions.from_args(_server_flags(["--model_base_path", "/m/a"]))
+    assert (alone.model_name, alone.model_base_path) == ("default", "/m/a")
+    config = tmp_path / "models.config"
+    config.write_text("model_config_list {}")
+    both = ServerOptions.from_args(_server_flags(["--model_config_file", str(config), "--model_name", "a",
+                                                  "--model_base_path", "/m/a"]))
+    assert (both.model_config_file, both.model_name, both.model_base_path) == (str(config), "", "")
+    assert any("--model_name/--model_base_path are ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    """argparse takes a prefix of a flag for the flag; tensorflow_model_server does not."""
+    from carclf import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["serve", "--model_base_path", "/m/a", "--batching_param=b.config"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --batching_param=b.config" in capsys.readouterr().err
 
 
 def test_tf_serving_boolean_flag_forms():
