@@ -56,6 +56,16 @@ AGGREGATE_OUTPUTS: dict[str, tuple[str, tuple[int, ...]]] = {
 # Triton data type -> numpy dtype name (as the Servable interface describes tensors).
 NUMPY_DTYPES = {"TYPE_FP32": "float32", "TYPE_INT64": "int64", "TYPE_STRING": "object", "TYPE_BOOL": "bool"}
 
+# The ModelConfig fields this ensemble reads, per message; any other field set is refused (Triton settings such
+# as instance_group, response_cache, model_warmup or backend would silently do nothing here).
+SUPPORTED_FIELDS = {
+    "config": {"name", "platform", "max_batch_size", "version_policy", "input", "output", "ensemble_scheduling",
+               "parameters"},
+    "input": {"name", "data_type", "dims", "reshape"},
+    "output": {"name", "data_type", "dims", "reshape", "label_filename"},
+    "step": {"model_name", "model_version", "input_map", "output_map"},
+}
+
 # Global parameters and their parsers; per-member parameters are "<key>.<member name>".
 _MEMBER_PARAMETERS = ("weight", "version_label", "input_size", "resize")
 _GLOBAL_PARAMETERS = (
@@ -177,6 +187,7 @@ def from_proto(proto, *, source: str = "<proto>", base_dir: str | os.PathLike | 
     def fail(fld: str, message: str):
         raise ConfigError(message, source=source, field=fld)
 
+    _check_supported_fields(proto, fail)
     if not proto.name:
         fail("name", "the ensemble needs a name, received an empty one")
     if not MODEL_NAME_RE.match(proto.name):
@@ -192,6 +203,9 @@ def from_proto(proto, *, source: str = "<proto>", base_dir: str | os.PathLike | 
     if len(proto.input) != 1:
         fail("input", f"expected exactly one input (the photo bytes), received {len(proto.input)}")
     inp = proto.input[0]
+    if inp.name != contract.INPUT_IMAGE_BYTES:
+        fail("input[0].name", f"expected {contract.INPUT_IMAGE_BYTES!r}, the name every client of the product "
+                              f"sends photos as (as to each backbone), received {inp.name!r}")
     dtype = model_config_pb2.DataType.Name(inp.data_type)
     if dtype != "TYPE_STRING":
         fail("input[0].data_type", f"expected TYPE_STRING (encoded photos), received {dtype}")
@@ -293,6 +307,11 @@ def from_proto(proto, *, source: str = "<proto>", base_dir: str | os.PathLike | 
                        max_batch_size=int(proto.max_batch_size), input_name=inp.name, outputs=outputs,
                        source=source),
         params, fail)
+    weighted = [m for m in config.members if f"weight.{m.name}" in params and m.weight != 1.0]
+    if weighted and config.aggregation == "mean":  # aggregate.mean ignores weights: a file giving both is a slip
+        fail(f"parameters['weight.{weighted[0].name}']",
+             f"aggregation 'mean' takes no weights, received {params[f'weight.{weighted[0].name}']!r}; use "
+             "aggregation 'weighted_mean' (or 'geometric_mean') or leave the weights out")
     if labels_file is not None:
         config = replace(config, labels=_read_labels(labels_file, base_dir, source))
     _check_semantics(config)
@@ -314,6 +333,23 @@ def _version(proto, fail) -> int:
     if version < 1:
         fail("version_policy.specific.versions", f"must be >= 1, received {version}")
     return version
+
+
+def _check_supported_fields(proto, fail) -> None:
+    """Refuse any ModelConfig field set that this ensemble does not read, naming it."""
+    def check(message, kind: str, where: str) -> None:
+        for descriptor, _ in message.ListFields():
+            if descriptor.name not in SUPPORTED_FIELDS[kind]:
+                fail(f"{where}{descriptor.name}", f"not supported by carclf's ensemble (it reads "
+                                                  f"{', '.join(sorted(SUPPORTED_FIELDS[kind]))}); remove it")
+
+    check(proto, "config", "")
+    for i, tensor in enumerate(proto.input):
+        check(tensor, "input", f"input[{i}].")
+    for i, tensor in enumerate(proto.output):
+        check(tensor, "output", f"output[{i}].")
+    for i, step in enumerate(proto.ensemble_scheduling.step):
+        check(step, "step", f"ensemble_scheduling.step[{i}].")
 
 
 def _element_dims(tensor) -> tuple[int, ...]:

@@ -122,9 +122,10 @@ def _as_bytes(value, index: int) -> bytes:
     raise InvalidInput(f"image_bytes[{index}] must be encoded photo bytes, received {type(value).__name__}")
 
 
-def check(config_path: str | os.PathLike) -> None:
-    """The embedded server's check before it loads any model: the config file parses and validates."""
-    load_config(config_path)
+def check(config_path: str | os.PathLike) -> str:
+    """The embedded server's check before it loads any model: the config file parses and validates; the name
+    of the model it declares."""
+    return load_config(config_path).name
 
 
 def load(config_path: str | os.PathLike, predictor, *, model_repository: str | os.PathLike | None = None) -> EnsembleServable:

@@ -77,11 +77,22 @@ def _ensemble_hook(path: str):
     return ensemble_servable
 
 
-def check_ensemble(path: str) -> None:
-    """The hook's ``check(path)``, when it has one: the config alone, validated before any model loads."""
+def check_ensemble(path: str) -> str | None:
+    """The hook's ``check(path)``, when it has one: the config alone, validated before any model loads; the
+    name of the model it declares, when the hook says."""
     check = getattr(_ensemble_hook(path), "check", None)
-    if check is not None:
-        check(path)
+    name = check(path) if check is not None else None
+    return name if isinstance(name, str) else None
+
+
+def check_model_names(ensembles: dict[str, str], config: ModelsConfig | None) -> None:
+    """ConfigError unless every model name is served once: no two ensemble files declaring one name, and no
+    ensemble named like a model of the models config (found before anything loads, naming both sources)."""
+    for model in config.models if config is not None else ():
+        if model.name in ensembles:
+            raise ConfigError(f"declares model {model.name!r}, which {config.source or 'the model config'} "
+                              "serves too; give one of them another name",
+                              source=ensembles[model.name], field="name")
 
 
 def load_ensemble(path: str, predictor: Predictor) -> Servable:
@@ -145,10 +156,18 @@ class ModelServer:
                                               on_runtime=lambda name, s: self.predictor.record_runtime(name, s),
                                               early_dispatch=opts.batching_early_dispatch)
             self.predictor = Predictor(self.manager, self.metrics, batcher=self.batcher, executor=self.executor)
-            for path in opts.ensemble_config_file:  # a bad ensemble config fails before minutes of model loading
-                check_ensemble(path)
-            if opts.model_config_file or opts.model_base_path:
-                self.manager.apply_config(self._read_models_config())
+            ensembles: dict[str, str] = {}  # a bad ensemble config fails before minutes of model loading
+            for path in opts.ensemble_config_file:
+                name = check_ensemble(path)
+                if name is not None and name in ensembles:
+                    raise ConfigError(f"declares model {name!r}, as {ensembles[name]} does; give one of them "
+                                      "another name", source=path, field="name")
+                if name is not None:
+                    ensembles[name] = path
+            models = self._read_models_config() if opts.model_config_file or opts.model_base_path else None
+            check_model_names(ensembles, models)
+            if models is not None:
+                self.manager.apply_config(models)
             for servable in self.static_servables():
                 self.manager.add_static(servable)
             self._start_transports()

@@ -106,6 +106,17 @@ BAD = [
     ("name with a path", _edit(BASE, 'name: "tiny_ensemble"', 'name: "car ensemble/x"'), "name", "car ensemble/x"),
     ("no tta step", _edit(BASE, 'model_name: "carclf_tta"', 'model_name: "carclf_views"'),
      "ensemble_scheduling.step", "carclf_tta"),
+    # Triton settings this ensemble does not read are refused, not silently ignored
+    ("instance_group", BASE + "instance_group [{ count: 4 kind: KIND_GPU }]\n", "instance_group", "remove it"),
+    ("response_cache", BASE + "response_cache { enable: true }\n", "response_cache", "remove it"),
+    ("backend", BASE + 'backend: "python"\n', "backend", "remove it"),
+    ("a step's model_namespace", _edit(BASE, 'model_name: "tiny_a"', 'model_name: "tiny_a"\n    model_namespace: "x"'),
+     "ensemble_scheduling.step[1].model_namespace", "remove it"),
+    # the product's clients send photos as image_bytes, to backbones and ensemble alike
+    ("input renamed", _edit(BASE, 'name: "image_bytes"', 'name: "photo"'), "input[0].name", "'photo'"),
+    # aggregation 'mean' ignores weights: a file giving both is a slip
+    ("weights with mean", render("e", ["a", "b"], parameters={"aggregation": "mean", "weight.a": "5"}),
+     "parameters['weight.a']", "aggregation 'mean' takes no weights, received '5'"),
 ]
 
 

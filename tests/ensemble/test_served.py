@@ -290,6 +290,29 @@ def test_a_bad_ensemble_config_is_refused_before_any_model_loads(tiny_repository
         assert server.manager.readiness()[ENSEMBLE] and {name for name, *_ in loaded} == set(TINY_MEMBERS)
 
 
+def test_a_model_name_served_twice_is_refused_before_any_model_loads(tiny_repository_template, tmp_path,
+                                                                      monkeypatch):
+    """An ensemble named like a model of the models config, or two ensemble files declaring one name, used to be
+    found after every model had loaded ("already served"), naming neither file."""
+    from carclf.serving.server import ModelServer
+
+    loaded = []
+    monkeypatch.setattr(ModelServer, "_load_version", lambda self, *a: loaded.append(a))
+    clash = write_ensemble_config(tmp_path / "clash", name="tiny_b")
+    with pytest.raises(ConfigError) as caught:
+        with embedded_server(tiny_repository_template, tmp_path / "server1", ensembles=[clash]):
+            pass
+    assert caught.value.message == (f"{clash}: field 'name': declares model 'tiny_b', which "
+                                    f"{tmp_path / 'server1' / 'models.config'} serves too; give one of them another name")
+    first, second = (write_ensemble_config(tmp_path / folder) for folder in ("first", "second"))
+    with pytest.raises(ConfigError) as caught:
+        with embedded_server(tiny_repository_template, tmp_path / "server2", ensembles=[first, second]):
+            pass
+    assert caught.value.message == (f"{second}: field 'name': declares model '{ENSEMBLE}', as {first} does; give "
+                                    "one of them another name")
+    assert loaded == []
+
+
 def _wait_for_version(server, model: str, version: int, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     with connect(grpc_url(server)) as client:
