@@ -45,10 +45,11 @@ TF_INTRA_OP ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 3 ? n / 
 # Serves what model_repository/ holds (models.config generated from it) plus the ensemble of $(ENSEMBLE)
 # (after `make demo`: make serve ENSEMBLE=runs/demo/serving/car_ensemble/config.pbtxt).
 ENSEMBLE ?= ensemble/car_ensemble/config.pbtxt
+REPOSITORY ?= model_repository
 serve: setup
 	mkdir -p runs/serving
-	$(VENV)/bin/carclf serving-config --repository model_repository --output runs/serving/models.config
-	$(VENV)/bin/carclf serve --model_config_file runs/serving/models.config --model_repository model_repository \
+	$(VENV)/bin/carclf serving-config --repository $(REPOSITORY) --output runs/serving/models.config
+	$(VENV)/bin/carclf serve --model_config_file runs/serving/models.config --model_repository $(REPOSITORY) \
 	  --port $(PORT) --rest_api_port $(REST_PORT) --ensemble_config_file $(ENSEMBLE) \
 	  --enable_batching --batching_parameters_file serving/batching.config --batching_early_dispatch \
 	  --monitoring_config_file serving/monitoring.config --tensorflow_intra_op_parallelism $(TF_INTRA_OP)

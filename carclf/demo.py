@@ -142,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s; server exit status {server.returncode}")
     print("\nEfficientNetB0 and Xception trained from scratch (no ImageNet weights offline) and stay at chance; "
           "they show the registry and the ensemble's fan-out.")
-    print(f"Serve these models again with their ensemble: make serve ENSEMBLE={ensemble_config}")
-    print(f"Load-test them while served: make loadtest ARGS=\"--target-model {DEMO_RECIPES[0]}\"")
+    elsewhere = "" if repository == Path("model_repository") else f" REPOSITORY={shlex.quote(str(repository))}"
+    print(f"Serve these models again with their ensemble: make serve ENSEMBLE={ensemble_config}{elsewhere}")
+    also = "" if not elsewhere else f" --model-repository {shlex.quote(str(repository))}"
+    print(f"Load-test them while served: make loadtest ARGS=\"--target-model {DEMO_RECIPES[0]}{also}\"")
     return 0 if server.returncode == 0 else 1
 
 
