@@ -73,6 +73,8 @@ class _Model:
     labels: dict[str, int] = field(default_factory=dict)
     active: bool = True                        # in the current config (or static)
     retired: list[VersionEntry] = field(default_factory=list)  # from a previous base_path, unloading
+    # from a previous base_path, still loaded: they answer until a version of the new one is AVAILABLE
+    standby: list[VersionEntry] = field(default_factory=list)
     warned_missing: bool = False               # "no version folder" was logged already
     dependencies: Dependencies | None = None   # static servables only: models of this server it calls
     degraded: dict[str, str] = field(default_factory=dict)  # its members that cannot answer, its quorum met
@@ -80,6 +82,22 @@ class _Model:
     @property
     def static(self) -> bool:
         return self.config is None
+
+    def answering(self) -> list[VersionEntry]:
+        """The AVAILABLE versions a request without a version goes to: the current base_path's, else, while a
+        moved model's new versions load, the previous base_path's (availability-preserving, as a new version
+        of the same folder is loaded before the old one goes)."""
+        current = [e for e in self.versions.values() if e.state == State.AVAILABLE]
+        return current or [e for e in self.standby if e.state == State.AVAILABLE]
+
+    def answering_version(self, version: int) -> VersionEntry | None:
+        """The AVAILABLE entry of a version number: the current base_path's, else a standby one."""
+        entry = self.versions.get(version)
+        if entry is not None and entry.state == State.AVAILABLE:
+            return entry
+        if any(e.state == State.AVAILABLE for e in self.versions.values()):
+            return None  # the new base_path serves: the old files do not answer any more
+        return next((e for e in self.standby if e.version == version and e.state == State.AVAILABLE), None)
 
 
 class Lease:
@@ -226,10 +244,11 @@ class ModelManager:
                     for entry in model.versions.values():
                         if entry.state == State.AVAILABLE:
                             self._begin_unload(entry)
+                    self._drop_standby(model)
             for name, model_config in wanted.items():
                 model = self._models.setdefault(name, _Model(name))
                 if model.config is not None and model.config.base_path != model_config.base_path:
-                    self._retire_versions(model)
+                    self._retire_versions(model, model_config.base_path)
                 model.config, model.active = model_config, True
         for name in wanted:
             self._reconcile_model(name)
@@ -276,6 +295,8 @@ class ModelManager:
             if not failed_now:
                 break
         with self._lock:
+            if model.standby and any(e.state == State.AVAILABLE for e in model.versions.values()):
+                self._drop_standby(model)
             serving_desired = any(model.versions[v].state == State.AVAILABLE for v in desired if v in model.versions)
             for version, entry in model.versions.items():
                 if entry.state == State.AVAILABLE and version not in desired:
@@ -337,17 +358,27 @@ class ModelManager:
 
     # -- unloading ---------------------------------------------------------------------------------
 
-    def _retire_versions(self, model: _Model) -> None:
-        """The model's base_path changed: its versions are other files now; unload them all."""
-        log.info("model %s moved to another base_path: unloading its loaded versions", model.name)
+    def _retire_versions(self, model: _Model, new_base_path: Path) -> None:
+        """The model's base_path changed: its versions are other files now. Those loaded stand by, answering
+        until a version of the new base_path is AVAILABLE, then they are unloaded (``_drop_standby``)."""
+        loaded = [e for e in model.versions.values() if e.state == State.AVAILABLE]
         model.retired = [e for e in model.retired if e.state != State.END]
-        for entry in model.versions.values():
+        if loaded:
+            log.info("model %s moved to another base_path: versions %s keep answering until one from %s is "
+                     "AVAILABLE", model.name, sorted(e.version for e in loaded), new_base_path)
+        model.standby = [*(e for e in model.standby if e.state == State.AVAILABLE), *loaded]
+        model.versions = {}
+        model.labels = {}
+
+    def _drop_standby(self, model: _Model) -> None:
+        """Unload the previous base_path's versions (each once its in-flight requests are done) (lock held)."""
+        for entry in model.standby:
             if entry.state == State.AVAILABLE:
+                log.info("unloading %s version %d of its previous base_path", model.name, entry.version)
                 self._begin_unload(entry)
                 if entry.state == State.UNLOADING:
                     model.retired.append(entry)
-        model.versions = {}
-        model.labels = {}
+        model.standby = []
 
     def _begin_unload(self, entry: VersionEntry) -> None:
         self._set_state(entry, State.UNLOADING)
@@ -392,10 +423,8 @@ class ModelManager:
                 return f"no version label {version!r} (labels: {', '.join(sorted(model.labels)) or 'none'})"
             version = model.labels[version]
         if version is None:
-            return None if any(e.state == State.AVAILABLE for e in model.versions.values()) else \
-                "no AVAILABLE version"
-        entry = model.versions.get(version)
-        return None if entry is not None and entry.state == State.AVAILABLE else f"version {version} not AVAILABLE"
+            return None if model.answering() else "no AVAILABLE version"
+        return None if model.answering_version(version) is not None else f"version {version} not AVAILABLE"
 
     def _update_dependent(self, model: _Model) -> None:
         """A static servable's state from its dependencies: AVAILABLE, or END with the reason (lock held)."""
@@ -452,11 +481,11 @@ class ModelManager:
                     raise InvalidInput(f"Unrecognized servable version label: {label}")
                 version = model.labels[label]
             if version is not None:
-                entry = model.versions.get(version)
-                if entry is None or entry.state != State.AVAILABLE:
+                entry = model.answering_version(version)
+                if entry is None:
                     raise NotFound(f"Servable not found for request: Specific({name}, {version})")
             else:
-                available = [e for e in model.versions.values() if e.state == State.AVAILABLE]
+                available = model.answering()
                 if not available:
                     states = ", ".join(f"{v} {e.state.name}" + (f": {e.error.message}" if e.error else "")
                                        for v, e in sorted(model.versions.items())) or "none"
@@ -471,18 +500,22 @@ class ModelManager:
         """Version states of a model, newest first (all versions unless one is named)."""
         with self._lock:
             model = self._models.get(name)
-            if model is None or not model.versions:
+            listed = dict(model.versions) if model is not None else {}
+            if model is not None and not any(e.state == State.AVAILABLE for e in listed.values()):
+                # a moved model whose new versions load: the previous base_path's answer, so they are listed
+                listed.update({e.version: e for e in model.standby if e.state == State.AVAILABLE})
+            if not listed:
                 raise NotFound(f"Could not find any versions of model {name}")
             if label:
                 if label not in model.labels or not model.active:
                     raise InvalidInput(f"Unrecognized servable version label: {label}")
                 version = model.labels[label]
             if version is not None:
-                if version not in model.versions:
+                if version not in listed:
                     raise NotFound(f"Could not find version {version} of model {name}")
-                entries = [model.versions[version]]
+                entries = [listed[version]]
             else:
-                entries = sorted(model.versions.values(), key=lambda e: -e.version)
+                entries = sorted(listed.values(), key=lambda e: -e.version)
             return [VersionStatus(e.version, e.state, e.error.code if e.error else "OK",
                                   e.error.message if e.error else "") for e in entries]
 
@@ -498,7 +531,7 @@ class ModelManager:
     def readiness(self) -> dict[str, bool]:
         """Model -> whether it has an AVAILABLE version (every active model)."""
         with self._lock:
-            return {name: any(e.state == State.AVAILABLE for e in m.versions.values())
+            return {name: bool(m.answering())
                     for name, m in sorted(self._models.items()) if m.active}
 
     def wait_for(self, name: str, version: int, state: State, timeout: float) -> bool:
@@ -525,6 +558,7 @@ class ModelManager:
                 for entry in model.versions.values():
                     if entry.state == State.AVAILABLE:
                         self._begin_unload(entry)
+                self._drop_standby(model)
             deadline = time.monotonic() + timeout
             while any(e.state == State.UNLOADING for m in self._models.values()
                       for e in [*m.versions.values(), *m.retired]):

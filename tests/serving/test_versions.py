@@ -426,3 +426,53 @@ def test_a_refused_config_file_applies_once_the_version_its_label_needs_is_expor
     assert reply.model_spec.version.value == new
     assert any("applied on a later try" in r.getMessage() for r in caplog.records)
     channel.close()
+
+
+@pytest.mark.slow
+def test_a_model_moved_to_another_base_path_keeps_answering_while_the_new_files_load(private_server,
+                                                                                     private_repository, reference,
+                                                                                     jpegs, caplog):
+    """HandleReloadConfigRequest moves a model to another folder under load: its loaded versions keep answering
+    until a version of the new folder is AVAILABLE, then go (it used to unload them first: 51 failed calls
+    while the new one loaded). Status lists what answers meanwhile."""
+    repo = private_repository
+    server = private_server(model_config_file=str(single_model_config(repo)), model_repository=str(repo),
+                            enable_model_warmup=True)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    models = model_service_pb2_grpc.ModelServiceStub(channel)
+    predict = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    data = np.array(jpegs[:1], dtype=object)
+    old_latest = max(int(p.name) for p in (repo / MODEL).iterdir() if p.name.isdigit())
+    refs = {"old": reference(MODEL, old_latest, image_bytes=data)["probabilities"][0],
+            "new": reference(OTHER_MODEL, 1, image_bytes=data)["probabilities"][0]}
+    stop, failures, answers = threading.Event(), [], []
+
+    def traffic():
+        while not stop.is_set():
+            try:
+                probs = outputs(predict.Predict(predict_request(image_bytes=data), timeout=30))["probabilities"][0]
+                answers.append(next(k for k, ref in refs.items() if np.allclose(probs, ref, atol=1e-5)))
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                failures.append(repr(exc))
+
+    caplog.set_level(logging.INFO, logger="carclf.serving")
+    threads = [threading.Thread(target=traffic) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.3)
+        moved = (f'model_config_list {{ config {{ name: "{MODEL}" base_path: "{repo / OTHER_MODEL}" '
+                 'model_platform: "tensorflow" } }')
+        assert models.HandleReloadConfigRequest(reload_request(moved), timeout=120).status.error_code == 0
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not failures, failures[:3]
+    assert answers[0] == "old" and answers[-1] == "new", (answers[:3], answers[-3:])
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"versions [{old_latest}] keep answering until one from {repo / OTHER_MODEL} is AVAILABLE" in said
+    assert f"unloading {MODEL} version {old_latest} of its previous base_path" in said
+    assert [s.version for s in server.manager.status(MODEL)] == [1]  # the new folder's version alone
+    channel.close()
