@@ -129,6 +129,7 @@ class ModelServer:
         self._start_error: BaseException | None = None
         self._stop_transports: asyncio.Event | None = None
         self._health = None
+        self._health_names: set[str] = set()  # the model names given a health status
         self._grpc_server = None
         self._grpc_pool: ThreadPoolExecutor | None = None
         self._poller: threading.Thread | None = None
@@ -215,6 +216,25 @@ class ModelServer:
 
     def _on_state(self, model: str, version: int, state: State) -> None:
         self.metrics.version_state.labels(model, str(version)).set(int(state))
+        self._update_health()
+
+    def _update_health(self) -> None:
+        """grpc.health.v1 follows readiness (extension): each model's name is SERVING while it has an
+        AVAILABLE version, and "" (the server) while every configured model has one, as ``/v1/ready`` says.
+        TF Serving opens its ports only once its models have loaded, so a probe of "" cannot pass earlier
+        there either; here the ports open at once and the other models serve meanwhile."""
+        if self._health is None or self.manager is None:
+            return
+        from grpc_health.v1 import health_pb2
+
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        ready = self.manager.readiness()
+        for name in self._health_names - set(ready):  # left the config
+            self._health.set(name, not_serving)
+        for name, ok in ready.items():
+            self._health.set(name, serving if ok else not_serving)
+        self._health_names |= set(ready)
+        self._health.set("", serving if ready and all(ready.values()) else not_serving)
 
     # -- transports --------------------------------------------------------------------------------
 
@@ -243,7 +263,17 @@ class ModelServer:
         if opts.enable_grpc_healthcheck_service:
             from grpc_health.v1 import health
 
-            self._health = health.HealthServicer()
+            refresh = self._update_health
+
+            class ReadinessHealth(health.HealthServicer):
+                """Checks read the statuses fresh (a reload may add a model with no version yet)."""
+
+                def Check(self, request, context):  # noqa: N802 - the gRPC method's name
+                    refresh()
+                    return super().Check(request, context)
+
+            self._health = ReadinessHealth()
+            self._update_health()
         self._grpc_pool = ThreadPoolExecutor(opts.grpc_threads(), thread_name_prefix="carclf-grpc")
         server = grpc.server(self._grpc_pool, interceptors=[UnparsableRequestInterceptor()], options=[
             ("grpc.max_receive_message_length", opts.max_request_bytes),

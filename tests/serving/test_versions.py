@@ -429,6 +429,7 @@ def test_a_refused_config_file_applies_once_the_version_its_label_needs_is_expor
 
 
 @pytest.mark.slow
+@pytest.mark.extension
 def test_a_model_moved_to_another_base_path_keeps_answering_while_the_new_files_load(private_server,
                                                                                      private_repository, reference,
                                                                                      jpegs, caplog):
@@ -475,4 +476,37 @@ def test_a_model_moved_to_another_base_path_keeps_answering_while_the_new_files_
     assert f"versions [{old_latest}] keep answering until one from {repo / OTHER_MODEL} is AVAILABLE" in said
     assert f"unloading {MODEL} version {old_latest} of its previous base_path" in said
     assert [s.version for s in server.manager.status(MODEL)] == [1]  # the new folder's version alone
+    channel.close()
+
+
+@pytest.mark.extension
+def test_grpc_health_follows_readiness(private_server, private_repository, tmp_path):
+    """grpc.health.v1 (extension): "" is SERVING only while every configured model has an AVAILABLE version,
+    as /v1/ready; each model's name answers for that model. A model whose folder has no version yet used to
+    leave "" SERVING, so a probe passed a server that could not answer it."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    repo = private_repository
+    config = repo / "models.config"
+    waiting = repo / "later"
+    config.write_text(config.read_text().replace("model_config_list {", 'model_config_list {\n  config { name: '
+                                                 f'"later" base_path: "{waiting}" model_platform: "tensorflow" }}', 1))
+    server = private_server(model_config_file=str(config), model_repository=str(repo), enable_model_warmup=False,
+                            enable_grpc_healthcheck_service=True, file_system_poll_wait_seconds=0.2)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    health = health_pb2_grpc.HealthStub(channel)
+
+    def status(service: str) -> str:
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    assert (status(""), status("later"), status(MODEL)) == ("NOT_SERVING", "NOT_SERVING", "SERVING")
+    assert Rest(f"http://127.0.0.1:{server.rest_port}").get("/v1/ready").status == 503
+    shutil.copytree(repo / MODEL / "1", waiting / ".incoming-1")  # published whole, as export does
+    os.rename(waiting / ".incoming-1", waiting / "1")
+    deadline = time.monotonic() + 60
+    while status("") != "SERVING":
+        assert time.monotonic() < deadline, "health did not follow the model that became AVAILABLE"
+        time.sleep(0.2)
+    assert status("later") == "SERVING"
     channel.close()
