@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from google.protobuf import text_format
 
-from carclf.errors import ConfigError
+from carclf.errors import ConfigError, InvalidInput
 from carclf.serving import protos
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -113,6 +113,14 @@ class BasePathResolver:
                               f"{real_root}; set --model_repository to the folder holding the models",
                               source=source, field=field_name)
         return real
+
+    def check_version_folder(self, folder: Path) -> None:
+        """InvalidInput unless a version folder resolves inside the model repository (a version symlinked
+        out of it is refused, as a base path is)."""
+        real_root, real = self.model_repository.resolve(), Path(folder).resolve()
+        if not real.is_relative_to(real_root):
+            raise InvalidInput(f"version folder {folder} resolves to {real}, outside the model repository "
+                               f"{real_root}; copy the version into the repository instead of linking to it")
 
 
 def _policy_from_proto(policy, *, source: str, field_name: str) -> VersionPolicy:

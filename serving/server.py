@@ -199,6 +199,7 @@ class ModelServer:
         return single_model_config(opts.model_name, opts.model_base_path, self.resolver)
 
     def _load_version(self, name: str, version: int, path: Path) -> Servable:
+        self.resolver.check_version_folder(path)
         servable = SavedModelServable(name, version, path,
                                       warmup_iterations=self.options.num_request_iterations_for_warmup)
         if self.options.enable_model_warmup:

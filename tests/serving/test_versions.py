@@ -510,3 +510,23 @@ def test_grpc_health_follows_readiness(private_server, private_repository, tmp_p
         time.sleep(0.2)
     assert status("later") == "SERVING"
     channel.close()
+
+
+def test_a_version_folder_linked_from_outside_the_repository_is_refused(private_server, private_repository, jpegs,
+                                                                         tmp_path):
+    """Base paths must stay inside --model_repository (no symlink out); a version folder symlinked to files
+    outside it used to load and serve. It is reported END with why, and the others keep serving."""
+    repo = private_repository
+    server = private_server(model_config_file=str(repo / "models.config"), model_repository=str(repo),
+                            enable_model_warmup=False)
+    outside = tmp_path / "elsewhere" / "7"
+    shutil.copytree(repo / MODEL / "1", outside)
+    (repo / MODEL / "7").symlink_to(outside)
+    server.manager.poll()
+    (status,) = server.manager.status(MODEL, 7)
+    assert status.state == State.END and status.error_code == "INVALID_ARGUMENT"
+    assert status.error_message == (f"version folder {repo / MODEL / '7'} resolves to {outside.resolve()}, outside "
+                                    f"the model repository {repo.resolve()}; copy the version into the repository "
+                                    "instead of linking to it")
+    rest = Rest(f"http://127.0.0.1:{server.rest_port}")
+    assert rest.post(f"/v1/models/{MODEL}:predict", {"instances": [b64(jpegs[0])]}).status == 200
