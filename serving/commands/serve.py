@@ -2,13 +2,14 @@
 
 Takes tensorflow_model_server's flags (see ``carclf serve --help`` and serving/README.md). Runs until
 SIGTERM or Ctrl-C, then drains: new requests are refused with UNAVAILABLE, in-flight ones finish, and
-the process exits 0.
+the process exits 0. A second SIGTERM or Ctrl-C during the drain ends the process at once (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 
@@ -25,6 +26,12 @@ def run(args: argparse.Namespace) -> int:
 
     def on_signal(signum, _frame) -> None:
         received.append(signum)
+        if len(received) > 1:  # the operator does not want to wait for the drain
+            logging.getLogger("carclf.serving").warning(
+                "second signal %s during the drain: exiting now; requests still in flight are lost",
+                signal.Signals(signum).name)
+            logging.shutdown()
+            os._exit(1)
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):

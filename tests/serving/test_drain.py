@@ -180,3 +180,43 @@ def test_drain_timeout_refuses_queued_requests_and_lets_the_running_batch_answer
     assert len(answered) == slow.runs < len(calls)  # every batch that ran was answered; none ran after the timeout
     for i, y in answered:
         np.testing.assert_array_equal(y, [2.0 * i])
+
+
+@pytest.mark.extension
+def test_a_second_signal_during_the_drain_ends_the_server_at_once(serve_process, conformance_repository, jpegs,
+                                                                  tmp_path):
+    """Ctrl-C twice: the first starts the drain (here a request waits 30 s in a batching queue), the second
+    ends the process at once with exit status 1 instead of being ignored for the whole drain."""
+    batching = tmp_path / "batching.config"
+    batching.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 30000000 }")
+    server = serve_process("--model_name", OTHER_MODEL, "--model_base_path", str(conformance_repository / OTHER_MODEL),
+                           "--enable_batching", "--batching_parameters_file", str(batching),
+                           "--enable_model_warmup=false", "--monitoring_config_file",
+                           str(conformance_repository / "monitoring.config"))
+    server.wait_ready()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.ports['grpc']}")
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    rest = Rest(f"http://127.0.0.1:{server.ports['rest']}")
+    waiting = stub.Predict.future(predict_request(OTHER_MODEL, image_bytes=np.array(jpegs[:1], dtype=object)),
+                                  timeout=60)
+    deadline = time.monotonic() + 10
+    while 'carclf_serving_inflight_requests{entrypoint="GRPC"} 1.0' not in rest.get(
+            "/monitoring/prometheus/metrics").body.decode():
+        assert time.monotonic() < deadline, "the request never became in flight"
+        time.sleep(0.05)
+    server.process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 10
+    while not any("draining" in line for line in server.lines):
+        assert time.monotonic() < deadline, "the first signal did not start the drain"
+        time.sleep(0.05)
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(timeout=10) == 1, "".join(server.lines[-20:])
+    assert time.monotonic() - started < 10  # not the 30 s the queued request had left
+    deadline = time.monotonic() + 5  # the log reader may be a line behind the exit
+    while not any("second signal SIGINT during the drain: exiting now" in line for line in server.lines):
+        assert time.monotonic() < deadline, "".join(server.lines[-20:])
+        time.sleep(0.05)
+    with pytest.raises(grpc.RpcError):
+        waiting.result(timeout=10)
+    channel.close()
