@@ -273,16 +273,20 @@ def measure_point(work: Workload, transport: str, server: srv.EmbeddedServer, co
                   settings: dict) -> dict:
     """One closed-loop point against the server, with CPU per photo and, from the server's metrics, where
     the time of a request went."""
-    before = metrics.scrape(server.address.rest_url, METRICS_PATH)
+    scrapes: dict[str, metrics.Samples | None] = {}  # at the window's two ends: the priming calls left out
+
+    def scrape(edge: str) -> None:
+        scrapes[edge] = metrics.scrape(server.address.rest_url, METRICS_PATH)
+
     result = loadgen.closed_loop(work.factory(transport, server.address), concurrency, settings["duration_s"],
-                                 settings["warmup_s"], settings["max_requests"], cpu_probe(server.pid))
-    after = metrics.scrape(server.address.rest_url, METRICS_PATH) if before is not None else None
+                                 settings["warmup_s"], settings["max_requests"], cpu_probe(server.pid), scrape)
+    before, after = scrapes.get("start"), scrapes.get("end")
     row = result.summary()
     done = max(1, result.requests)
     row["client_cpu_ms_per_photo"] = round(result.cpu_s * 1000 / done, 3)
     row["server_cpu_ms_per_photo"] = (None if result.server_cpu_s is None
                                       else round(result.server_cpu_s * 1000 / done, 3))
-    if after is not None:
+    if before is not None and after is not None:
         entrypoint = "GRPC" if transport == "grpc" else "REST"
         row["breakdown"] = metrics.with_outside(row, metrics.breakdown(before, after, work.model, entrypoint))
     print(f"bench: {work.model} {transport:4} c={concurrency:<3} {row['throughput']:8.1f}/s  "

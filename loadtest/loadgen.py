@@ -88,12 +88,15 @@ def _timed_call(send_one: Callable[[int], Check | None], i: int) -> tuple[float,
 
 
 def closed_loop(factory: WorkerFactory, concurrency: int, duration_s: float, warmup_s: float = 0.5,
-                max_requests: int = 1_000_000, server_cpu: Callable[[], float] | None = None) -> LoadResult:
+                max_requests: int = 1_000_000, server_cpu: Callable[[], float] | None = None,
+                on_window: Callable[[str], None] | None = None) -> LoadResult:
     """Run ``concurrency`` workers for ``warmup_s + duration_s``; measure only after the warmup.
 
     Each worker first sends one unmeasured priming request (``send_one(-1)``). A request counts when it
     completes inside the measured window (so throughput is completions per second); ``server_cpu``
-    (seconds of CPU used so far by the server) is read at both ends of the window.
+    (seconds of CPU used so far by the server) is read at both ends of the window. ``on_window("start")``
+    runs when the window opens (every priming and warm-up request sent before it) and ``on_window("end")``
+    once the last request has returned, so server-side figures read there leave the cold priming calls out.
     """
     workers = [factory(i) for i in range(concurrency)]
     lock = threading.Lock()
@@ -136,6 +139,8 @@ def closed_loop(factory: WorkerFactory, concurrency: int, duration_s: float, war
     state["stop_at"] = now + warmup_s + duration_s
     go.set()
     time.sleep(max(0.0, state["measure_from"] - time.perf_counter()))
+    if on_window is not None:
+        on_window("start")
     cpu0, server0 = time.process_time(), server_cpu() if server_cpu else None
     time.sleep(max(0.0, state["stop_at"] - time.perf_counter()))
     result.cpu_s = time.process_time() - cpu0
@@ -143,6 +148,8 @@ def closed_loop(factory: WorkerFactory, concurrency: int, duration_s: float, war
         result.server_cpu_s = server_cpu() - server0
     for thread in threads:
         thread.join(timeout=120.0)
+    if on_window is not None:
+        on_window("end")
     for _, close in workers:
         close()
     result.flag_if_empty()

@@ -211,6 +211,37 @@ def test_closed_loop_times_the_call_not_the_check_and_counts_wrong_answers():
     assert abs(result.errors - len(result.latencies_ms)) <= 2  # every other answer fails its check
 
 
+def test_the_window_callbacks_leave_the_priming_calls_out_and_come_after_the_last_call():
+    """Server-side figures are read at on_window("start") and ("end"): every worker's priming call (a cold
+    first call, slower than the rest) is over by the start, and every measured call has returned by the end.
+    Read before the loop instead, a bench with --warmup 0 counted the cold calls on the server side only and
+    showed more time inside the server than the client saw."""
+    import threading
+    import time
+
+    events: list[tuple[str, float]] = []
+    lock = threading.Lock()
+
+    def factory(index: int):
+        def send(i: int):
+            time.sleep(0.05 if i < 0 else 0.005)  # the priming call is the slow one
+            with lock:
+                events.append(("prime" if i < 0 else "call", time.perf_counter()))
+
+        return send, lambda: None
+
+    def on_window(edge: str) -> None:
+        with lock:
+            events.append((edge, time.perf_counter()))
+
+    result = loadgen.closed_loop(factory, 2, duration_s=0.3, warmup_s=0.0, on_window=on_window)
+    order = [name for name, _ in events]
+    start, end = order.index("start"), order.index("end")
+    assert order.count("prime") == 2 and all(name == "prime" for name in order[:2]) and start == 2
+    assert end == len(order) - 1 and order.count("start") == order.count("end") == 1
+    assert len(result.latencies_ms) >= 10 and max(result.latencies_ms) < 50  # no cold call among them
+
+
 def test_alternating_takes_the_senders_in_turn_and_times_each_call_alone():
     """Calls go a, b, a, b, ... one at a time; each sender's latencies are its own calls (the check off the
     clock), so a sender that is slower by a known amount shows exactly that excess at p50."""
