@@ -38,6 +38,7 @@ class ConfigError(InvalidInput):
         super().__init__(prefix + message)
         self.source = source
         self.field = field
+        self.detail = message  # without the source and field, for a caller that names them itself
 
 
 class NotFound(CarClfError):

@@ -427,9 +427,12 @@ def _apply_parameters(config: EnsembleConfig, params: Mapping[str, str], fail) -
                     fail(fld, f"expected one of {list(imaging.RESIZE_MODES)}, received {value!r}")
                 members[member] = replace(m, resize=value)
             else:
-                sides = [_parse_number(int, side, fld, fail, minimum=8, maximum=4096,
-                                       what="pixels: one side, or HEIGHTxWIDTH (integers)")
-                         for side in value.split("x", 1)]
+                parts = value.split("x", 1)
+                if not all(part.strip().isdigit() for part in parts):
+                    fail(fld, f"expected pixels: one side, or HEIGHTxWIDTH (integers), received {value!r}")
+                sides = [int(part) for part in parts]
+                if not all(8 <= side <= 4096 for side in sides):
+                    fail(fld, f"each side must be 8 to 4096 pixels, received {value!r}")
                 members[member] = replace(m, input_size=contract.plain_size(sides[0] if len(sides) == 1 else sides))
             continue
         if key not in _GLOBAL_PARAMETERS:
@@ -486,11 +489,11 @@ def _parse_policy(value: str, fld: str, fail) -> TTAPolicy:
         try:
             return get_policy(data)
         except ConfigError as exc:
-            fail(fld, exc.message)
+            fail(fld, exc.detail)
     try:
         return get_policy(value)
     except ConfigError as exc:
-        fail(fld, exc.message)
+        fail(fld, exc.detail)
 
 
 def _read_labels(name: str, base_dir, source: str) -> tuple[str, ...]:

@@ -131,9 +131,12 @@ class EnsembleRuntime:
             self._labels = info.labels
         elif tuple(self._labels) != tuple(info.labels):
             self._info.pop(member.name, None)
-            raise LabelMismatch(f"member {member.name!r} has labels {list(info.labels)[:3]}... "
-                                f"({len(info.labels)}), different from the ensemble's "
-                                f"{list(self._labels)[:3]}... ({len(self._labels)})")
+            first = next((i for i, (a, b) in enumerate(zip(info.labels, self._labels, strict=False)) if a != b),
+                         min(len(info.labels), len(self._labels)))
+            shown = slice(first, first + 3)
+            raise LabelMismatch(f"member {member.name!r} has labels {list(info.labels[shown])}... from class {first} "
+                                f"({len(info.labels)} in all), different from the ensemble's "
+                                f"{list(self._labels[shown])}... ({len(self._labels)})")
 
     def prepare(self, *, strict: bool = True) -> dict[str, MemberInfo | CarClfError]:
         """Describe every member now (input sizes, labels). With ``strict`` any failure raises."""

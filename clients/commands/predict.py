@@ -269,8 +269,10 @@ def print_photo(path: Path, result, i: int, args, class_names: list[str] | None)
             members.append({
                 "model": str(name),
                 "answered": answered,
-                "version": int(outputs["member_versions"][i][j]) if "member_versions" in outputs else None,
-                "label": str(outputs["member_labels"][i][j]) if "member_labels" in outputs else None,
+                # a member that did not answer has no version or label (the tensors hold 0 and "" there)
+                "version": int(outputs["member_versions"][i][j]) if answered and "member_versions" in outputs
+                else None,
+                "label": str(outputs["member_labels"][i][j]) if answered and "member_labels" in outputs else None,
                 "probability": float(probs.max()) if answered and probs is not None else None,
                 "latency_ms": round(float(outputs["member_latency_ms"][i][j]), 1)
                 if "member_latency_ms" in outputs else None,

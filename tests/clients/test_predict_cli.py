@@ -350,3 +350,25 @@ def test_a_folder_never_replaces_a_submission_nobody_named(tmp_path, photos, mon
     assert line == ("carclf predict: error: submission.csv exists: give --output PATH for the submission of a "
                     "folder (--output submission.csv replaces it)")
     assert precious.read_text() == "Id,Category\nmine.jpg,3\n"
+
+
+def test_a_member_that_did_not_answer_has_no_version_or_label_in_json(tiny_repository_template, photos, tmp_path,
+                                                                      capsys):
+    """--json of a degraded answer: the member that did not answer reads version and label null (the tensors
+    hold 0 and "" there), not version 0 and label ""."""
+    from carclf.ensemble.config import render
+    from tests.ensemble.servers import TINY_ENSEMBLE_PARAMETERS, embedded_server
+
+    config = tmp_path / "degraded" / "config.pbtxt"
+    config.parent.mkdir()
+    parameters = {k: v for k, v in TINY_ENSEMBLE_PARAMETERS.items() if k != "weight.tiny_b"}
+    config.write_text(render("degraded", ["tiny_a", "tiny_gone"], parameters=parameters))
+    with embedded_server(tiny_repository_template, tmp_path / "server", ensembles=[config]) as server:
+        assert cli.main(["predict", str(photos[0]), "--server", grpc_url(server), "--model", "degraded",
+                         "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["degraded"] is True
+    (present, missing) = answer["members"]
+    assert present["answered"] is True and present["version"] == 2 and present["label"]
+    assert missing == {"model": "tiny_gone", "answered": False, "version": None, "label": None,
+                       "probability": None, "latency_ms": missing["latency_ms"]}

@@ -114,6 +114,10 @@ BAD = [
      "ensemble_scheduling.step[1].model_namespace", "remove it"),
     # the product's clients send photos as image_bytes, to backbones and ensemble alike
     ("input renamed", _edit(BASE, 'name: "image_bytes"', 'name: "photo"'), "input[0].name", "'photo'"),
+    ("input_size half given", render("e", ["a", "b"], parameters={"input_size.a": "64x"}),
+     "parameters['input_size.a']", "expected pixels: one side, or HEIGHTxWIDTH (integers), received '64x'"),
+    ("input_size too small", render("e", ["a", "b"], parameters={"input_size.a": "64x4"}),
+     "parameters['input_size.a']", "each side must be 8 to 4096 pixels, received '64x4'"),
     # aggregation 'mean' ignores weights: a file giving both is a slip
     ("weights with mean", render("e", ["a", "b"], parameters={"aggregation": "mean", "weight.a": "5"}),
      "parameters['weight.a']", "aggregation 'mean' takes no weights, received '5'"),
@@ -161,3 +165,12 @@ def test_overrides_are_validated(tiny_config):
         config.with_overrides(weights={"tiny_z": 1.0})
     with pytest.raises(ConfigError, match="median"):
         config.with_overrides(aggregation="median")
+
+
+def test_a_tta_policy_typo_names_the_parameter_once(tmp_path):
+    path = tmp_path / "config.pbtxt"
+    path.write_text(render("e", ["a", "b"], parameters={"tta_policy": "hflipp"}))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: field 'parameters['tta_policy']': unknown TTA policy 'hflipp'")
+    assert str(info.value).count("field ") == 1

@@ -297,3 +297,22 @@ def test_a_member_answering_another_number_of_classes_is_left_out_or_named(tiny_
     with pytest.raises(FailedPrecondition, match=r"members answer different numbers of classes \(tiny_a: 10, "
                                                  r"tiny_b: 5\); give the members model cards with labels"):
         unlabelled.predict(photo_bytes[:1])
+
+
+def test_a_label_mismatch_shows_where_the_labels_part(tiny_repository_template, tiny_config):
+    """Labels that differ only from class 5 on: the message shows them from there, not the first three that
+    agree on both sides."""
+    import dataclasses
+
+    from carclf.ensemble.runtime import LabelMismatch
+
+    config = tiny_config(("tiny_a",))
+    with EnsembleRuntime(config, RecordingCaller(tiny_repository_template)) as runtime:
+        labels = list(runtime.labels)
+    swapped = labels[:5] + [labels[6], labels[5]] + labels[7:]
+    with EnsembleRuntime(dataclasses.replace(config, labels=tuple(swapped)),
+                         RecordingCaller(tiny_repository_template)) as runtime:
+        with pytest.raises(LabelMismatch) as info:
+            runtime.prepare()
+    assert f"has labels {labels[5:8]}... from class 5 (10 in all), different from the ensemble's " \
+           f"{swapped[5:8]}... (10)" in info.value.message

@@ -249,7 +249,8 @@ def test_an_ensemble_whose_label_file_disagrees_with_its_members_does_not_start(
             pass
     message = refused.value.message
     assert str(config) in message and "output.label_filename" in message
-    assert "has labels" in message and "(10), different from the ensemble's ['a', 'b', 'c']... (3)" in message
+    assert "has labels" in message and "from class 0 (10 in all), different from the ensemble's ['a', 'b', 'c']... " \
+        "(3)" in message
 
 
 
