@@ -85,14 +85,22 @@ def check_ensemble(path: str) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def check_model_names(ensembles: dict[str, str], config: ModelsConfig | None) -> None:
-    """ConfigError unless every model name is served once: no two ensemble files declaring one name, and no
-    ensemble named like a model of the models config (found before anything loads, naming both sources)."""
+def check_model_names(ensembles: list[tuple[str, str | None]], config: ModelsConfig | None) -> None:
+    """ConfigError unless every model name is served once: no two ensemble files (path, declared name)
+    declaring one name, and no ensemble named like a model of the models config (found before anything
+    loads, naming both sources)."""
+    declared: dict[str, str] = {}
+    for path, name in ensembles:
+        if name is not None and name in declared:
+            raise ConfigError(f"declares model {name!r}, as {declared[name]} does; give one of them another name",
+                              source=path, field="name")
+        if name is not None:
+            declared[name] = path
     for model in config.models if config is not None else ():
-        if model.name in ensembles:
+        if model.name in declared:
             raise ConfigError(f"declares model {model.name!r}, which {config.source or 'the model config'} "
                               "serves too; give one of them another name",
-                              source=ensembles[model.name], field="name")
+                              source=declared[model.name], field="name")
 
 
 def load_ensemble(path: str, predictor: Predictor) -> Servable:
@@ -157,14 +165,8 @@ class ModelServer:
                                               on_runtime=lambda name, s: self.predictor.record_runtime(name, s),
                                               early_dispatch=opts.batching_early_dispatch)
             self.predictor = Predictor(self.manager, self.metrics, batcher=self.batcher, executor=self.executor)
-            ensembles: dict[str, str] = {}  # a bad ensemble config fails before minutes of model loading
-            for path in opts.ensemble_config_file:
-                name = check_ensemble(path)
-                if name is not None and name in ensembles:
-                    raise ConfigError(f"declares model {name!r}, as {ensembles[name]} does; give one of them "
-                                      "another name", source=path, field="name")
-                if name is not None:
-                    ensembles[name] = path
+            # a bad ensemble config, or a name served twice, fails before minutes of model loading
+            ensembles = [(path, check_ensemble(path)) for path in opts.ensemble_config_file]
             models = self._read_models_config() if opts.model_config_file or opts.model_base_path else None
             check_model_names(ensembles, models)
             if models is not None:
