@@ -73,27 +73,35 @@ def serve_process():
         process.kill()
 
 
-@pytest.mark.slow
-@pytest.mark.extension
-def test_sigterm_drains_in_flight_requests_and_exits_zero(serve_process, conformance_repository, reference, jpegs,
-                                                          tmp_path):
-    batching = tmp_path / "batching.config"  # a request waits 2 s in the queue: it is in flight at SIGTERM
-    batching.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 2000000 }")
-    server = serve_process("--model_name", OTHER_MODEL, "--model_base_path", str(conformance_repository / OTHER_MODEL),
+def queued_request(serve_process, repository, tmp_path, wait_s: float, data: np.ndarray):
+    """``carclf serve`` of OTHER_MODEL whose batches wait ``wait_s`` for company, and one gRPC Predict of
+    ``data`` already waiting in its queue: (server, channel, stub, REST client, the call's future)."""
+    batching = tmp_path / "batching.config"
+    batching.write_text(f"max_batch_size {{ value: 8 }} batch_timeout_micros {{ value: {int(wait_s * 1e6)} }}")
+    server = serve_process("--model_name", OTHER_MODEL, "--model_base_path", str(repository / OTHER_MODEL),
                            "--enable_batching", "--batching_parameters_file", str(batching),
                            "--enable_model_warmup=false", "--monitoring_config_file",
-                           str(conformance_repository / "monitoring.config"))
+                           str(repository / "monitoring.config"))
     server.wait_ready()
     channel = grpc.insecure_channel(f"127.0.0.1:{server.ports['grpc']}")
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     rest = Rest(f"http://127.0.0.1:{server.ports['rest']}")
-    data = np.array(jpegs[:2], dtype=object)
-    in_flight = stub.Predict.future(predict_request(OTHER_MODEL, image_bytes=data), timeout=60)
+    call = stub.Predict.future(predict_request(OTHER_MODEL, image_bytes=data), timeout=60)
     deadline = time.monotonic() + 10
     while 'carclf_serving_inflight_requests{entrypoint="GRPC"} 1.0' not in rest.get(
             "/monitoring/prometheus/metrics").body.decode():
         assert time.monotonic() < deadline, "the request never became in flight"
         time.sleep(0.05)
+    return server, channel, stub, rest, call
+
+
+@pytest.mark.slow
+@pytest.mark.extension
+def test_sigterm_drains_in_flight_requests_and_exits_zero(serve_process, conformance_repository, reference, jpegs,
+                                                          tmp_path):
+    data = np.array(jpegs[:2], dtype=object)  # the request waits 2 s in the queue: in flight at SIGTERM
+    server, channel, stub, rest, in_flight = queued_request(serve_process, conformance_repository, tmp_path, 2.0,
+                                                            data)
 
     server.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
@@ -187,23 +195,8 @@ def test_a_second_signal_during_the_drain_ends_the_server_at_once(serve_process,
                                                                   tmp_path):
     """Ctrl-C twice: the first starts the drain (here a request waits 30 s in a batching queue), the second
     ends the process at once with exit status 1 instead of being ignored for the whole drain."""
-    batching = tmp_path / "batching.config"
-    batching.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 30000000 }")
-    server = serve_process("--model_name", OTHER_MODEL, "--model_base_path", str(conformance_repository / OTHER_MODEL),
-                           "--enable_batching", "--batching_parameters_file", str(batching),
-                           "--enable_model_warmup=false", "--monitoring_config_file",
-                           str(conformance_repository / "monitoring.config"))
-    server.wait_ready()
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.ports['grpc']}")
-    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-    rest = Rest(f"http://127.0.0.1:{server.ports['rest']}")
-    waiting = stub.Predict.future(predict_request(OTHER_MODEL, image_bytes=np.array(jpegs[:1], dtype=object)),
-                                  timeout=60)
-    deadline = time.monotonic() + 10
-    while 'carclf_serving_inflight_requests{entrypoint="GRPC"} 1.0' not in rest.get(
-            "/monitoring/prometheus/metrics").body.decode():
-        assert time.monotonic() < deadline, "the request never became in flight"
-        time.sleep(0.05)
+    server, channel, _, _, waiting = queued_request(serve_process, conformance_repository, tmp_path, 30.0,
+                                                    np.array(jpegs[:1], dtype=object))
     server.process.send_signal(signal.SIGINT)
     deadline = time.monotonic() + 10
     while not any("draining" in line for line in server.lines):
