@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     elsewhere = "" if repository == Path("model_repository") else f" REPOSITORY={shlex.quote(str(repository))}"
     print(f"Serve these models again with their ensemble: make serve ENSEMBLE={ensemble_config}{elsewhere}")
     also = "" if not elsewhere else f" --model-repository {shlex.quote(str(repository))}"
-    print(f"Load-test them while served: make loadtest ARGS=\"--target-model {DEMO_RECIPES[0]}{also}\"")
+    print(f"Load-test them (make loadtest starts the server when none runs): make loadtest ARGS=\"--target-model "
+          f"{DEMO_RECIPES[0]} --ensemble-config {ensemble_config}{also}\"")
     return 0 if server.returncode == 0 else 1
 
 

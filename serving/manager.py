@@ -302,6 +302,11 @@ class ModelManager:
                 if entry.state == State.AVAILABLE and version not in desired:
                     if serving_desired or version not in on_disk:
                         log.info("unloading %s version %d (policy %s)", name, version, config.policy.describe())
+                        labelled = sorted(label for label, v in model.labels.items() if v == version)
+                        if labelled:  # as in TF Serving the label stays, pointing at nothing: say so once
+                            log.warning("%s version %d is unloaded while label(s) %s point at it: requests by "
+                                        "label fail (NOT_FOUND) until the model config moves them", name, version,
+                                        ", ".join(labelled))
                         self._begin_unload(entry)
 
     @staticmethod

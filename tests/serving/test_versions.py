@@ -530,3 +530,22 @@ def test_a_version_folder_linked_from_outside_the_repository_is_refused(private_
                                     "instead of linking to it")
     rest = Rest(f"http://127.0.0.1:{server.rest_port}")
     assert rest.post(f"/v1/models/{MODEL}:predict", {"instances": [b64(jpegs[0])]}).status == 200
+
+
+def test_unloading_a_labelled_version_says_the_label_now_points_at_nothing(private_server, private_repository,
+                                                                           caplog):
+    """The rolling canary done out of order: with latest {2}, stable -> 1 and canary -> 2, exporting version 3
+    unloads 1 while stable still points at it. As in TF Serving the label stays (requests by it fail); the
+    log says so instead of only "unloading"."""
+    repo = private_repository
+    config = single_model_config(repo, policy='model_version_policy { latest { num_versions: 2 } } '
+                                              'version_labels { key: "stable" value: 1 } '
+                                              'version_labels { key: "canary" value: 2 }')
+    server = private_server(model_config_file=str(config), model_repository=str(repo), enable_model_warmup=False)
+    caplog.set_level(logging.INFO, logger="carclf.serving")
+    publish_copy(repo, MODEL, source=2, version=3)
+    server.manager.poll()
+    assert server.manager.status(MODEL, 1)[0].state == State.END
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"{MODEL} version 1 is unloaded while label(s) stable point at it: requests by label fail (NOT_FOUND) " \
+           "until the model config moves them" in said
