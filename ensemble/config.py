@@ -177,7 +177,62 @@ def parse_config(text: str, *, source: str = "<string>", base_dir: str | os.Path
         text_format.Parse(text, proto)
     except text_format.ParseError as exc:
         raise ConfigError(f"not a valid Triton ModelConfig text protobuf: {exc}", source=source) from None
+    _check_repeated_map_keys(text, source)
     return from_proto(proto, source=source, base_dir=base_dir)
+
+
+_ENTRY_LISTS = None  # ModelConfig with its maps read as lists of entries (built once)
+
+
+def _model_config_with_entry_lists():
+    """A copy of Triton's ``ModelConfig`` class whose map fields (``parameters``, ``input_map``, ...) parse as
+    lists of key/value entries: protobuf's text parser keeps the last of two equal map keys without a word."""
+    global _ENTRY_LISTS
+    if _ENTRY_LISTS is None:
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+        from tritonclient.grpc import model_config_pb2
+
+        file_proto = descriptor_pb2.FileDescriptorProto()
+        model_config_pb2.DESCRIPTOR.CopyToProto(file_proto)
+        pending = list(file_proto.message_type)
+        while pending:
+            message = pending.pop()
+            message.options.ClearField("map_entry")
+            pending.extend(message.nested_type)
+        file_proto.name = f"carclf_entry_lists/{file_proto.name}"  # its own pool: no clash with Triton's
+        pool = descriptor_pool.DescriptorPool()
+        pool.Add(file_proto)
+        _ENTRY_LISTS = message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{file_proto.package}.ModelConfig"))
+    return _ENTRY_LISTS
+
+
+def _check_repeated_map_keys(text: str, source: str) -> None:
+    """ConfigError naming the field when a map key (a parameter, an input_map or output_map key) is given twice."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    listed = _model_config_with_entry_lists()()
+    text_format.Parse(text, listed)
+
+    def walk(message, original, where: str) -> None:
+        for field_descriptor, value in message.ListFields():
+            if field_descriptor.message_type is None:
+                continue
+            kind = original.fields_by_name[field_descriptor.name].message_type
+            name = f"{where}{field_descriptor.name}"
+            if kind.GetOptions().map_entry:
+                keys = [entry.key for entry in value]
+                twice = next((k for k in keys if keys.count(k) > 1), None)
+                if twice is not None:
+                    raise ConfigError(f"key {twice!r} is given {keys.count(twice)} times; give it once (the last "
+                                      "would silently win)", source=source, field=f"{name}[{twice!r}]")
+            elif field_descriptor.label == field_descriptor.LABEL_REPEATED:
+                for i, item in enumerate(value):
+                    walk(item, kind, f"{name}[{i}].")
+            else:
+                walk(value, kind, f"{name}.")
+
+    walk(listed, model_config_pb2.ModelConfig.DESCRIPTOR, "")
 
 
 def from_proto(proto, *, source: str = "<proto>", base_dir: str | os.PathLike | None = None) -> EnsembleConfig:

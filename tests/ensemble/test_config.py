@@ -118,6 +118,12 @@ BAD = [
      "parameters['input_size.a']", "expected pixels: one side, or HEIGHTxWIDTH (integers), received '64x'"),
     ("input_size too small", render("e", ["a", "b"], parameters={"input_size.a": "64x4"}),
      "parameters['input_size.a']", "each side must be 8 to 4096 pixels, received '64x4'"),
+    # protobuf's text parser keeps the last of two equal map keys: a key given twice is refused
+    ("parameter twice", render("e", ["a", "b"], parameters={"top_k": "3"}) + 'parameters { key: "top_k" value { '
+     'string_value: "1" } }\n', "parameters['top_k']", "key 'top_k' is given 2 times"),
+    ("input_map key twice", _edit(BASE, 'key: "pixels"', 'key: "pixels"\n      value: "views"\n    }\n    input_map {\n'
+                                  '      key: "pixels"'), "ensemble_scheduling.step[1].input_map['pixels']",
+     "key 'pixels' is given 2 times"),
     # aggregation 'mean' ignores weights: a file giving both is a slip
     ("weights with mean", render("e", ["a", "b"], parameters={"aggregation": "mean", "weight.a": "5"}),
      "parameters['weight.a']", "aggregation 'mean' takes no weights, received '5'"),
