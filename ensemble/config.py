@@ -117,6 +117,8 @@ class EnsembleConfig:
     max_batch_size: int = 64
     input_name: str = contract.INPUT_IMAGE_BYTES
     outputs: Mapping[str, str] = field(default_factory=dict)  # aggregate output -> ensemble output name
+    # aggregate output -> (its index in the file's output list, its declared dims after the batch; -1 variable)
+    output_dims: Mapping[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
     labels: tuple[str, ...] | None = None  # from label_filename, else from the members' model cards
     source: str = "<memory>"
 
@@ -339,6 +341,7 @@ def from_proto(proto, *, source: str = "<proto>", base_dir: str | os.PathLike | 
     if contract.OUTPUT_PROBABILITIES not in outputs:
         fail(f"{where}.output_map", f"must produce {contract.OUTPUT_PROBABILITIES!r}")
     by_tensor = {tensor: key for key, tensor in outputs.items()}
+    output_dims: dict[str, tuple[int, tuple[int, ...]]] = {}
     for name, i in declared.items():
         if name not in by_tensor:
             fail(f"output[{i}].name", f"output {name!r} is not produced by the {AGGREGATE_STEP!r} step")
@@ -351,6 +354,7 @@ def from_proto(proto, *, source: str = "<proto>", base_dir: str | os.PathLike | 
         if len(got_dims) != len(want_dims) or any(g != -1 and g < 1 for g in got_dims):
             fail(f"output[{i}].dims", f"output {name!r} has {len(want_dims)} dimension(s) after the batch "
                                       f"(-1 for variable), received {list(out.dims)}")
+        output_dims[by_tensor[name]] = (i, got_dims)
     for tensor in outputs.values():
         if tensor not in declared:
             fail("output", f"the aggregate step produces {tensor!r} but no output declares it")
@@ -360,7 +364,7 @@ def from_proto(proto, *, source: str = "<proto>", base_dir: str | os.PathLike | 
     config = _apply_parameters(
         EnsembleConfig(name=proto.name, version=version, members=tuple(members), tta=get_policy("none"),
                        max_batch_size=int(proto.max_batch_size), input_name=inp.name, outputs=outputs,
-                       source=source),
+                       output_dims=output_dims, source=source),
         params, fail)
     weighted = [m for m in config.members if f"weight.{m.name}" in params and m.weight != 1.0]
     if weighted and config.aggregation == "mean":  # aggregate.mean ignores weights: a file giving both is a slip
@@ -370,6 +374,7 @@ def from_proto(proto, *, source: str = "<proto>", base_dir: str | os.PathLike | 
     if labels_file is not None:
         config = replace(config, labels=_read_labels(labels_file, base_dir, source))
     _check_semantics(config)
+    check_output_dims(config, len(config.labels) if config.labels is not None else None)
     return config
 
 
@@ -562,6 +567,23 @@ def _read_labels(name: str, base_dir, source: str) -> tuple[str, ...]:
         raise ConfigError(f"label file {str(path)!r} holds {len(labels)} labels, expected at least 2",
                           source=source, field="output.label_filename")
     return labels
+
+
+def check_output_dims(config: EnsembleConfig, classes: int | None) -> None:
+    """ConfigError naming ``output[i].dims`` when a fixed (not -1) dimension disagrees with what the ensemble
+    answers: the number of members, of classes (``classes``, None while unknown: checked again once the
+    members' labels are read) or of top-k classes."""
+    top_k = min(config.top_k, classes) if classes is not None else None
+    sizes = {"classes": classes, "members": len(config.members), "top-k classes": top_k}
+    meaning = {contract.OUTPUT_PROBABILITIES: ("classes",), "top_k_labels": ("top-k classes",),
+               "top_k_probabilities": ("top-k classes",), "member_probabilities": ("members", "classes")}
+    for key, (index, dims) in config.output_dims.items():
+        what = meaning.get(key, ("members",) * len(dims))
+        for got, kind in zip(dims, what, strict=True):
+            if got != -1 and sizes[kind] is not None and got != sizes[kind]:
+                raise ConfigError(f"output {config.outputs[key]!r} declares {got} {kind}, but the ensemble has "
+                                  f"{sizes[kind]}; declare -1 (variable) or {sizes[kind]}", source=config.source,
+                                  field=f"output[{index}].dims")
 
 
 def _check_semantics(config: EnsembleConfig) -> None:

@@ -15,7 +15,13 @@ import numpy as np
 
 from carclf import contract
 from carclf.ensemble import aggregate as agg
-from carclf.ensemble.config import AGGREGATE_OUTPUTS, NUMPY_DTYPES, EnsembleConfig, load_config
+from carclf.ensemble.config import (
+    AGGREGATE_OUTPUTS,
+    NUMPY_DTYPES,
+    EnsembleConfig,
+    check_output_dims,
+    load_config,
+)
 from carclf.ensemble.members import PredictorMemberCaller
 from carclf.ensemble.runtime import EnsembleResult, EnsembleRuntime, LabelMismatch
 from carclf.errors import ConfigError, InvalidInput
@@ -139,4 +145,6 @@ def load(config_path: str | os.PathLike, predictor, *, model_repository: str | o
     if mismatched:  # the files disagree: no request could be answered, so the server does not start
         raise ConfigError("; ".join(mismatched), source=str(config_path),
                           field="output.label_filename" if config.labels is not None else "ensemble_scheduling.step")
+    if servable.runtime._labels is not None:  # the classes are known now: fixed output dims must agree
+        check_output_dims(config, len(servable.runtime._labels))
     return servable

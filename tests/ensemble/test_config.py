@@ -124,6 +124,10 @@ BAD = [
     ("input_map key twice", _edit(BASE, 'key: "pixels"', 'key: "pixels"\n      value: "views"\n    }\n    input_map {\n'
                                   '      key: "pixels"'), "ensemble_scheduling.step[1].input_map['pixels']",
      "key 'pixels' is given 2 times"),
+    # a fixed dimension must be what the ensemble answers (members known from the file)
+    ("member dims", _edit(BASE, 'name: "member_names"\n  data_type: TYPE_STRING\n  dims: -1',
+                          'name: "member_names"\n  data_type: TYPE_STRING\n  dims: 3'), "output[5].dims",
+     "output 'member_names' declares 3 members, but the ensemble has 2; declare -1 (variable) or 2"),
     # aggregation 'mean' ignores weights: a file giving both is a slip
     ("weights with mean", render("e", ["a", "b"], parameters={"aggregation": "mean", "weight.a": "5"}),
      "parameters['weight.a']", "aggregation 'mean' takes no weights, received '5'"),

@@ -314,6 +314,19 @@ def test_a_model_name_served_twice_is_refused_before_any_model_loads(tiny_reposi
     assert loaded == []
 
 
+def test_a_fixed_output_size_that_disagrees_with_the_classes_stops_the_server(tiny_repository_template, tmp_path):
+    """probabilities declared with 5 classes while the members have 10 used to load, its metadata then saying
+    10: the classes are known once the members' cards are read, and the server refuses the file, naming it."""
+    config = write_ensemble_config(tmp_path, name="five")
+    config.write_text(config.read_text().replace('name: "probabilities"\n  data_type: TYPE_FP32\n  dims: -1',
+                                                 'name: "probabilities"\n  data_type: TYPE_FP32\n  dims: 5'))
+    with pytest.raises(ConfigError) as refused:
+        with embedded_server(tiny_repository_template, tmp_path / "server", ensembles=[config]):
+            pass
+    assert refused.value.message == (f"{config}: field 'output[0].dims': output 'probabilities' declares 5 classes, "
+                                     "but the ensemble has 10; declare -1 (variable) or 10")
+
+
 def _wait_for_version(server, model: str, version: int, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     with connect(grpc_url(server)) as client:
