@@ -357,6 +357,10 @@ class ModelManager:
                 detail = f"{model.name} ({', '.join(bad)}"
                 if not list_versions(model_config.base_path):
                     detail += f"; no version folder under {model_config.base_path}"
+                failed = sorted({v: model.versions[v].error.message for v in model_config.labels.values()
+                                 if v in model.versions and model.versions[v].error is not None}.items())
+                for version, message in failed:  # the rollback takes these entries away: say why here
+                    detail += f"; version {version} failed to load: {message}"
                 problems.append(detail + ")")
         if problems:
             raise _labels_unavailable(problems, "Nothing of this config stays applied")
