@@ -128,11 +128,15 @@ def model_status(rest_url: str, model: str, timeout: float = 2.0) -> tuple[str |
         message = body.get("error", "") if isinstance(body, dict) else ""
         return ("NOT_FOUND" if code == 404 else f"HTTP_{code}"), message
     versions = body.get("model_version_status", []) if isinstance(body, dict) else []
-    if any(v.get("state") == "AVAILABLE" for v in versions):
+    return best_state([(v.get("state", "UNKNOWN"), v.get("status", {}).get("error_message", "")) for v in versions])
+
+
+def best_state(versions: Sequence[tuple[str, str]]) -> tuple[str, str]:
+    """(state, error message) of a model from its versions' (newest first): AVAILABLE when any version is,
+    else the newest one's; UNKNOWN when it lists none."""
+    if any(state == "AVAILABLE" for state, _ in versions):
         return "AVAILABLE", ""
-    if not versions:
-        return "UNKNOWN", ""
-    return versions[0].get("state", "UNKNOWN"), versions[0].get("status", {}).get("error_message", "")
+    return versions[0] if versions else ("UNKNOWN", "")
 
 
 def model_state(rest_url: str, model: str, timeout: float = 2.0) -> str | None:
@@ -156,11 +160,7 @@ def grpc_model_status(target: str, model: str, timeout: float = 5.0) -> tuple[st
 
     with GrpcClient(target, timeout=timeout) as client:
         versions = client.status(model)
-    if any(v.state == "AVAILABLE" for v in versions):
-        return "AVAILABLE", ""
-    if not versions:
-        return "UNKNOWN", ""
-    return versions[0].state, versions[0].error_message
+    return best_state([(v.state, v.error_message) for v in versions])
 
 
 def is_serving(address: ServerAddress, models: Sequence[str], timeout: float = 2.0) -> bool:

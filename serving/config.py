@@ -106,9 +106,8 @@ class BasePathResolver:
         local = Path(base_path)
         if posix.is_relative_to(root) and not Path(self.container_root).exists():
             local = self.model_repository.joinpath(*posix.relative_to(root).parts)
-        real_root = self.model_repository.resolve()
-        real = local.resolve()
-        if real != real_root and not real.is_relative_to(real_root):
+        real, real_root = self._resolved(local)
+        if not real.is_relative_to(real_root):
             raise ConfigError(f"received {base_path!r} (resolved to {real}), which is outside the model repository "
                               f"{real_root}; set --model_repository to the folder holding the models",
                               source=source, field=field_name)
@@ -117,10 +116,14 @@ class BasePathResolver:
     def check_version_folder(self, folder: Path) -> None:
         """InvalidInput unless a version folder resolves inside the model repository (a version symlinked
         out of it is refused, as a base path is)."""
-        real_root, real = self.model_repository.resolve(), Path(folder).resolve()
+        real, real_root = self._resolved(folder)
         if not real.is_relative_to(real_root):
             raise InvalidInput(f"version folder {folder} resolves to {real}, outside the model repository "
                                f"{real_root}; copy the version into the repository instead of linking to it")
+
+    def _resolved(self, path: str | os.PathLike) -> tuple[Path, Path]:
+        """(``path`` with every symlink resolved, the model repository likewise): the pair the rule compares."""
+        return Path(path).resolve(), self.model_repository.resolve()
 
 
 def _policy_from_proto(policy, *, source: str, field_name: str) -> VersionPolicy:

@@ -510,9 +510,8 @@ class ModelManager:
         with self._lock:
             model = self._models.get(name)
             listed = dict(model.versions) if model is not None else {}
-            if model is not None and not any(e.state == State.AVAILABLE for e in listed.values()):
-                # a moved model whose new versions load: the previous base_path's answer, so they are listed
-                listed.update({e.version: e for e in model.standby if e.state == State.AVAILABLE})
+            if model is not None:  # a moved model whose new versions load: its previous ones answer, so are listed
+                listed.update({e.version: e for e in model.answering()})
             if not listed:
                 raise NotFound(f"Could not find any versions of model {name}")
             if label:
