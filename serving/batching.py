@@ -6,7 +6,9 @@ included); a request that would need one more is refused with RESOURCE_EXHAUSTED
 one of ``num_batch_threads`` threads once it is full or its oldest request has waited
 ``batch_timeout_micros``; threads take ready batches from the queues in turn, so models interleave fairly.
 Batches are padded (repeating the first example) up to the next of ``allowed_batch_sizes``; the padding
-is dropped from the outputs.
+is dropped from the outputs. When the server starts draining (``flush``), open batches leave at once instead
+of waiting out the timeout, as TF Serving closes its open batches when its scheduler shuts down: nothing new
+can join them any more.
 
 At most ``num_batch_threads`` batches run at once. A caller that can block (a gRPC handler thread, an
 in-process caller) may pass ``inline=True``: when the request would be dispatched at once anyway (batch
@@ -37,6 +39,7 @@ import numpy as np
 
 from carclf.errors import (
     CarClfError,
+    ConfigError,
     DeadlineExceeded,
     Internal,
     InvalidInput,
@@ -48,6 +51,12 @@ from carclf.serving.metrics import ServingMetrics
 from carclf.serving.servable import Servable
 
 log = logging.getLogger(__name__)
+
+# The longest a batch thread sleeps before it looks at its queues again. A batch_timeout_micros near INT64_MAX
+# (an operator's "wait for a full batch") is a legal value, but Condition.wait refuses a timeout past the
+# platform's time_t (threading.TIMEOUT_MAX), which used to kill every batch thread. Waking once a minute
+# costs nothing and lets the deadline arithmetic stay in plain floats.
+MAX_WAIT_S = 60.0
 
 
 @dataclass
@@ -91,11 +100,18 @@ class BatchScheduler:
         self._queues: dict[tuple, _Queue] = {}
         self._turn = itertools.count()
         self._stopping = False
+        self._flushing = False  # draining: open batches go now
         self._running: list[int] = []  # sizes of the batches running now, in batch threads or inline
         self._threads = [threading.Thread(target=self._work, name=f"{config.thread_pool_name}-{i}", daemon=True)
                          for i in range(config.num_batch_threads)]
-        for thread in self._threads:
-            thread.start()
+        for started, thread in enumerate(self._threads):
+            try:
+                thread.start()
+            except RuntimeError as exc:  # the process's thread limit
+                self._threads = self._threads[:started]
+                self.close(timeout=1.0)
+                raise ConfigError(f"could not start batch thread {started + 1} of {config.num_batch_threads} "
+                                  f"({exc}); ask for fewer", field="num_batch_threads") from None
 
     # -- producers ---------------------------------------------------------------------------------
 
@@ -137,6 +153,8 @@ class BatchScheduler:
         """Would a batch thread take this request at once, alone? (call with the lock held)"""
         if self._stopping or len(self._running) >= self.config.num_batch_threads:
             return False
+        if self._flushing:
+            return not self._queues
         if self._timeout > 0 and size < self.config.max_batch_size and not self._may_leave_early(size):
             return False  # it should wait for others to join its batch
         return not self._queues  # a queue stays in the dict only while it holds waiting work
@@ -184,7 +202,7 @@ class BatchScheduler:
             queue = self._queues[key]
             if queue.closed:
                 batch = queue.closed.popleft()
-            elif queue.open and (now - queue.open_since >= self._timeout or self._stopping
+            elif queue.open and (now - queue.open_since >= self._timeout or self._stopping or self._flushing
                                  or self._may_leave_early(queue.open_size)):
                 batch, queue.open, queue.open_size = queue.open, [], 0
             else:
@@ -198,7 +216,7 @@ class BatchScheduler:
         opens = [q.open_since for q in self._queues.values() if q.open]
         if not opens:
             return None
-        return max(0.0, min(opens) + self._timeout - time.perf_counter())
+        return min(MAX_WAIT_S, max(0.0, min(opens) + self._timeout - time.perf_counter()))
 
     def _work(self) -> None:
         while True:
@@ -303,6 +321,13 @@ class BatchScheduler:
         return result
 
     # -- lifecycle ---------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Send every open batch to the threads now, and from now on every batch as soon as it opens (the
+        server is draining: no request will come to fill them)."""
+        with self._cond:
+            self._flushing = True
+            self._cond.notify_all()
 
     def refuse_queued(self, error: CarClfError) -> int:
         """Fail every request still waiting in a queue with ``error`` (batches already running finish);

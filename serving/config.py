@@ -239,6 +239,10 @@ class BatchingConfig:
     pad_variable_length_inputs: bool = False
 
 
+# More batch threads than this only exhausts the process's thread limit (a million took 50 s to fail).
+MAX_BATCH_THREADS = 1024
+
+
 def batching_config_from_proto(proto, *, source: str) -> BatchingConfig:
     values = {}
     for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads"):
@@ -252,6 +256,10 @@ def batching_config_from_proto(proto, *, source: str) -> BatchingConfig:
     for name in ("max_batch_size", "max_enqueued_batches", "num_batch_threads"):
         if getattr(config, name) < 1:
             raise ConfigError(f"must be >= 1, received {getattr(config, name)}", source=source, field=name)
+    if config.num_batch_threads > MAX_BATCH_THREADS:
+        raise ConfigError(f"must be <= {MAX_BATCH_THREADS}, received {config.num_batch_threads} (each is an OS "
+                          "thread running one batch at a time; a few per core fill the machine)", source=source,
+                          field="num_batch_threads")
     if config.batch_timeout_micros < 0:
         raise ConfigError(f"must be >= 0, received {config.batch_timeout_micros}", source=source,
                           field="batch_timeout_micros")

@@ -393,6 +393,8 @@ class ModelServer:
             if self._stopped.is_set():
                 return True
             self.gate.start_draining()
+            if self.batcher is not None:  # nothing new can join an open batch: it goes now, not at its timeout
+                self.batcher.flush()
             if self._health is not None:
                 self._health.enter_graceful_shutdown()
             drained = self.gate.wait_idle(drain_timeout)

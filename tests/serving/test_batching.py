@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from carclf.errors import InvalidInput, ResourceExhausted
+from carclf.errors import ConfigError, InvalidInput, ResourceExhausted
+from carclf.serving import config as cfg
 from carclf.serving.batching import BatchScheduler
 from carclf.serving.config import BatchingConfig
 from carclf.serving.metrics import ServingMetrics
@@ -356,3 +357,59 @@ def test_served_with_early_dispatch_a_lone_request_is_answered_long_before_the_t
                      {"instances": [{"image_bytes": {"b64": base64.b64encode(jpegs[0]).decode()}}]})
     assert body.status == 200, body.json
     np.testing.assert_allclose(body.json["predictions"][0]["probabilities"], expected[0], atol=1e-5)
+
+
+# -- timeouts and the drain ------------------------------------------------------------------------
+
+def test_a_timeout_near_int64_max_means_wait_for_a_full_batch():
+    """``batch_timeout_micros: 9223372036854775807`` (an operator's "never time out") is legal; a lone request
+    waits, and the batch leaves once full. Waiting that long used to raise OverflowError in every batch thread,
+    after which no batch ever ran."""
+    config = cfg.parse_batching_config("max_batch_size { value: 2 } num_batch_threads { value: 2 } "
+                                       f"batch_timeout_micros {{ value: {2**63 - 1} }}")
+    scheduler = BatchScheduler(config, ServingMetrics())
+    servable = RecordingServable(0.0)
+    try:
+        first = scheduler.submit(servable, "serving_default", rows(1))
+        with pytest.raises(FutureTimeout):
+            first.result(0.5)                                            # waiting for company
+        second = scheduler.submit(servable, "serving_default", rows(1))
+        assert first.result(5)["y"].tolist() == [0.0] and second.result(5)["y"].tolist() == [0.0]
+        assert servable.sizes == [2]
+        assert all(thread.is_alive() for thread in scheduler._threads)
+    finally:
+        scheduler.close()
+
+
+def test_flush_sends_open_batches_at_once_and_every_later_one_as_it_opens():
+    """What the server's drain calls: nothing new can join an open batch, so it need not wait its timeout."""
+    scheduler = BatchScheduler(LONG_TIMEOUT, ServingMetrics())
+    servable = RecordingServable(0.0)
+    try:
+        waiting = scheduler.submit(servable, "serving_default", rows(2))
+        with pytest.raises(FutureTimeout):
+            waiting.result(0.3)
+        scheduler.flush()
+        assert waiting.result(5)["y"].tolist() == [0.0, 2.0]
+        later = scheduler.submit(servable, "serving_default", rows(1))  # admitted before the drain began
+        assert later.result(5)["y"].tolist() == [0.0]
+        assert servable.sizes == [2, 1]
+    finally:
+        scheduler.close()
+
+
+def test_a_thread_the_process_cannot_start_is_a_config_error_naming_num_batch_threads(monkeypatch):
+    """Below the 1024 cap a process may still run out of threads (a low ulimit): one line naming the field,
+    and the threads already started are stopped."""
+    start = threading.Thread.start
+
+    def start_or_refuse(thread):
+        if thread.name == "batch_threads-2":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_or_refuse)
+    with pytest.raises(ConfigError, match=r"field 'num_batch_threads': could not start batch thread 3 of 4"):
+        BatchScheduler(BatchingConfig(num_batch_threads=4), ServingMetrics())
+    monkeypatch.undo()
+    assert not [t for t in threading.enumerate() if t.name.startswith("batch_threads-")]

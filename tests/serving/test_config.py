@@ -189,6 +189,7 @@ def test_version_policies(tmp_path):
     ("max_batch_size { value: 8 } allowed_batch_sizes: [4, 2, 8]", "increasing"),
     ("batch_timeout_micros { value: -1 }", "batch_timeout_micros"),
     ("pad_variable_length_inputs: true", "pad_variable_length_inputs"),
+    ("num_batch_threads { value: 1000000 }", r"field 'num_batch_threads': must be <= 1024, received 1000000"),
     ("max_batch_sze { value: 8 }", "BatchingParameters"),
 ])
 def test_bad_batching_config(text, needle):

@@ -25,13 +25,31 @@ PORT_LINES = {"grpc": re.compile(r"Running gRPC ModelServer at \S+:(\d+)"),
               "rest": re.compile(r"Exporting HTTP/REST API at:\S+:(\d+)")}
 
 
-class ServeProcess:
-    """``carclf serve`` in a subprocess; its ports are read from its log."""
+# ``carclf serve`` (the real command, signal handling included) that also serves SlowServable("slow"), whose
+# every batch takes $SLOW_SECONDS: a request that stays in flight however the batching queue behaves.
+SERVE_WITH_SLOW_MODEL = """
+import os, sys
+from carclf.cli import main
+from carclf.serving.server import ModelServer
+from tests.serving.test_batching import SlowServable
+served = ModelServer.static_servables
+ModelServer.static_servables = lambda self: served(self) + [SlowServable(float(os.environ["SLOW_SECONDS"]))]
+sys.exit(main(sys.argv[1:]))
+"""
 
-    def __init__(self, *args: str):
+
+class ServeProcess:
+    """``carclf serve`` in a subprocess; its ports are read from its log. With ``slow_seconds`` it also serves
+    the model "slow" (``SERVE_WITH_SLOW_MODEL``)."""
+
+    def __init__(self, *args: str, slow_seconds: float | None = None):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-        self.process = subprocess.Popen([sys.executable, "-m", "carclf", "serve", "--port", "0", "--rest_api_port",
-                                         "-1", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        command = [sys.executable, "-m", "carclf"]
+        if slow_seconds is not None:
+            env["SLOW_SECONDS"] = str(slow_seconds)
+            command = [sys.executable, "-c", SERVE_WITH_SLOW_MODEL]
+        self.process = subprocess.Popen([*command, "serve", "--port", "0", "--rest_api_port", "-1", *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         env=env, cwd=REPO_ROOT, text=True)
         self.lines: list[str] = []
         self.ports: dict[str, int] = {}
@@ -63,8 +81,8 @@ class ServeProcess:
 def serve_process():
     processes = []
 
-    def start(*args: str) -> ServeProcess:
-        process = ServeProcess(*args)
+    def start(*args: str, slow_seconds: float | None = None) -> ServeProcess:
+        process = ServeProcess(*args, slow_seconds=slow_seconds)
         processes.append(process)
         return process
 
@@ -73,20 +91,17 @@ def serve_process():
         process.kill()
 
 
-def queued_request(serve_process, repository, tmp_path, wait_s: float, data: np.ndarray):
-    """``carclf serve`` of OTHER_MODEL whose batches wait ``wait_s`` for company, and one gRPC Predict of
-    ``data`` already waiting in its queue: (server, channel, stub, REST client, the call's future)."""
-    batching = tmp_path / "batching.config"
-    batching.write_text(f"max_batch_size {{ value: 8 }} batch_timeout_micros {{ value: {int(wait_s * 1e6)} }}")
+def in_flight_request(serve_process, repository, seconds: float, x: float):
+    """``carclf serve`` of OTHER_MODEL and the stand-in "slow" (batching on), and one gRPC Predict of ``[x]`` to
+    "slow" that is running, and will be for ``seconds``: (server, channel, stub, REST client, the call's future)."""
     server = serve_process("--model_name", OTHER_MODEL, "--model_base_path", str(repository / OTHER_MODEL),
-                           "--enable_batching", "--batching_parameters_file", str(batching),
-                           "--enable_model_warmup=false", "--monitoring_config_file",
-                           str(repository / "monitoring.config"))
+                           "--enable_batching", "--enable_model_warmup=false", "--monitoring_config_file",
+                           str(repository / "monitoring.config"), slow_seconds=seconds)
     server.wait_ready()
     channel = grpc.insecure_channel(f"127.0.0.1:{server.ports['grpc']}")
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     rest = Rest(f"http://127.0.0.1:{server.ports['rest']}")
-    call = stub.Predict.future(predict_request(OTHER_MODEL, image_bytes=data), timeout=60)
+    call = stub.Predict.future(predict_request("slow", x=np.full(1, x, np.float32)), timeout=60)
     deadline = time.monotonic() + 10
     while 'carclf_serving_inflight_requests{entrypoint="GRPC"} 1.0' not in rest.get(
             "/monitoring/prometheus/metrics").body.decode():
@@ -97,11 +112,9 @@ def queued_request(serve_process, repository, tmp_path, wait_s: float, data: np.
 
 @pytest.mark.slow
 @pytest.mark.extension
-def test_sigterm_drains_in_flight_requests_and_exits_zero(serve_process, conformance_repository, reference, jpegs,
-                                                          tmp_path):
-    data = np.array(jpegs[:2], dtype=object)  # the request waits 2 s in the queue: in flight at SIGTERM
-    server, channel, stub, rest, in_flight = queued_request(serve_process, conformance_repository, tmp_path, 2.0,
-                                                            data)
+def test_sigterm_drains_in_flight_requests_and_exits_zero(serve_process, conformance_repository, jpegs):
+    data = np.array(jpegs[:2], dtype=object)
+    server, channel, stub, rest, in_flight = in_flight_request(serve_process, conformance_repository, 2.0, 3.0)
 
     server.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
@@ -112,9 +125,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(serve_process, conform
     ready = rest.get("/v1/ready")
     assert ready.status == 503
 
-    response = in_flight.result(timeout=30)
-    np.testing.assert_allclose(outputs(response)["probabilities"],
-                               reference(OTHER_MODEL, 1, image_bytes=data)["probabilities"], atol=1e-5)
+    np.testing.assert_array_equal(outputs(in_flight.result(timeout=30))["y"], [6.0])
     assert server.process.wait(timeout=60) == 0, "".join(server.lines[-20:])
     assert any("draining" in line for line in server.lines)
     channel.close()
@@ -191,12 +202,10 @@ def test_drain_timeout_refuses_queued_requests_and_lets_the_running_batch_answer
 
 
 @pytest.mark.extension
-def test_a_second_signal_during_the_drain_ends_the_server_at_once(serve_process, conformance_repository, jpegs,
-                                                                  tmp_path):
-    """Ctrl-C twice: the first starts the drain (here a request waits 30 s in a batching queue), the second
-    ends the process at once with exit status 1 instead of being ignored for the whole drain."""
-    server, channel, _, _, waiting = queued_request(serve_process, conformance_repository, tmp_path, 30.0,
-                                                    np.array(jpegs[:1], dtype=object))
+def test_a_second_signal_during_the_drain_ends_the_server_at_once(serve_process, conformance_repository):
+    """Ctrl-C twice: the first starts the drain (here of a request that runs for 30 s), the second ends the
+    process at once with exit status 1 instead of being ignored for the whole drain."""
+    server, channel, _, _, waiting = in_flight_request(serve_process, conformance_repository, 30.0, 1.0)
     server.process.send_signal(signal.SIGINT)
     deadline = time.monotonic() + 10
     while not any("draining" in line for line in server.lines):
@@ -212,4 +221,31 @@ def test_a_second_signal_during_the_drain_ends_the_server_at_once(serve_process,
         time.sleep(0.05)
     with pytest.raises(grpc.RpcError):
         waiting.result(timeout=10)
+    channel.close()
+
+
+@pytest.mark.extension
+def test_the_drain_sends_open_batches_at_once_instead_of_waiting_for_company(private_server, conformance_repository,
+                                                                           reference, jpegs, tmp_path):
+    """A request waiting in a batch that would leave in 30 s (for others to join it) is run as soon as the
+    drain starts, since nothing can join it any more: the drain ends at once, with its answer."""
+    batching = tmp_path / "batching.config"
+    batching.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 30000000 }")
+    server = private_server(model_name=OTHER_MODEL, model_base_path=str(conformance_repository / OTHER_MODEL),
+                            enable_batching=True, batching_parameters_file=str(batching), enable_model_warmup=False)
+    data = np.array(jpegs[:2], dtype=object)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    call = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict.future(
+        predict_request(OTHER_MODEL, image_bytes=data), timeout=60)
+    deadline = time.monotonic() + 10
+    while server.gate.inflight < 1:
+        assert time.monotonic() < deadline, "the request never became in flight"
+        time.sleep(0.02)
+    time.sleep(0.2)
+    assert not call.done(), "the request did not wait for its batch"
+    started = time.monotonic()
+    assert server.stop(drain_timeout=20) is True
+    assert time.monotonic() - started < 10, "the drain waited for the batch timeout"
+    np.testing.assert_allclose(outputs(call.result(timeout=5))["probabilities"],
+                               reference(OTHER_MODEL, 1, image_bytes=data)["probabilities"], atol=1e-5)
     channel.close()
