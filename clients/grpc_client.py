@@ -30,14 +30,21 @@ from carclf.tensors import make_proto, to_ndarray
 MAX_MESSAGE_BYTES = 2**31 - 1
 
 
-def error_from_rpc(exc, target: str = "") -> CarClfError:
-    """The product's error for a failed gRPC call: same code name, the server's message."""
+# What grpc says when the client's own deadline ends a call (a server's DEADLINE_EXCEEDED says more).
+LOCAL_DEADLINE_DETAILS = "Deadline Exceeded"
+
+
+def error_from_rpc(exc, target: str = "", timeout: float | None = None) -> CarClfError:
+    """The product's error for a failed gRPC call: same code name, the server's message (or, where grpc's
+    own words say little, which server did not answer and within what time)."""
     import grpc
 
     code = exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None
     name = code.name if code is not None else "INTERNAL"
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    if "Trying to connect an http1.x server" in (details or ""):
+    if name == "DEADLINE_EXCEEDED" and details == LOCAL_DEADLINE_DETAILS and timeout is not None:
+        details = f"no answer from {target or 'the server'} within {timeout:.3g} s"
+    elif "Trying to connect an http1.x server" in (details or ""):
         details = f"{target or 'the server'} answers HTTP/1.x, as a REST port does: give http://host:port for it"
     elif name == "UNAVAILABLE" and target and target not in (details or ""):
         details = f"{details} (server {target})"
@@ -105,10 +112,11 @@ class GrpcClient(ModelClient):
     def _call(self, method, request, timeout: float | None):
         import grpc
 
+        timeout = self._timeout(timeout)
         try:
-            return method(request, timeout=self._timeout(timeout))
+            return method(request, timeout=timeout)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.target) from None
+            raise error_from_rpc(exc, self.target, timeout) from None
 
     def predict_request(self, model: str, inputs: Mapping[str, np.ndarray], *,
                         signature_name: str = contract.SIGNATURE_BYTES, version: int | None = None,

@@ -123,7 +123,7 @@ class RestClient(ModelClient):
             response = self._session.request(method, url, json=json_body, timeout=self._timeout(timeout),
                                              verify=self._verify)
         except requests.Timeout:
-            raise DeadlineExceeded(f"no answer from {self.target} within {self._timeout(timeout):g} s") from None
+            raise DeadlineExceeded(f"no answer from {self.target} within {self._timeout(timeout):.3g} s") from None
         except requests.ConnectionError as exc:
             raise Unavailable(f"cannot reach {self.target}: {_reason(exc)}") from None
         except requests.RequestException as exc:

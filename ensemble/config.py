@@ -601,6 +601,10 @@ def _check_semantics(config: EnsembleConfig) -> None:
     if config.failure_policy == "fail" and config.quorum not in (1, len(config.members)):
         fail("parameters['quorum']", "a quorum only applies with failure_policy 'degrade', received "
                                      f"quorum {config.quorum} with failure_policy 'fail'")
+    if config.failure_policy == "fail" and config.degrade_on != DEFAULT_DEGRADE_ON:
+        fail("parameters['degrade_on']", "the codes members may fail with only apply with failure_policy "
+                                         f"'degrade', received degrade_on {','.join(config.degrade_on)!r} with "
+                                         "failure_policy 'fail'")
     if config.deadline_s <= 0:
         fail("parameters['deadline_ms']", f"must be > 0, received {config.deadline_s * 1000:g}")
     for m in config.members:

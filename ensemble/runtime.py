@@ -16,6 +16,7 @@ members that did answer when the others failed with a code listed in ``degrade_o
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,17 @@ from carclf.errors import (
     error_for_code,
 )
 from carclf.tta import average_views, make_views
+
+# Calls one member may have running at once: as many as the embedded server's default gRPC handler threads,
+# so no request's call waits behind other requests' calls to the same member. Each member has its own pool:
+# a member that hangs fills only its own, never the workers a healthy member's calls need.
+MEMBER_WORKERS = max(16, 4 * (os.cpu_count() or 1))
+
+# Of a caller's deadline (when it is shorter than the ensemble's own), the members get all but this share,
+# at most ANSWER_RESERVE_S: the rest is kept to aggregate and send the answer before the caller gives up, so
+# that ``degrade`` can still answer from the members that did.
+ANSWER_RESERVE_SHARE = 0.1
+ANSWER_RESERVE_S = 0.05
 
 
 class LabelMismatch(FailedPrecondition):
@@ -100,8 +112,9 @@ class EnsembleRuntime:
         self.config = config
         self.caller = caller
         self.owns_caller = owns_caller  # close() closes the caller too (not when runtimes share one)
-        self._pool = cf.ThreadPoolExecutor(max_workers=max_workers or 8 * len(config.members),
-                                           thread_name_prefix=f"{config.name}-member")
+        self._pools = {m.name: cf.ThreadPoolExecutor(max_workers=max_workers or MEMBER_WORKERS,
+                                                     thread_name_prefix=f"{config.name}-{m.name}")
+                       for m in config.members}
         self._info: dict[str, MemberInfo] = {}
         self._info_lock = threading.Lock()
         self._labels: tuple[str, ...] | None = config.labels
@@ -263,7 +276,7 @@ class EnsembleRuntime:
         inputs = self.member_infos()
         views = self.views(decoded, [i.input_spec for i in inputs.values() if isinstance(i, MemberInfo)])
         t_views = time.monotonic()
-        result = self.predict_views(views, len(decoded), deadline=deadline, inputs=inputs)
+        result = self._run_members(views, len(decoded), deadline, inputs)
         timings = {"decode_ms": (t_decode - start) * 1e3, "views_ms": (t_views - t_decode) * 1e3,
                    **result.timings_ms, "total_ms": (time.monotonic() - start) * 1e3}
         return EnsembleResult(result.probabilities, result.labels, result.members, result.degraded, timings)
@@ -275,11 +288,14 @@ class EnsembleRuntime:
         ``inputs``: what the views were made for, per member (``member_infos()``, the default). This is the
         ensemble's own cost with decoding and view building left out (the benchmark uses it).
         """
+        return self._run_members(views, num_photos, self._deadline(time.monotonic(), deadline),
+                                 dict(inputs) if inputs is not None else self.member_infos())
+
+    def _run_members(self, views: Mapping[InputSpec, np.ndarray], num_photos: int, deadline: float,
+                     inputs: Mapping[str, MemberInfo | InputSpec | CarClfError]) -> EnsembleResult:
         start = time.monotonic()
-        deadline = self._deadline(start, deadline)
-        if time.monotonic() >= deadline:
+        if start >= deadline:
             raise DeadlineExceeded(f"ensemble {self.config.name!r}: the deadline passed while preparing views")
-        inputs = dict(inputs) if inputs is not None else self.member_infos()
         futures: dict[str, cf.Future] = {}
         outcomes: dict[str, MemberOutcome] = {}
         for m in self.config.members:
@@ -289,7 +305,7 @@ class EnsembleRuntime:
                 continue
             if isinstance(info, InputSpec):
                 info = MemberInfo(info.size, resize=info.resize)
-            futures[m.name] = self._pool.submit(self._call_member, m, info, views[info.input_spec], num_photos,
+            futures[m.name] = self._pools[m.name].submit(self._call_member, m, info, views[info.input_spec], num_photos,
                                                 deadline)
         done, _ = cf.wait(futures.values(), timeout=max(0.0, deadline - time.monotonic()))
         for name, fut in futures.items():
@@ -305,9 +321,14 @@ class EnsembleRuntime:
         timings = {"members_ms": (t_members - start) * 1e3, "aggregate_ms": (time.monotonic() - t_members) * 1e3}
         return EnsembleResult(probabilities, self.labels, ordered, degraded, timings)
 
-    def _deadline(self, now: float, deadline: float | None) -> float:
+    def _deadline(self, now: float, caller: float | None) -> float:
+        """When the members must have answered: the config's budget, or the caller's deadline less what is
+        kept back to aggregate and answer (``ANSWER_RESERVE_*``), whichever comes first."""
         own = now + self.config.deadline_s
-        return own if deadline is None else min(own, deadline)
+        if caller is None:
+            return own
+        reserve = min(ANSWER_RESERVE_S, ANSWER_RESERVE_SHARE * max(0.0, caller - now))
+        return min(own, caller - reserve)
 
     def _call_member(self, member: Member, info: MemberInfo, pixels: np.ndarray, num_photos: int,
                      deadline: float) -> MemberOutcome:
@@ -395,7 +416,8 @@ class EnsembleRuntime:
         return probs, bool(failed)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
         if self.owns_caller:
             self.caller.close()
 

@@ -5,7 +5,8 @@
 
 Photos print their top-k car models (and, with --verbose, each ensemble member's vote, version and
 latency), named by the server; --classes names only the ranks the server does not. A folder, or photos
-given with --output, becomes a Kaggle submission CSV (Id,Category) with a progress bar.
+given with --output, becomes a Kaggle submission CSV (Id,Category) with a progress bar; a folder with --json
+or --verbose prints its photos instead.
 
 A photo that cannot be classified does not stop the others: every file is checked locally before its
 request is sent (header only), and when the server refuses a request as invalid (a truncated JPEG, say) its photos are sent again
@@ -43,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="also print each ensemble member's vote")
     parser.add_argument("--output", type=Path, default=None,
                         help="write the submission CSV (Id,Category) here instead of printing; a folder writes "
-                             "one to submission.csv when not given (never replacing an existing one)")
+                             "one to submission.csv when not given (never replacing an existing one), unless "
+                             "--json or --verbose asks to print its photos")
     parser.add_argument("--classes", type=Path, default=None,
                         help="classes.json ({category id: name}): the CSV gets category ids, and printed ranks "
                              "the server does not name get names")
@@ -201,13 +203,17 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--batch-size must be >= 1, received {args.batch_size}")
     if not args.timeout > 0:
         raise InvalidInput(f"--timeout must be > 0 seconds, received {args.timeout}")
+    printing = [flag for flag, given in (("--json", args.json), ("--verbose", args.verbose)) if given]
+    if args.output is not None and printing:
+        raise InvalidInput(f"{' and '.join(printing)} print each photo, --output writes a submission CSV: give "
+                           "one or the other")
     if args.output is not None:
         check_file(args.output, what="--output")  # before anything is read or sent
     photos, folder_given = collect(args.paths)
     class_names, category_of = read_classes(args.classes)
     root_cert = read_root_cert(args.root_cert, "--root-cert")
     output = args.output
-    if output is None and folder_given:
+    if output is None and folder_given and not printing:
         output = DEFAULT_SUBMISSION
         if output.exists():  # never replace a file nobody named
             raise InvalidInput(f"{output} exists: give --output PATH for the submission of a folder "

@@ -11,7 +11,7 @@ import pytest
 from carclf.clients import GrpcClient, ModelClient, RestClient, connect, parse_server_url
 from carclf.clients.base import as_input_array
 from carclf.clients.rest_client import encode_value
-from carclf.errors import CarClfError, InvalidInput, NotFound, Unavailable
+from carclf.errors import CarClfError, DeadlineExceeded, InvalidInput, NotFound, Unavailable
 from carclf.tensors import to_ndarray
 from tests.ensemble.servers import grpc_url, rest_url
 
@@ -122,6 +122,19 @@ def test_unreachable_server_is_unavailable_on_both():
     for url in (f"grpc://127.0.0.1:{port}", f"http://127.0.0.1:{port}"):
         with connect(url, timeout=5) as client, pytest.raises(Unavailable):
             client.status("tiny_a")
+
+
+def test_a_server_that_never_answers_is_named_with_the_time_waited_on_both():
+    """A hung server (it accepts the connection, then says nothing): the client's own deadline ends the call,
+    and the error says which server did not answer within what time, not only grpc's "Deadline Exceeded"."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        for url in (f"grpc://127.0.0.1:{port}", f"http://127.0.0.1:{port}"):
+            with connect(url, timeout=0.5) as client, pytest.raises(DeadlineExceeded) as caught:
+                client.status("tiny_a")
+            assert f"no answer from {client.target} within 0.5 s" == caught.value.message
 
 
 def test_a_url_of_the_other_transport_says_which_scheme_to_give(tiny_ensemble_server):

@@ -143,11 +143,14 @@ def test_a_batch_above_the_servers_limit_falls_back_to_one_photo_per_request(tin
      "Unrecognized servable version label: nolabel"),
     (["{photo}", "--classes", "{missing_classes}"], "does not exist"),
     (["{empty_folder}"], "has no photos"),
+    (["{photo}", "--json", "--verbose", "--output", "{out}"],
+     "--json and --verbose print each photo, --output writes a submission CSV: give one or the other"),
 ])
 def test_user_errors_are_one_line(tiny_ensemble_server, photos, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
     values = {"photo": str(photos[0]), "grpc": grpc_url(tiny_ensemble_server), "rest": rest_url(tiny_ensemble_server),
-              "missing_classes": str(tmp_path / "classes.json"), "empty_folder": str(tmp_path / "empty")}
+              "missing_classes": str(tmp_path / "classes.json"), "empty_folder": str(tmp_path / "empty"),
+              "out": str(tmp_path / "out.csv")}
     assert cli.main(["predict", *[a.format(**values) for a in args]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("carclf predict: error: ") and message in err[0], err
@@ -350,6 +353,23 @@ def test_a_folder_never_replaces_a_submission_nobody_named(tmp_path, photos, mon
     assert line == ("carclf predict: error: submission.csv exists: give --output PATH for the submission of a "
                     "folder (--output submission.csv replaces it)")
     assert precious.read_text() == "Id,Category\nmine.jpg,3\n"
+
+
+def test_a_folder_with_json_prints_its_photos_and_writes_no_submission(tiny_ensemble_server, sample_dir, tmp_path):
+    """--json (or --verbose) asks to print: a folder then prints one JSON object per photo, in the folder's
+    order, instead of writing submission.csv (which used to happen, the flag dropped without a word)."""
+    folder = sample_dir / "test_upload"
+    run = subprocess.run([sys.executable, "-m", "carclf", "predict", str(folder), "--server",
+                          grpc_url(tiny_ensemble_server), "--model", "tiny_ensemble", "--json"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    answers = [json.loads(line) for line in run.stdout.splitlines()]
+    photos = sorted(folder.glob("*.jpg"))
+    assert [a["photo"] for a in answers] == [str(p) for p in photos]
+    with connect(grpc_url(tiny_ensemble_server)) as client:
+        want = client.predict("tiny_ensemble", images=[p.read_bytes() for p in photos])
+    assert [a["top_k"][0]["label"] for a in answers] == list(want.labels)
+    assert not (tmp_path / "submission.csv").exists()
 
 
 def test_a_member_that_did_not_answer_has_no_version_or_label_in_json(tiny_repository_template, photos, tmp_path,

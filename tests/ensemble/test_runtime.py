@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -148,6 +149,36 @@ def test_degrade_answers_from_the_others_within_the_deadline(tiny_repository_tem
     assert result.degraded and a.answered and not b.answered and b.error.code == "DEADLINE_EXCEEDED"
     np.testing.assert_allclose(result.probabilities, a.probabilities, rtol=1e-6)  # renormalised over tiny_a
     assert np.all(result.member_probabilities()[:, 1] == 0)
+
+
+def test_a_hung_member_never_holds_up_the_calls_to_a_healthy_one(tiny_repository_template, photo_bytes, runtime_for):
+    """More requests at once than a member may have calls running, while tiny_b hangs: every request still gets
+    tiny_a's degraded answer. With one pool shared by the members, tiny_b's calls took every worker and tiny_a's
+    calls waited behind them past the deadline ("only 0 of 2 members answered")."""
+    from carclf.ensemble.runtime import MEMBER_WORKERS
+
+    caller = RecordingCaller(tiny_repository_template, delays={"tiny_b": 3.0})
+    runtime = runtime_for(caller=caller, deadline_ms="2000", failure_policy="degrade", quorum="1")
+    runtime.predict(photo_bytes[:1])  # trace the graphs
+    requests = MEMBER_WORKERS + 8
+    with ThreadPoolExecutor(requests) as pool:
+        results = list(pool.map(lambda _: runtime.predict(photo_bytes[:1]), range(requests)))
+    assert all(r.degraded and [m.answered for m in r.members] == [True, False] for r in results)
+    assert {r.members[1].error.code for r in results} == {"DEADLINE_EXCEEDED"}
+
+
+def test_a_callers_shorter_deadline_leaves_time_to_answer_from_the_members_that_did(
+        tiny_repository_template, photo_bytes, runtime_for):
+    """The caller's 0.6 s is shorter than the config's 2.5 s: the members get all but a small reserve of it, so
+    the degraded answer is ready before the caller stops waiting (not at the same instant, when a transport
+    would already have answered DEADLINE_EXCEEDED)."""
+    caller = RecordingCaller(tiny_repository_template, delays={"tiny_b": 3.0})
+    runtime = runtime_for(caller=caller, deadline_ms="2500", failure_policy="degrade", quorum="1")
+    runtime.predict(photo_bytes[:1])  # trace the graphs
+    deadline = time.monotonic() + 0.6
+    result = runtime.predict(photo_bytes[:1], deadline=deadline)
+    assert time.monotonic() < deadline
+    assert result.degraded and [m.answered for m in result.members] == [True, False]
 
 
 def test_missing_member_fails_or_degrades_by_policy(tiny_repository_template, photo_bytes, runtime_for):
