@@ -1,7 +1,8 @@
 """Fixtures of the load-test tests: the tiny model repository served by the embedded server.
 
 One server per module, started as a subprocess with TF Serving's flags on kernel-chosen loopback ports,
-serving tiny_a, tiny_b and, when carclf.ensemble can load it, a ``car_ensemble`` over both.
+serving tiny_a, tiny_b and a ``car_ensemble`` over both. A server or ensemble that does not load fails the
+tests that need it (never a skip).
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ MEMBERS = ("tiny_a", "tiny_b")
 class TinyDeployment:
     repository: Path
     address: srv.ServerAddress | None
-    ensemble_config: Path | None
-    ensemble_skip: str  # why the ensemble is not served ("" when it is)
+    ensemble_config: Path
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +35,15 @@ def lt_repository(tiny_repository_template, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lt_ensemble(tmp_path_factory) -> tuple[Path | None, str]:
-    """(config.pbtxt of car_ensemble over the tiny models, "") or (None, why it cannot be written)."""
-    try:
-        from carclf.ensemble.config import load_config, render
-    except ImportError as exc:
-        return None, f"carclf.ensemble cannot be imported yet ({exc})"
+def lt_ensemble(tmp_path_factory) -> Path:
+    """config.pbtxt of car_ensemble over the tiny models (checked: it loads)."""
+    from carclf.ensemble.config import load_config, render
+
     path = tmp_path_factory.mktemp("lt_ensemble") / ENSEMBLE / "config.pbtxt"
     path.parent.mkdir(parents=True)
     path.write_text(render(ENSEMBLE, MEMBERS, parameters={"tta_policy": "hflip", "aggregation": "mean"}))
-    try:
-        load_config(path)
-    except CarClfError as exc:
-        return None, f"the tiny car_ensemble config does not load yet ({exc.message})"
-    return path, ""
+    load_config(path)
+    return path
 
 
 def start_tiny_server(repository: Path, folder: Path, ensemble_config: Path | None,
@@ -70,18 +65,9 @@ def start_tiny_server(repository: Path, folder: Path, ensemble_config: Path | No
 
 @pytest.fixture(scope="module")
 def tiny_deployment(lt_repository, lt_ensemble, tmp_path_factory):
-    """The running server; the ensemble is left out (with the reason kept) only if it cannot be loaded."""
-    folder = tmp_path_factory.mktemp("lt_server")
-    ensemble_config, skip = lt_ensemble
+    """The running server of the tiny models and their ensemble."""
+    server = start_tiny_server(lt_repository, tmp_path_factory.mktemp("lt_server"), lt_ensemble)
     try:
-        server = start_tiny_server(lt_repository, folder, ensemble_config)
-    except CarClfError as exc:
-        if ensemble_config is None:
-            raise
-        skip = f"the embedded server cannot load car_ensemble yet: {exc.message.splitlines()[0]}"
-        ensemble_config = None
-        server = start_tiny_server(lt_repository, folder, None)
-    try:
-        yield TinyDeployment(lt_repository, server.address, ensemble_config, skip)
+        yield TinyDeployment(lt_repository, server.address, lt_ensemble)
     finally:
         server.stop()

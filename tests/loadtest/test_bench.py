@@ -15,8 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_bench_quick_writes_json_table_and_plot(lt_repository, lt_ensemble, tmp_path, sample_dir):
     out = tmp_path / "bench"
-    ensemble_config, skip = lt_ensemble
-    ensemble_args = ["--ensemble-config", str(ensemble_config)] if ensemble_config else ["--no-ensemble"]
+    ensemble_args = ["--ensemble-config", str(lt_ensemble)]
     result = subprocess.run(
         [sys.executable, "-m", "carclf", "bench", "--quick", "--duration", "0.6", "--warmup", "0.1", "--batching", "on",
          "--model", "tiny_a", "--model-repository", str(lt_repository), "--photo-folder", str(sample_dir),
@@ -61,13 +60,10 @@ def test_bench_quick_writes_json_table_and_plot(lt_repository, lt_ensemble, tmp_
     added = rounds[0]["grpc_added_mean_ms"]  # what the client waited beyond the server's TF run time
     assert added is not None and added > 0
 
-    if ensemble_config:
-        ens = data["ensemble"]
-        assert ens["members"] == ["tiny_a", "tiny_b"] and ens["inprocess"]["requests"] > 0
-        assert all(r["errors"] == 0 and r["requests"] > 0 for r in ens["served"])
-        assert ens["rounds"][0]["errors"] == 0 and targets["ensemble_overhead"]["value"] is not None
-    else:
-        assert data["ensemble"]["skipped"] == "--no-ensemble given", skip
+    ens = data["ensemble"]
+    assert ens["members"] == ["tiny_a", "tiny_b"] and ens["inprocess"]["requests"] > 0
+    assert all(r["errors"] == 0 and r["requests"] > 0 for r in ens["served"])
+    assert ens["rounds"][0]["errors"] == 0 and targets["ensemble_overhead"]["value"] is not None
 
     table = (out / "bench.md").read_text()
     for heading in ("## In-process limit", "## Served", "## Ensemble", "## Payload", "## Memory", "## Targets"):

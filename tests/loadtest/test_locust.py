@@ -34,18 +34,16 @@ def stats(reports: Path) -> dict[str, dict[str, str]]:
 @pytest.mark.slow
 def test_both_users_backbone_and_ensemble_pass_with_zero_failures(tiny_deployment, tmp_path, sample_dir):
     address, reports = tiny_deployment.address, tmp_path / "reports"
-    ensemble_weight = "1" if tiny_deployment.ensemble_config else "0"
     result = run_loadtest("--host", address.rest_url, "--grpc-host", address.grpc_target, "--no-start",
                           "--users", "4", "--spawn-rate", "4", "--run-time", "3s",
                           "--target-model", "tiny_a", "--ensemble-model", "car_ensemble",
-                          "--ensemble-weight", ensemble_weight, "--backbone-weight", "1",
+                          "--ensemble-weight", "1", "--backbone-weight", "1",
                           "--photo-folder", str(sample_dir), "--model-repository", str(tiny_deployment.repository),
                           "--max-p95-ms", "0", "--reports", str(reports))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = stats(reports)
-    expected = {"grpc Predict tiny_a", "POST POST /v1/models/tiny_a:predict"}
-    if tiny_deployment.ensemble_config:
-        expected |= {"grpc Predict car_ensemble", "POST POST /v1/models/car_ensemble:predict"}
+    expected = {"grpc Predict tiny_a", "POST POST /v1/models/tiny_a:predict", "grpc Predict car_ensemble",
+                "POST POST /v1/models/car_ensemble:predict"}
     assert expected <= set(rows), sorted(rows)
     for name in expected:
         assert int(rows[name]["Request Count"]) > 0 and rows[name]["Failure Count"] == "0", rows[name]
@@ -55,8 +53,6 @@ def test_both_users_backbone_and_ensemble_pass_with_zero_failures(tiny_deploymen
     assert printed is not None, result.stderr[-3000:]
     assert (rows["Aggregated"]["Request Count"], rows["Aggregated"]["Failure Count"]) == printed.groups()
     assert json.loads((reports / "run.json").read_text())["started_server"] is False
-    if tiny_deployment.ensemble_skip:
-        pytest.skip(f"backbone tasks passed; ensemble tasks not run: {tiny_deployment.ensemble_skip}")
 
 
 @pytest.mark.slow
@@ -113,7 +109,7 @@ def test_a_running_server_without_the_model_stops_before_any_request(tiny_deploy
                           "--target-model", "no_such_model", "--ensemble-weight", "0",
                           "--photo-folder", str(sample_dir), "--reports", str(reports), timeout=60)
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
-    served = ", ".join(sorted(["tiny_a", "tiny_b", *(["car_ensemble"] if tiny_deployment.ensemble_config else [])]))
+    served = ", ".join(sorted(["tiny_a", "tiny_b", "car_ensemble"]))
     assert result.stderr.strip().splitlines()[-1] == (
         f"loadtest: error: the server at {address.rest_url} does not serve the backbone model 'no_such_model'; "
         f"it serves {served}; give --target-model NAME (or LOCUST_TARGET_MODEL=NAME)")
@@ -211,9 +207,10 @@ def test_calls_nothing_answers_say_why_and_back_off(tmp_path, sample_dir):
                              "--host", f"http://127.0.0.1:{rest_port}", "--grpc-host", f"127.0.0.1:{grpc_port}",
                              "--users", "2", "--spawn-rate", "2", "--run-time", f"{run_s}s", "--ensemble-weight", "0",
                              "--target-model", "tiny_a", "--photo-folder", str(sample_dir), "--max-fail-ratio", "1",
-                             "--csv", str(tmp_path / "locust")],
+                             "--csv", str(tmp_path / "locust"), "--html", str(tmp_path / "locust.html")],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]  # every call failed, and a ratio of 1 allows that
+    assert (tmp_path / "locust.html").is_file()  # the report went here, not over the checkout's reports/
     with (tmp_path / "locust_failures.csv").open(newline="") as handle:
         failures = {row["Method"]: row for row in csv.DictReader(handle)}
     rest, grpc_row = failures["POST"], failures["grpc"]

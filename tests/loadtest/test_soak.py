@@ -22,12 +22,9 @@ def test_a_short_soak_runs_end_to_end_and_writes_its_verdict(lt_repository, lt_e
     """Seconds of load on the ensemble over the tiny models: the server is started with the thread count given,
     requests are made and answered, RSS is sampled, and soak.json / soak.md hold the figures. (The growth
     limit is set out of reach: this checks the mechanics, not the memory of a 10-second run.)"""
-    ensemble_config, skip = lt_ensemble
-    if ensemble_config is None:
-        pytest.skip(skip)
     reports = tmp_path / "soak"
     result = run_soak("--minutes", "0.2", "--warmup-minutes", "0.05", "--sample-every", "0.5", "--users", "2",
-                      "--model-repository", str(lt_repository), "--ensemble-config", str(ensemble_config),
+                      "--model-repository", str(lt_repository), "--ensemble-config", str(lt_ensemble),
                       "--photo-folder", str(sample_dir), "--batching-config", "none", "--max-rss-growth", "10",
                       "--tensorflow-intra-op-parallelism", "1", "--reports", str(reports))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -404,12 +404,13 @@ def test_a_thread_the_process_cannot_start_is_a_config_error_naming_num_batch_th
     start = threading.Thread.start
 
     def start_or_refuse(thread):
-        if thread.name == "batch_threads-2":
+        if thread.name == "refused_pool-2":
             raise RuntimeError("can't start new thread")
         start(thread)
 
     monkeypatch.setattr(threading.Thread, "start", start_or_refuse)
     with pytest.raises(ConfigError, match=r"field 'num_batch_threads': could not start batch thread 3 of 4"):
-        BatchScheduler(BatchingConfig(num_batch_threads=4), ServingMetrics())
+        BatchScheduler(BatchingConfig(num_batch_threads=4, thread_pool_name="refused_pool"), ServingMetrics())
     monkeypatch.undo()
-    assert not [t for t in threading.enumerate() if t.name.startswith("batch_threads-")]
+    # a pool name of its own: other servers of this process (session fixtures) keep their batch_threads
+    assert not [t for t in threading.enumerate() if t.name.startswith("refused_pool-")]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import re
-import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -258,15 +258,15 @@ def test_serving_config_rewrites_its_output_in_place(conformance_repository, tmp
 
 
 def test_serving_config_cli_refuses_an_empty_repository(tmp_path):
-    result = subprocess.run(shlex.split(f"{REPO_ROOT}/.venv/bin/python -m carclf serving-config --repository "
-                                        f"{tmp_path}"), capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "carclf", "serving-config", "--repository", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert result.returncode == 2 and "no model with integer version folders" in result.stderr
 
 
 def test_serving_config_cli_refuses_a_folder_as_output_in_one_line(conformance_repository, tmp_path):
-    result = subprocess.run(shlex.split(f"{REPO_ROOT}/.venv/bin/python -m carclf serving-config --repository "
-                                        f"{conformance_repository} --output {tmp_path}"),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "carclf", "serving-config", "--repository",
+                             str(conformance_repository), "--output", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip() == (f"carclf serving-config: error: --output {str(tmp_path)!r} is a folder; give a "
                                      "file path")

@@ -3,8 +3,11 @@ served from JPEG bytes, resumed and turned into a submission."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -31,6 +34,17 @@ def tiny_run(tmp_path_factory):
     recipe = parse_recipe(tiny_recipe(data_root), source="tiny")
     run_dir = loop.train(recipe, runs_root=root / "runs", verbose=0)
     return root, run_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_run):
+    """``carclf export`` of the tiny run (once per module): (the SavedModel version folder, what it printed)."""
+    root, run_dir = tiny_run
+    repo = root / "model_repository"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert carclf_main(["export", str(run_dir), "--repository", str(repo), "--name", "tiny"]) == 0
+    return repo / "tiny" / "1", printed.getvalue()
 
 
 def test_run_folder_holds_everything(tiny_run):
@@ -65,14 +79,12 @@ def test_evaluation_of_run_matches_its_metrics(tiny_run):
         assert results[name]["log_loss"] == pytest.approx(stored[name]["log_loss"], abs=1e-5)
 
 
-def test_export_reload_and_predict_from_jpeg_bytes(tiny_run, capsys):
+def test_export_reload_and_predict_from_jpeg_bytes(tiny_run, tiny_export):
     import tensorflow as tf
 
-    root, run_dir = tiny_run
-    repo = root / "model_repository"
-    assert carclf_main(["export", str(run_dir), "--repository", str(repo), "--name", "tiny"]) == 0
-    assert "exported" in capsys.readouterr().out
-    version = repo / "tiny" / "1"
+    _, run_dir = tiny_run
+    version, printed = tiny_export
+    assert "exported" in printed
     card = json.loads((version / "assets.extra" / contract.MODEL_CARD).read_text())
     assert card["backbone"] == "mobilenet_v2" and card["input_size"] == 48 and card["class_ids"] == ["0", "1"]
     assert card["warmup_records"] == 4 + 2 and card["export_check_max_abs_diff"] <= 1e-4
@@ -89,13 +101,10 @@ def test_export_reload_and_predict_from_jpeg_bytes(tiny_run, capsys):
     assert [x.decode() for x in served[contract.OUTPUT_LABEL].numpy()] == [labels[i] for i in expected.argmax(1)]
 
 
-def test_submission_csv_from_savedmodel(tiny_run):
-    root, run_dir = tiny_run
-    repo = root / "model_repository"
-    if not (repo / "tiny").is_dir():
-        pytest.skip("needs the export test")
-    out = root / "submission.csv"
-    stats = write_submission(evaluate.load_model(repo / "tiny"), SAMPLE_DIR / "test_upload", out, policy="hflip",
+def test_submission_csv_from_savedmodel(tiny_export, tmp_path):
+    version, _ = tiny_export
+    out = tmp_path / "submission.csv"
+    stats = write_submission(evaluate.load_model(version.parent), SAMPLE_DIR / "test_upload", out, policy="hflip",
                              progress=False)
     rows = list(csv.reader(out.open()))
     photos = sorted(p.name for p in (SAMPLE_DIR / "test_upload").glob("*.jpg"))
@@ -104,8 +113,9 @@ def test_submission_csv_from_savedmodel(tiny_run):
     assert {r[1] for r in rows[1:]} <= {"0", "1"}
 
 
-def test_resume_continues_from_the_checkpoint(tiny_run):
-    _, run_dir = tiny_run
+def test_resume_continues_from_the_checkpoint(tiny_run, tmp_path):
+    run_dir = tmp_path / tiny_run[1].name  # a copy: the other tests read the run as training left it
+    shutil.copytree(tiny_run[1], run_dir)
     state_file = run_dir / runs.CHECKPOINTS / runs.STATE
     runs.write_json(state_file, {"stage_index": 1, "stage_epochs_done": 0, "best": None})
     (run_dir / runs.FINAL_WEIGHTS).unlink()
