@@ -35,6 +35,7 @@ class BackboneSpec:
     preprocessing: str
     block_pattern: str
     weight_sources: tuple[str, ...] = ("imagenet",)
+    min_input_size: int = 32  # the smallest side the architecture takes (Keras refuses less)
     constructor_kwargs: dict[str, Any] = field(default_factory=dict)
     family: str = ""
     notes: str = ""
@@ -81,6 +82,9 @@ class BackboneSpec:
                     f"could not download {weights_arg!r} weights for backbone {self.name!r} ({reason}); "
                     "pass a local weights file or weights=None"
                 ) from exc
+            if isinstance(exc, ValueError):  # the architecture refuses the arguments (an input too small)
+                raise InvalidInput(f"backbone {self.name!r} cannot be built at {imaging.size_text((height, width))} "
+                                   f"px: {reason}") from None
             raise
 
 
@@ -202,6 +206,7 @@ register(BackboneSpec(
     input_size=299,
     preprocessing="tf",
     block_pattern=r"^block(\d+)_",
+    min_input_size=71,
     family="xception",
     notes="Kaggle baseline of the competition (0.934)",
 ))

@@ -231,6 +231,15 @@ def test_registry_has_the_required_backbones():
         backbones.resolve_weights(backbones.get("xception"), "/no/such/file.h5")
 
 
+def test_a_backbone_keras_refuses_to_build_is_a_clear_error_naming_it_and_the_size():
+    """Keras's ValueError (Xception below 71 px) becomes the product's InvalidInput, which a training run treats
+    as bad input (no half-made run folder left behind) instead of a traceback."""
+    spec = backbones.get("xception")
+    assert spec.min_input_size == 71
+    with pytest.raises(InvalidInput, match=r"backbone 'xception' cannot be built at 48x64 px: ValueError: .*71"):
+        spec.build(input_size=(48, 64), weights=None)
+
+
 def test_letterbox_keeps_the_aspect_ratio_and_pads_black():
     import tensorflow as tf
 

@@ -133,7 +133,8 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     if (source / runs.CONFIG).is_file():
         trained = runs.load_run(source)
         info = {**trained.info, "split_file": str(source / runs.SPLIT),
-                "data_channel_order": trained.recipe.data.channel_order}
+                "data_channel_order": trained.recipe.data.channel_order, "data_csv": trained.recipe.data.csv,
+                "data_classes": trained.recipe.data.classes}
         return LoadedModel("run", source, keras_predictor(trained.model), trained.image_size, trained.class_ids,
                            trained.class_names, info, trained.recipe.resize)
     loaded = load_savedmodel(source)

@@ -32,6 +32,10 @@ _MISSING = object()
 
 UNFREEZE_MODES = ("none", "top_blocks", "all")
 POOLINGS = ("avg", "max", "bilinear")  # train/pooling.py
+# Activations of the head's hidden layers: Keras names (keras.activations.get), checked when the recipe is read
+# rather than when the model is built, after the data scan.
+HIDDEN_ACTIVATIONS = ("relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "silu", "swish", "mish", "tanh",
+                      "sigmoid", "softplus", "linear")
 OPTIMIZERS = ("adam", "sgd")
 ON_MISSING_WEIGHTS = ("fail", "scratch")
 MAX_SEED = 2**32 - 1  # numpy's and Keras's seeds are unsigned 32-bit
@@ -392,7 +396,7 @@ def parse_recipe(data: Any, source: str = "<memory>") -> Recipe:
             batchnorm_momentum=h.get("batchnorm_momentum", float, 0.99, minimum=0.0, maximum=0.9999),
             dropout=h.get("dropout", float, 0.25, minimum=0.0, maximum=0.95),
             hidden_units=tuple(_int_list(h, "hidden_units", [256])),
-            hidden_activation=h.get("hidden_activation", str, "relu"),
+            hidden_activation=h.get("hidden_activation", str, "relu", choices=HIDDEN_ACTIVATIONS),
             l2=h.get("l2", float, 1e-4, minimum=0.0),
         ),
         augmentation=_parse_augmentation(f.raw("augmentation", []), source),
@@ -483,6 +487,10 @@ def validate(recipe: Recipe) -> Recipe:
             tta.get_policy(name)
         except ConfigError as exc:
             raise ConfigError(exc.message.split(": ", 1)[-1], source=src, field="tta") from None
+    for i, stage in enumerate(recipe.stages):
+        if min(imaging.side_pair(stage.image_size)) < spec.min_input_size:
+            raise ConfigError(f"backbone {spec.name!r} takes sides of at least {spec.min_input_size} px, received "
+                              f"{stage.image_size!r}", source=src, field=f"stages[{i}].image_size")
     names = [s.name for s in recipe.stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"stage names must be unique, received {names}", source=src, field="stages")

@@ -59,6 +59,9 @@ def test_experiment_recipes_are_found_by_name_apart_from_the_main_ones():
     (("stages",), [], "stages", "non-empty list"),
     (("loss",), {"label_smoothing": 0.9}, "loss.label_smoothing", "expected a value <= 0.5, received 0.9"),
     (("head", "batchnorm_momentum"), 1.5, "head.batchnorm_momentum", "expected a value <= 0.9999, received 1.5"),
+    (("head", "hidden_activation"), "rleu", "head.hidden_activation", "received 'rleu'"),
+    (("backbone",), "xception", "stages[0].image_size", "backbone 'xception' takes sides of at least 71 px, "
+                                                        "received 32"),
 ])
 def test_config_errors_name_file_field_and_value(tmp_path, path, value, field, needle):
     data = tiny_recipe(tmp_path)
@@ -164,3 +167,12 @@ def test_a_packaged_recipe_reads_the_same_files_from_any_folder(tmp_path, monkey
     own = tmp_path / "mine.yaml"  # a recipe file of one's own keeps its paths as written
     own.write_text(yaml.safe_dump(tiny_recipe(tmp_path) | {"weights": None}))
     assert load_recipe(own).data.train == str(tmp_path / "train")
+
+
+def test_every_hidden_activation_a_recipe_accepts_is_one_keras_builds():
+    import keras
+
+    from carclf.train.recipe import HIDDEN_ACTIVATIONS
+
+    for name in HIDDEN_ACTIVATIONS:
+        assert callable(keras.activations.get(name)), name

@@ -37,7 +37,10 @@ def run(args: argparse.Namespace) -> int:
     channel_order = channel_order_for(args.channel_order, bool(args.data), model.info.get("data_channel_order", "rgb"))
     if not data_root:
         raise InvalidInput(f"{args.model} names no training data; pass --data FOLDER")
-    dataset = data.read_folder_layout(data_root)
+    if not args.data and model.info.get("data_csv"):  # a CSV-layout run: its Id,Category file and image folder
+        dataset = data.read_csv_layout(model.info["data_csv"], data_root, model.info.get("data_classes"))
+    else:
+        dataset = data.read_folder_layout(data_root)
     if dataset.class_ids != model.class_ids:
         raise InvalidInput(f"data {data_root} has classes {dataset.class_ids}, the model has {model.class_ids}")
     split_path = None if args.all else (args.split or model.info.get("split_file"))

@@ -36,6 +36,8 @@ def model_card(trained: runs.TrainedRun) -> dict:
         "recipe": trained.recipe.name,
         "class_ids": trained.class_ids,
         "data_root": trained.info.get("data_root"),
+        "data_csv": trained.recipe.data.csv,  # the Id,Category file of a CSV-layout run (None: class folders)
+        "data_classes": trained.recipe.data.classes,
         "data_channel_order": trained.recipe.data.channel_order,  # how those photos store colours (read as RGB)
         "weights_used": trained.info.get("weights_used"),
         "run_dir": str(run_dir),
@@ -50,7 +52,7 @@ def model_card(trained: runs.TrainedRun) -> dict:
 
 def real_photos(trained: runs.TrainedRun, count: int) -> list[bytes]:
     """Validation photos of the run (training photos if it had no validation split)."""
-    dataset = data.read_folder_layout(trained.info["data_root"])
+    dataset = data.read_dataset(trained.recipe.data)  # either layout, as training read it
     split = data.load_split(trained.path / runs.SPLIT, dataset)
     samples = (split.val or split.train)[:count]
     return [Path(s.path).read_bytes() for s in samples]
