@@ -37,6 +37,8 @@ def test_connect_picks_the_transport(tiny_ensemble_server):
     ("http://host", ("rest", "http://host:8501", False)),
     ("https://host/prefix/", ("rest", "https://host:443/prefix", True)),
     ("grpc://[::1]:8500", ("grpc", "[::1]:8500", False)),
+    ("http://[::1]:8501", ("rest", "http://[::1]:8501", False)),
+    ("https://[fd00::5]", ("rest", "https://[fd00::5]:443", True)),
 ])
 def test_server_urls(url, expected):
     assert parse_server_url(url) == expected

@@ -355,6 +355,24 @@ def test_a_folder_never_replaces_a_submission_nobody_named(tmp_path, photos, mon
     assert precious.read_text() == "Id,Category\nmine.jpg,3\n"
 
 
+@pytest.mark.parametrize("transport", ["grpc", "rest"])
+def test_the_version_asked_for_is_the_version_that_answers(tiny_ensemble_server, photos, capsys, transport):
+    """tiny_a serves versions 1 and 2, which answer differently: --version 1 gets version 1's probabilities (and,
+    over gRPC, whose answers name their version, says version 1)."""
+    url = grpc_url(tiny_ensemble_server) if transport == "grpc" else rest_url(tiny_ensemble_server)
+    assert cli.main(["predict", str(photos[0]), "--server", url, "--model", "tiny_a", "--json", "--top-k", "10",
+                     "--version", "1"]) == 0
+    answer = json.loads(capsys.readouterr().out.splitlines()[0])
+    got = [t["probability"] for t in answer["top_k"]]  # ranked
+    with connect(grpc_url(tiny_ensemble_server)) as client:
+        by_version = {v: client.predict("tiny_a", images=[photos[0].read_bytes()], version=v) for v in (1, 2)}
+    want = {v: np.sort(r.probabilities[0])[::-1] for v, r in by_version.items()}
+    assert np.abs(want[1] - want[2]).max() > 1e-4  # the versions can be told apart
+    np.testing.assert_allclose(got, want[1], atol=1e-6)
+    if transport == "grpc":
+        assert answer["version"] == 1
+
+
 def test_a_folder_with_json_prints_its_photos_and_writes_no_submission(tiny_ensemble_server, sample_dir, tmp_path):
     """--json (or --verbose) asks to print: a folder then prints one JSON object per photo, in the folder's
     order, instead of writing submission.csv (which used to happen, the flag dropped without a word)."""

@@ -207,8 +207,35 @@ def test_only_unavailable_is_retried_with_backoff(tiny_repository_template, phot
     assert [name for name, _, _ in caller.calls].count("tiny_a") == 1
 
     caller.failures["tiny_a"] = [Unavailable("down")] * 5
+    caller.calls.clear()
     with pytest.raises(Unavailable, match="tiny_a"):
         runtime.predict(photo_bytes[:1])
+    assert [name for name, _, _ in caller.calls].count("tiny_a") == 3  # retry_max_attempts, not one more
+
+
+def test_a_retry_that_would_end_past_the_deadline_is_not_made(tiny_repository_template, photo_bytes, runtime_for):
+    """A member down for good, a 400 ms budget, 300 ms back-offs: one retry fits, the next would not, so the
+    request fails at once with the member's own error (UNAVAILABLE), not later with DEADLINE_EXCEEDED."""
+    caller = RecordingCaller(tiny_repository_template, failures={"tiny_a": [Unavailable("down")] * 10})
+    runtime = runtime_for(caller=caller, deadline_ms="400", retry_max_attempts="10",
+                          retry_initial_backoff_ms="150", retry_max_backoff_ms="300")
+    caller.calls.clear()
+    with pytest.raises(Unavailable, match="tiny_a.*down"):
+        runtime.predict(photo_bytes[:1])
+    assert [name for name, _, _ in caller.calls].count("tiny_a") == 2  # at once, then after 150 ms; not at 450
+
+
+def test_degrade_covers_only_the_codes_degrade_on_names(tiny_repository_template, photo_bytes, runtime_for):
+    """degrade_on: DEADLINE_EXCEEDED; a member UNAVAILABLE fails the request under degrade, naming it."""
+    failing = RecordingCaller(tiny_repository_template, failures={"tiny_b": [Unavailable("down")] * 5})
+    runtime = runtime_for(caller=failing, failure_policy="degrade", quorum="1", degrade_on="DEADLINE_EXCEEDED",
+                          retry_max_attempts="1")
+    with pytest.raises(Unavailable, match="member 'tiny_b' failed \\(UNAVAILABLE\\): down"):
+        runtime.predict(photo_bytes[:1])
+    slow = RecordingCaller(tiny_repository_template, delays={"tiny_b": 3.0})
+    result = runtime_for(caller=slow, failure_policy="degrade", quorum="1", degrade_on="DEADLINE_EXCEEDED",
+                         deadline_ms="700").predict(photo_bytes[:1])
+    assert result.degraded and [m.answered for m in result.members] == [True, False]
 
 
 def test_bad_photos_are_refused_by_index(runtime_for, photo_bytes):

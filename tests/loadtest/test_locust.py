@@ -223,6 +223,51 @@ def test_calls_nothing_answers_say_why_and_back_off(tmp_path, sample_dir):
         assert 1 <= int(row["Occurrences"]) <= bound, row
 
 
+def test_a_rest_answer_that_is_no_prediction_is_a_failed_request(tmp_path, sample_dir):
+    """A server that answers 200 with probabilities summing to 9: the REST user checks what came back, not only
+    the status, so every such call is a failure naming what is wrong."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answer = json.dumps({"predictions": [{"probabilities": [0.9] * 10, "label": "BMW X5", "class_id": 0}]}).encode()
+
+    class WrongAnswers(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), WrongAnswers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = subprocess.run([sys.executable, "-m", "locust", "--config",
+                                 str(REPO_ROOT / "loadtest" / "locust.conf"), "RestPredictUser",
+                                 "--host", f"http://127.0.0.1:{server.server_address[1]}",
+                                 "--grpc-host", f"127.0.0.1:{srv.free_port()}", "--users", "1", "--spawn-rate", "1",
+                                 "--run-time", "2s", "--ensemble-weight", "0", "--target-model", "tiny_a",
+                                 "--photo-folder", str(sample_dir), "--model-repository", str(tmp_path),
+                                 "--max-fail-ratio", "1", "--csv", str(tmp_path / "locust"),
+                                 "--html", str(tmp_path / "locust.html")],
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 0, result.stderr[-3000:]
+    with (tmp_path / "locust_stats.csv").open(newline="") as handle:
+        rows = {row["Name"]: row for row in csv.DictReader(handle)}
+    row = rows["POST /v1/models/tiny_a:predict"]
+    assert int(row["Request Count"]) > 0 and row["Failure Count"] == row["Request Count"], row
+    with (tmp_path / "locust_failures.csv").open(newline="") as handle:
+        errors = [row["Error"] for row in csv.DictReader(handle)]
+    assert errors and all("BadPrediction" in e and "sum to [9" in e for e in errors), errors
+
+
 def test_ctrl_c_ends_the_run_with_its_figures_so_far(tiny_deployment, tmp_path, sample_dir):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) stops locust cleanly: the table of what
     was measured, an INTERRUPTED verdict and exit status 130, no traceback."""

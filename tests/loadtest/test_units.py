@@ -83,6 +83,10 @@ def test_check_prediction_accepts_a_real_answer_and_rejects_wrong_ones(tiny_answ
         "missing label": {contract.OUTPUT_PROBABILITIES: probs},
         "batch": broken(probabilities=np.concatenate([probs, probs])),
     }
+    out_of_range = np.zeros_like(probs)  # sums to 1, arg-max unchanged, yet no probability distribution
+    out_of_range[0, best], out_of_range[0, (best + 1) % len(labels)] = 1.4, -0.4
+    with pytest.raises(checks.BadPrediction, match=r"outside \[0, 1\]: min -0.4, max 1.4"):
+        checks.check_prediction(broken(probabilities=out_of_range), labels)
     for name, bad in cases.items():
         if name == "not the arg-max" and probs[0].max() - probs[0, labels.index(other)] <= checks.PROBABILITY_TOLERANCE:
             continue  # a tie cannot be told apart
@@ -627,3 +631,19 @@ def test_a_paired_slice_nothing_answered_is_not_a_ratio_of_zero_and_keeps_its_er
     summary = bench.summarize_rounds(fake.rounds, "batching")
     (target,) = [t for t in bench.report.judge_targets(summary, None, ["grpc"]) if t["target"] == "grpc_c8_ratio"]
     assert target["value"] is None and target["verdict"] != "missed", target
+
+
+def test_the_memory_verdict_is_the_growth_of_the_last_windows_median_over_the_first():
+    """RSS 100 MiB through the first minute after warm-up, 150 MiB through the last: growth +50 %, a rising slope;
+    samples during warm-up (here 400 MiB) count for the peak only."""
+    from carclf.loadtest.soak import Sample, memory_verdict
+
+    mib = 2**20
+    samples = [Sample(float(t), 400 * mib) for t in range(0, 30, 10)]
+    samples += [Sample(float(t), (100 if t < 90 else 125 if t < 240 else 150) * mib) for t in range(30, 310, 10)]
+    verdict = memory_verdict(samples, warmup_s=30, window_s=60)
+    assert (verdict.baseline_mib, verdict.final_mib, verdict.peak_mib) == (100, 150, 400)
+    assert verdict.growth == pytest.approx(0.5) and verdict.slope_mib_per_min > 0
+    assert verdict.samples == 28
+    shrinking = memory_verdict([Sample(s.seconds, 250 * mib - s.rss_bytes) for s in samples[3:]], warmup_s=30)
+    assert shrinking.growth == pytest.approx(100 / 150 - 1) and shrinking.slope_mib_per_min < 0

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from carclf.errors import ConfigError, InvalidInput, ResourceExhausted
+from carclf.errors import ConfigError, DeadlineExceeded, InvalidInput, ResourceExhausted
 from carclf.serving import config as cfg
 from carclf.serving.batching import BatchScheduler
 from carclf.serving.config import BatchingConfig
@@ -414,3 +414,20 @@ def test_a_thread_the_process_cannot_start_is_a_config_error_naming_num_batch_th
     monkeypatch.undo()
     # a pool name of its own: other servers of this process (session fixtures) keep their batch_threads
     assert not [t for t in threading.enumerate() if t.name.startswith("refused_pool-")]
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_refused_unrun():
+    """A request that waited in its batch past its deadline is answered DEADLINE_EXCEEDED and never run (its
+    caller has gone); a request of the same batch with time left is run and answered."""
+    config = BatchingConfig(max_batch_size=8, batch_timeout_micros=400_000, num_batch_threads=1)
+    scheduler = BatchScheduler(config, ServingMetrics())
+    servable = RecordingServable(0.0)
+    try:
+        hurried = scheduler.submit(servable, "serving_default", rows(1), time.monotonic() + 0.1)
+        patient = scheduler.submit(servable, "serving_default", rows(2), time.monotonic() + 30)
+        with pytest.raises(DeadlineExceeded, match="waited in the batching queue"):
+            hurried.result(5)
+        assert patient.result(5)["y"].tolist() == [0.0, 2.0]
+        assert servable.sizes == [2]  # the batch that ran held the patient request's rows only
+    finally:
+        scheduler.close()

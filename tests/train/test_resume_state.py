@@ -1,11 +1,13 @@
 """The optimizer state that ``carclf train --resume`` restores: a resumed stage continues the same
-Adam(amsgrad) trajectory (step count, learning rate, moments) instead of restarting it."""
+Adam(amsgrad) trajectory (step count, learning rate, moments) instead of restarting it; and the best score
+the resume state commits, which a resumed stage must beat before its best checkpoint is replaced."""
 
 from __future__ import annotations
 
 import csv
 
 import numpy as np
+import pytest
 
 from carclf.train import runs
 from carclf.train.callbacks import restore_optimizer_state, save_optimizer_state
@@ -73,3 +75,39 @@ def test_trim_history_drops_epochs_the_checkpoint_does_not_hold(tmp_path):
     kept = runs.trim_history(tmp_path, 2)
     assert [h["epoch"] for h in kept] == [1, 2] == [h["epoch"] for h in runs.read_json(tmp_path / runs.HISTORY_JSON)]
     assert _csv_epochs(tmp_path) == [0, 1]
+
+
+def _best_after_epochs(tmp_path, monitor: str, scores: list[float], best: float | None = None) -> list[float]:
+    """The best score ``state.json`` commits after each epoch, when the epochs score ``scores`` on ``monitor``."""
+    from carclf.train.callbacks import ResumeState
+
+    model = _model()
+    run_dir = tmp_path / monitor
+    (run_dir / runs.CHECKPOINTS).mkdir(parents=True)
+    state = ResumeState(run_dir, 0, 0, monitor, [], "head", best, runs.best_weights(run_dir, "head"))
+    state.set_model(model)
+    state.on_train_begin()
+    committed = []
+    for epoch, score in enumerate(scores):
+        state.on_epoch_end(epoch, {monitor: score, "loss": 1.0})
+        committed.append(runs.read_json(run_dir / runs.CHECKPOINTS / runs.STATE)["best"])
+    return committed
+
+
+@pytest.mark.parametrize("monitor,scores,running", [
+    ("val_accuracy", [0.5, 0.1, 0.7, 0.6], np.maximum),
+    ("val_loss", [0.9, 1.4, 0.3, 0.8], np.minimum),
+])
+def test_the_best_score_is_the_highest_accuracy_or_the_lowest_loss(tmp_path, monitor, scores, running):
+    """The best score a resume restarts from (ModelCheckpoint's threshold) is the running maximum of an
+    accuracy and the running minimum of a loss: a worse epoch never replaces it."""
+    assert _best_after_epochs(tmp_path, monitor, scores) == list(running.accumulate(scores))
+
+
+@pytest.mark.parametrize("monitor,best,scores,expected", [
+    ("val_accuracy", 0.6, [0.5, 0.65], [0.6, 0.65]),
+    ("val_loss", 0.4, [0.5, 0.35], [0.4, 0.35]),
+])
+def test_a_resumed_stage_keeps_its_best_until_an_epoch_beats_it(tmp_path, monitor, best, scores, expected):
+    """A stage resumed with a best of 0.6 accuracy (0.4 loss) keeps it through a worse epoch."""
+    assert _best_after_epochs(tmp_path, monitor, scores, best=best) == expected

@@ -1,0 +1,47 @@
+"""The request metrics count each call once, under the status it was answered with, per transport.
+
+A server of its own (its own registry), so the counts after a known set of calls are exact."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+from tests.serving.conformance_setup import MODEL
+from tests.serving.conftest import Rest
+from tests.serving.test_batching import metric
+from tests.serving.test_grpc import predict_request
+from tests.serving.test_rest import b64
+
+
+def test_request_count_and_latency_follow_each_calls_status_and_transport(private_server, conformance_repository,
+                                                                          jpegs):
+    server = private_server(model_name=MODEL, model_base_path=str(conformance_repository / MODEL),
+                            enable_model_warmup=False,
+                            monitoring_config_file=str(conformance_repository / "monitoring.config"))
+    rest = Rest(f"http://127.0.0.1:{server.rest_port}")
+    path = f"/v1/models/{MODEL}:predict"
+    assert [rest.post(path, {"instances": [b64(jpegs[0])]}).status for _ in range(2)] == [200, 200]
+    assert rest.post(path, {"instances": [{"b64": "not base64 %%"}]}).status == 400
+    assert rest.post(f"/v1/models/{MODEL}/versions/999:predict", {"instances": [b64(jpegs[0])]}).status == 404
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        stub.Predict(predict_request(MODEL, image_bytes=np.array(jpegs[:1], dtype=object)), timeout=30)
+        try:
+            stub.Predict(predict_request(MODEL, wrong_name=np.array(jpegs[:1], dtype=object)), timeout=30)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+        else:
+            raise AssertionError("a wrong input name was answered")
+
+    text = rest.get("/monitoring/prometheus/metrics").body.decode()
+
+    def count(status: str) -> float:
+        return metric(text, f':tensorflow:serving:request_count{{model_name="{MODEL}",status="{status}"}}')
+
+    assert (count("OK"), count("INVALID_ARGUMENT"), count("NOT_FOUND")) == (3, 2, 1)
+    latency = ":tensorflow:serving:request_latency_count"
+    rest_calls = metric(text, f'{latency}{{API="Predict",entrypoint="REST",model_name="{MODEL}"}}')
+    grpc_calls = metric(text, f'{latency}{{API="Predict",entrypoint="GRPC",model_name="{MODEL}"}}')
+    assert (rest_calls, grpc_calls) == (4, 2)
