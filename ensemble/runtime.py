@@ -305,8 +305,8 @@ class EnsembleRuntime:
                 continue
             if isinstance(info, InputSpec):
                 info = MemberInfo(info.size, resize=info.resize)
-            futures[m.name] = self._pools[m.name].submit(self._call_member, m, info, views[info.input_spec], num_photos,
-                                                deadline)
+            futures[m.name] = self._pools[m.name].submit(self._call_member, m, info, views[info.input_spec],
+                                                         num_photos, deadline)
         done, _ = cf.wait(futures.values(), timeout=max(0.0, deadline - time.monotonic()))
         for name, fut in futures.items():
             if fut in done:
