@@ -52,7 +52,8 @@ serve: setup
 	$(VENV)/bin/carclf serve --model_config_file runs/serving/models.config --model_repository $(REPOSITORY) \
 	  --port $(PORT) --rest_api_port $(REST_PORT) --ensemble_config_file $(ENSEMBLE) \
 	  --enable_batching --batching_parameters_file serving/batching.config --batching_early_dispatch \
-	  --monitoring_config_file serving/monitoring.config --tensorflow_intra_op_parallelism $(TF_INTRA_OP)
+	  --monitoring_config_file serving/monitoring.config --enable_grpc_healthcheck_service \
+	  --tensorflow_intra_op_parallelism $(TF_INTRA_OP)
 
 # ARGS go to the runner, e.g. make loadtest ARGS="--target-model demo_mobilenet_v2 --users 4"; PORT and
 # REST_PORT (as given to make serve) say where the server is
