@@ -154,6 +154,8 @@ def _models(text: str, root: Path) -> cfg.ModelsConfig:
     ('model_config_list { config { name: "a" base_path: "{root}/a" model_version_policy { specific {} } } }',
      "model_version_policy", "empty"),
     ('model_config_list { config { nme: "a" } }', None, "ModelServerConfig"),
+    ('model_config_list { config { name: "a" base_path: "{root}/a" version_labels { key: "stable" value: -1 } } }',
+     "version_labels", "-1"),
 ])
 def test_bad_models_config_names_file_field_and_value(tmp_path, text, field, needle):
     with pytest.raises(ConfigError) as info:
@@ -181,12 +183,16 @@ def test_version_policies(tmp_path):
     }}''', tmp_path)
     on_disk = [1, 2, 3, 5]
     assert [m.policy.select(on_disk) for m in parsed.models] == [{5}, {1, 2, 3, 5}, {1, 3}, {3, 5}]
+    zero = _models(f'model_config_list {{ config {{ name: "z" base_path: "{tmp_path}/z" model_version_policy '
+                   '{ specific { versions: [0, 2] } } } }', tmp_path)
+    assert zero.models[0].policy.select([0, 1, 2]) == {0, 2}  # version 0 is a version (a folder named 0)
 
 
 @pytest.mark.parametrize("text,needle", [
     ("max_batch_size { value: 0 }", "max_batch_size"),
     ("max_batch_size { value: 8 } allowed_batch_sizes: [2, 4]", "allowed_batch_sizes"),
     ("max_batch_size { value: 8 } allowed_batch_sizes: [4, 2, 8]", "increasing"),
+    ("max_batch_size { value: 8 } allowed_batch_sizes: [2, 2, 8]", r"strictly increasing, received \[2, 2, 8\]"),
     ("batch_timeout_micros { value: -1 }", "batch_timeout_micros"),
     ("pad_variable_length_inputs: true", "pad_variable_length_inputs"),
     ("num_batch_threads { value: 1000000 }", r"field 'num_batch_threads': must be <= 1024, received 1000000"),
