@@ -216,6 +216,9 @@ def test_tta_policy_round_trips_as_data():
     assert tta.get_policy(policy.to_dict()) == policy
     with pytest.raises(ConfigError, match="box"):
         tta.View("bad", box=(0.5, 0.0, 0.2, 1.0))
+    for empty in ((0.5, 0.0, 0.5, 1.0), (0.0, 0.3, 1.0, 0.3)):  # no rows, or no columns: nothing to look at
+        with pytest.raises(ConfigError, match="box"):
+            tta.View("empty", box=empty)
     with pytest.raises(ConfigError, match="unknown TTA policy 'nope'"):
         tta.get_policy("nope")
 

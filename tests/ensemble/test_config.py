@@ -80,6 +80,8 @@ BAD = [
      "can ary"),
     ("quorum", render("e", ["a", "b"], parameters={"failure_policy": "degrade", "quorum": "3"}),
      "parameters['quorum']", "3"),
+    ("version 0", _edit(BASE, "versions: 1", "versions: 0"), "version_policy.specific.versions",
+     "must be >= 1, received 0"),
     ("degrade_on under fail", render("e", ["a", "b"], parameters={"degrade_on": "UNAVAILABLE"}),
      "parameters['degrade_on']", "'UNAVAILABLE' with failure_policy 'fail'"),
     ("policy", render("e", ["a"], parameters={"failure_policy": "retry_forever"}), "parameters['failure_policy']",

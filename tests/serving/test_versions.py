@@ -149,6 +149,27 @@ def test_broken_version_is_reported_and_never_takes_down_the_rest(private_server
     assert server.manager.status(MODEL, 3)[0].state == State.AVAILABLE
 
 
+def test_a_broken_newest_version_under_the_latest_policy_leaves_the_previous_one_serving(
+        private_server, private_repository, reference, jpegs):
+    """Policy latest (1): version 2 appears but cannot load. Version 1 is no longer the one the policy wants, yet
+    nothing else can answer, so it stays AVAILABLE and keeps answering (TF Serving's availability-preserving
+    swap) instead of being unloaded for a version that never came."""
+    repo = private_repository
+    server = private_server(model_name=OTHER_MODEL, model_base_path=str(repo / OTHER_MODEL),
+                            enable_model_warmup=False)
+    broken = repo / OTHER_MODEL / "2"
+    (broken / "variables").mkdir(parents=True)
+    (broken / "saved_model.pb").write_bytes(b"\x08\x01 this is not a SavedModel")
+    server.manager.poll()
+    states = {s.version: s.state for s in server.manager.status(OTHER_MODEL)}
+    assert states == {1: State.AVAILABLE, 2: State.END}, states
+    reply = Rest(f"http://127.0.0.1:{server.rest_port}").post(f"/v1/models/{OTHER_MODEL}:predict",
+                                                              {"instances": [b64(jpegs[0])]})
+    assert reply.status == 200, reply.json
+    expected = reference(OTHER_MODEL, 1, image_bytes=np.array(jpegs[:1], dtype=object))["probabilities"]
+    np.testing.assert_allclose(reply.json["predictions"][0]["probabilities"], expected[0], atol=1e-5)
+
+
 def test_reload_config_request(private_server, private_repository, reference, jpegs, tmp_path):
     repo = private_repository
     server = private_server(model_config_file=str(repo / "models.config"), model_repository=str(repo),

@@ -114,6 +114,14 @@ def test_split_is_deterministic_stratified_and_order_independent():
     assert len(a.val) + len(a.train) == len(samples)
 
 
+def test_a_hold_out_split_leaves_every_class_of_two_or_more_something_to_train_on():
+    """A fraction that rounds a small class entirely into validation (0.9 of 2 or 3 files) still leaves one
+    file of it for training, and keeps one for validation."""
+    split = data.stratified_split(_samples([2, 3, 10]), 0.9, seed=5)
+    assert [sum(s.label == c for s in split.train) for c in range(3)] == [1, 1, 1]
+    assert [sum(s.label == c for s in split.val) for c in range(3)] == [1, 2, 9]
+
+
 def test_k_fold_splits_partition_every_class_evenly():
     counts = [40, 50, 37, 2, 1]
     samples = _samples(counts)
