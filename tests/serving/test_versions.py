@@ -170,6 +170,35 @@ def test_a_broken_newest_version_under_the_latest_policy_leaves_the_previous_one
     np.testing.assert_allclose(reply.json["predictions"][0]["probabilities"], expected[0], atol=1e-5)
 
 
+def test_a_policy_moved_to_a_version_that_fails_to_load_keeps_the_old_one_serving(private_repository):
+    """The config moves from version 1 to version 3, whose files are broken: version 3 ends with its error and
+    version 1, the only one that can answer, stays AVAILABLE and answers (never unloaded for nothing)."""
+    from carclf.serving.config import BasePathResolver, parse_models_config
+    from carclf.serving.manager import ModelManager
+    from carclf.serving.savedmodel import SavedModelServable
+
+    repo = private_repository
+    broken = repo / MODEL / "3"
+    (broken / "variables").mkdir(parents=True)
+    (broken / "saved_model.pb").write_bytes(b"\x08\x01 this is not a SavedModel")
+
+    def config(version: int):
+        return parse_models_config(f'model_config_list {{ config {{ name: "{MODEL}" base_path: "{repo / MODEL}" '
+                                   f'model_version_policy {{ specific {{ versions: {version} }} }} }} }}',
+                                   BasePathResolver(repo))
+
+    manager = ModelManager(lambda name, version, path: SavedModelServable(name, version, path))
+    try:
+        manager.apply_config(config(1))
+        manager.apply_config(config(3))
+        states = {s.version: s.state for s in manager.status(MODEL)}
+        assert states == {1: State.AVAILABLE, 3: State.END}, states
+        with manager.acquire(MODEL) as lease:
+            assert lease.version == 1
+    finally:
+        manager.close(timeout=5)
+
+
 def test_reload_config_request(private_server, private_repository, reference, jpegs, tmp_path):
     repo = private_repository
     server = private_server(model_config_file=str(repo / "models.config"), model_repository=str(repo),
