@@ -16,7 +16,6 @@ members that did answer when the others failed with a code listed in ``degrade_o
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -37,12 +36,13 @@ from carclf.errors import (
     Unavailable,
     error_for_code,
 )
+from carclf.serving.options import DEFAULT_GRPC_THREADS
 from carclf.tta import average_views, make_views
 
 # Calls one member may have running at once: as many as the embedded server's default gRPC handler threads,
 # so no request's call waits behind other requests' calls to the same member. Each member has its own pool:
 # a member that hangs fills only its own, never the workers a healthy member's calls need.
-MEMBER_WORKERS = max(16, 4 * (os.cpu_count() or 1))
+MEMBER_WORKERS = DEFAULT_GRPC_THREADS
 
 # Of a caller's deadline (when it is shorter than the ensemble's own), the members get all but this share,
 # at most ANSWER_RESERVE_S: the rest is kept to aggregate and send the answer before the caller gives up, so

@@ -100,7 +100,7 @@ class BatchScheduler:
         self._queues: dict[tuple, _Queue] = {}
         self._turn = itertools.count()
         self._stopping = False
-        self._flushing = False  # draining: open batches go now
+        self._flushing = False  # draining or closing: open batches go now
         self._running: list[int] = []  # sizes of the batches running now, in batch threads or inline
         self._threads = [threading.Thread(target=self._work, name=f"{config.thread_pool_name}-{i}", daemon=True)
                          for i in range(config.num_batch_threads)]
@@ -153,9 +153,8 @@ class BatchScheduler:
         """Would a batch thread take this request at once, alone? (call with the lock held)"""
         if self._stopping or len(self._running) >= self.config.num_batch_threads:
             return False
-        if self._flushing:
-            return not self._queues
-        if self._timeout > 0 and size < self.config.max_batch_size and not self._may_leave_early(size):
+        if (self._timeout > 0 and size < self.config.max_batch_size and not self._flushing
+                and not self._may_leave_early(size)):
             return False  # it should wait for others to join its batch
         return not self._queues  # a queue stays in the dict only while it holds waiting work
 
@@ -202,7 +201,7 @@ class BatchScheduler:
             queue = self._queues[key]
             if queue.closed:
                 batch = queue.closed.popleft()
-            elif queue.open and (now - queue.open_since >= self._timeout or self._stopping or self._flushing
+            elif queue.open and (now - queue.open_since >= self._timeout or self._flushing
                                  or self._may_leave_early(queue.open_size)):
                 batch, queue.open, queue.open_size = queue.open, [], 0
             else:
@@ -347,7 +346,7 @@ class BatchScheduler:
     def close(self, timeout: float = 30.0) -> None:
         """Run what is queued, then stop the threads."""
         with self._cond:
-            self._stopping = True
+            self._stopping = self._flushing = True
             self._cond.notify_all()
         for thread in self._threads:
             thread.join(timeout)

@@ -24,6 +24,7 @@ REST_DISABLED = 0
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 DEFAULT_MODEL_REPOSITORY = "model_repository"
 DEFAULT_MODEL_NAME = "default"  # --model_name when only --model_base_path is given, as in TF Serving
+DEFAULT_GRPC_THREADS = max(16, 4 * (os.cpu_count() or 1))  # --grpc_max_threads 0: gRPC handler threads
 
 log = logging.getLogger("carclf.serving")
 
@@ -138,7 +139,7 @@ class ServerOptions:
 
     def grpc_threads(self) -> int:
         """gRPC handler threads: requests in flight over gRPC beyond this wait in grpc's queue."""
-        return self.grpc_max_threads or max(16, 4 * (os.cpu_count() or 1))
+        return self.grpc_max_threads or DEFAULT_GRPC_THREADS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
