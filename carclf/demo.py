@@ -131,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         _run(_carclf("predict", *photos, "--server", rest_url, "--model", "car_ensemble", "--top-k", "3"))
         _run(_carclf("predict", photos[0], "--server", rest_url, "--model", DEMO_RECIPES[0], "--top-k", "3",
                      "--classes", "data/sample/classes.json"))
-        print(f"\nupload page while the server runs: {rest_url}/ui")
     finally:
         print("\n== stop the server (SIGTERM: drains in-flight requests)", flush=True)
         server.send_signal(signal.SIGTERM)
@@ -144,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
           "they show the registry and the ensemble's fan-out.")
     elsewhere = "" if repository == Path("model_repository") else f" REPOSITORY={shlex.quote(str(repository))}"
     print(f"Serve these models again with their ensemble: make serve ENSEMBLE={ensemble_config}{elsewhere}")
+    print("  then upload a photo at http://127.0.0.1:8501/ui (the page asks car_ensemble)")
     also = "" if not elsewhere else f" --model-repository {shlex.quote(str(repository))}"
     print(f"Load-test them (make loadtest starts the server when none runs): make loadtest ARGS=\"--target-model "
           f"{DEMO_RECIPES[0]} --ensemble-config {ensemble_config}{also}\"")
