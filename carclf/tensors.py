@@ -164,6 +164,8 @@ def to_ndarray(proto: tensor_pb2.TensorProto, name: str = "") -> np.ndarray:
 def fill_proto(proto: tensor_pb2.TensorProto, array: np.ndarray) -> tensor_pb2.TensorProto:
     """Write ``array`` into ``proto`` (e.g. ``response.outputs[name]``, avoiding a CopyFrom)."""
     array = np.asarray(array)
+    if not array.dtype.isnative:  # a big-endian array (e.g. read from a file) travels in native order
+        array = array.astype(array.dtype.newbyteorder("="))
     entry = _BY_NUMPY.get(array.dtype)
     if entry is None:
         if array.dtype.kind in "US":
@@ -179,8 +181,6 @@ def fill_proto(proto: tensor_pb2.TensorProto, array: np.ndarray) -> tensor_pb2.T
             v if isinstance(v, bytes) else (bytes(v) if isinstance(v, bytearray | memoryview) else str(v).encode())
             for v in array.reshape(-1))
     else:
-        if not array.dtype.isnative:
-            array = array.astype(array.dtype.newbyteorder("="))
         proto.tensor_content = np.ascontiguousarray(array).tobytes()
     return proto
 

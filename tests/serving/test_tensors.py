@@ -12,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from carclf.clients.grpc_client import to_tensor_proto
+from carclf.clients.rest_client import encode_value
 from carclf.errors import InvalidInput
 from carclf.serving import json_codec
 from carclf.serving.servable import Signature, TensorInfo
@@ -28,6 +30,19 @@ def test_numeric_round_trip_agrees_with_tensorflow(dtype):
     np.testing.assert_array_equal(tf.make_ndarray(proto), array)       # TF reads what we write
     np.testing.assert_array_equal(to_ndarray(proto), array)
     np.testing.assert_array_equal(to_ndarray(tf.make_tensor_proto(array)), array)  # we read what TF writes
+
+
+@pytest.mark.parametrize("dtype", [d for d in NUMERIC if np.dtype(d).itemsize > 1 and d != "bool"])
+def test_a_big_endian_array_travels_as_its_values(dtype):
+    """An array in the other byte order (as read from a big-endian file) is the same tensor as the native one,
+    over gRPC (TensorProto) as over REST (JSON): both clients send what the user holds."""
+    native = (np.arange(24).reshape(2, 3, 4) % 7).astype(dtype)
+    swapped = native.astype(native.dtype.newbyteorder("S"))
+    assert not swapped.dtype.isnative
+    np.testing.assert_array_equal(tf.make_ndarray(to_tensor_proto(swapped)), native)
+    assert to_tensor_proto(swapped).SerializeToString() == to_tensor_proto(native).SerializeToString()
+    if not dtype.startswith("complex"):  # JSON has no complex numbers
+        assert encode_value(swapped, "x") == encode_value(native, "x")
 
 
 def test_typed_value_fields_and_tf_fill_rule():
