@@ -271,6 +271,96 @@ def test_letterbox_of_a_batch_equals_each_photo_and_squash_is_unchanged(photos):
         imaging.prepare(image, 48, "stretch")
 
 
+def test_squash_resize_is_antialiased_bilinear_rounded_to_the_nearest_value():
+    """prepare's documented resize: bilinear with antialiasing, then rounded (not truncated). A 1-px checkerboard
+    shrunk 4x is a flat grey only with antialiasing; its 127.5 greys round up."""
+    import tensorflow as tf
+
+    rows, cols = np.indices((64, 96))
+    board = np.repeat((((rows + cols) % 2) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    noise = np.random.default_rng(5).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    for image in (board, noise):
+        for size in (16, (16, 24), (40, 30)):
+            reference = tf.image.resize(tf.cast(image, tf.float32), imaging.side_pair(size), method="bilinear",
+                                        antialias=True)
+            expected = np.clip(np.round(reference.numpy()), 0, 255).astype(np.uint8)
+            np.testing.assert_array_equal(imaging.prepare(tf.constant(image), size).numpy(), expected)
+    shrunk = imaging.prepare(tf.constant(board), (16, 24)).numpy()
+    assert np.abs(shrunk.astype(int) - 128).max() <= 1  # no aliasing pattern
+
+
+def _coordinate_image(height: int = 48, width: int = 96) -> np.ndarray:
+    """R = row, G = column, B = 0: every pixel says where it is."""
+    rows, cols = np.indices((height, width))
+    return np.stack([rows, cols, np.zeros_like(rows)], axis=-1).astype(np.uint8)
+
+
+def test_crop_fraction_cuts_rows_by_the_height_and_columns_by_the_width():
+    import tensorflow as tf
+
+    image = _coordinate_image()
+    for box in ((0.0, 0.5, 1.0, 1.0), (0.25, 0.125, 0.75, 0.5), (0.125, 0.0625, 1.0, 0.9375)):
+        top, left, bottom, right = box
+        crop = imaging.crop_fraction(tf.constant(image), box).numpy()
+        expected = image[round(top * 48):round(bottom * 48), round(left * 96):round(right * 96)]
+        np.testing.assert_array_equal(crop, expected)
+
+
+def test_hflip_crops_views_are_the_named_crops_of_the_photo():
+    """hflip_crops: the full photo, its centre and its four corners (each 87.5 % of each side, docs/RESULTS.md),
+    each also flipped where declared; every view is prepare() of that crop."""
+    import tensorflow as tf
+
+    height, width, c = 48, 96, 0.875
+    image = _coordinate_image(height, width)
+    h, w = round(c * height), round(c * width)
+    dy, dx = (height - h) // 2, (width - w) // 2
+    crops = {
+        "full": image, "center": image[dy:dy + h, dx:dx + w],
+        "top_left": image[:h, :w], "top_right": image[:h, width - w:],
+        "bottom_left": image[height - h:, :w], "bottom_right": image[height - h:, width - w:],
+    }
+    policy = tta.get_policy("hflip_crops")
+    views = tta.make_views(tf.constant(image), policy, (24, 40)).numpy()
+    names = [v.name for v in policy.views]
+    assert sorted(names) == sorted([*crops, "full_flip", "center_flip"])
+    for view, got in zip(policy.views, views, strict=True):
+        expected = imaging.prepare(tf.constant(crops[view.name.removesuffix("_flip")]), (24, 40)).numpy()
+        np.testing.assert_array_equal(got, expected[:, ::-1] if view.flip else expected, err_msg=view.name)
+        assert view.flip == view.name.endswith("_flip")
+
+
+def test_each_backbone_preprocesses_pixels_as_its_own_preprocess_input():
+    """The registry's preprocessing for a backbone is what its Keras module's preprocess_input does (the
+    noisy-student EfficientNets: the ``efficientnet`` package's, torch mode)."""
+    import importlib
+
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 5, 7, 3)).astype("float32")
+    for spec in backbones.all_specs():
+        module = spec.constructor.split(":")[0]
+        if module == "keras.applications":  # keras.applications.MobileNetV2 lives in ...applications.mobilenet_v2
+            module = spec.resolve_constructor().__module__
+        expected = np.asarray(importlib.import_module(module).preprocess_input(pixels.copy()))
+        got = np.asarray(backbones.preprocessing_layer(spec.preprocessing)(pixels))
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=spec.name)
+
+
+def test_torch_preprocessing_divides_by_the_standard_deviation():
+    """torch mode: (x / 255 - mean) / std with ImageNet's mean and std per channel."""
+    pixels = np.random.default_rng(1).uniform(0, 255, (3, 4, 4, 3)).astype("float32")
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    got = np.asarray(backbones.preprocessing_layer("torch")(pixels))
+    np.testing.assert_allclose(got, (pixels / 255.0 - mean) / std, rtol=1e-5, atol=1e-5)
+
+
+def test_a_weights_path_under_the_home_folder_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "mine.h5").write_bytes(b"not read here")
+    spec = backbones.get("mobilenet_v2")
+    assert backbones.resolve_weights(spec, "~/weights/mine.h5") == str(tmp_path / "weights" / "mine.h5")
+
+
 def test_tf_threads_are_set_before_tensorflow_runs_and_refused_after():
     """carclf.tf_threads.configure in a new process: the counts asked for are in place; once TensorFlow runs,
     the same counts are accepted and other ones are reported as refused, not silently dropped."""

@@ -315,6 +315,14 @@ def _positive(f: _Fields, key: str) -> float:
     return value
 
 
+def _below_one(f: _Fields, key: str, default: float) -> float:
+    """A factor in [0, 1): ReduceLROnPlateau refuses 1 (it would never lower the rate)."""
+    value = f.get(key, float, default, minimum=0.0)
+    if value >= 1:
+        raise f.error(key, f"expected a value < 1, received {value!r}")
+    return value
+
+
 def _name(f: _Fields, default: Any = _MISSING, names: str = "the run folders") -> str:
     value = f.get("name", str, default)
     if not NAME_PATTERN.fullmatch(value) or ".." in value:
@@ -407,7 +415,7 @@ def parse_recipe(data: Any, source: str = "<memory>") -> Recipe:
         schedule=ScheduleConfig(
             monitor=sc.get("monitor", str, "val_accuracy", choices=("val_accuracy", "val_loss")),
             decay_per_epoch=sc.get("decay_per_epoch", float, 0.95, minimum=0.0, maximum=1.0),
-            plateau_factor=sc.get("plateau_factor", float, 0.5, minimum=0.0, maximum=1.0),
+            plateau_factor=_below_one(sc, "plateau_factor", 0.5),
             plateau_patience=sc.get("plateau_patience", int, 2, minimum=1),
             min_lr=sc.get("min_lr", float, 1e-6, minimum=0.0),
             early_stopping_patience=sc.get("early_stopping_patience", int, 5, minimum=1),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,16 @@ def test_a_bad_transform_is_refused_before_a_run_folder_or_model_is_made(tmp_pat
     with pytest.raises(ConfigError, match=r"augmentation\[1\].name.*unknown albumentations transform 'HorizFlipper'"):
         loop.train(parse_recipe(data, source="r.yaml"), runs_root=tmp_path / "runs")
     assert built == [] and not (tmp_path / "runs").exists()
+
+
+def test_pseudo_label_keeps_the_confidence_its_help_states_by_default(capsys):
+    """``carclf pseudo-label --help`` states the default --min-confidence; a command without the flag uses it."""
+    from carclf.cli import build_parser
+
+    parser = build_parser("pseudo-label")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["pseudo-label", "--help"])
+    stated = re.search(r"--min-confidence.*?\(default:\s+([0-9.]+)\)", capsys.readouterr().out, re.S)
+    assert stated, "the help states no default"
+    args = parser.parse_args(["pseudo-label", "run", "photos", "--out", "labels.csv"])
+    assert args.min_confidence == float(stated.group(1))

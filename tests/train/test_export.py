@@ -98,3 +98,50 @@ def test_a_letterbox_model_exports_its_resize_in_graph_and_card(tmp_path, labels
     np.testing.assert_allclose(got.numpy(), np.asarray(letterboxed), atol=1e-5)
     assert not np.allclose(np.asarray(letterboxed), np.asarray(squashed), atol=1e-5)
     assert load_model(version).resize == "letterbox"
+
+
+def test_the_labels_asset_lists_the_labels_in_output_order(tmp_path, labels, photos):
+    """assets/labels.txt line i names output i, whatever the labels' alphabetical order."""
+    import tensorflow as tf
+
+    shuffled = list(reversed(labels))
+    assert shuffled != sorted(shuffled)
+    payload = [p.read_bytes() for p in photos[:2]]
+    version = _export(tmp_path, build_tiny_classifier(len(labels)), shuffled, payload)
+    asset = (version / "assets" / contract.LABELS_ASSET).read_text(encoding="utf-8").splitlines()
+    assert asset == shuffled
+    serve = tf.saved_model.load(str(version)).signatures[contract.SIGNATURE_BYTES]
+    out = serve(**{contract.INPUT_IMAGE_BYTES: tf.constant(payload)})
+    answers = zip(out[contract.OUTPUT_CLASS_ID].numpy(), out[contract.OUTPUT_LABEL].numpy(), strict=True)
+    for class_id, label in answers:
+        assert asset[int(class_id)] == label.decode("utf-8")
+
+
+def _rectangular_classifier(num_classes: int, size: tuple[int, int]):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((*size, 3))
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x)
+    x = keras.layers.Flatten()(x)  # position-dependent: a differently resized input gives other answers
+    return keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax")(x))
+
+
+def test_pixels_matching_only_one_side_of_a_rectangular_model_are_resized(tmp_path, labels, photos):
+    """serving_pixels passes pixels through only when both height and width are the model's; pixels with just the
+    height (or just the width) right are resized in-graph like any other size."""
+    import tensorflow as tf
+
+    size = (32, 48)  # height, width
+    model = _rectangular_classifier(len(labels), size)
+    payload = [p.read_bytes() for p in photos[:2]]
+    version = export_model(model, repository=tmp_path, name="rect", input_size=size, labels=labels,
+                           verify_images=payload)
+    serve = tf.saved_model.load(str(version)).signatures[contract.SIGNATURE_PIXELS]
+    image = imaging.decode_image(tf.constant(payload[0]))
+    for sent in ((32, 80), (60, 48), size):
+        pixels = imaging.prepare(image, sent)[None]
+        expected = model(tf.cast(imaging.prepare(pixels, size), tf.float32), training=False)
+        got = serve(**{contract.INPUT_PIXELS: pixels})[contract.OUTPUT_PROBABILITIES]
+        np.testing.assert_allclose(got.numpy(), np.asarray(expected), atol=1e-5, err_msg=str(sent))

@@ -44,7 +44,10 @@ def test_experiment_recipes_are_found_by_name_apart_from_the_main_ones():
 @pytest.mark.parametrize("path,value,field,needle", [
     (("stages", 0, "epochs"), 0, "stages[0].epochs", "expected a value >= 1, received 0"),
     (("stages", 1, "lr"), "fast", "stages[1].lr", "expected float, received 'fast'"),
+    (("stages", 1, "lr"), 0, "stages[1].lr", "expected a value > 0, received 0"),
+    (("stages", 1, "name"), "head", "stages", "stage names must be unique, received ['head', 'head']"),
     (("stages", 0, "unfreeze"), "top_blocks x", "stages[0].unfreeze", "received 'top_blocks x'"),
+    (("stages", 1, "unfreeze"), "top_blocks 0", "stages[1].unfreeze", "N >= 1, received 'top_blocks 0'"),
     (("stages", 1, "image_size"), 4096, "stages[1].image_size", "expected a value <= 1024"),
     (("backbone",), "resnet9000", "backbone", "unknown backbone 'resnet9000'"),
     (("head", "pooling"), "median", "head.pooling", "expected one of ['avg', 'max', 'bilinear'], received 'median'"),
@@ -75,6 +78,21 @@ def test_config_errors_name_file_field_and_value(tmp_path, path, value, field, n
         load_recipe(recipe_file)
     message = str(info.value)
     assert str(recipe_file) in message and f"field '{field}'" in message and needle in message
+
+
+def test_a_plateau_factor_must_lower_the_rate(tmp_path):
+    """schedule.plateau_factor multiplies the rate on a plateau: below 1 is accepted, 1 is refused when the recipe
+    is read (Keras's ReduceLROnPlateau would refuse it only once the run folder exists)."""
+    data = tiny_recipe(tmp_path)
+    data["schedule"] = {"plateau_factor": 0.99}
+    assert parse_recipe(data, source="r.yaml").schedule.plateau_factor == 0.99
+    for factor in (1.0, 1):
+        data["schedule"] = {"plateau_factor": factor}
+        with pytest.raises(ConfigError) as info:
+            parse_recipe(data, source="r.yaml")
+        message = str(info.value)
+        assert "r.yaml" in message and "field 'schedule.plateau_factor'" in message
+        assert "expected a value < 1, received 1.0" in message
 
 
 def test_missing_required_field_and_bad_yaml(tmp_path):

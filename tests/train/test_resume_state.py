@@ -111,3 +111,20 @@ def test_the_best_score_is_the_highest_accuracy_or_the_lowest_loss(tmp_path, mon
 def test_a_resumed_stage_keeps_its_best_until_an_epoch_beats_it(tmp_path, monitor, best, scores, expected):
     """A stage resumed with a best of 0.6 accuracy (0.4 loss) keeps it through a worse epoch."""
     assert _best_after_epochs(tmp_path, monitor, scores, best=best) == expected
+
+
+def test_state_counts_the_epochs_done_inside_the_current_stage(tmp_path):
+    """A second stage that begins after the first stage's 3 epochs: after its own 2nd epoch (Keras's epoch index
+    4) state.json says 2 of this stage's epochs are done, 5 in all, so a resume runs only what is left of it."""
+    from carclf.train.callbacks import ResumeState
+
+    model = _model()
+    (tmp_path / runs.CHECKPOINTS).mkdir()
+    state = ResumeState(tmp_path, 1, 3, "val_accuracy", [], "top", None, runs.best_weights(tmp_path, "top"))
+    state.set_model(model)
+    state.on_train_begin()
+    for done, epoch in enumerate((3, 4), start=1):
+        state.on_epoch_end(epoch, {"val_accuracy": 0.5, "loss": 1.0})
+        written = runs.read_json(tmp_path / runs.CHECKPOINTS / runs.STATE)
+        assert (written["stage_index"], written["stage_epochs_done"]) == (1, done)
+        assert written["global_epoch"] == epoch + 1
