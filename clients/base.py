@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from carclf import contract
-from carclf.errors import InvalidInput, NotFound
+from carclf.errors import FailedPrecondition, InvalidInput, NotFound
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -124,6 +124,7 @@ class ModelClient(abc.ABC):
     def __init__(self, target: str, *, timeout: float = DEFAULT_TIMEOUT_S):
         self.target = target
         self.timeout = float(timeout)
+        self._closed = False
 
     @abc.abstractmethod
     def predict(
@@ -150,9 +151,19 @@ class ModelClient(abc.ABC):
                timeout: float | None = None) -> list[VersionStatus]:
         """The state of the model's versions (GetModelStatus / GET /v1/models/{name})."""
 
-    @abc.abstractmethod
     def close(self) -> None:
-        """Release the channel or HTTP session."""
+        """Release the channel or HTTP session; any call afterwards raises FailedPrecondition."""
+        if not self._closed:
+            self._closed = True
+            self._release()
+
+    @abc.abstractmethod
+    def _release(self) -> None:
+        """Close the transport's channel or session."""
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FailedPrecondition(f"this {self.transport} client of {self.target} is closed")
 
     def __enter__(self) -> ModelClient:
         return self

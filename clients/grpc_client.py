@@ -112,6 +112,7 @@ class GrpcClient(ModelClient):
     def _call(self, method, request, timeout: float | None):
         import grpc
 
+        self._check_open()
         timeout = self._timeout(timeout)
         try:
             return method(request, timeout=timeout)
@@ -176,7 +177,7 @@ class GrpcClient(ModelClient):
             for s in response.model_version_status
         ]
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self._channel.close()
 
 

@@ -119,6 +119,7 @@ class RestClient(ModelClient):
     def _request(self, method: str, url: str, timeout: float | None, json_body=None) -> dict:
         import requests
 
+        self._check_open()
         try:
             response = self._session.request(method, url, json=json_body, timeout=self._timeout(timeout),
                                              verify=self._verify)
@@ -188,7 +189,7 @@ class RestClient(ModelClient):
             for s in data.get("model_version_status", [])
         ]
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self._session.close()
         if self._ca_file is not None:
             self._ca_file.close()

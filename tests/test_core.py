@@ -386,3 +386,22 @@ except ValueError as exc:
     from carclf import tf_threads
 
     assert tf_threads.describe(1, 0) == "intra-op 1, inter-op TensorFlow's default"
+
+
+def test_a_model_card_without_resize_reads_as_squash(tmp_path):
+    """Cards written before they recorded ``resize`` come from models trained on squashed photos: such a card
+    reads as squash wherever it is read (an ensemble member, the bench's in-process side); a recorded mode wins."""
+    import json
+
+    from carclf import contract
+    from carclf.ensemble.config import Member
+    from carclf.ensemble.members import info_from_card
+    from carclf.loadtest.inprocess import input_spec
+
+    old = {"backbone": "mobilenet_v2", "input_size": 224}
+    assert contract.card_resize(old) == "squash"
+    assert info_from_card(old, Member(name="old"), "its card").resize == "squash"
+    (tmp_path / "assets.extra").mkdir()
+    (tmp_path / "assets.extra" / contract.MODEL_CARD).write_text(json.dumps(old))
+    assert input_spec(tmp_path) == (224, "squash")
+    assert info_from_card({**old, "resize": "letterbox"}, Member(name="new"), "its card").resize == "letterbox"

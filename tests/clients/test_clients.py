@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import socket
 
 import numpy as np
@@ -11,7 +12,15 @@ import pytest
 from carclf.clients import GrpcClient, ModelClient, RestClient, connect, parse_server_url
 from carclf.clients.base import as_input_array
 from carclf.clients.rest_client import encode_value
-from carclf.errors import CarClfError, DeadlineExceeded, InvalidInput, NotFound, Unavailable
+from carclf.errors import (
+    CarClfError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from carclf.tensors import to_ndarray
 from tests.ensemble.servers import grpc_url, rest_url
 
@@ -173,3 +182,160 @@ def test_binary_inputs_reach_the_wire_byte_for_byte():
         assert to_ndarray(request.inputs["data_bytes"]).tolist() == values
     sent = encode_value(array, "data_bytes")
     assert [[base64.b64decode(v["b64"]) for v in row] for row in sent] == values
+
+
+def test_an_empty_list_of_images_is_refused_before_anything_is_sent():
+    """images=[] is a caller's mistake: both clients say so themselves (InvalidInput), without sending a
+    request (here nothing listens, so a request sent would be Unavailable instead)."""
+    for client in (GrpcClient("127.0.0.1:1", timeout=5), RestClient("http://127.0.0.1:1", timeout=5)):
+        with client, pytest.raises(InvalidInput) as caught:
+            client.predict("tiny_a", images=[])
+        assert caught.value.message == "images is empty: send at least one photo"
+
+
+def test_top_k_with_one_class_name_too_few_is_invalid_input(clients, photos, labels):
+    """Class names for every rank but one short of the model's classes: refused as InvalidInput naming both
+    counts, on either client's answer (not an IndexError from the rank the names do not reach)."""
+    for client in clients:
+        result = client.predict("tiny_a", images=[photos[0].read_bytes()], output_filter=("probabilities",))
+        classes = result.probabilities.shape[-1]
+        assert result.named_ranks == 0 and classes == len(labels)
+        with pytest.raises(InvalidInput, match=f"{classes - 1} class names given, the model answers {classes} "
+                                               "classes"):
+            result.top_k(classes, labels[:-1])
+        assert [name for name, _ in result.top_k(classes, labels)[0]] == [
+            labels[int(i)] for i in np.argsort(-result.probabilities[0], kind="stable")]
+
+
+@pytest.mark.parametrize("url", [grpc_url, rest_url], ids=["grpc", "rest"])
+def test_a_closed_client_makes_no_more_calls_on_either_transport(tiny_ensemble_server, url):
+    """close() releases the channel or session: any call afterwards is a FailedPrecondition naming the server
+    (not grpc's own ValueError, and not a REST session that quietly reconnects); closing twice is harmless."""
+    client = connect(url(tiny_ensemble_server), timeout=10)
+    assert [s.state for s in client.status("tiny_a")] == ["AVAILABLE", "AVAILABLE"]
+    client.close()
+    for call in (lambda: client.status("tiny_a"), lambda: client.metadata("tiny_a"),
+                 lambda: client.predict("tiny_a", images=[b"not sent"])):
+        with pytest.raises(FailedPrecondition, match=re.escape(f"{client.transport} client of {client.target} is closed")):
+            call()
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def recording_servers():
+    """A stub PredictionService (gRPC) and a stub REST :predict, each answering the same fixed outputs (a
+    ``*_bytes`` output of bytes that are not UTF-8 among them) and keeping the requests they received."""
+    import json
+    import threading
+    from concurrent import futures
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from carclf.tensors import make_proto
+
+    crop = b"\xff\xd8\x00\x80 not text \xfe"
+    answer = {"probabilities": np.array([[0.25, 0.75]], dtype=np.float32),
+              "label": np.array([b"BMW X5"], dtype=object), "crop_bytes": np.array([crop], dtype=object)}
+    received: dict[str, list] = {"grpc": [], "rest": []}
+
+    class Predictions(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def Predict(self, request, context):  # noqa: N802 - the service's name
+            received["grpc"].append(request)
+            response = predict_pb2.PredictResponse()
+            response.model_spec.name = request.model_spec.name
+            for name, value in answer.items():
+                response.outputs[name].CopyFrom(make_proto(value))
+            return response
+
+    body = json.dumps({"outputs": {"probabilities": [[0.25, 0.75]], "label": ["BMW X5"],
+                                   "crop_bytes": [{"b64": base64.b64encode(crop).decode()}]}}).encode()
+
+    class Rest(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            received["rest"].append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Predictions(), grpc_server)
+    grpc_port = grpc_server.add_insecure_port("127.0.0.1:0")
+    grpc_server.start()
+    http_server = ThreadingHTTPServer(("127.0.0.1", 0), Rest)
+    threading.Thread(target=http_server.serve_forever, daemon=True).start()
+    try:
+        yield {"grpc": f"grpc://127.0.0.1:{grpc_port}", "rest": f"http://127.0.0.1:{http_server.server_address[1]}",
+               "crop": crop, "received": received}
+    finally:
+        http_server.shutdown()
+        http_server.server_close()
+        grpc_server.stop(0)
+
+
+def test_bytes_outputs_stay_bytes_and_text_outputs_are_str_on_both(recording_servers):
+    """Outputs named ``*_bytes`` are binary (TF Serving sends them as b64 over REST): both clients return their
+    exact bytes, while other string outputs (a label) come back as ``str``."""
+    crop = recording_servers["crop"]
+    for transport in ("grpc", "rest"):
+        with connect(recording_servers[transport], timeout=10) as client:
+            outputs = client.predict("m", images=[b"a photo"]).outputs
+        assert outputs["crop_bytes"].tolist() == [crop] and type(outputs["crop_bytes"][0]) is bytes, transport
+        assert outputs["label"].tolist() == ["BMW X5"] and type(outputs["label"][0]) is str, transport
+
+
+def test_text_inputs_travel_utf8_encoded_on_both(recording_servers):
+    """A ``str`` input element reaches the server as its UTF-8 bytes: "é" arrives as b"\\xc3\\xa9" over gRPC,
+    as it does in REST's JSON."""
+    received = recording_servers["received"]
+    text = ["Citroën C4 é", "Škoda"]
+    for given in (np.array(text, dtype=object), text):
+        for transport in ("grpc", "rest"):
+            with connect(recording_servers[transport], timeout=10) as client:
+                client.predict("m", inputs={"note": given}, signature_name="notes")
+        request, body = received["grpc"][-1], received["rest"][-1]
+        assert list(request.inputs["note"].string_val) == [t.encode("utf-8") for t in text]
+        assert body["inputs"]["note"] == text  # JSON strings: UTF-8 on the wire
+        assert request.model_spec.signature_name == body["signature_name"] == "notes"
+
+
+@pytest.mark.parametrize("status,error", [(503, Unavailable), (429, ResourceExhausted), (504, DeadlineExceeded),
+                                          (404, NotFound)])
+def test_rest_errors_without_a_code_field_take_the_type_of_their_http_status(status, error):
+    """TF Serving's REST errors are ``{"error": message}`` alone: the HTTP status says what kind (its table:
+    unavailable 503, resource exhausted 429, deadline exceeded 504, ...), so RestClient raises the same type
+    gRPC would, with the server's message."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = json.dumps({"error": f"the server's own words for {status}"}).encode()
+
+    class Refusing(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with connect(f"http://127.0.0.1:{server.server_address[1]}", timeout=10) as client, \
+                pytest.raises(CarClfError) as caught:
+            client.status("tiny_a")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert type(caught.value) is error and caught.value.code == error.code
+    assert caught.value.message == f"the server's own words for {status}"

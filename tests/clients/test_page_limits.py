@@ -52,3 +52,43 @@ def test_a_page_asking_a_model_that_is_not_served_is_reported(tiny_repository_te
     with embedded_server(tiny_repository_template, tmp_path / "b", models=("tiny_a",), web_ui_model="tiny_a"):
         pass
     assert not [r for r in caplog.records if "upload page" in r.getMessage()]
+
+
+def test_a_host_mounting_the_page_itself_answers_the_largest_photo_the_page_allows(tiny_ensemble_server, photos):
+    """application_with_page (for hosts that build their own application): without max_request_bytes, a photo
+    of the page's own limit still fits once base64 JSON makes its request 4/3 of it, and is answered."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    from carclf.clients.web.app import PageSettings, application_with_page
+    from carclf.serving.rest import RestApi
+
+    server, limit = tiny_ensemble_server, 200_000
+    api = RestApi(server.predictor, server.manager, server.gate, monitoring=server.monitoring,
+                  max_request_bytes=10 * limit, timeout_ms=30000, executor=server.executor)
+    app = application_with_page(api, PageSettings(model="tiny_a", max_bytes=limit))
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, access_log=None)
+
+    async def start() -> int:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner.addresses[0][1]
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{asyncio.run_coroutine_threadsafe(start(), loop).result(30)}"
+        with urllib.request.urlopen(f"{base}/ui", timeout=10) as response:
+            allowed = int(re.search(r'data-max-bytes="(\d+)"', response.read().decode()).group(1))
+        assert allowed == limit
+        photo = photos[0].read_bytes()
+        padded = photo + b"\0" * (allowed - len(photo))  # a JPEG with trailing bytes: still one valid photo
+        assert _post(f"{base}/v1/models/tiny_a:predict", padded) == 200
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -137,6 +137,8 @@ def test_a_batch_above_the_servers_limit_falls_back_to_one_photo_per_request(tin
     (["{photo}", "--server", "tcp://x:1"], "server address must start with grpc://"),
     (["{photo}", "--top-k", "0"], "--top-k must be >= 1"),
     (["{photo}", "--timeout", "0"], "--timeout must be > 0 seconds, received 0.0"),
+    (["{photo}", "--server", "{grpc}", "--model", "tiny_a", "--batch-size", "0"], "--batch-size must be >= 1, "
+                                                                                  "received 0"),
     (["{photo}", "--server", "{grpc}", "--model", "nope"], "Servable not found for request: Latest(nope)"),
     (["{photo}", "--server", "{rest}", "--model", "nope"], "Servable not found for request: Latest(nope)"),
     (["{photo}", "--server", "{rest}", "--version-label", "nolabel", "--model", "tiny_a"],
@@ -355,13 +357,19 @@ def test_a_folder_never_replaces_a_submission_nobody_named(tmp_path, photos, mon
     assert precious.read_text() == "Id,Category\nmine.jpg,3\n"
 
 
+@pytest.mark.parametrize("asked", [("--version", "1"), ("--version-label", "canary")], ids=["version", "label"])
 @pytest.mark.parametrize("transport", ["grpc", "rest"])
-def test_the_version_asked_for_is_the_version_that_answers(tiny_ensemble_server, photos, capsys, transport):
-    """tiny_a serves versions 1 and 2, which answer differently: --version 1 gets version 1's probabilities (and,
-    over gRPC, whose answers name their version, says version 1)."""
+def test_the_version_asked_for_is_the_version_that_answers(tiny_ensemble_server, photos, capsys, transport, asked):
+    """tiny_a serves versions 1 and 2, which answer differently: --version 1, or --version-label canary (the
+    shared server's label of version 1; stable is 2, the latest), gets version 1's probabilities (and, over gRPC,
+    whose answers name their version, says version 1)."""
+    from tests.ensemble.servers import TINY_LABELS
+
+    if asked[0] == "--version-label":
+        assert TINY_LABELS["tiny_a"][asked[1]] == 1  # the label names the version that is not the latest
     url = grpc_url(tiny_ensemble_server) if transport == "grpc" else rest_url(tiny_ensemble_server)
     assert cli.main(["predict", str(photos[0]), "--server", url, "--model", "tiny_a", "--json", "--top-k", "10",
-                     "--version", "1"]) == 0
+                     *asked]) == 0
     answer = json.loads(capsys.readouterr().out.splitlines()[0])
     got = [t["probability"] for t in answer["top_k"]]  # ranked
     with connect(grpc_url(tiny_ensemble_server)) as client:
@@ -410,3 +418,24 @@ def test_a_member_that_did_not_answer_has_no_version_or_label_in_json(tiny_repos
     assert present["answered"] is True and present["version"] == 2 and present["label"]
     assert missing == {"model": "tiny_gone", "answered": False, "version": None, "label": None,
                        "probability": None, "latency_ms": missing["latency_ms"]}
+
+
+@pytest.mark.parametrize("scheme", ["grpc", "http"])
+def test_a_server_that_never_answers_ends_the_run_after_the_timeout_in_one_line(capsys, photos, scheme):
+    """--timeout is the time each request may take: a server that accepts the connection and then says nothing
+    ends the run in one line naming it and the time waited, soon after --timeout, not after the 30 s default."""
+    import socket
+    import time
+
+    with socket.socket() as listener:  # accepts connections (the kernel's backlog) and never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        started = time.monotonic()
+        code = cli.main(["predict", str(photos[0]), "--server", f"{scheme}://127.0.0.1:{port}", "--model", "tiny_a",
+                         "--timeout", "0.5"])
+        waited = time.monotonic() - started
+    assert code == 2
+    target = f"127.0.0.1:{port}" if scheme == "grpc" else f"http://127.0.0.1:{port}"
+    assert one_error(capsys) == f"carclf predict: error: no answer from {target} within 0.5 s"
+    assert waited < 20  # a generous bound: well under the 30 s default

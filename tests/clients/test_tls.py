@@ -83,3 +83,13 @@ def test_tls_with_private_root_certificates(tls_ports, certificate, tiny_ensembl
             np.testing.assert_allclose(client.predict("tiny_a", images=images).probabilities, want, rtol=1e-6)
         with connect(url, timeout=5) as untrusting, pytest.raises(Unavailable):  # system roots: refused
             untrusting.status("tiny_a")
+
+
+def test_grpcs_without_root_certificates_speaks_tls_and_a_plaintext_port_refuses_it(tiny_ensemble_server):
+    """grpcs:// means TLS even when no --root-cert is given (the system roots then): pointed at a plaintext
+    gRPC port, the handshake fails and the call is Unavailable, never answered in clear text."""
+    port = grpc_url(tiny_ensemble_server).rsplit(":", 1)[1]
+    with connect(f"grpc://127.0.0.1:{port}", timeout=10) as plain:
+        assert plain.status("tiny_a")  # the port answers plaintext gRPC
+    with connect(f"grpcs://127.0.0.1:{port}", timeout=10) as client, pytest.raises(Unavailable):
+        client.status("tiny_a")

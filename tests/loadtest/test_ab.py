@@ -62,3 +62,35 @@ def test_ab_serves_both_sides_and_writes_the_paired_summary(lt_repository, tmp_p
         saved = figures["saved_p50_ms"]
         assert saved["n"] == 2 and saved["min"] <= saved["median"] <= saved["max"]
     assert "| grpc | p50 latency |" in (out / "ab.md").read_text()
+
+
+def test_rounds_alternate_which_side_is_measured_first(tmp_path, monkeypatch, capsys):
+    """Whichever side goes first in a round may meet a warmer (or busier) machine: the order alternates, baseline
+    first in one round and candidate first in the next, for every transport."""
+    from carclf.loadtest import ab
+
+    measured: list[tuple[str, str]] = []
+
+    class Server:
+        def __init__(self, side: str):
+            self.side = side
+
+        def stop(self) -> int:
+            return 0
+
+    def point(_work, transport, server, concurrency, _settings):
+        assert concurrency == 1
+        measured.append((transport, server.side))
+        return {"errors": 0, "p50_ms": 5.0, "mean_ms": 5.0, "requests": 10, "breakdown": None}
+
+    monkeypatch.setattr(ab.Workload, "of_photos", classmethod(lambda cls, *_a: object()))
+    monkeypatch.setattr(ab, "start_servers", lambda *_a: {side: Server(side) for side in ab.SIDES})
+    monkeypatch.setattr(ab, "measure_point", point)
+    assert ab.main(["--baseline-checkout", str(REPO_ROOT), "--model", "m", "--rounds", "4", "--batching-config", "",
+                    "--out", str(tmp_path / "ab")]) == 0
+    capsys.readouterr()
+    per_round = [measured[i:i + 4] for i in range(0, len(measured), 4)]
+    assert len(per_round) == 4
+    for number, row in enumerate(per_round):
+        first, second = ("baseline", "candidate") if number % 2 == 0 else ("candidate", "baseline")
+        assert row == [("grpc", first), ("grpc", second), ("rest", first), ("rest", second)], (number, row)

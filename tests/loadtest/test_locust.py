@@ -293,3 +293,68 @@ def test_ctrl_c_ends_the_run_with_its_figures_so_far(tiny_deployment, tmp_path, 
     assert re.search(r"^\s*Aggregated\s+[1-9]\d*\s", out, re.M), out[-2000:]
     assert "loadtest: INTERRUPTED (locust exit status 130)" in out
     assert "Traceback" not in out + err, err[-3000:]
+
+
+def test_a_grpc_request_asks_for_its_signature(tiny_deployment, photos):
+    """The load test's gRPC requests name their signature: pixels sent through serving_pixels are answered by
+    it (the default signature takes JPEG bytes and would refuse them), and the answer is a valid prediction."""
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    from carclf import contract
+    from carclf.loadtest import checks
+
+    inputs = protocol.photo_inputs(contract.SIGNATURE_PIXELS, photos[0].read_bytes())
+    request = protocol.grpc_request("tiny_a", contract.SIGNATURE_PIXELS, inputs)
+    with grpc.insecure_channel(tiny_deployment.address.grpc_target) as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=60)
+    assert response.model_spec.signature_name == contract.SIGNATURE_PIXELS
+    checks.check_prediction(protocol.grpc_outputs(response),
+                            checks.repository_labels(tiny_deployment.repository, "tiny_a"))
+
+
+def test_an_ensemble_without_labels_of_its_own_is_checked_against_the_backbones(lt_repository, tmp_path,
+                                                                               sample_dir):
+    """The ensemble has no folder in the model repository (it is a config, not an export): its answers are
+    checked against the backbone's labels rather than for consistency only."""
+    from carclf.loadtest import checks
+
+    program = f"""
+import argparse, json
+from carclf.loadtest.locustfile import Workload
+options = argparse.Namespace(photo_folder={str(sample_dir)!r}, target_model="tiny_a", ensemble_model="car_ensemble",
+                             ensemble_weight=1, signature="serving_default", labels_file="",
+                             model_repository={str(lt_repository)!r})
+print(json.dumps(Workload.build(options).labels))
+"""
+    result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    labels = json.loads(result.stdout.strip().splitlines()[-1])
+    backbone = checks.repository_labels(lt_repository, "tiny_a")
+    assert not (lt_repository / "car_ensemble").exists() and backbone
+    assert labels == {"tiny_a": backbone, "car_ensemble": backbone}
+
+
+def test_a_grpc_call_nothing_answers_fails_after_the_request_timeout(tmp_path, sample_dir):
+    """--request-timeout bounds every gRPC call: against a server that accepts the connection and never answers,
+    each call fails as DEADLINE_EXCEEDED after it, instead of hanging until the run ends uncounted."""
+    with socket.socket() as listener:  # accepts connections (the kernel's backlog) and never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "locust", "--config",
+                                 str(REPO_ROOT / "loadtest" / "locust.conf"), "GrpcPredictUser",
+                                 "--host", f"http://127.0.0.1:{port}", "--grpc-host", f"127.0.0.1:{port}",
+                                 "--users", "1", "--spawn-rate", "1", "--run-time", "3s", "--request-timeout", "0.5",
+                                 "--ensemble-weight", "0", "--target-model", "tiny_a",
+                                 "--photo-folder", str(sample_dir), "--model-repository", str(tmp_path),
+                                 "--max-fail-ratio", "1", "--csv", str(tmp_path / "locust"),
+                                 "--html", str(tmp_path / "locust.html")],
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]  # every call failed, and a ratio of 1 allows that
+    with (tmp_path / "locust_failures.csv").open(newline="") as handle:
+        failures = list(csv.DictReader(handle))
+    assert failures and all(row["Method"] == "grpc" and "DEADLINE_EXCEEDED" in row["Error"] for row in failures), \
+        failures
+    assert sum(int(row["Occurrences"]) for row in failures) >= 2  # 3 s of 0.5 s calls

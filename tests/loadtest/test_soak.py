@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -20,8 +21,9 @@ def run_soak(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_a_short_soak_runs_end_to_end_and_writes_its_verdict(lt_repository, lt_ensemble, tmp_path, sample_dir):
     """Seconds of load on the ensemble over the tiny models: the server is started with the thread count given,
-    requests are made and answered, RSS is sampled, and soak.json / soak.md hold the figures. (The growth
-    limit is set out of reach: this checks the mechanics, not the memory of a 10-second run.)"""
+    requests are made (to the ensemble only, over gRPC and REST) and answered, RSS is sampled, and soak.json /
+    soak.md hold the figures. (The growth limit is set out of reach: this checks the mechanics, not the memory of
+    a 10-second run.)"""
     reports = tmp_path / "soak"
     result = run_soak("--minutes", "0.2", "--warmup-minutes", "0.05", "--sample-every", "0.5", "--users", "2",
                       "--model-repository", str(lt_repository), "--ensemble-config", str(lt_ensemble),
@@ -35,6 +37,9 @@ def test_a_short_soak_runs_end_to_end_and_writes_its_verdict(lt_repository, lt_e
     assert "TensorFlow threads: intra-op 1," in (reports / "server.log").read_text()
     assert "| RSS growth after warm-up |" in (reports / "soak.md").read_text()
     assert "soak: PASSED" in result.stdout
+    with (reports / "locust_stats.csv").open(newline="") as handle:  # the load is on the ensemble only
+        called = {row["Name"] for row in csv.DictReader(handle)} - {"Aggregated"}
+    assert called == {"Predict car_ensemble", "POST /v1/models/car_ensemble:predict"}, called
 
 
 @pytest.mark.parametrize("flags,needle", [

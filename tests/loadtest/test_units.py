@@ -647,3 +647,191 @@ def test_the_memory_verdict_is_the_growth_of_the_last_windows_median_over_the_fi
     assert verdict.samples == 28
     shrinking = memory_verdict([Sample(s.seconds, 250 * mib - s.rss_bytes) for s in samples[3:]], warmup_s=30)
     assert shrinking.growth == pytest.approx(100 / 150 - 1) and shrinking.slope_mib_per_min < 0
+
+
+def test_in_process_throughput_counts_photos_not_calls(tiny_repository_template, photos):
+    """measure_batches reports throughput in photos/s: a call of a batch of 4 is 4 photos, so each row's
+    throughput is its completed calls per second times its batch size."""
+    from carclf.loadtest.inprocess import LoadedModel, measure_batches
+
+    model = LoadedModel.load(tiny_repository_template, "tiny_a")
+    inputs = [protocol.photo_inputs(contract.SIGNATURE_BYTES, p.read_bytes()) for p in photos[:4]]
+    rows = measure_batches(model, contract.SIGNATURE_BYTES, inputs, [1, 4], duration_s=0.6, warmup_s=0.1)
+    assert [row["batch_size"] for row in rows] == [1, 4]
+    for row in rows:
+        assert row["requests"] > 0 and row["errors"] == 0, row
+        assert row["throughput"] == pytest.approx(row["requests"] * row["batch_size"] / row["duration_s"],
+                                                  abs=2e-3), row
+
+
+def test_alternating_leaves_the_calls_sent_during_the_warmup_out():
+    """A's first call is slow (a cold start) and is sent during the warm-up: it is not among a's latencies,
+    though it returns after the warm-up ended. B's calls, all sent after it, all count."""
+    import time
+
+    sent: dict[str, int] = {"a": 0, "b": 0}
+
+    def sender(name: str, cold_s: float):
+        def send(i: int):
+            sent[name] += 1
+            time.sleep(cold_s if i == 0 else 0.001)
+
+        return send
+
+    a, b = loadgen.alternating([sender("a", 0.3), sender("b", 0.001)], duration_s=0.5, warmup_s=0.2)
+    assert a.errors == b.errors == 0 and a.requests > 0
+    assert max(a.latencies_ms) < 250, max(a.latencies_ms)  # the cold call is left out
+    assert a.requests == sent["a"] - 1 and b.requests == sent["b"]
+
+
+def test_max_requests_caps_a_point_across_all_its_workers():
+    """--max-requests is the cap on requests per point: two workers share it (5 each of 10), they do not get
+    10 each."""
+    import threading
+
+    lock = threading.Lock()
+    calls: list[tuple[int, int]] = []
+
+    def factory(index: int):
+        def send(i: int) -> None:
+            if i >= 0:  # not the unmeasured priming call
+                with lock:
+                    calls.append((index, i))
+
+        return send, lambda: None
+
+    result = loadgen.closed_loop(factory, 2, duration_s=0.5, warmup_s=0.0, max_requests=10)
+    assert len(calls) == 10 and sorted({index for index, _ in calls}) == [0, 1]
+    assert result.requests == 10 and result.errors == 0
+
+
+def test_targets_are_judged_on_the_better_batching_mode():
+    """The bench measures with batching on and off; each target takes the mode that does better on it
+    (higher throughput ratio, lower added latency), and says which."""
+    from carclf.loadtest.report import judge_targets
+
+    def figure(value: float) -> dict:
+        return {"median": value, "min": value, "max": value, "n": 3}
+
+    paired = {
+        "on": {"grpc_c8_ratio": figure(0.95), "grpc_c8_cpu_ratio": figure(0.93),
+               "grpc_added_mean_ms": figure(3.5), "grpc_interleaved_added_p50_ms": figure(3.0)},
+        "off": {"grpc_c8_ratio": figure(0.60), "grpc_c8_cpu_ratio": figure(0.55),
+                "grpc_added_mean_ms": figure(1.2), "grpc_interleaved_added_p50_ms": figure(1.5)},
+    }
+    targets = {t["target"]: t for t in judge_targets(paired, None, ["grpc"])}
+    throughput, latency = targets["grpc_c8_ratio"], targets["grpc_added_p50_c1_ms"]
+    assert (throughput["value"], throughput["second_value"], throughput["verdict"]) == (0.95, 0.93, "met")
+    assert throughput["basis"].startswith("batching on")
+    assert (latency["value"], latency["second_value"], latency["verdict"]) == (1.2, 1.5, "met")
+    assert latency["basis"].startswith("batching off")
+
+
+def test_ab_saved_time_is_positive_when_the_candidate_is_faster():
+    """The A/B summary's "saved" figures are the paired differences baseline minus candidate: positive when the
+    candidate (this checkout) answers faster."""
+    from carclf.loadtest.ab import summarize
+
+    pairs = [(10.0, 7.0), (12.0, 8.5), (11.0, 9.0)]  # (baseline, candidate) p50 per round: the candidate wins
+    rounds = [{"round": n, "grpc": {"baseline": {"p50_ms": b, "added_ms": None},
+                                    "candidate": {"p50_ms": c, "added_ms": None}}}
+              for n, (b, c) in enumerate(pairs, 1)]
+    figures = summarize(rounds, ["grpc"])["grpc"]
+    saved = [b - c for b, c in pairs]
+    assert figures["saved_p50_ms"] == {"median": sorted(saved)[1], "min": min(saved), "max": max(saved), "n": 3}
+    assert figures["saved_p50_ms"]["min"] > 0
+    assert (figures["baseline_p50_ms"], figures["candidate_p50_ms"]) == (11.0, 8.5)
+    assert figures["saved_added_ms"] is None
+
+
+def test_fewer_than_four_memory_samples_after_warmup_give_no_verdict():
+    """A median of the first and of the last minute needs samples to stand on: three after warm-up are refused
+    (naming how many there were), four give a verdict."""
+    from carclf.loadtest.soak import Sample, memory_verdict
+
+    mib = 2**20
+    samples = [Sample(0.0, 300 * mib)] + [Sample(float(t), (100 + t) * mib) for t in (30, 40, 50)]
+    with pytest.raises(ConfigError, match="only 3 memory samples after warm-up"):
+        memory_verdict(samples, warmup_s=30)
+    verdict = memory_verdict([*samples, Sample(60.0, 160 * mib)], warmup_s=30)
+    assert verdict.samples == 4 and verdict.peak_mib == 300
+
+
+def test_check_prediction_refuses_probabilities_that_do_not_match_the_label_count(tiny_answer):
+    """An answer over another number of classes than the model's labels is wrong, even when its top label
+    is among them and names its arg-max."""
+    outputs, labels = tiny_answer
+    checks.check_prediction(outputs, labels)
+    more = [*labels, "Lada Priora Sedan 2010"]
+    classes = outputs[contract.OUTPUT_PROBABILITIES].shape[1]
+    with pytest.raises(checks.BadPrediction, match=f"{classes} probabilities for {len(more)} labels"):
+        checks.check_prediction(outputs, more)
+
+
+def test_check_prediction_refuses_a_batch_with_one_bad_row(tiny_answer):
+    """Every row of a batch must be a distribution: one row that does not sum to 1 fails the whole answer."""
+    outputs, labels = tiny_answer
+    probs = outputs[contract.OUTPUT_PROBABILITIES]
+    two = {key: np.concatenate([value, value]) for key, value in outputs.items()}
+    checks.check_prediction(two, labels, batch=2)
+    one_bad = {**two, contract.OUTPUT_PROBABILITIES: np.concatenate([probs, probs * 0.5])}
+    with pytest.raises(checks.BadPrediction, match="sum to"):
+        checks.check_prediction(one_bad, labels, batch=2)
+
+
+def test_repository_labels_are_the_highest_versions(tmp_path):
+    """Labels come from the model's newest version (by number: 10 after 9 and 2) that has them."""
+    for version in (1, 2, 10):
+        assets = tmp_path / "m" / str(version) / "assets"
+        assets.mkdir(parents=True)
+        (assets / contract.LABELS_ASSET).write_text(f"car of version {version}\nother car\n")
+    (tmp_path / "m" / "11").mkdir()  # a version being written, no labels yet
+    assert checks.repository_labels(tmp_path, "m") == ["car of version 10", "other car"]
+    assert checks.repository_labels(tmp_path, "absent") is None
+
+
+@pytest.mark.parametrize("locust_status", [0, 1])
+def test_a_soak_whose_locust_run_failed_fails(tmp_path, sample_dir, monkeypatch, capsys, locust_status):
+    """Steady memory and no failed request in the CSV, but locust itself exited non-zero (its own thresholds, an
+    error in a user): the soak fails, and soak.json records locust's status. With status 0 it passes."""
+    import threading
+
+    from carclf.loadtest import soak
+
+    sampled = threading.Event()
+
+    class FakeServer:
+        calls = 0
+
+        def rss_bytes(self) -> int:
+            FakeServer.calls += 1
+            if FakeServer.calls >= 6:
+                sampled.set()
+            return 100 * 2**20
+
+        def stop(self) -> int:
+            return 0
+
+    def locust(command):
+        assert sampled.wait(60), "the server's memory was not sampled"
+        prefix = command[command.index("--csv") + 1]
+        Path(prefix + "_stats.csv").write_text("Type,Name,Request Count,Failure Count,Requests/s,50%,95%,99%\n"
+                                               ",Aggregated,42,0,7.0,10,20,30\n")
+        return locust_status
+
+    def models_config(path, *_args):
+        Path(path).write_text("")
+        return Path(path)
+
+    monkeypatch.setattr(soak.loadtest_run, "start_server", lambda *_a: FakeServer())
+    monkeypatch.setattr(soak.srv, "call_child", locust)
+    monkeypatch.setattr(soak.srv, "write_models_config", models_config)
+    reports = tmp_path / "soak"
+    config = run.HERE.parent / "ensemble" / "car_ensemble" / "config.pbtxt"
+    code = soak.main(["--minutes", "1", "--warmup-minutes", "0", "--sample-every", "0.01", "--reports", str(reports),
+                      "--ensemble-config", str(config), "--photo-folder", str(sample_dir)])
+    data = json.loads((reports / "soak.json").read_text())
+    assert data["memory"] is not None and data["memory"]["growth"] == 0 and data["failures"] == 0
+    assert data["locust_exit_status"] == locust_status
+    assert code == locust_status and data["passed"] is (locust_status == 0)
+    assert ("soak: PASSED" if locust_status == 0 else "soak: FAILED") in capsys.readouterr().out
