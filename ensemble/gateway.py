@@ -24,7 +24,8 @@ from carclf.serving.server import ModelServer
 
 
 def grpc_client(url: str, root_certificates: bytes | None = None):
-    """A GrpcClient for ``grpc://host:port`` (``grpcs://`` for TLS); REST URLs are refused."""
+    """A GrpcClient for ``grpc://host:port`` (``grpcs://`` for TLS, trusting ``root_certificates`` when given:
+    a plaintext member URL ignores them); REST URLs are refused."""
     from carclf.clients.grpc_client import GrpcClient
 
     if url.split("://", 1)[0].lower() not in ("grpc", "grpcs"):  # also a bare host:port, which reads as REST
@@ -34,7 +35,7 @@ def grpc_client(url: str, root_certificates: bytes | None = None):
         _, target, tls = parse_server_url(url)
     except InvalidInput as exc:
         raise ConfigError(exc.message, field="--members") from None
-    return GrpcClient(target, tls=tls, root_certificates=root_certificates)
+    return GrpcClient(target, tls=tls, root_certificates=root_certificates if tls else None)
 
 
 def build_ensemble(config_path: str | os.PathLike, members_url: str, *, member_urls: Mapping[str, str] | None = None,

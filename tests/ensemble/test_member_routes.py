@@ -1,0 +1,259 @@
+"""How the ensemble reaches and describes its members, and what it promises around them: version folders,
+config overrides of the model card, version labels over gRPC, chunks through a batching server, the gateway's
+--member names, output_filter, answers of members that failed, quorum errors, the photo limit, aggregation.
+
+Expectations come from the same ensemble run in-process on the SavedModels, or from closed forms computed here.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import grpc
+import numpy as np
+import pytest
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+from carclf.clients import connect
+from carclf.ensemble import aggregate as agg
+from carclf.ensemble.config import load_config, render
+from carclf.ensemble.members import InputSpec, SavedModelMemberCaller
+from carclf.ensemble.runtime import EnsembleRuntime
+from carclf.ensemble.servable import EnsembleServable
+from carclf.errors import ConfigError, DeadlineExceeded, InvalidInput, Unavailable
+from tests.clients.test_tls import certificate, tls_ports  # noqa: F401 - fixtures, asked for by name
+from tests.ensemble.servers import TINY_LABELS, embedded_server, grpc_url, write_ensemble_config
+from tests.ensemble.test_runtime import RecordingCaller
+from tests.serving.test_grpc import outputs, predict_request
+
+
+@pytest.fixture
+def runtime_of(tiny_repository_template, tiny_config):
+    """runtime_of(members, caller=None, **parameters): a warmed EnsembleRuntime over the tiny models."""
+    made = []
+
+    def make(members=("tiny_a", "tiny_b"), caller=None, **parameters):
+        runtime = EnsembleRuntime(tiny_config(members, **parameters),
+                                  caller or RecordingCaller(tiny_repository_template))
+        runtime.warm()
+        made.append(runtime)
+        return runtime
+
+    yield make
+    for runtime in made:
+        runtime.close()
+
+
+def in_process(repository, config_path, images):
+    """The ensemble of ``config_path`` run in-process straight on the SavedModels of ``repository``."""
+    with EnsembleRuntime(load_config(config_path), SavedModelMemberCaller(repository)) as runtime:
+        runtime.prepare()
+        return runtime.predict(images)
+
+
+# -- describing members -------------------------------------------------------------------------------
+
+def test_version_folders_are_ordered_as_numbers_so_10_is_newer_than_2(tiny_repository_template, tmp_path,
+                                                                     photo_bytes, tiny_config):
+    repository = tmp_path / "repo"
+    shutil.copytree(tiny_repository_template / "tiny_a" / "1", repository / "tiny_a" / "2")
+    shutil.copytree(tiny_repository_template / "tiny_a" / "2", repository / "tiny_a" / "10")
+    images = photo_bytes[:2]
+    with EnsembleRuntime(tiny_config(("tiny_a",)), SavedModelMemberCaller(repository)) as runtime:
+        got = runtime.predict(images)
+    with EnsembleRuntime(tiny_config({"tiny_a": 2}), SavedModelMemberCaller(tiny_repository_template)) as runtime:
+        want = runtime.predict(images)  # the same files as folder 10
+    assert got.members[0].version == 10
+    np.testing.assert_allclose(got.probabilities, want.probabilities, rtol=1e-5, atol=1e-6)
+
+
+class ViewRecordingCaller(RecordingCaller):
+    """Also keeps the views each member was sent."""
+
+    def __init__(self, repository):
+        super().__init__(repository)
+        self.pixels: dict[str, np.ndarray] = {}
+
+    def call(self, member, pixels, *, deadline):
+        self.pixels[member.name] = pixels
+        return super().call(member, pixels, deadline=deadline)
+
+
+def test_config_input_size_and_resize_override_the_model_card(tiny_repository_template, photo_bytes, runtime_of):
+    """``input_size.<m>`` and ``resize.<m>`` win over what the member's model card says."""
+    import tensorflow as tf
+
+    from carclf import imaging
+    from carclf.ensemble.members import read_model_card
+    from carclf.tta import make_views
+
+    card = read_model_card(tiny_repository_template / "tiny_a" / "2")
+    size, resize = int(card["input_size"]) + 8, "letterbox" if card.get("resize", "squash") != "letterbox" else "squash"
+    caller = ViewRecordingCaller(tiny_repository_template)
+    runtime = runtime_of(("tiny_a",), caller=caller, **{"input_size.tiny_a": str(size), "resize.tiny_a": resize})
+    assert runtime.member_inputs()["tiny_a"] == InputSpec(size, resize)
+    images = photo_bytes[:2]
+    runtime.predict(images)
+    eager = np.concatenate([make_views(imaging.decode_image(tf.constant(b)), "none", size, resize).numpy()
+                            for b in images])
+    np.testing.assert_array_equal(caller.pixels["tiny_a"], eager)
+
+
+# -- members over gRPC (the gateway) ------------------------------------------------------------------
+
+def test_the_gateway_calls_a_member_by_its_version_label(tiny_ensemble_server, tiny_repository_template,
+                                                        photo_bytes, tmp_path):
+    """``version_label.<m>`` travels in the gRPC member call: the labelled version answers, not the latest."""
+    from carclf.ensemble.gateway import build_ensemble
+
+    canary = TINY_LABELS["tiny_a"]["canary"]
+    latest = max(int(p.name) for p in (tiny_repository_template / "tiny_a").iterdir() if p.name.isdigit())
+    assert canary != latest
+    config = write_ensemble_config(tmp_path, name="tiny_labelled", **{"version_label.tiny_a": "canary"})
+    images = np.array(photo_bytes[:2], dtype=object)
+    servable = build_ensemble(config, grpc_url(tiny_ensemble_server), model_repository=tiny_repository_template)
+    try:
+        got = servable.predict("serving_default", {"image_bytes": images})
+    finally:
+        servable.close()
+    assert got["member_versions"][:, 0].tolist() == [canary] * len(images)
+    pinned = write_ensemble_config(tmp_path, name="tiny_pinned", members={"tiny_a": canary, "tiny_b": -1})
+    want = in_process(tiny_repository_template, pinned, list(images))
+    np.testing.assert_allclose(got["probabilities"], want.probabilities, rtol=1e-5, atol=1e-6)
+
+
+def test_the_gateway_refuses_a_member_url_for_a_name_that_is_not_a_member(tiny_ensemble_server, tmp_path):
+    from carclf.ensemble.gateway import build_ensemble
+
+    config = write_ensemble_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"--member names \['tiny_c'\], which are not members of 'tiny_ensemble'"):
+        build_ensemble(config, grpc_url(tiny_ensemble_server), member_urls={"tiny_c": grpc_url(tiny_ensemble_server)})
+
+
+def test_the_gateway_gives_its_root_certificates_to_a_member_placed_elsewhere(request, tiny_ensemble_server,
+                                                                              tiny_repository_template,
+                                                                              photo_bytes, tmp_path):
+    """``--member NAME=grpcs://...`` with ``--members_root_cert``: that member's TLS server (a private CA) is
+    trusted, while the members behind a plaintext ``--members grpc://...`` are still called in plaintext (the
+    certificates are for grpcs:// only)."""
+    from carclf.ensemble.gateway import build_ensemble
+
+    certificate_pem = request.getfixturevalue("certificate")[0]
+    tls_grpc_port, _ = request.getfixturevalue("tls_ports")
+    config = write_ensemble_config(tmp_path, failure_policy="fail")
+    tls_url = f"grpcs://127.0.0.1:{tls_grpc_port}"  # the shared server's services again, behind TLS
+    servable = build_ensemble(config, grpc_url(tiny_ensemble_server), model_repository=tiny_repository_template,
+                              member_urls={"tiny_b": tls_url}, root_certificates=certificate_pem)
+    images = np.array(photo_bytes[:1], dtype=object)
+    try:
+        got = servable.predict("serving_default", {"image_bytes": images})
+    finally:
+        servable.close()
+    assert got["member_answered"].tolist() == [[True, True]]
+    want = in_process(tiny_repository_template, config, list(images))
+    np.testing.assert_allclose(got["probabilities"], want.probabilities, rtol=1e-5, atol=1e-6)
+
+
+# -- members in-process, through a batching server ----------------------------------------------------
+
+def test_member_calls_larger_than_the_batchers_max_batch_size_are_chunked_on_one_version(tiny_repository_template,
+                                                                                           photo_bytes, tmp_path):
+    """3 photos x hflip_crops views are more rows than max_batch_size 4: every member still answers, by the
+    version (or label) its config names, exactly as the in-process ensemble."""
+    batching = tmp_path / "batching.config"
+    batching.write_text("max_batch_size { value: 4 } batch_timeout_micros { value: 0 } "
+                        "num_batch_threads { value: 2 } max_enqueued_batches { value: 16 }")
+    work = tmp_path / "server"
+    latest = write_ensemble_config(work, tta_policy="hflip_crops")
+    labelled = write_ensemble_config(work, name="tiny_canary", tta_policy="hflip_crops",
+                                     **{"version_label.tiny_a": "canary"})
+    canary = TINY_LABELS["tiny_a"]["canary"]
+    pinned = write_ensemble_config(tmp_path / "expected", name="tiny_canary", tta_policy="hflip_crops",
+                                   members={"tiny_a": canary, "tiny_b": -1})
+    images = photo_bytes[:3]
+    with embedded_server(tiny_repository_template, work, ensembles=[latest, labelled], labels=TINY_LABELS,
+                         enable_batching=True, batching_parameters_file=str(batching)) as server:
+        with connect(grpc_url(server)) as client:
+            got = {name: client.predict(name, images=images, timeout=60) for name in ("tiny_ensemble", "tiny_canary")}
+    for name, config in (("tiny_ensemble", latest), ("tiny_canary", pinned)):
+        want = in_process(tiny_repository_template, config, images)
+        out = got[name].outputs
+        assert out["member_answered"].all() and not out["degraded"].any(), name
+        assert out["member_versions"].tolist() == [[m.version for m in want.members]] * len(images), name
+        np.testing.assert_allclose(got[name].probabilities, want.probabilities, rtol=1e-5, atol=1e-6)
+    assert got["tiny_canary"].outputs["member_versions"][0][0] == canary
+
+
+# -- the served ensemble's outputs --------------------------------------------------------------------
+
+def test_the_served_ensemble_honours_grpc_output_filter(tiny_ensemble_server, photo_bytes):
+    wanted = ["probabilities", "member_versions"]
+    with grpc.insecure_channel(f"127.0.0.1:{tiny_ensemble_server.grpc_port}") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        reply = stub.Predict(predict_request("tiny_ensemble", output_filter=wanted,
+                                             image_bytes=np.array(photo_bytes[:2], dtype=object)), timeout=60)
+        everything = stub.Predict(predict_request("tiny_ensemble", image_bytes=np.array(photo_bytes[:2],
+                                                                                        dtype=object)), timeout=60)
+    assert set(reply.outputs) == set(wanted) and set(everything.outputs) > set(wanted)
+    np.testing.assert_allclose(outputs(reply)["probabilities"], outputs(everything)["probabilities"], rtol=1e-6)
+
+
+def test_a_member_that_did_not_answer_has_an_empty_member_label(tiny_repository_template, photo_bytes, runtime_of):
+    caller = RecordingCaller(tiny_repository_template, failures={"tiny_b": [Unavailable("tiny_b is down")] * 3})
+    runtime = runtime_of(caller=caller, failure_policy="degrade", quorum="1")
+    servable = EnsembleServable(runtime)
+    images = np.array(photo_bytes[:2], dtype=object)
+    out = servable.predict("serving_default", {"image_bytes": images})
+    assert out["member_answered"].tolist() == [[True, False]] * 2 and out["degraded"].all()
+    labels = runtime.labels
+    assert out["member_labels"][:, 1].tolist() == [b""] * 2
+    assert out["member_labels"][:, 0].tolist() == [labels[int(i)].encode() for i in
+                                                    np.argmax(out["member_probabilities"][:, 0], axis=-1)]
+
+
+# -- quorum and limits --------------------------------------------------------------------------------
+
+def test_a_quorum_missed_for_mixed_reasons_is_unavailable_and_deadline_only_when_all_timed_out(
+        tiny_repository_template, photo_bytes, runtime_of):
+    mixed = RecordingCaller(tiny_repository_template, failures={
+        "tiny_a": [DeadlineExceeded("tiny_a was too slow")], "tiny_b": [Unavailable("tiny_b is down")] * 3})
+    runtime = runtime_of(caller=mixed, failure_policy="degrade", quorum="1")
+    with pytest.raises(Unavailable, match="only 0 of 2 members answered") as info:
+        runtime.predict(photo_bytes[:1])
+    assert not isinstance(info.value, DeadlineExceeded)
+    timed_out = RecordingCaller(tiny_repository_template, failures={
+        "tiny_a": [DeadlineExceeded("tiny_a was too slow")], "tiny_b": [DeadlineExceeded("tiny_b was too slow")]})
+    runtime = runtime_of(caller=timed_out, failure_policy="degrade", quorum="1")
+    with pytest.raises(DeadlineExceeded, match="only 0 of 2 members answered"):
+        runtime.predict(photo_bytes[:1])
+
+
+def test_exactly_max_batch_size_photos_are_accepted(tiny_repository_template, photo_bytes, tmp_path):
+    path = tmp_path / "tiny_small" / "config.pbtxt"
+    path.parent.mkdir()
+    path.write_text(render("tiny_small", ("tiny_a", "tiny_b"), max_batch_size=3), encoding="utf-8")
+    config = load_config(path)
+    with EnsembleRuntime(config, RecordingCaller(tiny_repository_template)) as runtime:
+        result = runtime.predict(photo_bytes[:config.max_batch_size])
+        assert result.probabilities.shape[0] == config.max_batch_size
+        with pytest.raises(InvalidInput, match="max_batch_size"):
+            runtime.predict(photo_bytes[:config.max_batch_size + 1])
+
+
+# -- aggregation --------------------------------------------------------------------------------------
+
+def test_geometric_mean_floors_probabilities_at_log_floor_before_the_logs():
+    """A member's hard zero counts as LOG_FLOOR (1e-7): softmax(sum_m w_m log clip(p, 1e-7, 1))."""
+    probs = np.array([[[0.0, 0.5, 0.5], [0.2, 0.8, 0.0]],
+                      [[0.9, 0.05, 0.05], [0.3, 0.3, 0.4]]])
+    weights = np.array([1.0, 3.0])
+    w = weights / weights.sum()
+    logs = np.tensordot(w, np.log(np.clip(probs, 1e-7, 1.0)), axes=1)
+    expected = np.exp(logs) / np.exp(logs).sum(axis=-1, keepdims=True)
+    np.testing.assert_allclose(agg.geometric_mean(probs, weights), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["weighted_mean", "geometric_mean"])
+def test_a_negative_weight_is_refused_even_when_the_weights_sum_above_zero(method):
+    with pytest.raises(InvalidInput, match="weights must be finite, >= 0"):
+        agg.aggregate(method, np.full((2, 1, 3), 1 / 3), [-0.5, 2.0])
