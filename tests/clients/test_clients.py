@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 import socket
 
@@ -221,14 +222,46 @@ def test_a_closed_client_makes_no_more_calls_on_either_transport(tiny_ensemble_s
     client.close()
 
 
+@contextlib.contextmanager
+def json_http_server(status: int, body: bytes, received: list | None = None):
+    """A loopback HTTP server answering every GET and POST with ``status`` and the JSON ``body`` (keeping each
+    POSTed JSON document in ``received``); yields its base URL."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Answering(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):  # noqa: N802 - http.server's name
+            document = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if received is not None:
+                received.append(document)
+            self.do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answering)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="module")
 def recording_servers():
     """A stub PredictionService (gRPC) and a stub REST :predict, each answering the same fixed outputs (a
     ``*_bytes`` output of bytes that are not UTF-8 among them) and keeping the requests they received."""
     import json
-    import threading
     from concurrent import futures
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     import grpc
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
@@ -252,30 +285,14 @@ def recording_servers():
     body = json.dumps({"outputs": {"probabilities": [[0.25, 0.75]], "label": ["BMW X5"],
                                    "crop_bytes": [{"b64": base64.b64encode(crop).decode()}]}}).encode()
 
-    class Rest(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's name
-            received["rest"].append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
     grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Predictions(), grpc_server)
     grpc_port = grpc_server.add_insecure_port("127.0.0.1:0")
     grpc_server.start()
-    http_server = ThreadingHTTPServer(("127.0.0.1", 0), Rest)
-    threading.Thread(target=http_server.serve_forever, daemon=True).start()
     try:
-        yield {"grpc": f"grpc://127.0.0.1:{grpc_port}", "rest": f"http://127.0.0.1:{http_server.server_address[1]}",
-               "crop": crop, "received": received}
+        with json_http_server(200, body, received["rest"]) as rest:
+            yield {"grpc": f"grpc://127.0.0.1:{grpc_port}", "rest": rest, "crop": crop, "received": received}
     finally:
-        http_server.shutdown()
-        http_server.server_close()
         grpc_server.stop(0)
 
 
@@ -312,30 +329,10 @@ def test_rest_errors_without_a_code_field_take_the_type_of_their_http_status(sta
     unavailable 503, resource exhausted 429, deadline exceeded 504, ...), so RestClient raises the same type
     gRPC would, with the server's message."""
     import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     body = json.dumps({"error": f"the server's own words for {status}"}).encode()
-
-    class Refusing(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with connect(f"http://127.0.0.1:{server.server_address[1]}", timeout=10) as client, \
-                pytest.raises(CarClfError) as caught:
-            client.status("tiny_a")
-    finally:
-        server.shutdown()
-        server.server_close()
+    with json_http_server(status, body) as url, connect(url, timeout=10) as client, \
+            pytest.raises(CarClfError) as caught:
+        client.status("tiny_a")
     assert type(caught.value) is error and caught.value.code == error.code
     assert caught.value.message == f"the server's own words for {status}"

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from carclf.ensemble.config import EnsembleConfig, load_config, render
+from carclf.ensemble.runtime import EnsembleRuntime
+from tests.ensemble.callers import RecordingCaller
 
 
 @pytest.fixture
@@ -35,3 +37,21 @@ def tiny_config(write_config) -> Callable[..., EnsembleConfig]:
 @pytest.fixture(scope="session")
 def photo_bytes(photos) -> list[bytes]:
     return [p.read_bytes() for p in photos]
+
+
+@pytest.fixture
+def runtime_for(tiny_repository_template, tiny_config):
+    """runtime_for(members, caller=None, **parameters): a warmed EnsembleRuntime over the tiny models (a
+    RecordingCaller unless another caller is given), closed after the test."""
+    made = []
+
+    def make(members=("tiny_a", "tiny_b"), caller=None, **parameters):
+        caller = caller or RecordingCaller(tiny_repository_template)
+        runtime = EnsembleRuntime(tiny_config(members, **parameters), caller)
+        runtime.warm()  # describe members and trace the image graphs before any timed request
+        made.append(runtime)
+        return runtime
+
+    yield make
+    for r in made:
+        r.close()

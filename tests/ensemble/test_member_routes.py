@@ -22,26 +22,9 @@ from carclf.ensemble.runtime import EnsembleRuntime
 from carclf.ensemble.servable import EnsembleServable
 from carclf.errors import ConfigError, DeadlineExceeded, InvalidInput, Unavailable
 from tests.clients.test_tls import certificate, tls_ports  # noqa: F401 - fixtures, asked for by name
+from tests.ensemble.callers import RecordingCaller
 from tests.ensemble.servers import TINY_LABELS, embedded_server, grpc_url, write_ensemble_config
-from tests.ensemble.test_runtime import RecordingCaller
 from tests.serving.test_grpc import outputs, predict_request
-
-
-@pytest.fixture
-def runtime_of(tiny_repository_template, tiny_config):
-    """runtime_of(members, caller=None, **parameters): a warmed EnsembleRuntime over the tiny models."""
-    made = []
-
-    def make(members=("tiny_a", "tiny_b"), caller=None, **parameters):
-        runtime = EnsembleRuntime(tiny_config(members, **parameters),
-                                  caller or RecordingCaller(tiny_repository_template))
-        runtime.warm()
-        made.append(runtime)
-        return runtime
-
-    yield make
-    for runtime in made:
-        runtime.close()
 
 
 def in_process(repository, config_path, images):
@@ -79,7 +62,7 @@ class ViewRecordingCaller(RecordingCaller):
         return super().call(member, pixels, deadline=deadline)
 
 
-def test_config_input_size_and_resize_override_the_model_card(tiny_repository_template, photo_bytes, runtime_of):
+def test_config_input_size_and_resize_override_the_model_card(tiny_repository_template, photo_bytes, runtime_for):
     """``input_size.<m>`` and ``resize.<m>`` win over what the member's model card says."""
     import tensorflow as tf
 
@@ -90,7 +73,7 @@ def test_config_input_size_and_resize_override_the_model_card(tiny_repository_te
     card = read_model_card(tiny_repository_template / "tiny_a" / "2")
     size, resize = int(card["input_size"]) + 8, "letterbox" if card.get("resize", "squash") != "letterbox" else "squash"
     caller = ViewRecordingCaller(tiny_repository_template)
-    runtime = runtime_of(("tiny_a",), caller=caller, **{"input_size.tiny_a": str(size), "resize.tiny_a": resize})
+    runtime = runtime_for(("tiny_a",), caller=caller, **{"input_size.tiny_a": str(size), "resize.tiny_a": resize})
     assert runtime.member_inputs()["tiny_a"] == InputSpec(size, resize)
     images = photo_bytes[:2]
     runtime.predict(images)
@@ -198,9 +181,9 @@ def test_the_served_ensemble_honours_grpc_output_filter(tiny_ensemble_server, ph
     np.testing.assert_allclose(outputs(reply)["probabilities"], outputs(everything)["probabilities"], rtol=1e-6)
 
 
-def test_a_member_that_did_not_answer_has_an_empty_member_label(tiny_repository_template, photo_bytes, runtime_of):
+def test_a_member_that_did_not_answer_has_an_empty_member_label(tiny_repository_template, photo_bytes, runtime_for):
     caller = RecordingCaller(tiny_repository_template, failures={"tiny_b": [Unavailable("tiny_b is down")] * 3})
-    runtime = runtime_of(caller=caller, failure_policy="degrade", quorum="1")
+    runtime = runtime_for(caller=caller, failure_policy="degrade", quorum="1")
     servable = EnsembleServable(runtime)
     images = np.array(photo_bytes[:2], dtype=object)
     out = servable.predict("serving_default", {"image_bytes": images})
@@ -214,16 +197,16 @@ def test_a_member_that_did_not_answer_has_an_empty_member_label(tiny_repository_
 # -- quorum and limits --------------------------------------------------------------------------------
 
 def test_a_quorum_missed_for_mixed_reasons_is_unavailable_and_deadline_only_when_all_timed_out(
-        tiny_repository_template, photo_bytes, runtime_of):
+        tiny_repository_template, photo_bytes, runtime_for):
     mixed = RecordingCaller(tiny_repository_template, failures={
         "tiny_a": [DeadlineExceeded("tiny_a was too slow")], "tiny_b": [Unavailable("tiny_b is down")] * 3})
-    runtime = runtime_of(caller=mixed, failure_policy="degrade", quorum="1")
+    runtime = runtime_for(caller=mixed, failure_policy="degrade", quorum="1")
     with pytest.raises(Unavailable, match="only 0 of 2 members answered") as info:
         runtime.predict(photo_bytes[:1])
     assert not isinstance(info.value, DeadlineExceeded)
     timed_out = RecordingCaller(tiny_repository_template, failures={
         "tiny_a": [DeadlineExceeded("tiny_a was too slow")], "tiny_b": [DeadlineExceeded("tiny_b was too slow")]})
-    runtime = runtime_of(caller=timed_out, failure_policy="degrade", quorum="1")
+    runtime = runtime_for(caller=timed_out, failure_policy="degrade", quorum="1")
     with pytest.raises(DeadlineExceeded, match="only 0 of 2 members answered"):
         runtime.predict(photo_bytes[:1])
 

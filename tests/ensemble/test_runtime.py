@@ -6,7 +6,6 @@ or an error in front of the real call, to drive the deadline, retry and failure-
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,53 +14,11 @@ import pytest
 
 from carclf import imaging
 from carclf.ensemble import aggregate as agg
-from carclf.ensemble.members import InputSpec, SavedModelMemberCaller
+from carclf.ensemble.members import InputSpec
 from carclf.ensemble.runtime import EnsembleRuntime
 from carclf.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, NotFound, Unavailable
 from carclf.tta import make_views
-
-
-class RecordingCaller(SavedModelMemberCaller):
-    """Records every call; optionally sleeps or fails first for some members."""
-
-    _shared_models: dict = {}  # loaded SavedModels, shared by the tests of this module (read-only use)
-
-    def __init__(self, repository, *, delays=None, failures=None):
-        super().__init__(repository)
-        self._loaded = self._shared_models.setdefault(str(repository), {})
-        self.delays = dict(delays or {})
-        self.failures = dict(failures or {})  # member -> list of errors to raise before answering
-        self.calls: list[tuple[str, tuple[int, ...], float]] = []
-        self.lock = threading.Lock()
-
-    def close(self):
-        pass  # the loaded models are shared with the other tests
-
-    def call(self, member, pixels, *, deadline):
-        with self.lock:
-            self.calls.append((member.name, pixels.shape, time.monotonic()))
-            pending = self.failures.get(member.name)
-            error = pending.pop(0) if pending else None
-        if error is not None:
-            raise error
-        time.sleep(self.delays.get(member.name, 0.0))
-        return super().call(member, pixels, deadline=deadline)
-
-
-@pytest.fixture
-def runtime_for(tiny_repository_template, tiny_config):
-    made = []
-
-    def make(members=("tiny_a", "tiny_b"), caller=None, **parameters):
-        caller = caller or RecordingCaller(tiny_repository_template)
-        runtime = EnsembleRuntime(tiny_config(members, **parameters), caller)
-        runtime.warm()  # describe members and trace the image graphs before any timed request
-        made.append(runtime)
-        return runtime
-
-    yield make
-    for r in made:
-        r.close()
+from tests.ensemble.callers import RecordingCaller
 
 
 def test_single_member_ensemble_equals_the_training_evaluation(tiny_repository_template, photo_bytes, runtime_for):

@@ -386,22 +386,36 @@ def test_soak_refuses_bad_arguments_before_the_server_starts(flags, expected, tm
     assert not reports.exists()
 
 
-def test_soak_writes_its_figures_when_no_memory_verdict_can_be_made(tmp_path, sample_dir, monkeypatch, capsys):
-    """Too few RSS samples after warm-up: soak.json still holds the request counts and says why it failed."""
+def _soak_with_fakes(monkeypatch, tmp_path: Path, sample_dir: Path, flags: list[str], *, locust_status: int = 0,
+                     samples_before_locust: int = 0) -> tuple[int, Path]:
+    """soak.main over a stand-in server (a steady 100 MiB) and a stand-in locust (42 requests, none failed,
+    exiting ``locust_status`` once the server's memory was read ``samples_before_locust`` times): (exit, reports)."""
+    import threading
+
     from carclf.loadtest import soak
 
+    sampled = threading.Event()
+    if not samples_before_locust:
+        sampled.set()
+
     class FakeServer:
+        calls = 0
+
         def rss_bytes(self) -> int:
+            FakeServer.calls += 1
+            if FakeServer.calls >= samples_before_locust:
+                sampled.set()
             return 100 * 2**20
 
         def stop(self) -> int:
             return 0
 
     def locust(command):
+        assert sampled.wait(60), "the server's memory was not sampled"
         prefix = command[command.index("--csv") + 1]
         Path(prefix + "_stats.csv").write_text("Type,Name,Request Count,Failure Count,Requests/s,50%,95%,99%\n"
                                                ",Aggregated,42,0,7.0,10,20,30\n")
-        return 0
+        return locust_status
 
     def models_config(path, *_args):
         Path(path).write_text("")
@@ -412,8 +426,15 @@ def test_soak_writes_its_figures_when_no_memory_verdict_can_be_made(tmp_path, sa
     monkeypatch.setattr(soak.srv, "write_models_config", models_config)
     reports = tmp_path / "soak"
     config = run.HERE.parent / "ensemble" / "car_ensemble" / "config.pbtxt"
-    assert soak.main(["--minutes", "1", "--warmup-minutes", "0.5", "--sample-every", "60", "--reports", str(reports),
-                      "--ensemble-config", str(config), "--photo-folder", str(sample_dir)]) == 1
+    return soak.main([*flags, "--reports", str(reports), "--ensemble-config", str(config),
+                      "--photo-folder", str(sample_dir)]), reports
+
+
+def test_soak_writes_its_figures_when_no_memory_verdict_can_be_made(tmp_path, sample_dir, monkeypatch, capsys):
+    """Too few RSS samples after warm-up: soak.json still holds the request counts and says why it failed."""
+    code, reports = _soak_with_fakes(monkeypatch, tmp_path, sample_dir,
+                                     ["--minutes", "1", "--warmup-minutes", "0.5", "--sample-every", "60"])
+    assert code == 1
     data = json.loads((reports / "soak.json").read_text())
     assert data["requests"] == 42 and data["failures"] == 0 and data["memory"] is None and not data["passed"]
     assert data["no_verdict"].startswith("no memory verdict") and "only 0 memory samples" in data["no_verdict"]
@@ -794,42 +815,9 @@ def test_repository_labels_are_the_highest_versions(tmp_path):
 def test_a_soak_whose_locust_run_failed_fails(tmp_path, sample_dir, monkeypatch, capsys, locust_status):
     """Steady memory and no failed request in the CSV, but locust itself exited non-zero (its own thresholds, an
     error in a user): the soak fails, and soak.json records locust's status. With status 0 it passes."""
-    import threading
-
-    from carclf.loadtest import soak
-
-    sampled = threading.Event()
-
-    class FakeServer:
-        calls = 0
-
-        def rss_bytes(self) -> int:
-            FakeServer.calls += 1
-            if FakeServer.calls >= 6:
-                sampled.set()
-            return 100 * 2**20
-
-        def stop(self) -> int:
-            return 0
-
-    def locust(command):
-        assert sampled.wait(60), "the server's memory was not sampled"
-        prefix = command[command.index("--csv") + 1]
-        Path(prefix + "_stats.csv").write_text("Type,Name,Request Count,Failure Count,Requests/s,50%,95%,99%\n"
-                                               ",Aggregated,42,0,7.0,10,20,30\n")
-        return locust_status
-
-    def models_config(path, *_args):
-        Path(path).write_text("")
-        return Path(path)
-
-    monkeypatch.setattr(soak.loadtest_run, "start_server", lambda *_a: FakeServer())
-    monkeypatch.setattr(soak.srv, "call_child", locust)
-    monkeypatch.setattr(soak.srv, "write_models_config", models_config)
-    reports = tmp_path / "soak"
-    config = run.HERE.parent / "ensemble" / "car_ensemble" / "config.pbtxt"
-    code = soak.main(["--minutes", "1", "--warmup-minutes", "0", "--sample-every", "0.01", "--reports", str(reports),
-                      "--ensemble-config", str(config), "--photo-folder", str(sample_dir)])
+    code, reports = _soak_with_fakes(monkeypatch, tmp_path, sample_dir,
+                                     ["--minutes", "1", "--warmup-minutes", "0", "--sample-every", "0.01"],
+                                     locust_status=locust_status, samples_before_locust=6)
     data = json.loads((reports / "soak.json").read_text())
     assert data["memory"] is not None and data["memory"]["growth"] == 0 and data["failures"] == 0
     assert data["locust_exit_status"] == locust_status
