@@ -372,6 +372,8 @@ def test_a_bad_classes_json_is_a_config_error(tmp_path):
     (["--users", "0"], "field '--users': expected an integer >= 1, received 0"),
     (["--sample-every", "0"], "field '--sample-every': expected seconds > 0, received 0.0"),
     (["--sample-every", "-5"], "field '--sample-every'"),
+    (["--max-rss-growth", "0"], "field '--max-rss-growth': expected a growth ratio > 0 such as 0.05 (5 %), "
+                                "received 0.0"),
     (["--minutes", "3", "--photo-folder", "/no/such/photos"], "received '/no/such/photos'"),
 ])
 def test_soak_refuses_bad_arguments_before_the_server_starts(flags, expected, tmp_path, monkeypatch, capsys):
