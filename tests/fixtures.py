@@ -50,3 +50,13 @@ def export_tiny(repository: Path, name: str, seed: int = 0, size: int = TINY_SIZ
     return export_model(model, repository=repository, name=name, input_size=size, labels=labels,
                         warmup_images=photos[:2], verify_images=photos,
                         card={"backbone": "tiny-cnn", "seed": seed}, resize=resize)
+
+
+def version_numbers(model_dir: Path) -> list[int]:
+    """The version folders under a model's base path, as numbers, oldest first."""
+    return sorted(int(p.name) for p in Path(model_dir).iterdir() if p.name.isdigit())
+
+
+def break_version(version_dir: Path) -> None:
+    """Make a version folder one TensorFlow cannot load (its saved_model.pb is not a SavedModel)."""
+    (Path(version_dir) / "saved_model.pb").write_bytes(b"\x08\x01 this is not a SavedModel")

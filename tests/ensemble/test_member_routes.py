@@ -24,6 +24,7 @@ from carclf.errors import ConfigError, DeadlineExceeded, InvalidInput, Unavailab
 from tests.clients.test_tls import certificate, tls_ports  # noqa: F401 - fixtures, asked for by name
 from tests.ensemble.callers import RecordingCaller
 from tests.ensemble.servers import TINY_LABELS, embedded_server, grpc_url, write_ensemble_config
+from tests.fixtures import version_numbers
 from tests.serving.test_grpc import outputs, predict_request
 
 
@@ -90,7 +91,7 @@ def test_the_gateway_calls_a_member_by_its_version_label(tiny_ensemble_server, t
     from carclf.ensemble.gateway import build_ensemble
 
     canary = TINY_LABELS["tiny_a"]["canary"]
-    latest = max(int(p.name) for p in (tiny_repository_template / "tiny_a").iterdir() if p.name.isdigit())
+    latest = version_numbers(tiny_repository_template / "tiny_a")[-1]
     assert canary != latest
     config = write_ensemble_config(tmp_path, name="tiny_labelled", **{"version_label.tiny_a": "canary"})
     images = np.array(photo_bytes[:2], dtype=object)

@@ -12,6 +12,7 @@ import pytest
 
 from carclf.loadtest import run
 from carclf.loadtest import server as srv
+from tests.fixtures import break_version, version_numbers
 
 
 def _nothing_answers(address: srv.ServerAddress) -> bool:
@@ -49,7 +50,7 @@ def test_server_timeout_bounds_the_wait_for_a_started_server_which_is_then_stopp
                                                                                    sample_dir, capsys):
     """A started server whose model never becomes AVAILABLE (its config asks for a version not exported yet)
     is waited for --server-timeout seconds, not the default 300, then stopped; exit 2."""
-    newest = max(int(v.name) for v in (lt_repository / "tiny_b").iterdir() if v.name.isdigit())
+    newest = version_numbers(lt_repository / "tiny_b")[-1]
     config = tmp_path / "models.config"
     config.write_text(f'model_config_list {{ config {{ name: "tiny_b" base_path: "{lt_repository / "tiny_b"}" '
                       f'model_platform: "tensorflow" model_version_policy {{ specific {{ versions: {newest + 1} }} }} '
@@ -71,9 +72,8 @@ def test_a_version_that_cannot_load_ends_the_wait_at_once_naming_the_model(lt_re
     says which model and why at once, well within --server-timeout, and stops the server."""
     repository = tmp_path / "model_repository"
     shutil.copytree(lt_repository, repository)
-    for version in (repository / "tiny_b").iterdir():
-        if version.is_dir():
-            (version / "saved_model.pb").write_bytes(b"not a SavedModel")
+    for version in version_numbers(repository / "tiny_b"):
+        break_version(repository / "tiny_b" / str(version))
     address = srv.ServerAddress(srv.LOOPBACK, srv.free_port(), srv.free_port())
     args = _common(address, sample_dir, tmp_path / "reports", repository, "--target-model", "tiny_b",
                    "--server-timeout", "80")
@@ -118,12 +118,11 @@ def half_broken_server(lt_repository, tmp_path):
 
     repository = tmp_path / "model_repository"
     shutil.copytree(lt_repository, repository)
-    versions = sorted(int(v.name) for v in (repository / "tiny_a").iterdir() if v.name.isdigit())
+    versions = version_numbers(repository / "tiny_a")
     assert len(versions) >= 2
-    (repository / "tiny_a" / str(versions[-1]) / "saved_model.pb").write_bytes(b"not a SavedModel")
-    for version in (repository / "tiny_b").iterdir():
-        if version.name.isdigit():
-            (version / "saved_model.pb").write_bytes(b"not a SavedModel")
+    break_version(repository / "tiny_a" / str(versions[-1]))
+    for version in version_numbers(repository / "tiny_b"):
+        break_version(repository / "tiny_b" / str(version))
     config = tmp_path / "models.config"
     config.write_text(f'model_config_list {{ config {{ name: "tiny_a" base_path: "{repository / "tiny_a"}" '
                       'model_platform: "tensorflow" model_version_policy { all {} } } '

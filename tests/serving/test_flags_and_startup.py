@@ -1,5 +1,5 @@
 """`carclf serve` and `carclf serving-config` as users type them: the documented defaults and ranges of the
-flags (serving/README.md "Flags", /work/shared/docs/tfserving-api.md), and what startup does with them: the
+flags (serving/README.md "Flags", ../shared/docs/tfserving-api.md), and what startup does with them: the
 bind address, REST off with ``--rest_api_port 0``, the REST deadline, TensorFlow's thread pools."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from carclf import cli
 from carclf.errors import ConfigError
 from carclf.serving.options import ServerOptions
 from carclf.serving.warmup import warmup_file
+from tests.fixtures import version_numbers
 from tests.serving import conformance_setup as setup
 from tests.serving.conformance_setup import CANARY, ECHO_MODEL, MODEL, OTHER_MODEL, STABLE
 from tests.serving.conftest import Rest
@@ -200,7 +201,7 @@ def test_model_config_file_poll_wait_seconds_0_reads_the_file_once(private_repos
     without_echo = "".join(line for line in setup.models_config_text(str(private_repository)).splitlines(True)
                            if f'name: "{ECHO_MODEL}"' not in line)
     (private_repository / "models.config").write_text(without_echo)
-    newest = max(int(v.name) for v in (private_repository / OTHER_MODEL).iterdir() if v.name.isdigit())
+    newest = version_numbers(private_repository / OTHER_MODEL)[-1]
     staging = private_repository / f".staging_{OTHER_MODEL}"
     shutil.copytree(private_repository / OTHER_MODEL / str(newest), staging)
     staging.rename(private_repository / OTHER_MODEL / str(newest + 1))
@@ -231,7 +232,7 @@ def test_serving_config_policy_all_serves_every_version_without_labels(conforman
     assert serving_config("--repository", str(conformance_repository), "--output", str(out),
                           "--policy", "all") == 0
     entries = official(out)
-    assert sorted(int(v.name) for v in (conformance_repository / MODEL).iterdir() if v.name.isdigit()) == \
+    assert version_numbers(conformance_repository / MODEL) == \
         sorted({STABLE, CANARY})  # the model with two versions, which "labelled" would pin with specific
     for name, entry in entries.items():
         assert entry.model_version_policy.WhichOneof("policy_choice") == "all", name
