@@ -22,7 +22,7 @@ from carclf.serving.metrics import ServingMetrics
 from carclf.serving.servable import Servable, Signature, TensorInfo
 from tests.serving.conformance_setup import MODEL, OTHER_MODEL
 from tests.serving.conftest import Rest
-from tests.serving.test_grpc import outputs, predict_request
+from tests.serving.test_grpc import expect_code, outputs, predict_request
 
 
 def metric(text: str, name: str) -> float:
@@ -414,6 +414,28 @@ def test_a_thread_the_process_cannot_start_is_a_config_error_naming_num_batch_th
     monkeypatch.undo()
     # a pool name of its own: other servers of this process (session fixtures) keep their batch_threads
     assert not [t for t in threading.enumerate() if t.name.startswith("refused_pool-")]
+
+
+def test_a_grpc_clients_deadline_reaches_the_batching_queue(private_server, conformance_repository, jpegs,
+                                                            tmp_path):
+    """serving/README.md, "Deadlines": a gRPC request whose client deadline passes while its batch waits is never
+    run; the request sent next, into the same open batch, runs with its own row only."""
+    batching = tmp_path / "batching.config"
+    batching.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 1500000 } "
+                        "num_batch_threads { value: 1 }")
+    server = private_server(model_name=OTHER_MODEL, model_base_path=str(conformance_repository / OTHER_MODEL),
+                            enable_batching=True, batching_parameters_file=str(batching),
+                            monitoring_config_file=str(conformance_repository / "monitoring.config"),
+                            enable_model_warmup=False)
+    request = predict_request(OTHER_MODEL, image_bytes=np.array(jpegs[:1], dtype=object))
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        expect_code(lambda: stub.Predict(request, timeout=0.3), grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert stub.Predict(request, timeout=30).model_spec.version.value == 1
+    text = server.metrics.exposition().decode()
+    prefix = ":tensorflow:serving:batching_session:"
+    assert metric(text, prefix + "input_batch_size_sum") == 2  # both were queued ...
+    assert metric(text, prefix + "processed_batch_size_sum") == 1  # ... and the abandoned one never ran
 
 
 def test_a_request_whose_deadline_passes_in_the_queue_is_refused_unrun():

@@ -166,6 +166,21 @@ def test_classify_regress_multi_inference_without_such_signatures(prediction_stu
     expect_code(lambda: prediction_stub.Classify(classify, timeout=30), grpc.StatusCode.NOT_FOUND)
 
 
+def test_requests_without_a_model_spec_or_mixing_models_are_invalid_argument(prediction_stub, model_stub):
+    """TF Serving refuses a request without a ModelSpec as INVALID_ARGUMENT "Missing ModelSpec" (not NOT_FOUND
+    for a model named ""), and a MultiInference whose tasks name different models, before any lookup."""
+    expect_code(lambda: model_stub.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(), timeout=30),
+                grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
+    metadata = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    expect_code(lambda: prediction_stub.GetModelMetadata(metadata, timeout=30), grpc.StatusCode.INVALID_ARGUMENT,
+                "Missing ModelSpec")
+    multi = inference_pb2.MultiInferenceRequest()
+    for model in ("no_such_model", MODEL):
+        multi.tasks.add(method_name="tensorflow/serving/classify").model_spec.name = model
+    expect_code(lambda: prediction_stub.MultiInference(multi, timeout=30), grpc.StatusCode.INVALID_ARGUMENT,
+                "same model name")
+
+
 def test_health_service(channel):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

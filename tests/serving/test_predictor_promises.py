@@ -3,6 +3,7 @@ unbatched, request metrics (in-flight gauge, latencies in microseconds, untyped 
 
 from __future__ import annotations
 
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -137,3 +138,56 @@ def test_warmup_replays_each_record_the_number_of_times_asked_and_counts_the_rec
     assert len(calls) == records * iterations
     text = server.metrics.exposition().decode()
     assert metric(text, ":tensorflow:serving:model_warmup_records_read") == records
+
+
+def _warmup_records(version_dir) -> list[bytes]:
+    """The raw PredictionLog records of a version's warmup file."""
+    import tensorflow as tf
+
+    from carclf.serving.warmup import warmup_file
+
+    return [record.numpy() for record in tf.data.TFRecordDataset(str(warmup_file(version_dir)))]
+
+
+def _write_records(path, records: list[bytes]) -> None:
+    import tensorflow as tf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in records:
+            writer.write(record)
+
+
+def test_a_warmup_record_the_version_cannot_answer_fails_its_load(private_server, conformance_repository,
+                                                                  tmp_path):
+    """As in TF Serving, a warmup record that fails fails the version's load: the version is reported END with
+    the record's number and its error, never marked AVAILABLE half warmed."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from carclf.serving.manager import State
+    from carclf.serving.warmup import warmup_file
+
+    repo = tmp_path / "repository"
+    version = repo / OTHER_MODEL / "1"
+    shutil.copytree(conformance_repository / OTHER_MODEL / "1", version)
+    wrong = prediction_log_pb2.PredictionLog()
+    wrong.predict_log.request.CopyFrom(predict_request(OTHER_MODEL, wrong_name=np.array([b"x"], dtype=object)))
+    _write_records(warmup_file(version), [_warmup_records(version)[0], wrong.SerializeToString()])
+    server = private_server(model_name=OTHER_MODEL, model_base_path=str(repo / OTHER_MODEL),
+                            model_repository=str(repo))
+    (status,) = server.manager.status(OTHER_MODEL)
+    assert status.state == State.END, status
+    assert "warmup record 1 of" in status.error_message and "wrong_name" in status.error_message, status
+
+
+def test_a_warmup_file_holds_at_most_1000_records(conformance_repository, tmp_path):
+    """TF Serving reads at most 1000 warmup records: 1000 are replayed, a file of 1001 is refused."""
+    from carclf.serving.warmup import read_warmup_requests
+
+    record = _warmup_records(conformance_repository / OTHER_MODEL / "1")[0]
+    path = tmp_path / "tf_serving_warmup_requests"
+    _write_records(path, [record] * 1000)
+    assert len(read_warmup_requests(path)) == 1000
+    _write_records(path, [record] * 1001)
+    with pytest.raises(InvalidInput, match="more than 1000 warmup records"):
+        read_warmup_requests(path)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 import pytest
 
 from tests.serving.conformance_setup import CANARY, ECHO_MODEL, MODEL, OTHER_MODEL, STABLE
+from tests.serving.conftest import Rest
 
 LATEST = max(STABLE, CANARY)
 
@@ -308,3 +310,20 @@ def test_per_version_latency_metric(rest, embedded_only, jpegs):
 def test_shape_errors_name_both_shapes(rest, embedded_only):
     reply = rest.post(f"/v1/models/{MODEL}:predict", {"signature_name": "serving_pixels", "instances": [[[1, 2, 3]]]})
     _error(reply, 400, "expects shape [-1,-1,-1,3] but received shape [1,1,3]")
+
+
+@pytest.mark.extension
+def test_a_body_of_exactly_max_request_bytes_is_answered_and_one_byte_more_is_413(private_server,
+                                                                                   conformance_repository, jpegs):
+    """--max_request_bytes is the largest request accepted (serving/README.md): a body padded to exactly the
+    limit is answered; one byte more is refused with 413 and a JSON error."""
+    body = json.dumps({"instances": [b64(jpegs[0])]}).encode()
+    limit = len(body) + 1000
+    server = private_server(model_name=OTHER_MODEL, model_base_path=str(conformance_repository / OTHER_MODEL),
+                            max_request_bytes=limit, enable_model_warmup=False)
+    rest = Rest(f"http://127.0.0.1:{server.rest_port}")
+    exact = body + b" " * (limit - len(body))  # JSON allows trailing whitespace
+    reply = rest.post(f"/v1/models/{OTHER_MODEL}:predict", exact)
+    assert reply.status == 200, reply.body
+    assert len(reply.json["predictions"]) == 1
+    _error(rest.post(f"/v1/models/{OTHER_MODEL}:predict", exact + b" "), 413, "larger than the limit")

@@ -122,6 +122,8 @@ def test_row_and_columnar_give_the_same_tensors():
     ({"inputs": {"a": [[1, 2]]}}, "Missing named input: b"),
     ({"inputs": {"a": [[True, False]], "b": ["x"]}}, "DT_FLOAT"),
     ({"inputs": {"a": [[1, 2], [3]], "b": ["x", "y"]}}, "dense"),
+    ({"inputs": {"a": [[1, 2], 3], "b": ["x", "y"]}}, "incorrect level"),
+    ({"inputs": {"a": [[1, 2], [3, 4]], "b": [["x"], "y"]}}, "incorrect level"),
     ({"inputs": {"a": [[1, 1e39]], "b": ["x"]}}, "precision"),
     ({"inputs": {"a": [[1, 2]], "b": [5]}}, "DT_STRING"),
     ({"inputs": {"a": [[1, 2]], "b": [{"b64": "x", "extra": 1}]}}, "base64"),
@@ -162,3 +164,35 @@ def test_any_json_value_decodes_or_is_invalid_input(value):
         except InvalidInput:
             continue
         assert arrays["pixels"].dtype == np.uint8
+
+
+def test_a_single_output_answers_one_plain_value_per_row():
+    """TF Serving's row format with one output tensor: "predictions" lists that tensor's rows, no names."""
+    scores = np.array([[0.25, 0.75], [1.0, 0.0]], np.float32)
+    row = json.loads(json_codec.encode_outputs({"scores": scores}, json_codec.ROW))
+    assert row == {"predictions": scores.tolist()}
+    raw = np.array([b"\xff\x00", b"ok"], dtype=object)
+    expected = [{"b64": base64.b64encode(value).decode()} for value in raw]
+    assert json.loads(json_codec.encode_outputs({"raw_bytes": raw}, json_codec.ROW)) == {"predictions": expected}
+
+
+@pytest.mark.parametrize("order", [("scores", "vocabulary"), ("vocabulary", "scores")])
+def test_row_format_refuses_outputs_whose_batch_sizes_differ(order):
+    """Rows cannot be formed when outputs disagree on the batch dimension: an error naming the tensor (as TF
+    Serving), never a truncated answer or a server error; the columnar format answers them whole."""
+    tensors = {"scores": np.zeros((2, 3), np.float32), "vocabulary": np.array([b"a", b"b", b"c"], dtype=object)}
+    outputs = {name: tensors[name] for name in order}
+    with pytest.raises(InvalidInput, match="inconsistent batch size"):
+        json_codec.encode_outputs(outputs, json_codec.ROW)
+    columnar = json.loads(json_codec.encode_outputs(outputs, json_codec.COLUMNAR))
+    assert columnar == {"outputs": {"scores": [[0.0] * 3] * 2, "vocabulary": ["a", "b", "c"]}}
+
+
+@pytest.mark.parametrize("value", [-1, 256])
+@pytest.mark.parametrize("key", ["instances", "inputs"])
+def test_pixel_values_outside_uint8_are_refused_not_wrapped(key, value):
+    """A uint8 input takes 0..255: -1 or 256 is an error, never silently wrapped to 255 or 0."""
+    pixels = np.zeros((1, 2, 2, 3), int)
+    pixels[0, 1, 1, 2] = value
+    with pytest.raises(InvalidInput, match="outside the range of DT_UINT8"):
+        decode({key: pixels.tolist()}, PIXELS)

@@ -17,6 +17,7 @@ from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
 
 from carclf.errors import FailedPrecondition
 from carclf.serving.manager import State
+from tests.fixtures import break_version
 from tests.serving.conformance_setup import MODEL, OTHER_MODEL, models_config_text
 from tests.serving.conftest import Rest
 from tests.serving.test_grpc import expect_code, outputs, predict_request
@@ -116,6 +117,9 @@ def test_inflight_request_finishes_on_the_version_it_started(private_server, pri
     publish_copy(repo, MODEL, source=1, version=3)
     server.manager.poll()                      # loads 3, starts unloading 2
     assert server.manager.status(MODEL, 2)[0].state == State.UNLOADING
+    # a version being unloaded takes no new request, even one naming it (TF Serving: not found)
+    expect_code(lambda: stub.Predict(predict_request(version=2, image_bytes=data), timeout=30),
+                grpc.StatusCode.NOT_FOUND, f"Specific({MODEL}, 2)")
     response = future.result()
     assert response.model_spec.version.value == 2
     np.testing.assert_allclose(outputs(response)["probabilities"], reference(MODEL, 2, image_bytes=data)["probabilities"],
@@ -302,6 +306,34 @@ def test_a_config_without_model_config_list_takes_no_action(private_server, priv
     assert reply.status.error_code == 0 and _served(server) == {}  # an empty list is another matter
     expect_code(lambda: predict.Predict(predict_request(image_bytes=data), timeout=30), grpc.StatusCode.NOT_FOUND)
     channel.close()
+
+
+@pytest.mark.extension
+def test_a_configured_model_without_an_available_version_is_unavailable_not_unknown(private_server,
+                                                                                  private_repository, jpegs):
+    """serving/README.md: a configured model with no AVAILABLE version answers UNAVAILABLE / 503 (retry later),
+    unlike an unknown model (NOT_FOUND / 404); the message says whether a version failed or none is there yet."""
+    repo = private_repository
+    waiting, broken = repo / "later", repo / "broken"
+    waiting.mkdir()
+    shutil.copytree(repo / OTHER_MODEL / "1", broken / "1")
+    break_version(broken / "1")
+    config = repo / "unavailable.config"
+    config.write_text("model_config_list { " + "".join(
+        f'config {{ name: "{path.name}" base_path: "{path}" model_platform: "tensorflow" }} '
+        for path in (waiting, broken)) + "}")
+    server = private_server(model_config_file=str(config), model_repository=str(repo), enable_model_warmup=False)
+    rest = Rest(f"http://127.0.0.1:{server.rest_port}")
+    body = {"instances": [b64(jpegs[0])]}
+    reply = rest.post("/v1/models/later:predict", body)
+    assert reply.status == 503 and "no version of model later is AVAILABLE yet" in reply.json["error"], reply.json
+    reply = rest.post("/v1/models/broken:predict", body)
+    assert reply.status == 503 and "(versions: 1 END: " in reply.json["error"], reply.json
+    assert rest.post("/v1/models/no_such_model:predict", body).status == 404
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        expect_code(lambda: stub.Predict(predict_request("later", image_bytes=np.array(jpegs[:1], dtype=object)),
+                                         timeout=30), grpc.StatusCode.UNAVAILABLE, "AVAILABLE yet")
 
 
 def test_labels_on_unavailable_versions(private_server, private_repository):
