@@ -559,7 +559,7 @@ def _parse_policy(value: str, fld: str, fail) -> TTAPolicy:
 def _read_labels(name: str, base_dir, source: str) -> tuple[str, ...]:
     path = Path(base_dir or ".") / name
     try:
-        labels = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        labels = tuple(line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip())
     except OSError as exc:
         raise ConfigError(f"cannot read label file {str(path)!r}: {exc}", source=source,
                           field="output.label_filename") from None

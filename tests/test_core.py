@@ -97,6 +97,68 @@ def test_probe_names_the_image_variants_tensorflow_cannot_decode():
         assert imaging.probe_image(data).width == 24
 
 
+def test_a_bitfields_bmp_with_alpha_probes_and_decodes_to_its_pixels():
+    """A 32-bit BMP whose header declares its colour masks (BI_BITFIELDS, what Windows writes for pictures with
+    alpha) is a supported BMP: it passes the probe and decodes to its RGB pixels."""
+    import struct
+
+    import tensorflow as tf
+
+    rgb = np.random.default_rng(4).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    height, width = rgb.shape[:2]
+    bgra = np.concatenate([rgb[..., ::-1], np.full((height, width, 1), 255, np.uint8)], axis=2)
+    pixels = bgra[::-1].tobytes()  # rows bottom-up
+    info = struct.pack("<IiiHHIIiiII", 108, width, height, 1, 32, 3, len(pixels), 2835, 2835, 0, 0)  # BITMAPV4
+    info += struct.pack("<IIII", 0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000) + b"BGRs" + bytes(48)
+    data = b"BM" + struct.pack("<IHHI", 14 + len(info) + len(pixels), 0, 0, 14 + len(info)) + info + pixels
+    assert data[30] == 3  # compression: BI_BITFIELDS
+    probed = imaging.probe_image(data)
+    assert (probed.format, probed.width, probed.height) == ("BMP", width, height)
+    np.testing.assert_array_equal(imaging.decode_checked(data).numpy(), rgb)
+    np.testing.assert_array_equal(imaging.decode_image(tf.constant(data)).numpy(),
+                                  np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+def test_a_multi_picture_jpeg_is_a_photo_read_by_its_first_picture():
+    """Cameras and phones save MPO files (a JPEG followed by more pictures, such as a depth or stereo view): the
+    probe accepts them and the first picture is the one decoded."""
+    y, x = np.mgrid[0:40, 0:56]
+    rgb = np.stack([x * 4, y * 6, 255 - x * 4], axis=-1).astype(np.uint8)  # smooth: little JPEG noise
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "MPO", save_all=True, append_images=[Image.fromarray(255 - rgb)])
+    probed = imaging.probe_image(buf.getvalue())
+    assert (probed.format, probed.width, probed.height, probed.frames) == ("MPO", 56, 40, 2)
+    pixels = imaging.decode_checked(buf.getvalue()).numpy().astype(int)
+    assert pixels.shape == (40, 56, 3)
+    assert np.abs(pixels - rgb).mean() < 4  # the first picture, up to JPEG noise
+    assert np.abs(pixels - (255 - rgb)).mean() > 30  # not the second
+
+
+def test_the_probe_limits_are_inclusive():
+    """An image exactly at a limit (as many bytes as allowed, a side as short as allowed) is accepted; one byte or
+    one pixel past it is refused, naming the limit."""
+    from carclf import contract
+
+    side = contract.MIN_IMAGE_SIDE
+    at_limit = _jpeg(np.full((side, side + 5, 3), 128, np.uint8))
+    assert (imaging.probe_image(at_limit).height, imaging.probe_image(at_limit, max_bytes=len(at_limit)).width) == \
+        (side, side + 5)
+    with pytest.raises(InvalidInput, match=f"larger than the limit of {len(at_limit) - 1} bytes"):
+        imaging.probe_image(at_limit, max_bytes=len(at_limit) - 1)
+    with pytest.raises(InvalidInput, match=f"smaller than {side + 1} px on a side"):
+        imaging.probe_image(at_limit, min_side=side + 1)
+
+
+def test_an_animated_webp_of_two_frames_is_refused_as_animated():
+    """Any animated WebP (TensorFlow cannot decode one), the shortest of two frames too, is refused by the probe as
+    not supported, not left to fail later as a damaged file."""
+    photo = Image.fromarray(np.random.default_rng(6).integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    photo.save(buf, "WEBP", save_all=True, append_images=[photo.rotate(180)])
+    with pytest.raises(InvalidInput, match=re.escape("animated WebP (2 frames) is not supported")):
+        imaging.probe_image(buf.getvalue(), min_side=1)
+
+
 def test_png_named_jpg_decodes_by_content(tmp_path):
     import tensorflow as tf
 

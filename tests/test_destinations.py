@@ -74,3 +74,15 @@ def test_write_json_leaves_no_temporary_file_when_it_fails(tmp_path):
     with pytest.raises(OSError):
         write_json(taken, {"accuracy": 1.0})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"] and list(taken.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv,flag", [(["submit", MISSING, MISSING, "--out", "  "], "--out"),
+                                       (["scan", MISSING, "--out", " "], "--out")], ids=["file", "folder"])
+def test_a_blank_destination_is_refused_as_empty(tmp_path, monkeypatch, capsys, argv, flag):
+    """A destination of spaces only (an unset shell variable in quotes, a stray space) is refused as empty, not
+    written as a file or folder named by spaces in the working folder."""
+    monkeypatch.chdir(tmp_path)
+    assert carclf_main(argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{flag} is empty" in line and MISSING not in line, line
+    assert list(tmp_path.iterdir()) == []

@@ -57,7 +57,7 @@ def load_class_names(path: str | os.PathLike | None, class_ids: Sequence[str]) -
         raise NotFound(f"class-names file {str(p)!r} does not exist")
     if p.suffix == ".json":
         try:
-            mapping = json.loads(p.read_text(encoding="utf-8"))
+            mapping = json.loads(p.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"is not valid JSON: {exc}", source=str(p)) from None
         if isinstance(mapping, list):
@@ -66,7 +66,7 @@ def load_class_names(path: str | os.PathLike | None, class_ids: Sequence[str]) -
         if missing:
             raise ConfigError(f"has no name for class ids {missing}", source=str(p))
         return [str(mapping[c]) for c in class_ids]
-    names = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [line.strip() for line in p.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if len(names) != len(class_ids):
         raise ConfigError(f"lists {len(names)} names for {len(class_ids)} classes", source=str(p))
     return names
@@ -106,7 +106,7 @@ def read_csv_layout(csv_path: str | os.PathLike, images_dir: str | os.PathLike,
         raise NotFound(f"label CSV {str(csv_file)!r} does not exist")
     if not root.is_dir():
         raise NotFound(f"image folder {str(root)!r} does not exist")
-    with csv_file.open(newline="", encoding="utf-8") as fh:
+    with csv_file.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"Id", "Category"} <= set(reader.fieldnames):
             raise ConfigError(f"expected columns Id,Category, received {reader.fieldnames}", source=str(csv_file))

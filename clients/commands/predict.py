@@ -155,7 +155,7 @@ def read_classes(path: Path | None) -> tuple[list[str] | None, dict[str, str] | 
     if path is None:
         return None, None
     try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
+        mapping = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise NotFound(f"classes file {str(path)!r} does not exist") from None
     except (OSError, ValueError) as exc:

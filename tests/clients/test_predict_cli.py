@@ -439,3 +439,14 @@ def test_a_server_that_never_answers_ends_the_run_after_the_timeout_in_one_line(
     target = f"127.0.0.1:{port}" if scheme == "grpc" else f"http://127.0.0.1:{port}"
     assert one_error(capsys) == f"carclf predict: error: no answer from {target} within 0.5 s"
     assert waited < 20  # a generous bound: well under the 30 s default
+
+
+def test_a_classes_file_saved_with_a_byte_order_mark_reads(tmp_path):
+    """A classes.json that an editor saved with a UTF-8 byte order mark names the classes like one without."""
+    from carclf.clients.commands.predict import read_classes
+
+    plain, marked = tmp_path / "plain.json", tmp_path / "marked.json"
+    plain.write_text(json.dumps({"0": "GMC Savana", "1": "Jaguar F-Type"}))
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert read_classes(marked) == read_classes(plain) == (["GMC Savana", "Jaguar F-Type"],
+                                                           {"GMC Savana": "0", "Jaguar F-Type": "1"})

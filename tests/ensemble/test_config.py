@@ -169,6 +169,8 @@ def test_missing_file_and_label_file(tmp_path):
     assert info.value.field == "output.label_filename" and "labels.txt" in str(info.value)
     (tmp_path / "labels.txt").write_text("a\nb\nc\n")
     assert load_config(path).labels == ("a", "b", "c")
+    (tmp_path / "labels.txt").write_bytes(b"\xef\xbb\xbfa\r\nb\r\nc\r\n")  # as Notepad may save it
+    assert load_config(path).labels == ("a", "b", "c")
 
 
 def test_overrides_are_validated(tiny_config):

@@ -166,3 +166,18 @@ def test_train_reads_the_recipes_order_for_its_own_data_only(sample_dir, extra, 
 
     argv = ["train", "mobilenet_v2_224x448", *(a.replace("{data}", str(sample_dir / "train")) for a in extra)]
     assert recipe_from(build_parser("train").parse_args(argv)).data.channel_order == expected
+
+
+def test_a_submission_of_bgr_photos_equals_their_twins(tiny_repository_template, sample_dir, bgr_sample, tmp_path):
+    """``carclf submit --channel-order bgr`` (cars10's test_upload) writes the categories of the true-colour twins;
+    for this model and policy two photos change class when read in the wrong colours."""
+    model = str(tiny_repository_template / "tiny_a" / "1")
+
+    def submission(photos: Path, *extra: str) -> list[list[str]]:
+        out = tmp_path / f"submission{len(list(tmp_path.glob('submission*')))}.csv"
+        assert carclf_main(["submit", model, str(photos), "--out", str(out), "--tta", "hflip_crops", *extra]) == 0
+        return list(csv.reader(out.open()))
+
+    twin = submission(sample_dir / "test_upload")
+    assert submission(bgr_sample / "test_upload", "--channel-order", "bgr") == twin
+    assert submission(bgr_sample / "test_upload") != twin  # read as stored: wrong colours, other answers

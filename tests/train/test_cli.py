@@ -176,3 +176,22 @@ def test_pseudo_label_keeps_the_confidence_its_help_states_by_default(capsys):
     assert stated, "the help states no default"
     args = parser.parse_args(["pseudo-label", "run", "photos", "--out", "labels.csv"])
     assert args.min_confidence == float(stated.group(1))
+
+
+def test_scan_skips_photos_smaller_than_its_min_side(tmp_path, capsys):
+    """``carclf scan --min-side 50`` lists a 40-pixel photo as one training would skip (the default of 32 keeps it)."""
+    import json
+
+    from carclf.cli import main
+    from tests.train.conftest import jpeg_bytes, noise_image
+
+    train = tmp_path / "train"
+    (train / "0").mkdir(parents=True)
+    (train / "0" / "small.jpg").write_bytes(jpeg_bytes(noise_image(40, 40)))
+    (train / "0" / "large.jpg").write_bytes(jpeg_bytes(noise_image(60, 60)))
+    out = tmp_path / "scan"
+    assert main(["scan", str(train), "--min-side", "50", "--out", str(out)]) == 0
+    assert "skip 0/small.jpg: image is 40x40, smaller than 50 px" in capsys.readouterr().out
+    report = json.loads((out / "scan.json").read_text())
+    assert [g["rel"] for g in report["good"]] == ["0/large.jpg"]
+    assert [b["file"] for b in report["bad"]] == ["0/small.jpg"]

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from carclf.errors import InvalidInput
 from carclf.train import crossval, runs
 
 
@@ -34,3 +35,41 @@ def test_the_standard_error_is_the_binomial_one_of_the_pooled_accuracy(tmp_path)
     assert pooled["accuracy"] == pytest.approx(accuracy)
     assert pooled["standard_error"] == pytest.approx(math.sqrt(accuracy * (1 - accuracy) / count))
     assert pooled["per_fold_accuracy"] == pytest.approx([0.7, 0.4, 0.9])
+
+
+def test_fold_runs_named_in_any_order_make_the_same_summary(tmp_path):
+    """A shell glob lists fold10of12 before fold2of12: the runs are put in fold order, not refused."""
+    photos = [f"c{i % 2}/{i:03d}.jpg" for i in range(30)]
+    folders = [_fold_run(tmp_path, fold, 3, correct, photos) for fold, correct in enumerate((7, 4, 9))]
+    in_order = crossval.summarize(folders)
+    shuffled = crossval.summarize([folders[2], folders[0], folders[1]])
+    assert shuffled == in_order and shuffled["policies"]["none"]["per_fold_correct"] == [7, 4, 9]
+
+
+def test_folds_that_leave_a_photo_unvalidated_are_refused(tmp_path):
+    """Three folds of ten validation photos each over 31 photos never validate one of them: refused, since the
+    pooled accuracy would silently leave it out."""
+    photos = [f"c{i % 2}/{i:03d}.jpg" for i in range(31)]
+    folders = [_fold_run(tmp_path, fold, 3, 5, photos) for fold in range(3)]
+    with pytest.raises(InvalidInput, match="the folds validate on 30 photos, the data has 31"):
+        crossval.summarize(folders)
+
+
+def test_the_pooled_log_loss_weighs_each_fold_by_its_photos(tmp_path):
+    """Folds of 10, 10 and 11 photos: the pooled log loss is the mean over all 31 photos, not the mean of the three
+    fold figures."""
+    photos = [f"c{i % 2}/{i:03d}.jpg" for i in range(31)]
+    folders = [_fold_run(tmp_path, fold, 3, 5, photos[:30]) for fold in range(3)]
+    losses = (0.2, 0.4, 1.3)
+    for folder, loss in zip(folders, losses, strict=True):
+        split = runs.read_json(folder / runs.SPLIT)
+        if split["fold"] == 2:  # the 31st photo validates in the last fold
+            split["val"].append([photos[30], 0])
+        else:
+            split["train"].append([photos[30], 0])
+        runs.write_json(folder / runs.SPLIT, split)
+        runs.write_json(folder / runs.METRICS, {"recipe": "r", "policies": {
+            "none": {"correct": 5, "count": len(split["val"]), "log_loss": loss}}})
+    pooled = crossval.summarize(folders)["policies"]["none"]
+    assert pooled["count"] == 31
+    assert pooled["log_loss"] == pytest.approx((10 * 0.2 + 10 * 0.4 + 11 * 1.3) / 31)

@@ -276,3 +276,102 @@ def test_a_photo_folder_leaves_out_hidden_files_and_a_file_is_not_a_folder(tmp_p
     with pytest.raises(InvalidInput, match=re.escape(f"{str(folder / 'b.jpg')!r} is a file; give the folder of "
                                                      "photos")):
         data.list_photos(folder / "b.jpg")
+
+
+def test_class_ids_past_nine_keep_their_numeric_order(tmp_path):
+    """Category ids are numbers: class 10 comes after class 9, not after class 1, in both Kaggle layouts, so the
+    model's output order (and every saved labels.txt) stays the competition's order."""
+    root = tmp_path / "train"
+    ids = [str(i) for i in range(12)]
+    photo = jpeg_bytes(noise_image(40, 40))
+    for cid in ids:
+        (root / cid).mkdir(parents=True)
+        (root / cid / f"photo_{cid}.jpg").write_bytes(photo)
+    folder = data.read_folder_layout(root)
+    assert folder.class_ids == ids
+    assert [(s.rel, folder.class_ids[s.label]) for s in folder.samples] == [(f"{c}/photo_{c}.jpg", c) for c in ids]
+    labels = tmp_path / "train.csv"
+    labels.write_text("Id,Category\n" + "".join(f"{c}/photo_{c}.jpg,{c}\n" for c in ids))
+    table = data.read_csv_layout(labels, root)
+    assert table.class_ids == ids
+    assert all(table.class_ids[s.label] == s.rel.split("/")[0] for s in table.samples)
+
+
+def test_hidden_folders_and_files_are_neither_classes_nor_photos(tmp_path):
+    """A Jupyter ``.ipynb_checkpoints`` folder (Kaggle notebooks leave one in train/) is no class, and macOS's
+    ``._name.jpg`` companions in a class folder are no photos."""
+    root = tmp_path / "train"
+    photo = jpeg_bytes(noise_image(40, 40))
+    for cid in ("0", "1"):
+        (root / cid).mkdir(parents=True)
+        (root / cid / "car.jpg").write_bytes(photo)
+    (root / "0" / "._car.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / ".ipynb_checkpoints" / "car.jpg").write_bytes(photo)
+    dataset = data.read_folder_layout(root)
+    assert dataset.class_ids == ["0", "1"] and dataset.num_classes == 2
+    assert [s.rel for s in dataset.samples] == ["0/car.jpg", "1/car.jpg"]
+
+
+def test_a_photo_that_cannot_be_read_is_listed_and_the_scan_goes_on(tmp_path):
+    """A file that disappears or cannot be read between listing and scanning (a network share, a sync client) is
+    one more file to skip, with the reason; the other photos are still scanned."""
+    root = tmp_path / "train"
+    (root / "0").mkdir(parents=True)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (root / "0" / name).write_bytes(jpeg_bytes(noise_image(40, 40)))
+    dataset = data.read_folder_layout(root)
+    (root / "0" / "b.jpg").unlink()
+    report = data.scan_dataset(dataset)
+    assert [g.rel for g in report.good] == ["0/a.jpg", "0/c.jpg"]
+    assert [b["file"] for b in report.bad] == ["0/b.jpg"] and "unreadable" in report.bad[0]["reason"]
+
+
+def test_a_split_whose_labels_disagree_with_the_data_is_refused(two_class_data, tmp_path):
+    """A split.json that gives a photo another class than its folder now does (photos moved between classes since
+    the run) is refused naming the file, not evaluated against labels the run never trained on."""
+    dataset = data.read_folder_layout(two_class_data / "train")
+    split = data.stratified_split(dataset.samples, 0.4, seed=5)
+    saved = split.to_dict()
+    rel, label = saved["val"][0]
+    saved["val"][0] = [rel, 1 - label]
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=re.escape(f"val file {rel!r} (label {1 - label}) is not in the data")) \
+            as caught:
+        data.load_split(path, dataset)
+    assert str(path) in caught.value.message
+
+
+def test_a_class_names_file_without_a_name_for_a_class_is_a_config_error(two_class_data, tmp_path):
+    """classes.json must name every class folder; one it leaves out is a ConfigError naming the file and the ids."""
+    names = tmp_path / "classes.json"
+    names.write_text(json.dumps({"0": "GMC Savana Van 2012"}))
+    with pytest.raises(ConfigError, match=re.escape("has no name for class ids ['1']")) as caught:
+        data.read_folder_layout(two_class_data / "train", names)
+    assert str(names) in caught.value.message
+
+
+def test_a_label_csv_saved_with_a_byte_order_mark_reads(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a byte order mark (and ends lines with CRLF); the Id column is still
+    the Id column, not '\\ufeffId' (which refused the file)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        (images / f"{i}.jpg").write_bytes(jpeg_bytes(noise_image(40, 40, i)))
+    labels = tmp_path / "train.csv"
+    labels.write_bytes(b"\xef\xbb\xbfId,Category\r\n" + b"".join(f"{i}.jpg,{i % 2}\r\n".encode() for i in range(4)))
+    dataset = data.read_csv_layout(labels, images)
+    assert dataset.class_ids == ["0", "1"]
+    assert [(s.rel, s.label) for s in dataset.samples] == [(f"{i}.jpg", i % 2) for i in range(4)]
+
+
+@pytest.mark.parametrize("name,text", [("classes.json", '{"0": "GMC Savana", "1": "Jaguar F-Type"}'),
+                                       ("classes.txt", "GMC Savana\r\nJaguar F-Type\r\n")], ids=["json", "txt"])
+def test_a_class_names_file_saved_with_a_byte_order_mark_reads(two_class_data, tmp_path, name, text):
+    """Notepad and Excel may start a UTF-8 file with a byte order mark: classes.json still parses, and the first
+    name of a names file does not begin with an invisible '\\ufeff'."""
+    names = tmp_path / name
+    names.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    dataset = data.read_folder_layout(two_class_data / "train", names)
+    assert dataset.class_names == ["GMC Savana", "Jaguar F-Type"]

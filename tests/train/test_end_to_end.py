@@ -79,6 +79,18 @@ def test_evaluation_of_run_matches_its_metrics(tiny_run):
         assert results[name]["log_loss"] == pytest.approx(stored[name]["log_loss"], abs=1e-5)
 
 
+def test_evaluate_all_reads_every_usable_photo_not_the_runs_split(tiny_run, tmp_path):
+    """``carclf evaluate RUN --all`` scores every usable photo of the run's data, not only its validation photos."""
+    _, run_dir = tiny_run
+    info = runs.read_json(run_dir / runs.RUN_INFO)
+    out = tmp_path / "all"
+    assert carclf_main(["evaluate", str(run_dir), "--all", "--tta", "none", "--out", str(out)]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    photos = info["num_train"] + info["num_val"]
+    assert (report["split"], report["photos"], report["policies"]["none"]["count"]) == ("all", photos, photos)
+    assert photos > info["num_val"]
+
+
 def test_export_reload_and_predict_from_jpeg_bytes(tiny_run, tiny_export):
     import tensorflow as tf
 

@@ -20,3 +20,21 @@ def test_each_model_version_gets_its_own_report_folder(tiny_repository_template,
     written = sorted(str(p.parent.relative_to(tmp_path / "reports" / "evaluate"))
                      for p in (tmp_path / "reports" / "evaluate").rglob("eval.json"))
     assert written == sorted(targets.values())
+
+
+def test_data_whose_class_ids_differ_from_the_models_is_refused(tiny_repository_template, sample_dir, tmp_path,
+                                                                 capsys):
+    """Class folders numbered 1..10 for a model of classes 0..9: as many classes, other ids. The accuracy would
+    compare each photo with another class's output, so the command refuses, naming both lists, and writes nothing."""
+    import shutil
+
+    data = tmp_path / "train"
+    for folder in sorted((sample_dir / "train").iterdir()):
+        shutil.copytree(folder, data / str(int(folder.name) + 1))
+    out = tmp_path / "report"
+    code = carclf_main(["evaluate", str(tiny_repository_template / "tiny_a"), "--tta", "none", "--all",
+                        "--data", str(data), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "has classes ['1', '2'," in err and "the model has ['0', '1'," in err
+    assert not out.exists()

@@ -1,0 +1,63 @@
+"""The Kaggle submission file (``Id,Category``): one row per photo of the folder, the class id the models predict
+with the TTA policy asked for."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+
+import pytest
+
+from carclf.cli import main as carclf_main
+from carclf.errors import InvalidInput
+from carclf.train.evaluate import load_model, predict_policies
+from carclf.train.submit import write_submission
+from tests.fixtures import SAMPLE_DIR
+
+PHOTOS = SAMPLE_DIR / "test_upload"
+
+
+def _rows(path) -> list[list[str]]:
+    with open(path, newline="") as fh:
+        return list(csv.reader(fh))
+
+
+def _expected(model, policy: str, class_ids: list[str]) -> list[list[str]]:
+    """Each photo of PHOTOS with the class id of the model's most probable class under ``policy``."""
+    photos = sorted(PHOTOS.glob("*.jpg"))
+    probs = predict_policies(model.predictor, [p.read_bytes() for p in photos], [policy], model.input_size)[
+        policy
+    ]
+    return [[p.name, class_ids[int(i)]] for p, i in zip(photos, probs.argmax(axis=1), strict=True)]
+
+
+def test_submit_predicts_with_the_tta_policy_it_is_given(tiny_repository_template, tmp_path, capsys):
+    """``--tta hflip_crops`` changes the answer for some photos of this model; the CSV holds those answers."""
+    folder = tiny_repository_template / "tiny_a" / "1"
+    model = load_model(folder)
+    expected = _expected(model, "hflip_crops", model.class_ids)
+    assert expected != _expected(model, "none", model.class_ids)  # the policy matters for these photos
+    out = tmp_path / "submission.csv"
+    assert carclf_main(["submit", str(folder), str(PHOTOS), "--out", str(out), "--tta", "hflip_crops"]) == 0
+    assert f"{len(expected)} rows, 0 skipped" in capsys.readouterr().out
+    assert _rows(out) == [["Id", "Category"], *expected]
+
+
+def test_the_category_is_the_class_id_not_the_output_position(tiny_repository_template, tmp_path):
+    """A model whose category ids are not 0..N-1 (a label CSV naming categories 10..19) writes those ids."""
+    model = load_model(tiny_repository_template / "tiny_a" / "1")
+    ids = [str(10 + i) for i in range(len(model.class_ids))]
+    renamed = dataclasses.replace(model, class_ids=ids)
+    out = tmp_path / "submission.csv"
+    write_submission(renamed, PHOTOS, out, policy="none", progress=False)
+    assert _rows(out) == [["Id", "Category"], *_expected(model, "none", ids)]
+
+
+def test_an_unknown_on_bad_choice_is_refused_before_anything_is_written(tiny_repository_template, tmp_path):
+    """``on_bad`` is "fail" or "skip"; a misspelt choice is refused, not read as "skip" (which drops photos)."""
+    out = tmp_path / "submission.csv"
+    with pytest.raises(InvalidInput, match=r"on_bad must be one of \('fail', 'skip'\), received 'skp'"):
+        write_submission(
+            load_model(tiny_repository_template / "tiny_a" / "1"), PHOTOS, out, on_bad="skp", progress=False
+        )
+    assert not out.exists()
