@@ -23,7 +23,7 @@ from pathlib import Path
 
 from carclf import contract, imaging
 from carclf.errors import ConfigError
-from carclf.serving.config import MODEL_NAME_RE
+from carclf.serving.config import LABEL_RE, MODEL_NAME_RE
 from carclf.tta import TTAPolicy, get_policy
 
 PLATFORM = "ensemble"
@@ -477,7 +477,7 @@ def _apply_parameters(config: EnsembleConfig, params: Mapping[str, str], fail) -
                     fail(fld, f"a member weight must be > 0, received {value!r}")
                 members[member] = replace(m, weight=w)
             elif kind == "version_label":
-                if not value or not value.replace("_", "").isalnum():
+                if not LABEL_RE.match(value):
                     fail(fld, f"a version label is [a-zA-Z0-9_]+, received {value!r}")
                 if m.version is not None:
                     fail(fld, f"member {member!r} names both model_version {m.version} and a version label")
@@ -488,7 +488,7 @@ def _apply_parameters(config: EnsembleConfig, params: Mapping[str, str], fail) -
                 members[member] = replace(m, resize=value)
             else:
                 parts = value.split("x", 1)
-                if not all(part.strip().isdigit() for part in parts):
+                if not all(part.strip().isascii() and part.strip().isdigit() for part in parts):
                     fail(fld, f"expected pixels: one side, or HEIGHTxWIDTH (integers), received {value!r}")
                 sides = [int(part) for part in parts]
                 if not all(8 <= side <= 4096 for side in sides):

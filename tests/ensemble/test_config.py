@@ -135,6 +135,28 @@ BAD = [
     # aggregation 'mean' ignores weights: a file giving both is a slip
     ("weights with mean", render("e", ["a", "b"], parameters={"aggregation": "mean", "weight.a": "5"}),
      "parameters['weight.a']", "aggregation 'mean' takes no weights, received '5'"),
+    # numbers outside what the README's parameter table allows
+    ("infinite weight", render("e", ["a", "b"], parameters={"aggregation": "weighted_mean", "weight.a": "inf"}),
+     "parameters['weight.a']", "expected a finite number, received 'inf'"),
+    ("top_k 0", render("e", ["a"], parameters={"top_k": "0"}), "parameters['top_k']", "must be >= 1, received '0'"),
+    ("quorum 0", render("e", ["a", "b"], parameters={"failure_policy": "degrade", "quorum": "0"}),
+     "parameters['quorum']", "must be >= 1, received '0'"),
+    ("deadline above 10 minutes", render("e", ["a"], parameters={"deadline_ms": "600001"}),
+     "parameters['deadline_ms']", "must be <= 600000, received '600001'"),
+    ("11 attempts", render("e", ["a"], parameters={"retry_max_attempts": "11"}), "parameters['retry_max_attempts']",
+     "must be <= 10, received '11'"),
+    ("shrinking backoff", render("e", ["a"], parameters={"retry_backoff_multiplier": "0.5"}),
+     "parameters['retry_backoff_multiplier']", "must be >= 1.0, received '0.5'"),
+    ("input_size too large", render("e", ["a", "b"], parameters={"input_size.a": "4097"}),
+     "parameters['input_size.a']", "each side must be 8 to 4096 pixels, received '4097'"),
+    ("no status codes to degrade on", render("e", ["a", "b"], parameters={"failure_policy": "degrade",
+                                                                        "degrade_on": ","}),
+     "parameters['degrade_on']", "received ','"),
+    ("model_version -2", _edit(BASE, 'model_name: "tiny_a"\n    model_version: -1', 'model_name: "tiny_a"\n    '
+                               'model_version: -2'), "ensemble_scheduling.step[1].model_version", "received -2"),
+    ("a tensor written twice", _edit(BASE, 'value: "tiny_b_probabilities"\n    }\n  }\n  step',
+                                     'value: "tiny_a_probabilities"\n    }\n  }\n  step'),
+     "ensemble_scheduling.step[2].output_map", "tensor 'tiny_a_probabilities' is already produced by step 1 (tiny_a)"),
 ]
 
 
@@ -190,3 +212,74 @@ def test_a_tta_policy_typo_names_the_parameter_once(tmp_path):
         load_config(path)
     assert str(info.value).startswith(f"{path}: field 'parameters['tta_policy']': unknown TTA policy 'hflipp'")
     assert str(info.value).count("field ") == 1
+
+
+def test_defaults_are_the_documented_ones():
+    """A config that sets no parameter behaves as ensemble/README.md's parameter table says."""
+    c = parse_config(render("e", ["a", "b"]))
+    assert c.tta == POLICIES["none"] and c.aggregation == "mean" and c.weights == (1.0, 1.0)
+    assert (c.top_k, c.deadline_s, c.failure_policy, c.quorum) == (5, 5.0, "fail", 1)
+    assert c.degrade_on == ("UNAVAILABLE", "DEADLINE_EXCEEDED", "NOT_FOUND", "RESOURCE_EXHAUSTED")
+    assert (c.retry.max_attempts, c.retry.initial_backoff_s, c.retry.max_backoff_s, c.retry.multiplier) == \
+        (3, 0.02, 0.2, 2.0)
+    assert all(m.version is None and m.version_label is None and m.input_size is None and m.resize is None
+               for m in c.members)
+
+
+def test_values_at_the_documented_limits_are_accepted():
+    """The edges of what the README allows load: weight 1 with 'mean', equal initial and maximum backoff,
+    8 and 4096 pixel sides, and a quorum of every member under 'fail' (which needs them all anyway)."""
+    c = parse_config(render("e", ["a", "b"], parameters={"aggregation": "mean", "weight.a": "1"}))
+    assert c.weights == (1.0, 1.0)
+    c = parse_config(render("e", ["a"], parameters={"retry_initial_backoff_ms": "50", "retry_max_backoff_ms": "50"}))
+    assert c.retry.initial_backoff_s == c.retry.max_backoff_s == 0.05
+    c = parse_config(render("e", ["a"], parameters={"input_size.a": "8x4096"}))
+    assert c.members[0].input_size == (8, 4096)
+    c = parse_config(render("e", ["a", "b"], parameters={"failure_policy": "fail", "quorum": "2"}))
+    assert c.members_needed == 2
+
+
+def test_a_label_file_needs_two_labels(tmp_path):
+    path = tmp_path / "config.pbtxt"
+    path.write_text(_edit(BASE, 'name: "probabilities"\n  data_type: TYPE_FP32\n  dims: -1',
+                          'name: "probabilities"\n  data_type: TYPE_FP32\n  dims: -1\n  label_filename: "labels.txt"'))
+    (tmp_path / "labels.txt").write_text("only\n\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.field == "output.label_filename" and "holds 1 labels, expected at least 2" in str(info.value)
+
+
+def test_fixed_top_k_dims_may_be_the_number_of_classes_when_top_k_is_larger(tmp_path):
+    """top_k 5 over 3 classes answers 3 top-k columns, so an output declaring 3 is right (and 5 is refused)."""
+    text = _edit(BASE, 'name: "probabilities"\n  data_type: TYPE_FP32\n  dims: -1',
+                 'name: "probabilities"\n  data_type: TYPE_FP32\n  dims: -1\n  label_filename: "labels.txt"')
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+    path = tmp_path / "config.pbtxt"
+    path.write_text(_edit(text, 'name: "top_k_labels"\n  data_type: TYPE_STRING\n  dims: -1',
+                          'name: "top_k_labels"\n  data_type: TYPE_STRING\n  dims: 3'))
+    config = load_config(path)
+    assert config.top_k == 5 and config.labels == ("a", "b", "c")
+    path.write_text(_edit(text, 'name: "top_k_labels"\n  data_type: TYPE_STRING\n  dims: -1',
+                          'name: "top_k_labels"\n  data_type: TYPE_STRING\n  dims: 5'))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.field == "output[3].dims" and "declares 5 top-k classes, but the ensemble has 3" in str(info.value)
+
+
+def test_a_version_label_is_ascii_letters_digits_and_underscore(tmp_path):
+    """The README and the error say [a-zA-Z0-9_]+, as TF Serving's labels (carclf.serving.config.LABEL_RE): a label
+    no server can hold must be refused when the file is read, not found missing at every request."""
+    path = tmp_path / "config.pbtxt"
+    path.write_text(render("e", ["a"], parameters={"version_label.a": "canäry"}), encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.field == "parameters['version_label.a']" and "received 'canäry'" in str(info.value)
+
+
+def test_an_input_size_of_non_ascii_digits_is_a_config_error(tmp_path):
+    """'²' passes str.isdigit but is no integer: a ConfigError naming the field, not a ValueError traceback."""
+    path = tmp_path / "config.pbtxt"
+    path.write_text(render("e", ["a"], parameters={"input_size.a": "²"}), encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.field == "parameters['input_size.a']" and "received '²'" in str(info.value)

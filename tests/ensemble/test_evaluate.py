@@ -188,3 +188,127 @@ def test_folds_must_not_outnumber_the_validation_photos(refused, tmp_path):
     line = refused({"--folds": "100"})
     assert f"--folds 100 is more than the 20 validation photos of --split {str(tmp_path / 'split.json')!r}" in line
     assert "--folds must be >= 2, received 1" in refused({"--folds": "1"})
+
+
+def _figures(probs: np.ndarray, labels: np.ndarray) -> dict:
+    """Accuracy, correct, count and log loss, computed here rather than by the evaluation's own ``score``."""
+    hits = int(sum(int(np.argmax(p)) == int(y) for p, y in zip(probs, labels, strict=True)))
+    true = np.array([max(float(p[y]), 1e-7) for p, y in zip(probs, labels, strict=True)])
+    return {"accuracy": round(hits / len(labels), 4), "correct": hits, "count": len(labels),
+            "log_loss": round(float(-np.log(true).mean()), 4)}
+
+
+def test_evaluation_figures_are_each_members_and_each_policys(tiny_repository_template, sample_dir, tmp_path,
+                                                             monkeypatch):
+    """Each row's figures are those of that member (or that aggregate) on that TTA policy's views, the fitted
+    weights are fit by each aggregation's own method, --folds may be as many as the validation photos, and with
+    --test alone the submission goes to results/cars10_ensemble_submission.csv, predicted by the ensemble as
+    configured (its TTA policy and weights)."""
+    from carclf.ensemble.config import load_config
+    from carclf.ensemble.members import SavedModelMemberCaller
+    from carclf.ensemble.runtime import EnsembleRuntime
+    from carclf.train.data import load_split, read_folder_layout, save_split, stratified_split
+
+    dataset = read_folder_layout(sample_dir / "train", sample_dir / "classes.json")
+    split_path = tmp_path / "split.json"
+    save_split(stratified_split(dataset.samples, 0.25, seed=2), split_path)
+    val = load_split(split_path, dataset).val
+    images = [open(s.path, "rb").read() for s in val]
+    labels = np.array([s.label for s in val])
+    config_path = tmp_path / "e" / "config.pbtxt"
+    config_path.parent.mkdir()
+    config_path.write_text(render("e", ["tiny_a", "tiny_b"], parameters={
+        "tta_policy": "hflip_crops", "aggregation": "weighted_mean", "weight.tiny_a": "3", "weight.tiny_b": "1"}))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "eval.json"
+    assert ev.main(["--config", str(config_path), "--model-repository", str(tiny_repository_template),
+                    "--train", str(sample_dir / "train"), "--classes", str(sample_dir / "classes.json"),
+                    "--split", str(split_path), "--policies", "none,hflip", "--folds", str(len(val)),
+                    "--out", str(out), "--test", str(sample_dir / "test_upload"), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    rows = {(r["model"], r["tta"]): r for r in report["rows"]}
+    config = load_config(config_path)
+    caller = SavedModelMemberCaller(tiny_repository_template)
+    try:
+        for policy in ("none", "hflip"):
+            runtime = EnsembleRuntime(config.with_overrides(tta=policy), caller, owns_caller=False)
+            runtime.prepare()
+            members = np.stack([m.probabilities for m in runtime.predict(images).members])
+            runtime.close()
+            expected = [*zip(("tiny_a", "tiny_b"), members, strict=True), ("ensemble (mean)", members.mean(0)),
+                        ("ensemble (geometric mean)", agg.geometric_mean(members))]
+            for model, probs in expected:
+                want, got = _figures(probs, labels), rows[model, policy]
+                assert (got["accuracy"], got["correct"], got["count"]) == (want["accuracy"], want["correct"],
+                                                                           want["count"]), (model, policy)
+                assert got["log_loss"] == pytest.approx(want["log_loss"], abs=2e-4), (model, policy)
+            for method in ("weighted_mean", "geometric_mean"):
+                want = [round(float(x), 4) for x in agg.fit_weights(members, labels, method=method)]
+                assert report["weights_fit_on_all_validation"][f"{policy}/{method}"] == want
+        test_photos = sorted(p for p in (sample_dir / "test_upload").iterdir() if p.is_file())
+        with EnsembleRuntime(config, caller, owns_caller=False) as runtime:
+            runtime.prepare()
+            want_ids = runtime.predict([p.read_bytes() for p in test_photos]).class_ids.tolist()
+    finally:
+        caller.close()
+    submission = tmp_path / "results" / "cars10_ensemble_submission.csv"
+    rows_csv = list(csv.reader(submission.open()))[1:]
+    assert dict(rows_csv) == {p.name: dataset.class_ids[i] for p, i in zip(test_photos, want_ids, strict=True)}
+
+
+def test_verdict_names_the_best_member_and_only_strict_wins():
+    """The best member is the most accurate (log loss breaks a tie); an ensemble that only ties it does not beat
+    it."""
+    def row(model, accuracy, log_loss):
+        return {"model": model, "tta": "hflip", "accuracy": accuracy, "log_loss": log_loss}
+
+    report = {"rows": [row("a", 0.6, 0.9), row("b", 0.8, 0.7), row("c", 0.8, 0.5),
+                       row("ensemble (mean)", 0.8, 0.5), row("ensemble (geometric mean)", 0.8, 0.4),
+                       row("x", 1.0, 0.0) | {"tta": "none"}]}
+    got = ev.verdict(report, "hflip")
+    assert (got["best_member"], got["best_member_accuracy"], got["best_member_log_loss"]) == ("c", 0.8, 0.5)
+    assert got["ensemble (mean)"]["beats_best_member"] is False
+    assert got["ensemble (geometric mean)"]["beats_best_member"] is True
+
+
+def test_a_markdown_path_that_is_a_folder_is_refused_before_any_model_loads(refused, tmp_path):
+    (tmp_path / "out" / "eval.md").mkdir(parents=True)
+    line = refused({})
+    assert f"--out {str(tmp_path / 'out' / 'eval.md')!r} is a folder" in line
+
+
+def test_per_view_scores_each_view_and_counts_where_the_mirror_lowers_the_true_class(tiny_repository_template,
+                                                                                    photo_bytes):
+    """--per-view: each member scored on each single view, and the sign test counts the photos whose mirrored view
+    gives the true class a LOWER probability than the full view."""
+    from math import comb
+
+    from carclf.ensemble.config import parse_config
+    from carclf.ensemble.members import SavedModelMemberCaller
+    from carclf.ensemble.runtime import EnsembleRuntime
+    from carclf.tta import TTAPolicy, get_policy
+
+    config = parse_config(render("e", ["tiny_a", "tiny_b"]))
+    images, labels = photo_bytes[:8], np.arange(8) % 3
+    got = ev.per_view(config, tiny_repository_template, images, labels, policy="hflip", progress=False)
+    true_prob = {}
+    caller = SavedModelMemberCaller(tiny_repository_template)
+    try:
+        for view in get_policy("hflip").views:
+            runtime = EnsembleRuntime(config.with_overrides(tta=TTAPolicy(view.name, (view,))), caller,
+                                      owns_caller=False)
+            runtime.prepare()
+            members = runtime.predict(images).members
+            runtime.close()
+            for m in members:
+                true_prob[m.name, view.name] = m.probabilities[np.arange(8), labels]
+                assert got["views"][view.name][m.name]["correct"] == int((m.probabilities.argmax(-1) == labels).sum())
+    finally:
+        caller.close()
+    for name in ("tiny_a", "tiny_b"):
+        full, flip = true_prob[name, "full"], true_prob[name, "full_flip"]
+        lower = int(sum(f < p for f, p in zip(flip, full, strict=True)))
+        test = got["mirror_sign_test"][name]
+        assert test["mirrored_view_lowers_true_class_probability"] == f"{lower}/8"
+        assert test["mean_change"] == pytest.approx(float(np.mean(flip - full)), abs=1e-4)
+        assert test["one_sided_p"] == pytest.approx(sum(comb(8, k) for k in range(lower, 9)) / 256, rel=0.05)

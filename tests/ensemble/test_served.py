@@ -177,6 +177,30 @@ def test_gateway_command_refuses_a_rest_members_address(tmp_path, capsys):
     assert "error: --ensemble_config_file: the gateway serves ensembles" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("item", ["tiny_b=", "=grpc://127.0.0.1:1", "tiny_b"])
+def test_gateway_command_refuses_a_member_flag_without_its_name_or_url(tmp_path, capsys, item):
+    """``--member NAME=URL`` with the name or the URL left out is refused at once, naming the flag and value."""
+    from carclf import cli
+
+    config = write_ensemble_config(tmp_path)
+    assert cli.main(["gateway", "--members", "grpc://127.0.0.1:1", "--member", item, "--ensemble_config_file",
+                     str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"carclf gateway: error: --member: expected NAME=URL, received {item!r}"
+
+
+def test_gateway_command_requires_members(tmp_path, capsys):
+    """Where the members live has no default: without --members the command stops with usage status 2."""
+    from carclf import cli
+
+    # (were --members optional, the missing --model_repository would stop the server this would start)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["gateway", "--ensemble_config_file", str(write_ensemble_config(tmp_path)), "--model_repository",
+                  str(tmp_path / "no_such_folder")])
+    assert info.value.code == 2
+    assert "the following arguments are required: --members" in capsys.readouterr().err
+
+
 def test_member_version_label_picks_the_canary(tiny_ensemble_server, photos):
     images = [photos[0].read_bytes()]
     with connect(grpc_url(tiny_ensemble_server)) as client:
