@@ -38,6 +38,12 @@ WARMUP_FILE = "tf_serving_warmup_requests"
 DEFAULT_RESIZE = "squash"
 
 
+def version_number(name: str) -> int | None:
+    """The version a model folder's child names: ASCII digits only, as TF Serving reads them ('2' is 2); None for any
+    other name (``str.isdigit`` also takes '²', which ``int`` refuses)."""
+    return int(name) if name.isascii() and name.isdigit() else None
+
+
 def card_resize(card: Mapping[str, Any]) -> str:
     """The resize mode (``carclf.imaging.RESIZE_MODES``) a model card records; callers validate it."""
     return card.get("resize", DEFAULT_RESIZE)

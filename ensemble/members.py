@@ -99,7 +99,8 @@ def version_folders(base: str | os.PathLike) -> list[Path]:
     base = Path(base)
     if not base.is_dir():
         return []
-    return sorted((p for p in base.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    numbered = (p for p in base.iterdir() if p.is_dir() and contract.version_number(p.name) is not None)
+    return sorted(numbered, key=lambda p: contract.version_number(p.name))
 
 
 def read_model_card(version_dir: str | os.PathLike) -> dict:

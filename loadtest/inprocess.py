@@ -23,7 +23,8 @@ from carclf.loadtest import checks, loadgen
 def latest_version(repository: str | os.PathLike, model: str) -> Path:
     """The highest integer version folder of ``model`` in ``repository``."""
     base = Path(repository) / model
-    versions = sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()) if base.is_dir() else []
+    numbers = (contract.version_number(p.name) for p in base.iterdir() if p.is_dir()) if base.is_dir() else ()
+    versions = sorted(n for n in numbers if n is not None)
     if not versions:
         from carclf.loadtest.server import repository_models
 

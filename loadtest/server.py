@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from carclf import contract
 from carclf.errors import ConfigError, Unavailable
 
 LOOPBACK = "127.0.0.1"
@@ -224,7 +225,8 @@ def repository_models(repository: str | os.PathLike) -> list[str]:
     if not repo.is_dir():
         return []
     return sorted(p.name for p in repo.iterdir()
-                  if p.is_dir() and any(v.is_dir() and v.name.isdigit() for v in p.iterdir()))
+                  if p.is_dir() and any(v.is_dir() and contract.version_number(v.name) is not None
+                                        for v in p.iterdir()))
 
 
 def batching_flags(batching_config: str | os.PathLike, *, early_dispatch: bool = True) -> list[str]:

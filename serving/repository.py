@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from carclf import contract
+
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 
 
@@ -25,8 +27,9 @@ def list_versions(base_path: Path) -> dict[int, Path]:
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return versions
     for entry in entries:
-        if entry.name.isdigit() and entry.is_dir(follow_symlinks=True):
-            versions[int(entry.name)] = Path(entry.path)
+        number = contract.version_number(entry.name)
+        if number is not None and entry.is_dir(follow_symlinks=True):
+            versions[number] = Path(entry.path)
     return versions
 
 

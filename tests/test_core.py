@@ -467,3 +467,11 @@ def test_a_model_card_without_resize_reads_as_squash(tmp_path):
     (tmp_path / "assets.extra" / contract.MODEL_CARD).write_text(json.dumps(old))
     assert input_spec(tmp_path) == (224, "squash")
     assert info_from_card({**old, "resize": "letterbox"}, Member(name="new"), "its card").resize == "letterbox"
+
+
+@pytest.mark.parametrize("name,number", [("1", 1), ("0012", 12), ("\u00b2", None), ("\u0663", None), ("1a", None),
+                                         ("", None), (".tmp-export-3", None), ("-1", None)])
+def test_a_version_folder_is_named_by_ascii_digits(name, number):
+    from carclf import contract
+
+    assert contract.version_number(name) == number

@@ -74,7 +74,7 @@ def load_class_names(path: str | os.PathLike | None, class_ids: Sequence[str]) -
 
 def _sort_ids(ids: Iterable[str]) -> list[str]:
     ids = list(ids)
-    return sorted(ids, key=int) if all(i.isdigit() for i in ids) else sorted(ids)
+    return sorted(ids, key=int) if all(i.isascii() and i.isdigit() for i in ids) else sorted(ids)
 
 
 def read_folder_layout(train_dir: str | os.PathLike, classes: str | os.PathLike | None = None) -> Dataset:

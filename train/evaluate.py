@@ -51,7 +51,8 @@ def load_savedmodel(path: str | os.PathLike, batch_size: int = 32) -> SavedModel
 
     folder = Path(path)
     if folder.is_dir() and not (folder / "saved_model.pb").exists():
-        versions = sorted((int(p.name) for p in folder.iterdir() if p.name.isdigit()), reverse=True)
+        versions = sorted((n for p in folder.iterdir() if (n := contract.version_number(p.name)) is not None),
+                          reverse=True)
         if versions:
             folder = folder / str(versions[0])
     if not (folder / "saved_model.pb").exists():

@@ -78,7 +78,8 @@ def next_version(base_path: str | os.PathLike) -> int:
     """One more than the highest integer version (1 for a new model). A stray file with a version's name
     counts too: the rename into it would fail on every try."""
     base = Path(base_path)
-    versions = [int(p.name) for p in base.iterdir() if p.name.isdigit()] if base.is_dir() else []
+    numbers = (contract.version_number(p.name) for p in base.iterdir()) if base.is_dir() else ()
+    versions = [n for n in numbers if n is not None]
     return max(versions, default=0) + 1
 
 

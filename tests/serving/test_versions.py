@@ -153,6 +153,19 @@ def test_broken_version_is_reported_and_never_takes_down_the_rest(private_server
     assert server.manager.status(MODEL, 3)[0].state == State.AVAILABLE
 
 
+def test_a_folder_named_by_other_digits_is_no_version_and_polling_goes_on(private_server, private_repository):
+    """Version folders are named by ASCII digits, as TF Serving reads them: a stray '²' or '٣' folder beside the
+    versions is ignored (it stopped every poll with a ValueError, so no new version was ever loaded)."""
+    repo = private_repository
+    server = private_server(model_name=OTHER_MODEL, model_base_path=str(repo / OTHER_MODEL),
+                            enable_model_warmup=False)
+    for name in ("\u00b2", "\u0663"):
+        shutil.copytree(repo / OTHER_MODEL / "1", repo / OTHER_MODEL / name)
+    publish_copy(repo, OTHER_MODEL, source=1, version=2)
+    server.manager.poll()
+    assert {s.version: s.state for s in server.manager.status(OTHER_MODEL)} == {2: State.AVAILABLE, 1: State.END}
+
+
 def test_a_broken_newest_version_under_the_latest_policy_leaves_the_previous_one_serving(
         private_server, private_repository, reference, jpegs):
     """Policy latest (1): version 2 appears but cannot load. Version 1 is no longer the one the policy wants, yet

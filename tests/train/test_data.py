@@ -375,3 +375,12 @@ def test_a_class_names_file_saved_with_a_byte_order_mark_reads(two_class_data, t
     names.write_bytes(b"\xef\xbb\xbf" + text.encode())
     dataset = data.read_folder_layout(two_class_data / "train", names)
     assert dataset.class_names == ["GMC Savana", "Jaguar F-Type"]
+
+
+def test_class_folders_named_by_other_digits_sort_as_text(tmp_path):
+    """A class folder named '²' (str.isdigit, yet no integer) makes the ids text, sorted as text, not a crash."""
+    root = tmp_path / "train"
+    for cid in ("2", "10", "\u00b2"):
+        (root / cid).mkdir(parents=True)
+        (root / cid / "car.jpg").write_bytes(jpeg_bytes(noise_image(40, 40)))
+    assert data.read_folder_layout(root).class_ids == ["10", "2", "\u00b2"]

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from carclf import tta
+from carclf import contract, tta
 from carclf.destinations import check_folder
 from carclf.errors import InvalidInput
 from carclf.train import data, evaluate
@@ -73,6 +73,6 @@ def run(args: argparse.Namespace) -> int:
 def _report_folder(savedmodel: Path) -> Path:
     """``reports/evaluate/<model>/<version>`` for a version folder of a model repository (the name alone would
     put every model's version 1 in one folder), else ``reports/evaluate/<folder>``."""
-    if savedmodel.name.isdigit() and savedmodel.parent.name:
+    if contract.version_number(savedmodel.name) is not None and savedmodel.parent.name:
         return Path("reports/evaluate") / savedmodel.parent.name / savedmodel.name
     return Path("reports/evaluate") / savedmodel.name
