@@ -54,7 +54,9 @@ def export_tiny(repository: Path, name: str, seed: int = 0, size: int = TINY_SIZ
 
 def version_numbers(model_dir: Path) -> list[int]:
     """The version folders under a model's base path, as numbers, oldest first."""
-    return sorted(int(p.name) for p in Path(model_dir).iterdir() if p.name.isdigit())
+    from carclf.contract import version_number
+
+    return sorted(n for p in Path(model_dir).iterdir() if (n := version_number(p.name)) is not None)
 
 
 def break_version(version_dir: Path) -> None:

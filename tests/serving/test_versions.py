@@ -17,7 +17,7 @@ from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
 
 from carclf.errors import FailedPrecondition
 from carclf.serving.manager import State
-from tests.fixtures import break_version
+from tests.fixtures import break_version, version_numbers
 from tests.serving.conformance_setup import MODEL, OTHER_MODEL, models_config_text
 from tests.serving.conftest import Rest
 from tests.serving.test_grpc import expect_code, outputs, predict_request
@@ -493,7 +493,7 @@ def test_a_refused_config_file_applies_once_the_version_its_label_needs_is_expor
     server = private_server(model_config_file=str(config_file), model_repository=str(repo),
                             enable_model_warmup=False, model_config_file_poll_wait_seconds=0.2,
                             file_system_poll_wait_seconds=0.2)
-    on_disk = sorted(int(p.name) for p in (repo / MODEL).iterdir() if p.name.isdigit())
+    on_disk = version_numbers(repo / MODEL)
     new = on_disk[-1] + 1
     caplog.set_level(logging.INFO, logger="carclf.serving")
     caplog.clear()
@@ -538,7 +538,7 @@ def test_a_model_moved_to_another_base_path_keeps_answering_while_the_new_files_
     models = model_service_pb2_grpc.ModelServiceStub(channel)
     predict = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     data = np.array(jpegs[:1], dtype=object)
-    old_latest = max(int(p.name) for p in (repo / MODEL).iterdir() if p.name.isdigit())
+    old_latest = max(version_numbers(repo / MODEL))
     refs = {"old": reference(MODEL, old_latest, image_bytes=data)["probabilities"][0],
             "new": reference(OTHER_MODEL, 1, image_bytes=data)["probabilities"][0]}
     stop, failures, answers = threading.Event(), [], []

@@ -25,9 +25,8 @@ def _rows(path) -> list[list[str]]:
 def _expected(model, policy: str, class_ids: list[str]) -> list[list[str]]:
     """Each photo of PHOTOS with the class id of the model's most probable class under ``policy``."""
     photos = sorted(PHOTOS.glob("*.jpg"))
-    probs = predict_policies(model.predictor, [p.read_bytes() for p in photos], [policy], model.input_size)[
-        policy
-    ]
+    images = [p.read_bytes() for p in photos]
+    probs = predict_policies(model.predictor, images, [policy], model.input_size)[policy]
     return [[p.name, class_ids[int(i)]] for p, i in zip(photos, probs.argmax(axis=1), strict=True)]
 
 
