@@ -138,6 +138,37 @@ def test_the_gateway_gives_its_root_certificates_to_a_member_placed_elsewhere(re
     np.testing.assert_allclose(got["probabilities"], want.probabilities, rtol=1e-5, atol=1e-6)
 
 
+def test_carclf_gateway_reaches_members_by_its_flags_and_exits_0_on_sigterm(request, tiny_ensemble_server,
+                                                                          tiny_repository_template, photo_bytes,
+                                                                          tmp_path):
+    """The command as a user runs it: ``--members`` names a server that is down, ``--member`` places tiny_a on the
+    plaintext shared server and tiny_b behind its TLS port, trusted through ``--members_root_cert``. Only if both
+    flags reach the gateway does each member answer; the answer equals the in-process ensemble's, and SIGTERM
+    ends the gateway with status 0."""
+    import signal
+
+    from tests.serving.test_drain import ServeProcess
+
+    cert_file = request.getfixturevalue("certificate")[2]
+    tls_grpc_port, _ = request.getfixturevalue("tls_ports")
+    config = write_ensemble_config(tmp_path, failure_policy="fail")
+    gateway = ServeProcess("--members", "grpc://127.0.0.1:1", "--member", f"tiny_a={grpc_url(tiny_ensemble_server)}",
+                           "--member", f"tiny_b=grpcs://127.0.0.1:{tls_grpc_port}", "--members_root_cert",
+                           str(cert_file), "--ensemble_config_file", str(config), "--model_repository",
+                           str(tiny_repository_template), command="gateway")
+    try:
+        gateway.wait_ready()
+        with connect(f"grpc://127.0.0.1:{gateway.ports['grpc']}") as client:
+            got = client.predict("tiny_ensemble", images=photo_bytes[:1]).outputs
+        assert np.asarray(got["member_answered"]).tolist() == [[True, True]]
+        want = in_process(tiny_repository_template, config, photo_bytes[:1])
+        np.testing.assert_allclose(got["probabilities"], want.probabilities, rtol=1e-5, atol=1e-6)
+        gateway.process.send_signal(signal.SIGTERM)
+        assert gateway.process.wait(timeout=60) == 0, "".join(gateway.lines[-20:])
+    finally:
+        gateway.kill()
+
+
 # -- members in-process, through a batching server ----------------------------------------------------
 
 def test_member_calls_larger_than_the_batchers_max_batch_size_are_chunked_on_one_version(tiny_repository_template,

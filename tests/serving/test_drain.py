@@ -39,16 +39,16 @@ sys.exit(main(sys.argv[1:]))
 
 
 class ServeProcess:
-    """``carclf serve`` in a subprocess; its ports are read from its log. With ``slow_seconds`` it also serves
-    the model "slow" (``SERVE_WITH_SLOW_MODEL``)."""
+    """``carclf serve`` (or ``command``, e.g. "gateway") in a subprocess; its ports are read from its log. With
+    ``slow_seconds`` it also serves the model "slow" (``SERVE_WITH_SLOW_MODEL``)."""
 
-    def __init__(self, *args: str, slow_seconds: float | None = None):
+    def __init__(self, *args: str, slow_seconds: float | None = None, command: str = "serve"):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-        command = [sys.executable, "-m", "carclf"]
+        launcher = [sys.executable, "-m", "carclf"]
         if slow_seconds is not None:
             env["SLOW_SECONDS"] = str(slow_seconds)
-            command = [sys.executable, "-c", SERVE_WITH_SLOW_MODEL]
-        self.process = subprocess.Popen([*command, "serve", "--port", "0", "--rest_api_port", "-1", *args],
+            launcher = [sys.executable, "-c", SERVE_WITH_SLOW_MODEL]
+        self.process = subprocess.Popen([*launcher, command, "--port", "0", "--rest_api_port", "-1", *args],
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         env=env, cwd=REPO_ROOT, text=True)
         self.lines: list[str] = []
