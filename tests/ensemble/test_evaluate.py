@@ -312,3 +312,44 @@ def test_per_view_scores_each_view_and_counts_where_the_mirror_lowers_the_true_c
         assert test["mirrored_view_lowers_true_class_probability"] == f"{lower}/8"
         assert test["mean_change"] == pytest.approx(float(np.mean(flip - full)), abs=1e-4)
         assert test["one_sided_p"] == pytest.approx(sum(comb(8, k) for k in range(lower, 9)) / 256, rel=0.05)
+
+
+def test_an_evaluation_stops_when_a_member_does_not_answer(tiny_repository_template, runtime_for, photo_bytes):
+    """Under failure_policy 'degrade' the ensemble answers without a member that is down; an evaluation must not
+    score that answer as the ensemble's: it stops, naming the member and its error."""
+    from carclf.errors import CarClfError, Unavailable
+    from tests.ensemble.callers import RecordingCaller
+
+    caller = RecordingCaller(tiny_repository_template, failures={"tiny_b": [Unavailable("tiny_b is down")] * 20})
+    runtime = runtime_for(caller=caller, failure_policy="degrade", quorum="1")
+    with pytest.raises(CarClfError, match=r"a member did not answer during evaluation: \['tiny_b: tiny_b is down"):
+        ev.run_policy(runtime, photo_bytes[:2], progress=False)
+
+
+def test_the_submission_uses_the_configured_tta_policy(tiny_repository_template, sample_dir, tmp_path):
+    """``--test`` writes the ensemble's answers as configured: tiny_a version 1 alone under hflip_crops changes its
+    class for some test photos, and the CSV holds the hflip_crops classes."""
+    from carclf.ensemble.config import parse_config
+    from carclf.ensemble.members import SavedModelMemberCaller
+    from carclf.ensemble.runtime import EnsembleRuntime
+    from carclf.train.data import list_photos
+
+    photos = list_photos(sample_dir / "test_upload")
+    images = [p.read_bytes() for p in photos]
+    latest = 'model_name: "tiny_a"\n    model_version: -1'
+    text = render("e", ["tiny_a"], parameters={"tta_policy": "hflip_crops"})
+    assert text.count(latest) == 1
+    config = parse_config(text.replace(latest, 'model_name: "tiny_a"\n    model_version: 1'))
+    answers = {}
+    for policy in ("hflip_crops", "none"):
+        with EnsembleRuntime(config.with_overrides(tta=policy), SavedModelMemberCaller(tiny_repository_template)) \
+                as runtime:
+            runtime.prepare()
+            answers[policy] = runtime.predict(images).class_ids.tolist()
+    assert answers["hflip_crops"] != answers["none"]  # the policy matters for these photos
+    class_ids = [str(i) for i in range(10)]
+    out = tmp_path / "submission.csv"
+    ev.write_submission(config, tiny_repository_template, sample_dir / "test_upload", class_ids, out, progress=False)
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["Id", "Category"]
+    assert rows[1:] == [[p.name, class_ids[i]] for p, i in zip(photos, answers["hflip_crops"], strict=True)]
