@@ -23,7 +23,7 @@ from pathlib import Path
 
 from carclf import contract, imaging
 from carclf.errors import ConfigError
-from carclf.serving.config import LABEL_RE, MODEL_NAME_RE
+from carclf.serving.config import LABEL_RE, MODEL_NAME_RE, parse_text_proto
 from carclf.tta import TTAPolicy, get_policy
 
 PLATFORM = "ensemble"
@@ -171,14 +171,10 @@ def load_config(path: str | os.PathLike) -> EnsembleConfig:
 
 def parse_config(text: str, *, source: str = "<string>", base_dir: str | os.PathLike | None = None) -> EnsembleConfig:
     """Parse the text-protobuf ``ModelConfig`` with Triton's schema, then validate it."""
-    from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     proto = model_config_pb2.ModelConfig()
-    try:
-        text_format.Parse(text, proto)
-    except text_format.ParseError as exc:
-        raise ConfigError(f"not a valid Triton ModelConfig text protobuf: {exc}", source=source) from None
+    parse_text_proto(text, proto, "Triton ModelConfig text protobuf", source)
     _check_repeated_map_keys(text, source)
     return from_proto(proto, source=source, base_dir=base_dir)
 

@@ -177,14 +177,25 @@ def models_config_from_proto(proto, resolver: BasePathResolver, *, source: str) 
     return ModelsConfig(tuple(models), source=source, empty=choice is None)
 
 
+def parse_text_proto(text: str, proto, what: str, source: str) -> None:
+    """Parse ``text`` into ``proto``, or raise a ConfigError naming ``source`` and the message type ``what``.
+
+    A leading UTF-8 byte order mark is refused by name: protobuf's text parser (TF Serving's and Triton's too)
+    refuses it, and its own message points at a character nobody can see."""
+    if text.startswith("\ufeff"):
+        raise ConfigError(f"starts with a UTF-8 byte order mark, which {what} parsers (TF Serving's and Triton's "
+                          "too) refuse; save the file without it", source=source)
+    try:
+        text_format.Parse(text, proto)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"not a valid {what}: {exc}", source=source) from None
+
+
 def parse_models_config(text: str, resolver: BasePathResolver, *, source: str = "<models.config>") -> ModelsConfig:
     from tensorflow_serving.config import model_server_config_pb2
 
     proto = model_server_config_pb2.ModelServerConfig()
-    try:
-        text_format.Parse(text, proto)
-    except text_format.ParseError as exc:
-        raise ConfigError(f"not a valid ModelServerConfig text proto: {exc}", source=source) from None
+    parse_text_proto(text, proto, "ModelServerConfig text proto", source)
     return models_config_from_proto(proto, resolver, source=source)
 
 
@@ -280,10 +291,7 @@ def batching_config_from_proto(proto, *, source: str) -> BatchingConfig:
 
 def parse_batching_config(text: str, *, source: str = "<batching.config>") -> BatchingConfig:
     proto = protos.BatchingParameters()
-    try:
-        text_format.Parse(text, proto)
-    except text_format.ParseError as exc:
-        raise ConfigError(f"not a valid BatchingParameters text proto: {exc}", source=source) from None
+    parse_text_proto(text, proto, "BatchingParameters text proto", source)
     return batching_config_from_proto(proto, source=source)
 
 
@@ -303,10 +311,7 @@ class MonitoringConfig:
 
 def parse_monitoring_config(text: str, *, source: str = "<monitoring.config>") -> MonitoringConfig:
     proto = protos.MonitoringConfig()
-    try:
-        text_format.Parse(text, proto)
-    except text_format.ParseError as exc:
-        raise ConfigError(f"not a valid MonitoringConfig text proto: {exc}", source=source) from None
+    parse_text_proto(text, proto, "MonitoringConfig text proto", source)
     prometheus = proto.prometheus_config
     path = prometheus.path or DEFAULT_PROMETHEUS_PATH
     if not path.startswith("/") or any(c.isspace() for c in path) or path.lower().startswith("/v1/"):

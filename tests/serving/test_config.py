@@ -326,3 +326,27 @@ def test_tf_serving_boolean_flag_forms():
     assert flags.enable_batching is True and flags.enable_model_warmup is False
     assert flags.allow_version_labels_for_unavailable_models is True and flags.host == "127.0.0.1"
     assert flags.batching_early_dispatch is False  # TF Serving's batching rule unless asked
+
+
+@pytest.mark.parametrize("name", ["models.config", "batching.config", "monitoring.config", "ensemble"])
+def test_a_config_file_with_a_byte_order_mark_is_refused_saying_so(tmp_path, name):
+    """A shipped config file re-saved by an editor that adds a UTF-8 byte order mark: TF Serving's and Triton's
+    parsers refuse it, so the embedded server does too, naming the file and the mark (protobuf's own message
+    points at an invisible character). The same file without the mark loads."""
+    from carclf.ensemble.config import load_config, render
+
+    loaders = {"models.config": lambda path: cfg.load_models_config(path, cfg.BasePathResolver(tmp_path)),
+               "batching.config": cfg.load_batching_config, "monitoring.config": cfg.load_monitoring_config,
+               "ensemble": load_config}
+    plain = tmp_path / "plain" / name
+    plain.parent.mkdir()
+    if name == "ensemble":
+        plain.write_text(render("e", ["a"]))
+    else:
+        plain.write_bytes((SERVING / name).read_bytes())
+    loaders[name](plain)
+    marked = tmp_path / name
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    with pytest.raises(ConfigError) as info:
+        loaders[name](marked)
+    assert str(info.value).startswith(f"{marked}: starts with a UTF-8 byte order mark"), str(info.value)
