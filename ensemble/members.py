@@ -28,6 +28,7 @@ import numpy as np
 from carclf import contract, imaging
 from carclf.ensemble.config import Member
 from carclf.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidInput, NotFound, Unavailable
+from carclf.serving.repository import list_versions
 
 
 class InputSpec(NamedTuple):
@@ -96,11 +97,7 @@ def remaining(deadline: float) -> float:
 
 def version_folders(base: str | os.PathLike) -> list[Path]:
     """Integer version folders of a model, oldest first (non-numeric folders are ignored as TF Serving does)."""
-    base = Path(base)
-    if not base.is_dir():
-        return []
-    numbered = (p for p in base.iterdir() if p.is_dir() and contract.version_number(p.name) is not None)
-    return sorted(numbered, key=lambda p: contract.version_number(p.name))
+    return [path for _, path in sorted(list_versions(Path(base)).items())]
 
 
 def read_model_card(version_dir: str | os.PathLike) -> dict:

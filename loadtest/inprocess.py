@@ -18,13 +18,13 @@ import numpy as np
 from carclf import contract
 from carclf.errors import FailedPrecondition, NotFound
 from carclf.loadtest import checks, loadgen
+from carclf.serving.repository import list_versions
 
 
 def latest_version(repository: str | os.PathLike, model: str) -> Path:
     """The highest integer version folder of ``model`` in ``repository``."""
     base = Path(repository) / model
-    numbers = (contract.version_number(p.name) for p in base.iterdir() if p.is_dir()) if base.is_dir() else ()
-    versions = sorted(n for n in numbers if n is not None)
+    versions = list_versions(base)
     if not versions:
         from carclf.loadtest.server import repository_models
 
@@ -33,7 +33,7 @@ def latest_version(repository: str | os.PathLike, model: str) -> Path:
                 else f"; {str(repository)!r} holds no exported model: export one (carclf export) or give "
                      f"--model-repository")
         raise NotFound(f"model {model!r} has no version under {str(base)!r}{hint}")
-    return base / str(versions[-1])
+    return versions[max(versions)]
 
 
 def input_spec(version_dir: str | os.PathLike) -> tuple[contract.Size, str]:

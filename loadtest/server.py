@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from carclf import contract
 from carclf.errors import ConfigError, Unavailable
+from carclf.serving.repository import list_versions
 
 LOOPBACK = "127.0.0.1"
 
@@ -225,8 +225,7 @@ def repository_models(repository: str | os.PathLike) -> list[str]:
     if not repo.is_dir():
         return []
     return sorted(p.name for p in repo.iterdir()
-                  if p.is_dir() and any(v.is_dir() and contract.version_number(v.name) is not None
-                                        for v in p.iterdir()))
+                  if p.is_dir() and list_versions(p))
 
 
 def batching_flags(batching_config: str | os.PathLike, *, early_dispatch: bool = True) -> list[str]:
