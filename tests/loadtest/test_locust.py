@@ -158,6 +158,8 @@ def test_failures_within_max_fail_ratio_pass_and_above_it_fail(tiny_deployment, 
               "--photo-folder", str(photos), "--model-repository", str(tiny_deployment.repository),
               "--max-p95-ms", "0")
     allowed = run_loadtest(*common, "--max-fail-ratio", "0.9", "--reports", str(tmp_path / "allowed"))
+    # without a report, the run's own output says why (it once ended so in CI with nothing to read)
+    assert (tmp_path / "allowed" / "locust_stats.csv").exists(), allowed.stdout[-3000:] + allowed.stderr[-3000:]
     total = stats(tmp_path / "allowed")["Aggregated"]
     failed, made = int(total["Failure Count"]), int(total["Request Count"])
     assert 0 < failed < made, total  # the bad photo's calls failed, the others answered
