@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from carclf import contract, tf_threads
-from carclf.errors import CarClfError, ConfigError
+from carclf.errors import CarClfError, ConfigError, DeadlineExceeded
 from carclf.loadtest import checks, inprocess, loadgen, metrics, options, payload, protocol, report
 from carclf.loadtest import server as srv
 from carclf.loadtest.photos import Photo, load_photos
@@ -294,6 +294,14 @@ def measure_point(work: Workload, transport: str, server: srv.EmbeddedServer, co
     return row
 
 
+def _available(rest_url: str, model: str) -> bool:
+    """``model`` is AVAILABLE; False also while the server, busy loading it, lets a status probe time out."""
+    try:
+        return srv.model_state(rest_url, model) == "AVAILABLE"
+    except DeadlineExceeded:
+        return False
+
+
 def probe_memory(server: srv.EmbeddedServer, served: dict[str, Path], model: str, work: Workload,
                  timeout: float) -> dict:
     """RSS delta of the server when ``model`` is loaded once more under another name.
@@ -309,7 +317,7 @@ def probe_memory(server: srv.EmbeddedServer, served: dict[str, Path], model: str
     try:
         srv.reload_config(server.address, srv.models_config({**base, copy: base[model]}), timeout)
         deadline = time.monotonic() + timeout
-        while srv.model_state(server.address.rest_url, copy) != "AVAILABLE":
+        while not _available(server.address.rest_url, copy):
             if time.monotonic() > deadline:
                 raise CarClfError(f"{copy} not AVAILABLE after {timeout:.0f} s")
             time.sleep(0.2)

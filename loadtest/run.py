@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from carclf import tf_threads
-from carclf.errors import CarClfError, ConfigError, NotFound, Unavailable
+from carclf.errors import CarClfError, ConfigError, DeadlineExceeded, NotFound, Unavailable
 from carclf.loadtest import checks, options, protocol
 from carclf.loadtest import server as srv
 from carclf.loadtest.photos import load_photos
@@ -34,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 LOCUSTFILE = HERE / "locustfile.py"
 DEFAULT_CONF = HERE / "locust.conf"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+FIRST_PROBE_S = 10.0  # the status GET that decides between using a server and starting one
 
 # run.py flag -> locust setting it forwards to (also the key read from locust.conf / LOCUST_* variables).
 FORWARDED = {
@@ -346,7 +347,11 @@ def run(args: argparse.Namespace) -> int:
     reports = reports_folder(settings, "--reports" if args.reports else "csv")
     address = server_address(settings)
     server = None
-    if srv.model_state(address.rest_url, settings.get("target-model", "mobilenet_v2")) is None:
+    try:
+        state = srv.model_state(address.rest_url, settings.get("target-model", "mobilenet_v2"), FIRST_PROBE_S)
+    except DeadlineExceeded as exc:  # a server is there: neither "nothing answers" nor a second one on its ports
+        raise DeadlineExceeded(f"{exc.message}; no load test was run and no server started") from None
+    if state is None:
         if args.no_start:
             raise Unavailable(f"no server answers at {address.rest_url} (and --no-start)")
         server = start_server(args, settings, address, reports)

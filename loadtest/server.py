@@ -21,10 +21,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from carclf.errors import ConfigError, Unavailable
+from carclf.errors import ConfigError, DeadlineExceeded, Unavailable
 from carclf.serving.repository import list_versions
 
 LOOPBACK = "127.0.0.1"
+PROBE_TIMEOUT_S = 2.0  # a status GET; a server too busy to answer in this time is reported, not taken as absent
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -98,14 +99,21 @@ class ServerAddress:
 
 
 def _get_json(url: str, timeout: float) -> tuple[int | None, object]:
-    """(HTTP status, JSON body) of a GET; an error status keeps its body; (None, None) when nothing answers,
-    and the body is None when it is not JSON."""
+    """(HTTP status, JSON body) of a GET; an error status keeps its body; (None, None) when nothing answers
+    (the connection is refused or never made), and the body is None when it is not JSON.
+
+    Raises DeadlineExceeded when the server takes the connection but no answer comes within ``timeout``: a
+    server that is there but busy must not be taken for no server (and another started on its ports)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as reply:
             code, raw = reply.status, reply.read()
     except urllib.error.HTTPError as exc:
         code, raw = exc.code, exc.read()
-    except OSError:
+    except OSError as exc:  # urllib wraps what happens while connecting in URLError; a bare timeout came later
+        if isinstance(exc, TimeoutError):
+            base, _, path = url.partition("/v1/")
+            raise DeadlineExceeded(f"{base} took the connection but did not answer GET /v1/{path} within "
+                                   f"{timeout:g} s (a server too busy to answer, or not an HTTP server)") from None
         return None, None
     except http.client.HTTPException as exc:  # something answers, but not HTTP/1.x: a gRPC port's HTTP/2 frames
         raise Unavailable(f"{url.split('/v1/', 1)[0]} does not answer HTTP/1.x ({type(exc).__name__}), as a gRPC "
@@ -116,11 +124,12 @@ def _get_json(url: str, timeout: float) -> tuple[int | None, object]:
         return code, None
 
 
-def model_status(rest_url: str, model: str, timeout: float = 2.0) -> tuple[str | None, str]:
+def model_status(rest_url: str, model: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[str | None, str]:
     """(best version state, its error message) of ``model`` from ``GET /v1/models/<model>``, e.g.
     ("AVAILABLE", "") or ("END", "model car_ensemble needs 2 of its 3 members ...").
 
-    State None when nothing answers on ``rest_url``; "NOT_FOUND" when the server does not know the model.
+    State None when nothing answers on ``rest_url``; "NOT_FOUND" when the server does not know the model;
+    DeadlineExceeded when the server takes the connection but does not answer within ``timeout``.
     """
     code, body = _get_json(f"{rest_url}/v1/models/{model}", timeout)
     if code is None or (code == 200 and body is None):  # nothing, or not a model server, answers
@@ -140,12 +149,12 @@ def best_state(versions: Sequence[tuple[str, str]]) -> tuple[str, str]:
     return versions[0] if versions else ("UNKNOWN", "")
 
 
-def model_state(rest_url: str, model: str, timeout: float = 2.0) -> str | None:
+def model_state(rest_url: str, model: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """The best version state of ``model`` (``model_status`` without the message)."""
     return model_status(rest_url, model, timeout)[0]
 
 
-def served_models(rest_url: str, timeout: float = 2.0) -> list[str]:
+def served_models(rest_url: str, timeout: float = PROBE_TIMEOUT_S) -> list[str]:
     """The models with an AVAILABLE version that a server lists in the embedded server's ``/v1/ready`` (an
     extension; [] when the server has no such path, as real TF Serving)."""
     _, body = _get_json(f"{rest_url}/v1/ready", timeout)  # 503 (not ready) lists the models too
@@ -164,7 +173,7 @@ def grpc_model_status(target: str, model: str, timeout: float = 5.0) -> tuple[st
     return best_state([(v.state, v.error_message) for v in versions])
 
 
-def is_serving(address: ServerAddress, models: Sequence[str], timeout: float = 2.0) -> bool:
+def is_serving(address: ServerAddress, models: Sequence[str], timeout: float = PROBE_TIMEOUT_S) -> bool:
     """True when the server at ``address`` answers and every one of ``models`` is AVAILABLE."""
     return all(model_state(address.rest_url, m, timeout) == "AVAILABLE" for m in models)
 
@@ -270,22 +279,33 @@ class EmbeddedServer:
 
     def wait_ready(self, models: Sequence[str], timeout: float = 120.0) -> None:
         """Block until every one of ``models`` is AVAILABLE (with none: until the server answers); raise
-        Unavailable if the process dies or the time runs out."""
+        Unavailable if the process dies or the time runs out. A status probe that times out (the server busy
+        loading) is waited through."""
         deadline = time.monotonic() + timeout
+        late = ""
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise Unavailable(f"server exited with status {self.process.returncode} before its models were "
                                   f"AVAILABLE; {self.log_tail()}")
-            if models and is_serving(self.address, models):
-                return
-            for model in models:  # a version that ended with an error will not become AVAILABLE by waiting
-                state, message = model_status(self.address.rest_url, model)
-                if state == "END" and message:
-                    raise Unavailable(f"model {model} is not served: {message}")
-            if not models and model_state(self.address.rest_url, "_") is not None:
-                return  # nothing to wait for but the server answering
+            try:
+                if self._ready(models):
+                    return
+            except DeadlineExceeded as exc:
+                late = f" (the last status probe: {exc.message})"
             time.sleep(0.25)
-        raise Unavailable(f"models {list(models)} not AVAILABLE after {timeout:.0f} s; {self.log_tail()}")
+        raise Unavailable(f"models {list(models)} not AVAILABLE after {timeout:.0f} s{late}; {self.log_tail()}")
+
+    def _ready(self, models: Sequence[str]) -> bool:
+        """One probe of ``wait_ready``: True when it may return; Unavailable for a model that ended in error."""
+        if not models:
+            return model_state(self.address.rest_url, "_") is not None  # nothing to wait for but an answer
+        if is_serving(self.address, models):
+            return True
+        for model in models:  # a version that ended with an error will not become AVAILABLE by waiting
+            state, message = model_status(self.address.rest_url, model)
+            if state == "END" and message:
+                raise Unavailable(f"model {model} is not served: {message}")
+        return False
 
     def log_tail(self, lines: int = 15) -> str:
         if not self.log_path or not self.log_path.exists():

@@ -4,12 +4,17 @@ start a server on. Every case here ends before locust would start."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import shutil
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from carclf.errors import DeadlineExceeded
 from carclf.loadtest import run
 from carclf.loadtest import server as srv
 from tests.fixtures import break_version, version_numbers
@@ -165,3 +170,102 @@ def test_a_running_server_lists_only_the_models_it_can_answer_for(half_broken_se
                            "backbone model 'tiny_b' (END: "), last
     assert last.endswith("; it serves tiny_a; give --target-model NAME (or LOCUST_TARGET_MODEL=NAME)"), last
     assert not (tmp_path / "reports" / "locust_stats.csv").exists()
+
+
+@pytest.fixture
+def silent_listener():
+    """A loopback port that takes connections and never answers (a server busy past any probe's patience)."""
+    listener = socket.create_server((srv.LOOPBACK, 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://{srv.LOOPBACK}:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in [*held, listener]:
+        conn.close()
+
+
+def test_a_server_that_takes_the_connection_but_does_not_answer_is_not_taken_for_no_server(
+        silent_listener, tmp_path, sample_dir, capsys, monkeypatch):
+    """A status probe that times out is reported as such: not "no server answers" (with --no-start), and never
+    a reason to start a second server on the ports it holds (without it). Exit 2, nothing started or written."""
+    started: list[object] = []
+    monkeypatch.setattr(run, "start_server", lambda *args: started.append(args))
+    monkeypatch.setattr(run.srv, "call_child", lambda *args, **kwargs: started.append(args))
+    monkeypatch.setattr(run, "FIRST_PROBE_S", 0.5)
+    with pytest.raises(DeadlineExceeded, match=r"within 0\.3 s"):
+        srv.model_status(silent_listener, "tiny_a", timeout=0.3)
+    refused = srv.ServerAddress(srv.LOOPBACK, srv.free_port(), srv.free_port())
+    assert srv.model_status(refused.rest_url, "tiny_a", timeout=0.3) == (None, "")  # nothing there: no error
+
+    port = int(silent_listener.rsplit(":", 1)[1])
+    address = srv.ServerAddress(srv.LOOPBACK, srv.free_port(), port)
+    for more in (["--no-start"], []):
+        reports = tmp_path / f"reports{len(more)}"
+        assert run.main(_common(address, sample_dir, reports, tmp_path, "--target-model", "tiny_a", *more)) == 2
+        assert _last_error(capsys) == (
+            f"loadtest: error: {silent_listener} took the connection but did not answer GET /v1/models/tiny_a "
+            "within 0.5 s (a server too busy to answer, or not an HTTP server); no load test was run and no "
+            "server started"), more
+        assert not started and not any(reports.iterdir()), more
+
+
+class _SlowFirstAnswer(http.server.BaseHTTPRequestHandler):
+    """Answers GET /v1/models/<m> with one AVAILABLE version; the first request waits past the probe's timeout."""
+
+    calls = 0
+    delay_s = srv.PROBE_TIMEOUT_S + 1.0
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        type(self).calls += 1
+        if type(self).calls == 1:
+            time.sleep(self.delay_s)
+        body = json.dumps({"model_version_status": [
+            {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:  # the probe gave up on the first request and closed its end
+            pass
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_wait_ready_waits_through_a_status_probe_that_times_out():
+    """A started server busy loading may not answer one probe in time: wait_ready keeps polling until its own
+    timeout instead of failing on the first late answer."""
+    handler = type("SlowFirst", (_SlowFirstAnswer,), {"calls": 0})
+    httpd = http.server.ThreadingHTTPServer((srv.LOOPBACK, 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        server = srv.EmbeddedServer(srv.ServerAddress(srv.LOOPBACK, srv.free_port(), httpd.server_address[1]),
+                                    model_config_file="unused.config")
+        server.wait_ready(["m"], timeout=30)
+        assert handler.calls >= 2  # the first probe timed out; a later one read AVAILABLE
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_the_benchmark_memory_probe_reads_a_late_status_answer_as_not_available_yet(silent_listener):
+    """carclf bench polls for the model copy it loads to measure memory: a status probe that times out (the
+    server busy loading it) means "not yet", so the loop polls again instead of reporting the figure missing."""
+    from carclf.loadtest import bench
+
+    assert bench._available(silent_listener, "tiny_a") is False
