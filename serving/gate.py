@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 from carclf.errors import ResourceExhausted, Unavailable
 
+TRANSPORT_GRACE_S = 1.0  # once the gate is idle (or given up on), how long each transport finishes writing answers
+
 
 class RequestTooLarge(ResourceExhausted):
     """A request body over ``--max_request_bytes`` (REST answers 413, gRPC RESOURCE_EXHAUSTED)."""

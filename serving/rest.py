@@ -27,7 +27,7 @@ from aiohttp import web
 from carclf.errors import CarClfError, InvalidInput, NotFound, Unimplemented
 from carclf.serving import apis, json_codec
 from carclf.serving.config import MonitoringConfig
-from carclf.serving.gate import RequestGate, RequestTooLarge
+from carclf.serving.gate import TRANSPORT_GRACE_S, RequestGate, RequestTooLarge
 from carclf.serving.manager import ModelManager
 from carclf.serving.metrics import CONTENT_TYPE, ServingMetrics
 from carclf.serving.predictor import Predictor, result_of
@@ -231,7 +231,8 @@ def _model_info(name: str | None, version: str | None, label: str | None) -> tup
 
 async def start_rest(api: RestApi, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Bind and start; returns the runner and the bound port (``port`` 0 picks a free one)."""
-    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+    # aiohttp's default would wait up to 60 s for handlers at shutdown; the server's drain has waited already
+    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False, shutdown_timeout=TRANSPORT_GRACE_S)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

@@ -40,7 +40,7 @@ from carclf.serving.config import (
     parse_models_config,
     single_model_config,
 )
-from carclf.serving.gate import RequestGate
+from carclf.serving.gate import TRANSPORT_GRACE_S, RequestGate
 from carclf.serving.manager import ModelManager, State
 from carclf.serving.metrics import ServingMetrics
 from carclf.serving.options import ANY_PORT, REST_DISABLED, ServerOptions
@@ -385,7 +385,10 @@ class ModelServer:
     def stop(self, drain_timeout: float | None = None) -> bool:
         """Refuse new requests, let in-flight ones finish (up to ``drain_timeout``, default
         ``--drain_timeout_seconds``; then requests still queued for a batch are refused unrun and running batches
-        get as long again), shut everything down. True if every in-flight request finished within the timeout."""
+        get as long again), shut everything down. True if every in-flight request finished within the timeout.
+
+        When requests still run after both waits, the shutdown does not wait for them (TensorFlow cannot stop
+        a running batch): their threads end on their own, and ``carclf serve`` exits 1 without joining them."""
         return self._shutdown(self.options.drain_timeout_seconds if drain_timeout is None else drain_timeout)
 
     def _shutdown(self, drain_timeout: float) -> bool:
@@ -397,7 +400,7 @@ class ModelServer:
                 self.batcher.flush()
             if self._health is not None:
                 self._health.enter_graceful_shutdown()
-            drained = self.gate.wait_idle(drain_timeout)
+            finished = drained = self.gate.wait_idle(drain_timeout)
             if not drained:
                 inflight = self.gate.inflight
                 refused = 0
@@ -408,8 +411,9 @@ class ModelServer:
                 log.warning("%d request(s) still in flight after %.1f s: %d refused unrun from the batching "
                             "queue; waiting up to %.1f s more for the batches that are running (they cannot be "
                             "stopped)", inflight, drain_timeout, refused, drain_timeout)
-                if not self.gate.wait_idle(drain_timeout):
-                    log.warning("%d request(s) still running; shutting down anyway", self.gate.inflight)
+                finished = self.gate.wait_idle(drain_timeout)
+                if not finished:  # nothing below waits for them: the process may exit while they run
+                    log.warning("%d request(s) still running; shutting down without them", self.gate.inflight)
             self._stop_polling.set()
             if self._poller is not None:
                 self._poller.join()
@@ -418,15 +422,15 @@ class ModelServer:
                     self._loop.call_soon_threadsafe(self._stop_transports.set)
                 self._loop_thread.join()
             if self._grpc_server is not None:
-                self._grpc_server.stop(grace=1.0).wait()
+                self._grpc_server.stop(grace=TRANSPORT_GRACE_S).wait()
             if self._grpc_pool is not None:
-                self._grpc_pool.shutdown(wait=True)
+                self._grpc_pool.shutdown(wait=finished)
             if self.batcher is not None:
-                self.batcher.close()
+                self.batcher.close(timeout=30.0 if finished else 0.0)
             if self.manager is not None:
-                self.manager.close(timeout=max(drain_timeout, 1.0))
+                self.manager.close(timeout=max(drain_timeout, 1.0) if finished else 0.0)
             if self.executor is not None:
-                self.executor.shutdown(wait=True, cancel_futures=True)
+                self.executor.shutdown(wait=finished, cancel_futures=True)
             self._stopped.set()
             log.info("server stopped")
             return drained

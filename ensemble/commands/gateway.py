@@ -6,15 +6,14 @@
 Takes the embedded server's flags (ports, host, monitoring, timeouts, drain) plus where the members are.
 ``--model_repository`` is read for the members' model cards (input size, labels); without it every member
 needs an ``input_size.<member>`` parameter in the ensemble config. Runs until SIGTERM or Ctrl-C, then
-drains in-flight requests and exits.
+drains in-flight requests and exits as ``carclf serve`` does: 0 when they finished within
+``--drain_timeout_seconds``, else 1; a second signal during the drain exits at once (1).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import threading
 from pathlib import Path
 
 from carclf.errors import ConfigError
@@ -46,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from carclf.clients.base import read_root_cert
     from carclf.ensemble.gateway import Gateway
+    from carclf.serving.commands.serve import serve_until_signalled
     from carclf.serving.options import ServerOptions
 
     if not args.ensemble_config_file:  # before the server's own "nothing to serve", which names other flags
@@ -53,12 +53,7 @@ def run(args: argparse.Namespace) -> int:
                           source="--ensemble_config_file")
     member_urls = parse_member_urls(args.member)
     root_cert = read_root_cert(args.members_root_cert, "--members_root_cert")
-    gateway = Gateway(ServerOptions.from_args(args), args.members, member_urls=member_urls,
-                      root_certificates=root_cert).start()
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
-    logging.getLogger("carclf.ensemble").info("stopping: draining in-flight requests")
-    return 0 if gateway.stop() else 1
+    options = ServerOptions.from_args(args)
+    return serve_until_signalled(lambda: Gateway(options, args.members, member_urls=member_urls,
+                                                 root_certificates=root_cert).start(),
+                                 logging.getLogger("carclf.ensemble"))

@@ -8,6 +8,8 @@ Expectations come from the same ensemble run in-process on the SavedModels, or f
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -168,6 +170,73 @@ def test_carclf_gateway_reaches_members_by_its_flags_and_exits_0_on_sigterm(requ
     finally:
         gateway.kill()
 
+
+
+class HangingMember(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """A member server whose Predict answers UNAVAILABLE at once until ``hang`` is set, then never answers
+    (until ``release``): a member stuck mid-call, after the gateway's start-up warmup has gone by."""
+
+    def __init__(self):
+        self.hang, self.release = threading.Event(), threading.Event()
+
+    def Predict(self, request, context):  # noqa: N802 - the gRPC method's name
+        if not self.hang.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "not yet")
+        self.release.wait()
+        context.abort(grpc.StatusCode.UNAVAILABLE, "released")
+
+
+def test_carclf_gateway_exits_1_at_once_when_its_drain_runs_out_of_time(tiny_repository_template, photo_bytes,
+                                                                       tmp_path):
+    """A member stuck mid-call keeps a request in flight at the gateway; SIGTERM with --drain_timeout_seconds 0.5
+    ends the gateway with status 1 (the drain failed) soon after twice that time, not when the member call's
+    60 s deadline would have ended it; the caller hears UNAVAILABLE (it may retry elsewhere)."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.serving.conformance_setup import MONITORING
+    from tests.serving.conftest import Rest
+    from tests.serving.test_drain import ServeProcess
+
+    member = HangingMember()
+    member_server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(member, member_server)
+    member_port = member_server.add_insecure_port("127.0.0.1:0")
+    member_server.start()
+    monitoring = tmp_path / "monitoring.config"
+    monitoring.write_text(MONITORING)
+    config = write_ensemble_config(tmp_path, failure_policy="fail", deadline_ms="60000")
+    gateway = ServeProcess("--members", f"grpc://127.0.0.1:{member_port}", "--ensemble_config_file", str(config),
+                           "--model_repository", str(tiny_repository_template), "--monitoring_config_file",
+                           str(monitoring), "--drain_timeout_seconds", "0.5", command="gateway")
+    try:
+        gateway.wait_ready()
+        member.hang.set()
+        channel = grpc.insecure_channel(f"127.0.0.1:{gateway.ports['grpc']}")
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        call = stub.Predict.future(predict_request("tiny_ensemble", image_bytes=np.array(photo_bytes[:1], dtype=object)),
+                                   timeout=120)
+        rest = Rest(f"http://127.0.0.1:{gateway.ports['rest']}")
+        deadline = time.monotonic() + 20
+        while 'carclf_serving_inflight_requests{entrypoint="GRPC"} 1.0' not in rest.get(
+                "/monitoring/prometheus/metrics").body.decode():
+            assert time.monotonic() < deadline, "the request never became in flight:\n" + "".join(gateway.lines[-20:])
+            time.sleep(0.05)
+        gateway.process.send_signal(signal.SIGTERM)
+        assert gateway.process.wait(timeout=30) == 1, "".join(gateway.lines[-20:])
+        with pytest.raises(grpc.RpcError) as cut:
+            call.result(timeout=10)
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE, cut.value
+        channel.close()
+        deadline = time.monotonic() + 5  # the log reader may be a line behind the exit
+        while not any("the drain ran out of time (--drain_timeout_seconds): exit status 1" in line
+                      for line in gateway.lines):
+            assert time.monotonic() < deadline, "".join(gateway.lines[-20:])
+            time.sleep(0.05)
+    finally:
+        gateway.kill()
+        member.release.set()
+        member_server.stop(grace=None)
 
 # -- members in-process, through a batching server ----------------------------------------------------
 

@@ -91,12 +91,13 @@ def serve_process():
         process.kill()
 
 
-def in_flight_request(serve_process, repository, seconds: float, x: float):
-    """``carclf serve`` of OTHER_MODEL and the stand-in "slow" (batching on), and one gRPC Predict of ``[x]`` to
-    "slow" that is running, and will be for ``seconds``: (server, channel, stub, REST client, the call's future)."""
+def in_flight_request(serve_process, repository, seconds: float, x: float, *flags: str):
+    """``carclf serve`` of OTHER_MODEL and the stand-in "slow" (batching on; more ``flags``), and one gRPC Predict
+    of ``[x]`` to "slow" that is running, and will be for ``seconds``: (server, channel, stub, REST client, the
+    call's future)."""
     server = serve_process("--model_name", OTHER_MODEL, "--model_base_path", str(repository / OTHER_MODEL),
                            "--enable_batching", "--enable_model_warmup=false", "--monitoring_config_file",
-                           str(repository / "monitoring.config"), slow_seconds=seconds)
+                           str(repository / "monitoring.config"), *flags, slow_seconds=seconds)
     server.wait_ready()
     channel = grpc.insecure_channel(f"127.0.0.1:{server.ports['grpc']}")
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -222,6 +223,57 @@ def test_a_second_signal_during_the_drain_ends_the_server_at_once(serve_process,
     with pytest.raises(grpc.RpcError):
         waiting.result(timeout=10)
     channel.close()
+
+
+@pytest.mark.extension
+@pytest.mark.parametrize("transport", ["grpc", "rest"])
+def test_a_drain_that_runs_out_of_time_exits_1_without_waiting_for_the_running_batch(serve_process,
+                                                                                    conformance_repository, transport):
+    """A request whose batch still runs when --drain_timeout_seconds (twice: queued, then running) has passed is
+    cut off: the process exits 1 (for a supervisor or script that checks it) at once, not when the batch ends,
+    so the documented terminationGracePeriodSeconds of twice the timeout holds; the log says why."""
+    batch_s, drain_s = 60.0, 0.5
+    flags = ("--drain_timeout_seconds", str(drain_s))
+    if transport == "grpc":
+        server, channel, _, _, cut = in_flight_request(serve_process, conformance_repository, batch_s, 1.0, *flags)
+    else:
+        server = serve_process("--model_name", OTHER_MODEL, "--model_base_path",
+                               str(conformance_repository / OTHER_MODEL), "--enable_batching",
+                               "--enable_model_warmup=false", "--monitoring_config_file",
+                               str(conformance_repository / "monitoring.config"), *flags, slow_seconds=batch_s)
+        server.wait_ready()
+        rest = Rest(f"http://127.0.0.1:{server.ports['rest']}")
+        replies: list[object] = []
+
+        def call() -> None:
+            try:
+                replies.append(rest.post("/v1/models/slow:predict", {"instances": [1.0]}))
+            except OSError as exc:  # the server closed the connection unanswered
+                replies.append(exc)
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        deadline = time.monotonic() + 10
+        while 'carclf_serving_inflight_requests{entrypoint="REST"} 1.0' not in rest.get(
+                "/monitoring/prometheus/metrics").body.decode():
+            assert time.monotonic() < deadline, "the request never became in flight"
+            time.sleep(0.05)
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=batch_s / 2) == 1, "".join(server.lines[-20:])
+    if transport == "grpc":
+        with pytest.raises(grpc.RpcError) as got:  # retryable: the request may go to another replica
+            cut.result(timeout=10)
+        assert got.value.code() == grpc.StatusCode.UNAVAILABLE, got.value
+        channel.close()
+    else:
+        caller.join(timeout=10)
+        assert len(replies) == 1 and isinstance(replies[0], OSError), replies  # the connection closed unanswered
+    deadline = time.monotonic() + 5  # the log reader may be a line behind the exit
+    while not any("the drain ran out of time (--drain_timeout_seconds): exit status 1" in line
+                  for line in server.lines):
+        assert time.monotonic() < deadline, "".join(server.lines[-20:])
+        time.sleep(0.05)
+    assert any("1 request(s) still running; shutting down without them" in line for line in server.lines)
 
 
 @pytest.mark.extension
