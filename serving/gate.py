@@ -2,7 +2,7 @@
 
 On SIGTERM (or ``ModelServer.stop``) the gate closes: new requests on either transport are answered
 UNAVAILABLE ("server is shutting down"), requests already inside finish, and the server stops once the
-gate is idle. Also defines the one size-limit error both transports raise.
+gate is idle. Also defines the one size-limit error both transports raise, and REST's body timeout.
 """
 
 from __future__ import annotations
@@ -12,13 +12,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from carclf.errors import ResourceExhausted, Unavailable
+from carclf.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 TRANSPORT_GRACE_S = 1.0  # once the gate is idle (or given up on), how long each transport finishes writing answers
 
 
 class RequestTooLarge(ResourceExhausted):
     """A request body over ``--max_request_bytes`` (REST answers 413, gRPC RESOURCE_EXHAUSTED)."""
+
+
+class BodyTimeout(DeadlineExceeded):
+    """A REST request body that did not arrive within ``--rest_api_timeout_in_ms`` (REST answers 408)."""
 
 
 class RequestGate:

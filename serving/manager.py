@@ -287,6 +287,8 @@ class ModelManager:
             desired = config.policy.select(set(on_disk) - broken)
             failed_now = False
             for version in sorted(desired):
+                if self._closed:  # shutting down: load nothing more
+                    return
                 with self._lock:
                     entry = model.versions.get(version)
                 if entry is not None and entry.state in (State.LOADING, State.AVAILABLE, State.UNLOADING):
@@ -295,6 +297,8 @@ class ModelManager:
             if not failed_now:
                 break
         with self._lock:
+            if self._closed:  # close() unloads everything itself
+                return
             if model.standby and any(e.state == State.AVAILABLE for e in model.versions.values()):
                 self._drop_standby(model)
             serving_desired = any(model.versions[v].state == State.AVAILABLE for v in desired if v in model.versions)
@@ -316,7 +320,8 @@ class ModelManager:
         return entry is not None and entry.error is not None and entry.fingerprint == fingerprint(path)
 
     def _load(self, model: _Model, version: int, path: Path, print_: tuple) -> bool:
-        """Load one version (warmup included); True when it became AVAILABLE."""
+        """Load one version (warmup included); True when it became AVAILABLE, or was loaded after the shutdown
+        began and dropped (no failure to retry)."""
         entry = VersionEntry(model.name, version, path, fingerprint=print_)
         with self._lock:
             model.versions[version] = entry
@@ -338,10 +343,15 @@ class ModelManager:
                 self._set_state(entry, State.END)
                 log.error("%s version %d failed to load: %s", model.name, version, error.message)
                 return False
-            entry.servable = servable
-            self._set_state(entry, State.AVAILABLE)
-            log.info("%s version %d AVAILABLE after %.1f s", model.name, version, time.perf_counter() - start)
-            return True
+            if not self._closed:
+                entry.servable = servable
+                self._set_state(entry, State.AVAILABLE)
+                log.info("%s version %d AVAILABLE after %.1f s", model.name, version, time.perf_counter() - start)
+                return True
+            self._set_state(entry, State.END)  # the shutdown began during the load: nothing more is served
+        log.info("%s version %d loaded after the shutdown began: not served", model.name, version)
+        servable.close()
+        return True
 
     def _apply_labels(self, config: ModelsConfig) -> None:
         problems = []
@@ -559,9 +569,23 @@ class ModelManager:
     # -- shutdown ----------------------------------------------------------------------------------
 
     def close(self, timeout: float = 30.0) -> None:
-        """Unload everything once in-flight requests are done (waiting at most ``timeout``)."""
-        with self._reconcile, self._lock:
+        """Unload everything once in-flight requests are done (waiting at most ``timeout``).
+
+        A poll or config reload still loading a version is not waited for (a large model's load and warmup
+        take minutes): it stops at its next step, and the version it was loading is dropped when loaded."""
+        with self._lock:
             self._closed = True
+        reconciling = not self._reconcile.acquire(timeout=min(timeout, 1.0))
+        if reconciling:
+            log.info("a version is still loading; the shutdown goes on without it")
+        try:
+            self._unload_all(timeout)
+        finally:
+            if not reconciling:
+                self._reconcile.release()
+
+    def _unload_all(self, timeout: float) -> None:
+        with self._lock:
             for model in self._models.values():
                 for entry in model.versions.values():
                     if entry.state == State.AVAILABLE:

@@ -27,7 +27,7 @@ from aiohttp import web
 from carclf.errors import CarClfError, InvalidInput, NotFound, Unimplemented
 from carclf.serving import apis, json_codec
 from carclf.serving.config import MonitoringConfig
-from carclf.serving.gate import TRANSPORT_GRACE_S, RequestGate, RequestTooLarge
+from carclf.serving.gate import TRANSPORT_GRACE_S, BodyTimeout, RequestGate, RequestTooLarge
 from carclf.serving.manager import ModelManager
 from carclf.serving.metrics import CONTENT_TYPE, ServingMetrics
 from carclf.serving.predictor import Predictor, result_of
@@ -68,6 +68,8 @@ HTTP_STATUS: dict[str, int] = {
 def http_status(exc: CarClfError) -> int:
     if isinstance(exc, RequestTooLarge):
         return 413  # a body over the size limit: retrying later will not help, unlike other 429s
+    if isinstance(exc, BodyTimeout):
+        return 408  # the client's upload was too slow: nothing ran, unlike a 504
     return HTTP_STATUS.get(exc.code, 500)
 
 
@@ -112,15 +114,20 @@ class RestApi:
                 return _json_response({"live": True})
             if not lower.startswith("/v1/"):
                 raise NotFound(f"Not found: {method} {path}")
+            # The body is read before the request counts as in flight: an upload that stalls holds no drain
+            body = await self._receive(request) if method == "POST" else b""
             with self._gate.request():
-                return await self._dispatch(request, method, path)
+                return await self._dispatch(request, method, path, body)
         except CarClfError as exc:
             return _error_response(exc)
+        except ConnectionError:  # the client left before its request arrived (aiohttp: "Connection lost")
+            log.info("REST %s %s: the client closed the connection before its request body arrived", method, path)
+            return web.Response(status=HTTP_STATUS["CANCELLED"])  # nobody reads it; nothing was run or counted
         except Exception as exc:  # noqa: BLE001 - never leak a traceback to the client
             log.exception("REST %s %s failed", method, path)
             return _json_response({"error": f"{type(exc).__name__}: {exc}"}, status=500)
 
-    async def _dispatch(self, request: web.Request, method: str, path: str) -> web.Response:
+    async def _dispatch(self, request: web.Request, method: str, path: str, body: bytes) -> web.Response:
         malformed = InvalidInput(f"Malformed request: {method} {path}")
         if method == "POST":
             match = PREDICT_PATH.fullmatch(path)
@@ -130,7 +137,6 @@ class RestApi:
             verb = match.group(4).lower()
             api = {"predict": "Predict", "classify": "Classify", "regress": "Regress"}[verb]
             with self._metrics.track(name, api, ENTRYPOINT) as info:
-                body = await self._read_body(request)
                 if verb == "predict":
                     return await self._predict(name, version, label, body, info)
                 return await self._classify_or_regress(name, version, label, body, verb, info)
@@ -149,16 +155,20 @@ class RestApi:
             return _json_response(apis.status_json(apis.status_response(self._manager, name, version, label)))
         raise malformed
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _receive(self, request: web.Request) -> bytes:
+        """The request body, at most ``--max_request_bytes``, arrived within ``--rest_api_timeout_in_ms``."""
         length = request.content_length
         if length is not None and length > self._max_bytes:
             raise RequestTooLarge(f"request body is {length} bytes, larger than the limit of {self._max_bytes} "
                                   "bytes (--max_request_bytes)")
         try:
-            return await request.read()
+            return await asyncio.wait_for(request.read(), self._timeout)
         except web.HTTPRequestEntityTooLarge:
             raise RequestTooLarge(f"request body is larger than the limit of {self._max_bytes} bytes "
                                   "(--max_request_bytes)") from None
+        except TimeoutError:
+            raise BodyTimeout(f"the request body did not arrive within {self._timeout:g} s "
+                              "(--rest_api_timeout_in_ms); nothing was run") from None
 
     async def _off_loop(self, size: int, function: Callable, *args):
         """Run CPU-heavy decoding in a worker thread when the body is large; inline otherwise."""

@@ -254,7 +254,11 @@ class ModelServer:
         asyncio.set_event_loop(self._loop)
         try:
             self._loop.run_until_complete(self._serve())
-        finally:
+        finally:  # as asyncio.run does: connections' tasks cut off at shutdown end here, not in the collector
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self._loop.close()
 
     def _start_grpc(self) -> None:
@@ -415,8 +419,8 @@ class ModelServer:
                 if not finished:  # nothing below waits for them: the process may exit while they run
                     log.warning("%d request(s) still running; shutting down without them", self.gate.inflight)
             self._stop_polling.set()
-            if self._poller is not None:
-                self._poller.join()
+            if self._poller is not None:  # a version it is loading is not waited for: it is dropped once loaded
+                self._poller.join(TRANSPORT_GRACE_S)
             if self._loop is not None and self._loop_thread is not None and self._loop_thread.is_alive():
                 if self._stop_transports is not None:
                     self._loop.call_soon_threadsafe(self._stop_transports.set)
@@ -434,6 +438,11 @@ class ModelServer:
             self._stopped.set()
             log.info("server stopped")
             return drained
+
+    @property
+    def still_loading(self) -> bool:
+        """After ``stop``: a version load begun before it is still running (in a daemon thread)."""
+        return self._poller is not None and self._poller.is_alive()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server has stopped."""

@@ -55,10 +55,14 @@ def serve_until_signalled(start: Callable[[], ModelServer], log: logging.Logger)
     while not stop.wait(1.0):
         pass
     log.info("signal %s: draining in-flight requests", signal.Signals(received[0]).name)
-    if server.stop():
+    drained = server.stop()
+    if not drained:
+        log.warning("the drain ran out of time (--drain_timeout_seconds): exit status 1")
+    elif not server.still_loading:
         return 0
-    log.warning("the drain ran out of time (--drain_timeout_seconds): exit status 1")
+    # Not sys.exit: the interpreter would join the threads of batches still running however long they take,
+    # and finalize TensorFlow under a version load still running.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)  # not sys.exit: the interpreter would join the threads of batches still running, however long
+    os._exit(0 if drained else 1)

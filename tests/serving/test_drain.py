@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -37,17 +39,35 @@ ModelServer.static_servables = lambda self: served(self) + [SlowServable(float(o
 sys.exit(main(sys.argv[1:]))
 """
 
+# ``carclf serve`` whose load of any version numbered 2 first waits $SLOW_LOAD_SECONDS (a large model's load).
+SERVE_WITH_SLOW_LOAD = """
+import os, sys, time
+from carclf.cli import main
+from carclf.serving.server import ModelServer
+load = ModelServer._load_version
+def slow(self, name, version, path):
+    if version == 2:
+        time.sleep(float(os.environ["SLOW_LOAD_SECONDS"]))
+    return load(self, name, version, path)
+ModelServer._load_version = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
 
 class ServeProcess:
     """``carclf serve`` (or ``command``, e.g. "gateway") in a subprocess; its ports are read from its log. With
     ``slow_seconds`` it also serves the model "slow" (``SERVE_WITH_SLOW_MODEL``)."""
 
-    def __init__(self, *args: str, slow_seconds: float | None = None, command: str = "serve"):
+    def __init__(self, *args: str, slow_seconds: float | None = None, slow_load_seconds: float | None = None,
+                 command: str = "serve"):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
         launcher = [sys.executable, "-m", "carclf"]
         if slow_seconds is not None:
             env["SLOW_SECONDS"] = str(slow_seconds)
             launcher = [sys.executable, "-c", SERVE_WITH_SLOW_MODEL]
+        if slow_load_seconds is not None:
+            env["SLOW_LOAD_SECONDS"] = str(slow_load_seconds)
+            launcher = [sys.executable, "-c", SERVE_WITH_SLOW_LOAD]
         self.process = subprocess.Popen([*launcher, command, "--port", "0", "--rest_api_port", "-1", *args],
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         env=env, cwd=REPO_ROOT, text=True)
@@ -301,3 +321,118 @@ def test_the_drain_sends_open_batches_at_once_instead_of_waiting_for_company(pri
     np.testing.assert_allclose(outputs(call.result(timeout=5))["probabilities"],
                                reference(OTHER_MODEL, 1, image_bytes=data)["probabilities"], atol=1e-5)
     channel.close()
+
+
+def stalled_upload(port: int) -> socket.socket:
+    """A REST client that declares a 1000-byte Predict body, sends 12 bytes of it and stops (a phone that lost
+    its signal mid-upload, or a slowloris): the request never becomes one the server can answer."""
+    stalled = socket.create_connection(("127.0.0.1", port))
+    stalled.sendall(f"POST /v1/models/{OTHER_MODEL}:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n".encode() + b'{"instances"')
+    time.sleep(0.3)  # the server has the headers and waits for the rest of the body
+    return stalled
+
+
+@pytest.mark.extension
+def test_a_client_that_stops_sending_its_body_does_not_hold_the_drain(private_server, conformance_repository):
+    """Nothing is being answered while a client has not sent its whole request: the drain ends at once and
+    reports success (`carclf serve` exits 0), instead of waiting twice --drain_timeout_seconds for an upload
+    that never ends and exiting 1 with "batches that are running"."""
+    server = private_server(model_name=OTHER_MODEL, model_base_path=str(conformance_repository / OTHER_MODEL),
+                            enable_model_warmup=False)
+    with stalled_upload(server.rest_port):
+        started = time.monotonic()
+        drained = server.stop(drain_timeout=2.0)
+        took = time.monotonic() - started
+    assert drained, f"the drain waited {took:.1f} s for a request body that never came, and reported failure"
+    assert took < 2.0  # at most the transports' own 1 s grace (TRANSPORT_GRACE_S), not the drain timeout
+
+
+@pytest.mark.extension
+def test_a_request_body_that_stops_arriving_ends_at_the_rest_timeout(private_server, conformance_repository):
+    """--rest_api_timeout_in_ms bounds a REST call: a body that stops arriving half-way is answered 408 once
+    the timeout has passed, and carclf_serving_inflight_requests stays 0, instead of counting a request in
+    flight for as long as the client keeps the connection open."""
+    server = private_server(model_name=OTHER_MODEL, model_base_path=str(conformance_repository / OTHER_MODEL),
+                            enable_model_warmup=False, rest_api_timeout_in_ms=1000,
+                            monitoring_config_file=str(conformance_repository / "monitoring.config"))
+    rest = Rest(f"http://127.0.0.1:{server.rest_port}")
+    with stalled_upload(server.rest_port) as stalled:
+        stalled.settimeout(4.0)
+        try:
+            answer = stalled.recv(4096)
+        except TimeoutError:
+            answer = None
+        inflight = re.search(r'carclf_serving_inflight_requests\{entrypoint="REST"\} (\S+)',
+                             rest.get("/monitoring/prometheus/metrics").body.decode())
+    deadline = time.monotonic() + 5  # the server notices the closed connection (and logs it) before the checks
+    while server.gate.inflight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert answer is not None, "no answer and no close 4 s into a request whose timeout is 1 s"
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), answer
+    assert json.loads(body)["error"] == ("the request body did not arrive within 1 s (--rest_api_timeout_in_ms); "
+                                         "nothing was run")
+    assert inflight is None or float(inflight.group(1)) == 0.0, inflight.group(0)  # never counted
+
+
+@pytest.mark.extension
+def test_a_version_still_loading_does_not_hold_the_shutdown_past_the_drain(conformance_repository, tmp_path):
+    """SIGTERM while the file-system poller loads a new version (a large model's load and warmup take minutes):
+    the shutdown keeps to its documented bound (twice --drain_timeout_seconds plus the transports' grace, so
+    terminationGracePeriodSeconds covers it) instead of waiting for the load to end. The load here is a
+    6 s stand-in in front of the real one."""
+    import shutil
+
+    from carclf.serving.options import ServerOptions
+    from carclf.serving.server import ModelServer
+
+    loading = threading.Event()
+
+    class SlowToLoad(ModelServer):
+        def _load_version(self, name, version, path):
+            if version == 2:
+                loading.set()
+                time.sleep(6.0)
+            return super()._load_version(name, version, path)
+
+    repository = tmp_path / "repository"
+    shutil.copytree(conformance_repository / OTHER_MODEL / "1", repository / OTHER_MODEL / "1")
+    server = SlowToLoad(ServerOptions(port=0, rest_api_port=-1, model_name=OTHER_MODEL,
+                                      model_base_path=str(repository / OTHER_MODEL), enable_model_warmup=False,
+                                      file_system_poll_wait_seconds=0.2)).start()
+    try:
+        shutil.copytree(repository / OTHER_MODEL / "1", tmp_path / "staging")
+        (tmp_path / "staging").rename(repository / OTHER_MODEL / "2")  # published as an export does
+        assert loading.wait(10), "the poller never started loading version 2"
+        started = time.monotonic()
+        server.stop(drain_timeout=0.5)
+        took = time.monotonic() - started
+    finally:
+        server.stop(drain_timeout=0)
+    assert took < 2 * 0.5 + 1.0 + 1.0, f"the shutdown waited {took:.1f} s for a version load to end"
+
+
+@pytest.mark.extension
+def test_carclf_serve_exits_0_at_once_on_sigterm_during_a_version_load(conformance_repository, tmp_path):
+    """The command as an operator stops it: SIGTERM while a new version loads (here for 60 s) ends the process
+    with status 0 (nothing was in flight) right after the drain, not when the load ends."""
+    import shutil
+
+    repository = tmp_path / "repository"
+    shutil.copytree(conformance_repository / OTHER_MODEL / "1", repository / OTHER_MODEL / "1")
+    server = ServeProcess("--model_name", OTHER_MODEL, "--model_base_path", str(repository / OTHER_MODEL),
+                          "--enable_model_warmup=false", "--file_system_poll_wait_seconds", "1",
+                          slow_load_seconds=60.0)
+    try:
+        server.wait_ready()
+        shutil.copytree(repository / OTHER_MODEL / "1", tmp_path / "staging")
+        (tmp_path / "staging").rename(repository / OTHER_MODEL / "2")
+        deadline = time.monotonic() + 20
+        while not any(f"loading {OTHER_MODEL} version 2" in line for line in server.lines):
+            assert time.monotonic() < deadline, "".join(server.lines[-20:])
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=20) == 0, "".join(server.lines[-20:])
+    finally:
+        server.kill()

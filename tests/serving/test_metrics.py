@@ -4,6 +4,10 @@ A server of its own (its own registry), so the counts after a known set of calls
 
 from __future__ import annotations
 
+import logging
+import socket
+import time
+
 import grpc
 import numpy as np
 from tensorflow_serving.apis import prediction_service_pb2_grpc
@@ -45,3 +49,25 @@ def test_request_count_and_latency_follow_each_calls_status_and_transport(privat
     rest_calls = metric(text, f'{latency}{{API="Predict",entrypoint="REST",model_name="{MODEL}"}}')
     grpc_calls = metric(text, f'{latency}{{API="Predict",entrypoint="GRPC",model_name="{MODEL}"}}')
     assert (rest_calls, grpc_calls) == (4, 2)
+
+
+def test_a_client_that_hangs_up_mid_upload_is_no_server_error(private_server, conformance_repository, caplog):
+    """A REST client that closes its connection half-way through its request body (a user leaving the upload
+    page, a phone losing its signal) is the client's doing: it is not counted as an INTERNAL error (alerts on
+    the server's error rate would fire) nor logged at ERROR with a traceback, as a server fault is."""
+    server = private_server(model_name=MODEL, model_base_path=str(conformance_repository / MODEL),
+                            enable_model_warmup=False,
+                            monitoring_config_file=str(conformance_repository / "monitoring.config"))
+    rest = Rest(f"http://127.0.0.1:{server.rest_port}")
+    with socket.create_connection(("127.0.0.1", server.rest_port)) as client:
+        client.sendall(f"POST /v1/models/{MODEL}:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n".encode() + b'{"instances"')
+        time.sleep(0.3)  # the server has the headers and reads the body
+    deadline = time.monotonic() + 5
+    while server.gate.inflight and time.monotonic() < deadline:  # the server has noticed the hang-up
+        time.sleep(0.05)
+    text = rest.get("/monitoring/prometheus/metrics").body.decode()
+    internal = f':tensorflow:serving:request_count{{model_name="{MODEL}",status="INTERNAL"}}'
+    assert internal not in text, [line for line in text.splitlines() if "request_count{" in line]
+    server_errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not server_errors, server_errors
