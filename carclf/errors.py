@@ -65,6 +65,11 @@ class ResourceExhausted(CarClfError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class RequestTooLarge(ResourceExhausted):
+    """A request over the server's size limit (``--max_request_bytes``; REST 413): unlike a full queue,
+    sending it again will not help, sending less at once will."""
+
+
 class DeadlineExceeded(CarClfError):
     """The request ran out of time."""
 

@@ -23,7 +23,8 @@ def write_submission(path: str | os.PathLike, rows: Iterable[tuple[str, ...]],
     tmp = out.with_name(out.name + ".tmp")
     count = 0
     try:
-        with tmp.open("w", newline="", encoding="utf-8") as fh:
+        # surrogateescape: a file name that is not UTF-8 on disk is written as its bytes, not a UnicodeEncodeError
+        with tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
             writer = csv.writer(fh)
             writer.writerow(header)
             for row in rows:

@@ -123,7 +123,7 @@ class ModelClient(abc.ABC):
 
     def __init__(self, target: str, *, timeout: float = DEFAULT_TIMEOUT_S):
         self.target = target
-        self.timeout = float(timeout)
+        self.timeout = checked_timeout(timeout)
         self._closed = False
 
     @abc.abstractmethod
@@ -177,7 +177,7 @@ class ModelClient(abc.ABC):
     # Shared request checks -------------------------------------------------------------------
 
     def _timeout(self, timeout: float | None) -> float:
-        return self.timeout if timeout is None else float(timeout)
+        return self.timeout if timeout is None else checked_timeout(timeout)
 
     @staticmethod
     def _inputs(inputs, images) -> dict[str, np.ndarray]:
@@ -228,6 +228,17 @@ def read_root_cert(path: Path | None, flag: str) -> bytes | None:
     return data
 
 
+MAX_TIMEOUT_S = 86_400.0  # a day: beyond it a deadline overflows some clocks (REST's socket timeout did)
+
+
+def checked_timeout(timeout: float, source: str = "timeout") -> float:
+    """``timeout`` as seconds, refused unless finite, > 0 and at most a day."""
+    seconds = float(timeout)
+    if not 0 < seconds <= MAX_TIMEOUT_S:  # also refuses NaN and inf
+        raise InvalidInput(f"{source} must be > 0 seconds and at most {MAX_TIMEOUT_S:g}, received {timeout}")
+    return seconds
+
+
 def parse_server_url(url: str) -> tuple[str, str, bool]:
     """``grpc://host:8500`` / ``grpcs://`` / ``http(s)://host:8501`` -> (transport, target, tls)."""
     parts = urlsplit(url if "://" in url else f"//{url}")
@@ -239,14 +250,15 @@ def parse_server_url(url: str) -> tuple[str, str, bool]:
     try:
         port = parts.port
     except ValueError:
-        raise InvalidInput(f"server address has an invalid port: {url!r}") from None
+        port = 0
+    if port == 0:  # no server listens on port 0; never read it as "no port" (the default)
+        raise InvalidInput(f"server address has an invalid port: {url!r}")
     tls = scheme in ("grpcs", "https")
-    if scheme.startswith("grpc"):
-        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-        return "grpc", f"{host}:{port or 8500}", tls
-    default = 443 if tls else 8501
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return "rest", f"{scheme}://{host}:{port or default}{parts.path.rstrip('/')}", tls
+    if scheme.startswith("grpc"):
+        return "grpc", f"{host}:{port if port is not None else 8500}", tls
+    default = 443 if tls else 8501
+    return "rest", f"{scheme}://{host}:{port if port is not None else default}{parts.path.rstrip('/')}", tls
 
 
 def connect(url: str, *, timeout: float = DEFAULT_TIMEOUT_S, root_certificates: bytes | None = None,

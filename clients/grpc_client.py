@@ -23,7 +23,7 @@ from carclf.clients.base import (
     VersionStatus,
     as_input_array,
 )
-from carclf.errors import CarClfError, error_for_code
+from carclf.errors import CarClfError, Internal, InvalidInput, RequestTooLarge, error_for_code
 from carclf.tensors import make_proto, to_ndarray
 
 # TF Serving accepts messages up to 2 GB; gRPC's own default is 4 MB, too small for stacked views.
@@ -48,7 +48,9 @@ def error_from_rpc(exc, target: str = "", timeout: float | None = None) -> CarCl
         details = f"{target or 'the server'} answers HTTP/1.x, as a REST port does: give http://host:port for it"
     elif name == "UNAVAILABLE" and target and target not in (details or ""):
         details = f"{details} (server {target})"
-    return error_for_code(name, details or name)
+    if name == "RESOURCE_EXHAUSTED" and "message larger than max" in (details or ""):  # gRPC's size limit
+        return RequestTooLarge(details)
+    return error_for_code(name, details)
 
 
 def to_tensor_proto(array: np.ndarray):
@@ -140,11 +142,15 @@ class GrpcClient(ModelClient):
         response = self._call(self._predict_stub.Predict, request, timeout)
         latency = (time.perf_counter() - start) * 1000.0
         spec = response.model_spec
+        try:
+            outputs = {name: from_tensor_proto(t, name) for name, t in response.outputs.items()}
+        except InvalidInput as exc:  # the server's answer, not the caller's input, is malformed
+            raise Internal(f"the answer of {self.target} does not decode: {exc.message}") from None
         return PredictResult(
             model_name=spec.name or model,
             version=int(spec.version.value) if spec.HasField("version") else version,
             signature_name=spec.signature_name or signature_name,
-            outputs={name: from_tensor_proto(t, name) for name, t in response.outputs.items()},
+            outputs=outputs,
             latency_ms=latency,
             transport=self.transport,
         )

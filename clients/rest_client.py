@@ -25,7 +25,15 @@ from carclf.clients.base import (
     TensorSpec,
     VersionStatus,
 )
-from carclf.errors import CarClfError, DeadlineExceeded, Internal, InvalidInput, Unavailable, error_for_code
+from carclf.errors import (
+    CarClfError,
+    DeadlineExceeded,
+    Internal,
+    InvalidInput,
+    RequestTooLarge,
+    Unavailable,
+    error_for_code,
+)
 
 # The inverse of TF Serving's status -> HTTP table (several codes share 400; INVALID_ARGUMENT is the one
 # a bad request gets).
@@ -33,7 +41,12 @@ CODE_FOR_HTTP = {
     400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
     409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED",
     503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+    # Not in TF Serving's table: the embedded server's body limit and body timeout, and a proxy's bad gateway
+    # (gRPC's own HTTP mapping reads 502 as UNAVAILABLE).
+    413: "RESOURCE_EXHAUSTED", 408: "DEADLINE_EXCEEDED", 502: "UNAVAILABLE",
 }
+MESSAGE_CHARS = 200  # of a body that is not TF Serving's JSON, quoted in an error
+CHUNK_BYTES = 1 << 16
 
 
 def error_from_response(status: int, body: bytes) -> CarClfError:
@@ -47,8 +60,11 @@ def error_from_response(status: int, body: bytes) -> CarClfError:
         if isinstance(data, dict) and "error" in data:
             message = str(data["error"])
             code = str(data.get("code") or code)  # a server may add the exact code name
-    except ValueError:
-        pass
+    except ValueError:  # a proxy's HTML page, or anything: one line, bounded
+        flat = " ".join(message.split())
+        message = flat if len(flat) <= MESSAGE_CHARS else flat[:MESSAGE_CHARS] + "..."
+    if status == 413:
+        return RequestTooLarge(message or "HTTP 413")
     return error_for_code(code, message or f"HTTP {status}")
 
 
@@ -100,6 +116,9 @@ class RestClient(ModelClient):
         self._session.mount("https://", adapter)
         self._ca_file = None
         self._verify: bool | str = True
+        if root_certificates is not None and not self.target.startswith("https://"):
+            raise InvalidInput(f"root certificates were given for {self.target}, which is plain HTTP: give an "
+                               "https:// address to use them (with grpc:// they turn TLS on)")
         if root_certificates is not None:
             self._ca_file = tempfile.NamedTemporaryFile(suffix=".pem")  # requests wants a path
             self._ca_file.write(root_certificates)
@@ -117,25 +136,54 @@ class RestClient(ModelClient):
         return path
 
     def _request(self, method: str, url: str, timeout: float | None, json_body=None) -> dict:
+        """One call, answered within ``timeout`` as a whole (requests' own timeout bounds each socket read
+        only, so a peer dribbling its answer could hold a call for ever): the answer's JSON object."""
+        import json
+
         import requests
 
         self._check_open()
+        seconds = self._timeout(timeout)
+        late = DeadlineExceeded(f"no answer from {self.target} within {seconds:.3g} s")
+        deadline = time.monotonic() + seconds
         try:
-            response = self._session.request(method, url, json=json_body, timeout=self._timeout(timeout),
-                                             verify=self._verify)
+            with self._session.request(method, url, json=json_body, timeout=seconds, verify=self._verify,
+                                       stream=True) as response:
+                content = self._read_within(response, deadline, late)
         except requests.Timeout:
-            raise DeadlineExceeded(f"no answer from {self.target} within {self._timeout(timeout):.3g} s") from None
+            raise late from None
         except requests.ConnectionError as exc:
             raise Unavailable(f"cannot reach {self.target}: {_reason(exc)}") from None
         except requests.RequestException as exc:
             raise Internal(f"HTTP request to {url} failed: {exc}") from None
         if response.status_code // 100 != 2:
-            raise error_from_response(response.status_code, response.content)
+            raise error_from_response(response.status_code, content)
         try:
-            return response.json()
+            data = json.loads(content)
         except ValueError:
             raise Internal(f"server answered {response.status_code} with a body that is not JSON: "
-                           f"{response.text[:200]!r}") from None
+                           f"{content[:MESSAGE_CHARS].decode('utf-8', 'replace')!r}") from None
+        if not isinstance(data, dict):
+            raise Internal(f"answer of {url} is not a TF Serving answer: a JSON {type(data).__name__}, not an object")
+        return data
+
+    def _read_within(self, response, deadline: float, late: DeadlineExceeded) -> bytes:
+        """The answer's body as it arrives (each read returns what is there), until ``deadline``."""
+        from urllib3.exceptions import HTTPError, ReadTimeoutError
+
+        chunks = []
+        while True:
+            try:
+                chunk = response.raw.read1(CHUNK_BYTES, decode_content=True)
+            except ReadTimeoutError:  # the server answered, then stalled: as gRPC reports it
+                raise late from None
+            except HTTPError as exc:  # cut short: the connection closed mid-answer
+                raise Unavailable(f"the answer of {self.target} broke off: {_reason(exc)}") from None
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                raise late
 
     def predict(self, model, inputs=None, *, images=None, signature_name=contract.SIGNATURE_BYTES,
                 version=None, version_label=None, output_filter=(), timeout=None) -> PredictResult:
@@ -152,7 +200,10 @@ class RestClient(ModelClient):
         if not isinstance(outputs, dict):  # a single output is returned bare; find its name
             outputs = {self._single_output_name(model, signature_name, version, version_label, output_filter,
                                                 timeout): outputs}
-        decoded = {name: decode_value(value, name) for name, value in outputs.items()}
+        try:
+            decoded = {name: decode_value(value, name) for name, value in outputs.items()}
+        except (TypeError, ValueError) as exc:  # b64 that is not base64, ragged lists
+            raise _wrong_shape(url, exc) from None
         if output_filter:  # TF Serving's REST API has no output_filter: applied here, checked like gRPC does
             unknown = [name for name in output_filter if name not in decoded]
             if unknown:
@@ -166,33 +217,48 @@ class RestClient(ModelClient):
         if len(output_filter) == 1:
             return output_filter[0]
         sig = self.metadata(model, version=version, version_label=version_label, timeout=timeout)
+        if signature_name not in sig.signatures:
+            raise Internal(f"the answer of {self.target} for {model} has one output without its name, and the "
+                           f"model's metadata has no signature {signature_name!r} to name it")
         outputs = list(sig.signatures[signature_name].outputs)
         return outputs[0] if len(outputs) == 1 else contract.OUTPUT_PROBABILITIES
 
     def metadata(self, model, *, version=None, version_label=None, timeout=None) -> ModelMetadata:
-        data = self._request("GET", self._model_path(model, version, version_label) + "/metadata", timeout)
-        spec = data.get("model_spec", {})
-        sigs = data.get("metadata", {}).get("signature_def", {}).get("signature_def", {})
-        version_value = spec.get("version")
-        return ModelMetadata(
-            model_name=spec.get("name", model),
-            version=int(version_value) if version_value not in (None, "") else version,
-            signatures={name: _signature_spec(name, sig) for name, sig in sigs.items()},
-        )
+        url = self._model_path(model, version, version_label) + "/metadata"
+        data = self._request("GET", url, timeout)
+        try:
+            spec = data.get("model_spec", {})
+            sigs = data.get("metadata", {}).get("signature_def", {}).get("signature_def", {})
+            version_value = spec.get("version")
+            return ModelMetadata(
+                model_name=spec.get("name", model),
+                version=int(version_value) if version_value not in (None, "") else version,
+                signatures={name: _signature_spec(name, sig) for name, sig in sigs.items()},
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise _wrong_shape(url, exc) from None
 
     def status(self, model, *, version=None, version_label=None, timeout=None) -> list[VersionStatus]:
-        data = self._request("GET", self._model_path(model, version, version_label), timeout)
-        return [
-            VersionStatus(version=int(s["version"]), state=s.get("state", "UNKNOWN"),
-                          error_code=s.get("status", {}).get("error_code", "OK"),
-                          error_message=s.get("status", {}).get("error_message", ""))
-            for s in data.get("model_version_status", [])
-        ]
+        url = self._model_path(model, version, version_label)
+        data = self._request("GET", url, timeout)
+        try:
+            return [
+                VersionStatus(version=int(s["version"]), state=s.get("state", "UNKNOWN"),
+                              error_code=s.get("status", {}).get("error_code", "OK"),
+                              error_message=s.get("status", {}).get("error_message", ""))
+                for s in data.get("model_version_status", [])
+            ]
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise _wrong_shape(url, exc) from None
 
     def _release(self) -> None:
         self._session.close()
         if self._ca_file is not None:
             self._ca_file.close()
+
+
+def _wrong_shape(url: str, exc: Exception) -> Internal:
+    return Internal(f"answer of {url} is not a TF Serving answer ({type(exc).__name__}: {str(exc)[:MESSAGE_CHARS]})")
 
 
 def _reason(exc) -> str:

@@ -12,13 +12,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from carclf.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from carclf.errors import DeadlineExceeded, RequestTooLarge, Unavailable
+
+__all__ = ["BodyTimeout", "RequestGate", "RequestTooLarge", "TRANSPORT_GRACE_S"]
 
 TRANSPORT_GRACE_S = 1.0  # once the gate is idle (or given up on), how long each transport finishes writing answers
-
-
-class RequestTooLarge(ResourceExhausted):
-    """A request body over ``--max_request_bytes`` (REST answers 413, gRPC RESOURCE_EXHAUSTED)."""
 
 
 class BodyTimeout(DeadlineExceeded):

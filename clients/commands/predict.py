@@ -28,7 +28,7 @@ import numpy as np
 
 from carclf import contract, imaging
 from carclf.destinations import check_file
-from carclf.errors import ConfigError, InvalidInput, NotFound
+from carclf.errors import ConfigError, FailedPrecondition, InvalidInput, NotFound, RequestTooLarge
 from carclf.submission import write_submission as write_csv
 
 DEFAULT_SUBMISSION = Path("submission.csv")  # where a folder's predictions go when --output is not given
@@ -94,22 +94,51 @@ class Failures(list):
         print(f"carclf predict: error: {path}: {message}", file=sys.stderr, flush=True)
 
 
-def check_model(client, args) -> None:
-    """Before any photo: the model (version, label) must exist and take photos as ``image_bytes``, so that a
-    refused Predict afterwards is about its photos."""
+PRINTED = (contract.OUTPUT_PROBABILITIES,)  # what printing a photo needs; the CSV needs its output_filter
+ALIAS_NOT_FOUND = "output tensor alias not found"  # TF Serving's refusal of an output_filter name
+
+
+def check_model(client, args, needed: Sequence[str]) -> None:
+    """Before any photo: the model (version, label) must exist, take photos as ``image_bytes`` and (where its
+    metadata lists outputs, as TF Serving's does) answer the ``needed`` outputs, so that a refused Predict
+    afterwards is about its photos."""
     metadata = client.metadata(args.model, version=args.version, version_label=args.version_label)
     signature = metadata.signatures.get(contract.SIGNATURE_BYTES)
     if signature is None or contract.INPUT_IMAGE_BYTES not in signature.inputs:
         takes = ", ".join(signature.inputs) if signature else f"no {contract.SIGNATURE_BYTES} signature"
         raise InvalidInput(f"model {args.model!r} does not take photos as {contract.INPUT_IMAGE_BYTES!r} in "
                            f"{contract.SIGNATURE_BYTES} (it takes {takes})")
+    missing = [name for name in needed if signature.outputs and name not in signature.outputs]
+    if missing:
+        raise FailedPrecondition(f"model {args.model!r} does not answer {', '.join(map(repr, missing))} (it "
+                                 f"answers {', '.join(signature.outputs)}): not a car classifier of this project")
+
+
+def check_answer(result, args, photos: int, needed: Sequence[str]) -> None:
+    """The server's answer must hold the ``needed`` outputs, one row per photo sent (probabilities as a
+    [photos, classes] matrix of numbers); otherwise the run stops, since no photo is to blame."""
+    outputs = result.outputs
+    missing = [name for name in needed if name not in outputs]
+    if missing:
+        raise FailedPrecondition(f"the answer of model {args.model!r} has no {', '.join(map(repr, missing))} "
+                                 f"(it has {', '.join(outputs) or 'no output'}): not a car classifier of this "
+                                 "project")
+    for name in needed:
+        value = np.asarray(outputs[name])
+        rows = value.shape[0] if value.ndim else 0
+        matrix = name != contract.OUTPUT_PROBABILITIES or (value.ndim == 2 and value.dtype.kind in "fiu")
+        if rows != photos or not matrix:
+            raise FailedPrecondition(f"the answer of model {args.model!r} has {name!r} of shape {value.shape} and "
+                                     f"type {value.dtype} for {photos} photos: not a car classifier's answer")
 
 
 def classify(client, args, photos: Sequence[Path], failures: Failures,
              output_filter: Sequence[str] = ()) -> Iterator[tuple[list[Path], object]]:
     """(paths, result) per request the server answered, ``args.batch_size`` photos at a time; photos refused
-    locally or by the server as invalid go to ``failures`` and the others go on."""
-    check_model(client, args)
+    locally or by the server as invalid go to ``failures`` and the others go on. A request refused for its
+    size (photo count or bytes) goes on one photo per request."""
+    needed = tuple(output_filter) or PRINTED
+    check_model(client, args, needed)
 
     def readable() -> Iterator[tuple[Path, bytes]]:  # read lazily: a folder may not fit in memory at once
         for path in photos:
@@ -119,14 +148,21 @@ def classify(client, args, photos: Sequence[Path], failures: Failures,
                 failures.report(path, exc.message)
 
     def send(batch):
-        return client.predict(args.model, images=[data for _, data in batch], version=args.version,
-                              version_label=args.version_label, output_filter=output_filter)
+        try:
+            result = client.predict(args.model, images=[data for _, data in batch], version=args.version,
+                                    version_label=args.version_label, output_filter=output_filter)
+        except InvalidInput as exc:
+            if exc.message.startswith(ALIAS_NOT_FOUND):  # about the model, not the photos
+                raise FailedPrecondition(f"model {args.model!r}: {exc.message}") from None
+            raise
+        check_answer(result, args, len(batch), needed)
+        return result
 
     pending, size = readable(), args.batch_size
     while batch := list(itertools.islice(pending, size)):
         try:
             result = send(batch)
-        except InvalidInput as exc:
+        except (InvalidInput, RequestTooLarge) as exc:
             refused = exc
         else:
             yield [path for path, _ in batch], result
@@ -138,7 +174,7 @@ def classify(client, args, photos: Sequence[Path], failures: Failures,
         for item in batch:  # which photo did the server refuse? ask for each alone
             try:
                 answered.append(([item[0]], send([item])))
-            except InvalidInput as exc:
+            except (InvalidInput, RequestTooLarge) as exc:
                 errors.append((item[0], exc.message))
         if not errors:  # the request was refused, none of its photos: its size (above max_batch_size, say)
             print(f"carclf predict: the server refused {len(batch)} photos in one request ({refused.message}); "
@@ -195,14 +231,13 @@ def check_classes(result, args, class_names: list[str], category_of: dict[str, s
 
 
 def run(args: argparse.Namespace) -> int:
-    from carclf.clients.base import connect, read_root_cert
+    from carclf.clients.base import checked_timeout, connect, read_root_cert
 
     if args.top_k < 1:
         raise InvalidInput(f"--top-k must be >= 1, received {args.top_k}")
     if args.batch_size < 1:
         raise InvalidInput(f"--batch-size must be >= 1, received {args.batch_size}")
-    if not args.timeout > 0:
-        raise InvalidInput(f"--timeout must be > 0 seconds, received {args.timeout}")
+    checked_timeout(args.timeout, "--timeout")
     printing = [flag for flag, given in (("--json", args.json), ("--verbose", args.verbose)) if given]
     if args.output is not None and printing:
         raise InvalidInput(f"{' and '.join(printing)} print each photo, --output writes a submission CSV: give "

@@ -19,6 +19,7 @@ from carclf.errors import (
     FailedPrecondition,
     InvalidInput,
     NotFound,
+    RequestTooLarge,
     ResourceExhausted,
     Unavailable,
 )
@@ -336,3 +337,153 @@ def test_rest_errors_without_a_code_field_take_the_type_of_their_http_status(sta
         client.status("tiny_a")
     assert type(caught.value) is error and caught.value.code == error.code
     assert caught.value.message == f"the server's own words for {status}"
+
+
+@contextlib.contextmanager
+def raw_http_peer(answer):
+    """A loopback TCP server that reads each HTTP request's head and body, then calls ``answer(connection)``
+    (one thread per connection); yields its base URL. For peers that misbehave below HTTP's level."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+
+    def read_request(conn) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            body += conn.recv(65536)
+
+    def one(conn) -> None:
+        with conn:
+            try:
+                read_request(conn)
+                answer(conn, stop)
+            except OSError:
+                pass
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=one, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        listener.close()
+
+
+def test_a_rest_server_that_dribbles_its_answer_is_cut_off_at_the_timeout():
+    """timeout is the time a call may take (`carclf predict --timeout`: "seconds per request"), as gRPC's
+    deadline is: a peer that sends its answer one byte at a time, each byte well within the timeout, must not
+    hold the call past it. requests' timeout bounds each socket read only, so such a peer held it as long as
+    it kept sending."""
+    import time
+
+    def dribble(conn, stop):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+        ends = time.monotonic() + 8  # the peer gives up after 8 s, so that the test ends either way
+        while time.monotonic() < ends and not stop.is_set():
+            conn.sendall(b" ")
+            time.sleep(0.2)
+
+    with raw_http_peer(dribble) as url, connect(url, timeout=1) as client:
+        started = time.monotonic()
+        with pytest.raises(CarClfError) as caught:
+            client.status("tiny_a")
+        waited = time.monotonic() - started
+    assert type(caught.value) is DeadlineExceeded, caught.value
+    assert caught.value.message == f"no answer from {client.target} within 1 s"
+    assert waited < 3, f"the call took {waited:.1f} s for a timeout of 1 s"
+
+
+def test_a_rest_answer_that_stops_half_way_is_deadline_exceeded_like_grpc():
+    """Headers, then part of the body, then silence: the client's own timeout ends the call. That is
+    DEADLINE_EXCEEDED naming the server and the time waited, as for a peer that says nothing at all (and as
+    gRPC reports a stalled answer), not UNAVAILABLE "cannot reach" a server that did answer."""
+    def stall(conn, stop):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        stop.wait(5)
+
+    with raw_http_peer(stall) as url, connect(url, timeout=0.5) as client, \
+            pytest.raises(CarClfError) as caught:
+        client.status("tiny_a")
+    assert type(caught.value) is DeadlineExceeded, caught.value
+    assert caught.value.message == f"no answer from {client.target} within 0.5 s"
+
+
+@pytest.mark.parametrize("call,body", [
+    ("status", b"[]"), ("metadata", b"[]"), ("status", b"null"), ("metadata", b"null"), ("predict", b"null"),
+    ("status", b'"ok"'), ("metadata", b'"ok"'), ("status", b"5"), ("metadata", b"5"), ("predict", b"5"),
+    ("status", b'{"model_version_status": 5}'), ("status", b'{"model_version_status": [{"state": "AVAILABLE"}]}'),
+    ("metadata", b'{"metadata": []}'), ("metadata", b'{"model_spec": {"version": "one"}}'),
+    ("predict", b'{"outputs": "x"}'), ("predict", b'{"outputs": {"label": [{"b64": "a"}]}}'),
+], ids=["status-list", "metadata-list", "status-null", "metadata-null", "predict-null", "status-string",
+        "metadata-string", "status-number", "metadata-number", "predict-number", "status-versions_a_number",
+        "status-version_missing", "metadata-metadata_a_list", "metadata-version_not_a_number",
+        "predict-outputs_a_string", "predict-b64_not_base64"])
+def test_a_rest_answer_of_the_wrong_shape_is_an_error_of_the_product(call, body):
+    """A 200 whose JSON is not what TF Serving answers (another service on the port) is the product's Internal
+    error, as a body that is not JSON is, never an AttributeError / KeyError / TypeError / ValueError from
+    inside the client (which `carclf predict` shows as a traceback, exit 1, not one line and exit 2)."""
+    from carclf.errors import Internal
+
+    calls = {"status": lambda c: c.status("tiny_a"), "metadata": lambda c: c.metadata("tiny_a"),
+             "predict": lambda c: c.predict("tiny_a", images=[b"a photo"])}
+    with json_http_server(200, body) as url, connect(url, timeout=10) as client, pytest.raises(Internal):
+        calls[call](client)
+
+
+@pytest.mark.parametrize("status,body", [
+    (502, b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
+          b"</center>\r\n<hr><center>nginx/1.24.0</center>\r\n</body>\r\n</html>\r\n"),
+    (500, b"x" * 2_000_000),
+], ids=["proxy_html_page", "two_megabytes"])
+def test_an_error_body_that_is_not_json_makes_a_short_one_line_message(status, body):
+    """A proxy in front of the server answers errors with its own HTML page; a broken server may answer
+    megabytes. The error's message is one line of bounded length (as for a 200 that is not JSON, cut at 200
+    characters), not the page's seven lines or the 2 MB that `carclf predict` printed to stderr."""
+    with json_http_server(status, body) as url, connect(url, timeout=10) as client, \
+            pytest.raises(CarClfError) as caught:
+        client.status("tiny_a")
+    message = caught.value.message
+    assert "\n" not in message and "\r" not in message, message
+    assert len(message) <= 500, f"{len(message)} characters"
+
+
+@pytest.mark.parametrize("url", ["grpc://127.0.0.1:0", "http://127.0.0.1:0", "https://host:0"])
+def test_port_zero_is_refused_not_read_as_the_default_port(url):
+    """Port 0 is no server's port; it was read as no port at all, so the client talked to the default port
+    (8500, 8501 or 443) without a word."""
+    with pytest.raises(InvalidInput, match="server address has an invalid port"):
+        parse_server_url(url)
+
+
+def test_a_request_over_the_servers_byte_limit_is_resource_exhausted_on_both(tiny_repository_template, tmp_path,
+                                                                             photos):
+    """The same too-large request (four photos over --max_request_bytes) raises the same type on both
+    transports, as the clients promise: gRPC's RESOURCE_EXHAUSTED. Over REST the server's 413 became Internal,
+    so a caller could not tell "send less at once" from a server fault."""
+    from tests.ensemble.servers import embedded_server
+
+    photo = photos[0].read_bytes()
+    with embedded_server(tiny_repository_template, tmp_path / "server", models=["tiny_a"],
+                         max_request_bytes=len(photo) * 2) as server:
+        for url in (grpc_url(server), rest_url(server)):
+            with connect(url, timeout=10) as client, pytest.raises(CarClfError) as caught:
+                client.predict("tiny_a", images=[photo] * 4)
+            assert type(caught.value) is RequestTooLarge, (url, caught.value)  # a ResourceExhausted: send less

@@ -92,3 +92,32 @@ def test_a_host_mounting_the_page_itself_answers_the_largest_photo_the_page_allo
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+def test_an_upload_the_browser_abandons_is_no_server_error(tiny_ensemble_server, photos, caplog):
+    """A visitor closes the tab (or loses the network) while the page's photo is still uploading: the server
+    cannot answer anybody, and nothing went wrong on its side. It must not log an ERROR with a traceback of
+    aiohttp's "Connection lost" for each such upload, nor count it as an INTERNAL error in request_count
+    (TF Serving's code for a caller that went away is CANCELLED), and it goes on answering photos."""
+    import socket
+    import time
+
+    server = tiny_ensemble_server
+    photo = base64.b64encode(photos[0].read_bytes()).decode()
+    body = json.dumps({"signature_name": "serving_default",
+                       "inputs": {"image_bytes": [{"b64": photo}]}}).encode()
+    head = (b"POST /v1/models/tiny_ensemble:predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    counts = server.metrics.request_count
+    before = {status: counts.value("tiny_ensemble", status) for status in ("INTERNAL", "CANCELLED", "OK")}
+    caplog.set_level(logging.INFO, logger="carclf")
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.rest_port), timeout=5) as upload:
+            upload.sendall(head + body[:len(body) // 2])  # half the photo, then the tab is closed
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and sum(counts.value("tiny_ensemble", s) for s in before) < sum(before.values()) + 3:
+        time.sleep(0.05)  # until the server has seen the three uploads end
+    assert _post(f"{rest_url(server)}/v1/models/tiny_ensemble:predict", photos[0].read_bytes()) == 200
+    noisy = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not noisy, [f"{r.levelname} {r.getMessage()}" for r in noisy]
+    assert counts.value("tiny_ensemble", "INTERNAL") == before["INTERNAL"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -136,7 +137,7 @@ def test_a_batch_above_the_servers_limit_falls_back_to_one_photo_per_request(tin
     (["missing.jpg"], "no such photo or folder: 'missing.jpg'"),
     (["{photo}", "--server", "tcp://x:1"], "server address must start with grpc://"),
     (["{photo}", "--top-k", "0"], "--top-k must be >= 1"),
-    (["{photo}", "--timeout", "0"], "--timeout must be > 0 seconds, received 0.0"),
+    (["{photo}", "--timeout", "0"], "--timeout must be > 0 seconds and at most 86400, received 0.0"),
     (["{photo}", "--server", "{grpc}", "--model", "tiny_a", "--batch-size", "0"], "--batch-size must be >= 1, "
                                                                                   "received 0"),
     (["{photo}", "--server", "{grpc}", "--model", "nope"], "Servable not found for request: Latest(nope)"),
@@ -450,3 +451,174 @@ def test_a_classes_file_saved_with_a_byte_order_mark_reads(tmp_path):
     marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
     assert read_classes(marked) == read_classes(plain) == (["GMC Savana", "Jaguar F-Type"],
                                                            {"GMC Savana": "0", "Jaguar F-Type": "1"})
+
+
+@contextlib.contextmanager
+def stub_prediction_service(outputs_for):
+    """A gRPC PredictionService standing in for a server: its metadata says serving_default takes image_bytes
+    (as every photo model's does); Predict answers ``outputs_for(photos sent)`` (name -> numpy array), checking
+    and applying output_filter as TF Serving does. Yields its grpc:// URL."""
+    from concurrent import futures
+
+    import grpc
+    from tensorflow.core.framework import types_pb2
+    from tensorflow.core.framework.tensor_pb2 import TensorProto
+    from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+
+    from carclf.tensors import make_proto
+
+    class Service(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def GetModelMetadata(self, request, context):  # noqa: N802 - the service's name
+            response = get_model_metadata_pb2.GetModelMetadataResponse()
+            response.model_spec.name = request.model_spec.name
+            signatures = get_model_metadata_pb2.SignatureDefMap()
+            signature = signatures.signature_def["serving_default"]
+            signature.method_name = "tensorflow/serving/predict"
+            signature.inputs["image_bytes"].dtype = types_pb2.DT_STRING
+            response.metadata["signature_def"].Pack(signatures)
+            return response
+
+        def Predict(self, request, context):  # noqa: N802 - the service's name
+            response = predict_pb2.PredictResponse()
+            response.model_spec.name = request.model_spec.name
+            response.model_spec.version.value = 1
+            outputs = outputs_for(len(request.inputs["image_bytes"].string_val))
+            for name in request.output_filter:  # TF Serving's check of output_filter
+                if name not in outputs:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"output tensor alias not found in "
+                                  f"signature: {name} Outputs expected to be in the set {{{','.join(outputs)}}}.")
+            for name, value in outputs.items():
+                if not request.output_filter or name in request.output_filter:
+                    response.outputs[name].CopyFrom(value if isinstance(value, TensorProto) else make_proto(value))
+            return response
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Service(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"grpc://127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+
+
+def _answer(photos: int, rows: int | None = None, drop: tuple[str, ...] = (), probabilities=None) -> dict:
+    """A backbone's answer for ``photos`` photos (``rows`` rows instead, ``drop`` outputs left out)."""
+    rows = photos if rows is None else rows
+    answer = {"probabilities": np.tile(np.array([[0.25, 0.75]], dtype=np.float32), (rows, 1)),
+              "class_id": np.ones(rows, dtype=np.int64), "label": np.array([b"BMW X5"] * rows, dtype=object)}
+    if probabilities is not None:
+        answer["probabilities"] = probabilities(rows)
+    return {name: value for name, value in answer.items() if name not in drop}
+
+
+OTHER_OUTPUTS = {  # what a server might answer for n photos: none of it is what `carclf predict` can show
+    "another_models_outputs": lambda n: {"scores": np.full((n, 2), 0.5, dtype=np.float32),
+                                         "classes": np.zeros((n, 2), dtype=np.int64)},
+    "no_class_id": lambda n: _answer(n, drop=("class_id",)),
+    "no_probabilities": lambda n: _answer(n, drop=("probabilities",)),
+    "one_row_for_three_photos": lambda n: _answer(n, rows=1),
+    "probabilities_as_text": lambda n: _answer(n, probabilities=lambda rows: np.array([[b"high", b"low"]] * rows,
+                                                                                      dtype=object)),
+    "probabilities_one_dimensional": lambda n: _answer(n, probabilities=lambda rows: np.full(rows, 0.75,
+                                                                                             dtype=np.float32)),
+    "probabilities_cut_short": lambda n: {**_answer(n), "probabilities": _cut_short(n)},
+}
+
+
+def _cut_short(rows: int):
+    """A float TensorProto of shape [rows, 2] whose content holds 5 bytes instead of rows * 8."""
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=rows),
+                                                   tensor_shape_pb2.TensorShapeProto.Dim(size=2)])
+    return tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=shape, tensor_content=b"\x00" * 5)
+
+
+# print mode shows probabilities and labels; the CSV needs class_id and label
+@pytest.mark.parametrize("answer,mode", [
+    ("another_models_outputs", "print"), ("another_models_outputs", "csv"), ("no_class_id", "csv"),
+    ("no_probabilities", "print"), ("one_row_for_three_photos", "print"), ("one_row_for_three_photos", "csv"),
+    ("probabilities_as_text", "print"), ("probabilities_one_dimensional", "print"),
+    ("probabilities_cut_short", "print"),
+])
+def test_an_answer_without_the_outputs_a_photo_needs_is_one_line_and_exit_2(photos, tmp_path, capsys, answer,
+                                                                            mode):
+    """--model naming a model that takes photos but answers other outputs (another team's classifier on the
+    same TF Serving: scores/classes), or a server answering fewer rows or other dtypes than asked: the run
+    stops in one line naming what is missing, exit 2 (an error that is not about one photo), not a KeyError /
+    IndexError / ValueError traceback with exit 1 (which reads as "some photos could not be classified"), and
+    not one error line per photo blaming each file for the server's answer (a TensorProto cut short read as
+    "photo.jpg: input 'probabilities': tensor parsing error", after sending every photo again alone)."""
+    chosen = [str(p) for p in photos[:3]]
+    output = ["--output", str(tmp_path / "out.csv")] if mode == "csv" else []
+    with stub_prediction_service(OTHER_OUTPUTS[answer]) as url:
+        code = cli.main(["predict", *chosen, "--server", url, "--model", "other", *output])
+    assert code == 2
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if "photo/s]" not in line]  # no bar
+    assert len(lines) == 1 and lines[0].startswith("carclf predict: error: model 'other'" if mode == "csv" and
+                                                   answer != "one_row_for_three_photos"
+                                                   else "carclf predict: error: the answer of "), lines
+    assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("url", [grpc_url, rest_url], ids=["grpc", "rest"])
+def test_a_request_refused_for_its_bytes_goes_on_one_photo_per_request(tiny_repository_template, photos, tmp_path,
+                                                                      capsys, url):
+    """Every photo fits the server's --max_request_bytes, but --batch-size of them together do not (8 phone
+    photos of 7.5 MB, 80 MB as REST's base64, against the default 64 MiB): as for a request refused for its
+    photo count, the rest go one photo per request with a note, and every photo is answered. The run used to
+    stop at the first request (413 over REST, RESOURCE_EXHAUSTED over gRPC), exit 2, with no photo answered."""
+    from tests.ensemble.servers import embedded_server
+
+    chosen = photos[:4]
+    largest = max(p.stat().st_size for p in chosen)
+    limit = largest * 2 + 4096  # one photo per request passes, as base64 JSON too; four together do not
+    assert sum(p.stat().st_size for p in chosen) > limit
+    with embedded_server(tiny_repository_template, tmp_path / "server", models=["tiny_a"],
+                         max_request_bytes=limit) as server:
+        code = cli.main(["predict", *map(str, chosen), "--server", url(server), "--model", "tiny_a", "--json",
+                         "--batch-size", "4"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert [json.loads(line)["photo"] for line in captured.out.splitlines()] == [str(p) for p in chosen]
+    assert "sending one photo per request from now on" in captured.err
+
+
+@pytest.mark.parametrize("url", [grpc_url, rest_url], ids=["grpc", "rest"])
+@pytest.mark.parametrize("timeout", ["inf", "1e300"])
+def test_a_timeout_too_large_to_be_a_deadline_is_refused_or_means_no_limit(tiny_ensemble_server, photos, capsys,
+                                                                          url, timeout):
+    """--timeout inf (a natural way to ask for no limit) or a huge number: the photo is classified, or the flag
+    is refused in one line naming it, as --timeout 0 is. gRPC said at once "no answer from ... within inf s"
+    (no request had waited); REST ended in an OverflowError traceback from the socket layer."""
+    code = cli.main(["predict", str(photos[0]), "--server", url(tiny_ensemble_server), "--model", "tiny_a",
+                     "--timeout", timeout])
+    captured = capsys.readouterr()
+    if code == 0:
+        assert captured.out.startswith(f"{photos[0]}  (tiny_a v2, ")
+    else:
+        assert code == 2
+        err = captured.err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("carclf predict: error: --timeout "), err
+
+
+def test_a_file_name_that_is_not_utf8_does_not_lose_the_folders_submission(tiny_ensemble_server, photos, tmp_path,
+                                                                           capsys):
+    """A folder unpacked from an old archive holds `Citro\\xebn.jpg` (Latin-1, not UTF-8): every photo was
+    classified, then writing the CSV ended in a UnicodeEncodeError traceback, exit 1, and no submission at all.
+    One odd name must not cost the other photos their rows (the name written as it is on disk, or the photo
+    named on stderr as not classifiable), and never a traceback."""
+    import shutil
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copyfile(photos[0], os.path.join(os.fsencode(folder), b"Citro\xebn.jpg"))
+    shutil.copyfile(photos[1], folder / "plain.jpg")
+    out = tmp_path / "submission.csv"
+    code = cli.main(["predict", str(folder), "--server", grpc_url(tiny_ensemble_server), "--model", "tiny_a",
+                     "--output", str(out)])
+    assert code in (0, 1), capsys.readouterr().err
+    assert out.exists()
+    rows = out.read_bytes().splitlines()
+    assert rows[0] == b"Id,Category" and any(row.startswith(b"plain.jpg,") for row in rows[1:]), rows

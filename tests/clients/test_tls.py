@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from carclf.clients import connect
-from carclf.errors import Unavailable
-from tests.ensemble.servers import grpc_url
+from carclf.errors import CarClfError, Unavailable
+from tests.ensemble.servers import grpc_url, rest_url
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +93,13 @@ def test_grpcs_without_root_certificates_speaks_tls_and_a_plaintext_port_refuses
         assert plain.status("tiny_a")  # the port answers plaintext gRPC
     with connect(f"grpcs://127.0.0.1:{port}", timeout=10) as client, pytest.raises(Unavailable):
         client.status("tiny_a")
+
+
+def test_root_certificates_given_mean_tls_on_either_transport(tiny_ensemble_server, certificate):
+    """Root certificates given (`--root-cert`) mean TLS: grpc:// with them speaks TLS, so a plaintext gRPC port
+    fails the handshake. http:// with them must not quietly send the photos in clear text instead (refused,
+    or TLS as for gRPC); it answered from the plaintext REST port as if no certificate had been given."""
+    for url in (grpc_url(tiny_ensemble_server), rest_url(tiny_ensemble_server)):
+        with pytest.raises(CarClfError):
+            with connect(url, root_certificates=certificate[0], timeout=10) as client:
+                client.status("tiny_a")
