@@ -55,7 +55,7 @@ class MemberInfo:
 
 @dataclass(frozen=True)
 class MemberReply:
-    probabilities: np.ndarray  # float32 [rows, classes], one row per view sent
+    probabilities: np.ndarray | None  # float32 [rows, classes], one row per view sent; None: no such output
     version: int | None
 
 
@@ -187,7 +187,8 @@ class GrpcMemberCaller(MemberCaller):
                 output_filter=(contract.OUTPUT_PROBABILITIES,), timeout=remaining(deadline))
         except Cancelled as exc:
             raise Unavailable(f"member {member.name!r} ended the call (CANCELLED: {exc.message})") from None
-        return MemberReply(result.probabilities, result.version)
+        # no probabilities (another model's outputs): left out by the runtime's check, not retried
+        return MemberReply(result.outputs.get(contract.OUTPUT_PROBABILITIES), result.version)
 
     def close(self) -> None:
         for client in {id(c): c for c in (self.client, *self.clients.values())}.values():

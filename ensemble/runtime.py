@@ -341,10 +341,9 @@ class EnsembleRuntime:
             attempt += 1
             try:
                 reply: MemberReply = self.caller.call(member, pixels, deadline=deadline)
-                probs = np.asarray(reply.probabilities, dtype=np.float32)
-                if probs.ndim != 2 or probs.shape[0] != pixels.shape[0]:
-                    raise Internal(f"member {member.name!r} answered shape {probs.shape} for {pixels.shape[0]} views")
-                problem = self._unfit_answer(member, info, reply.version, probs.shape[1])
+                probs, problem = malformed(member, reply.probabilities, pixels.shape[0])
+                if problem is None:
+                    problem = self._unfit_answer(member, info, reply.version, probs.shape[1])
                 if problem is not None:
                     return MemberOutcome(member.name, False, None, reply.version, (time.monotonic() - start) * 1e3,
                                          attempt, problem)
@@ -426,3 +425,24 @@ class EnsembleRuntime:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def malformed(member: Member, answer, views: int) -> tuple[np.ndarray, CarClfError | None]:
+    """The member's answer as a [views, classes] float32 matrix of probabilities, and why it cannot be used
+    (None when it can): another shape, text, NaN or infinity, values outside [0, 1] (logits, a diverged
+    export). Such an answer is left out as UNAVAILABLE, as one of another class count is."""
+    if answer is None:
+        return np.zeros((0, 0), np.float32), Unavailable(f"member {member.name!r} answered no probabilities; left out "
+                                                         "of this answer")
+    try:
+        probs = np.asarray(answer, dtype=np.float32)
+    except (TypeError, ValueError):
+        return np.zeros((0, 0), np.float32), Unavailable(f"member {member.name!r} answered probabilities that are "
+                                                         "not numbers; left out of this answer")
+    if probs.ndim != 2 or probs.shape[0] != views:
+        return probs, Unavailable(f"member {member.name!r} answered shape {probs.shape} for {views} views; left out "
+                                  "of this answer")
+    if not np.isfinite(probs).all() or probs.min(initial=0.0) < 0.0 or probs.max(initial=0.0) > 1.0 + 1e-5:
+        return probs, Unavailable(f"member {member.name!r} answered values that are not probabilities (NaN, "
+                                  "infinite, or outside [0, 1]); left out of this answer")
+    return probs, None

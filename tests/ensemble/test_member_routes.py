@@ -140,6 +140,65 @@ def test_the_gateway_gives_its_root_certificates_to_a_member_placed_elsewhere(re
     np.testing.assert_allclose(got["probabilities"], want.probabilities, rtol=1e-5, atol=1e-6)
 
 
+class GarbageMember(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """A member server (a stand-in for TF Serving) answering every Predict of tiny_b with ``self.answer``: a
+    well-formed one (uniform probabilities, one row per view) or a broken one."""
+
+    def __init__(self):
+        self.answer = "uniform"
+
+    def Predict(self, request, context):  # noqa: N802 - the gRPC method's name
+        from tensorflow_serving.apis import predict_pb2
+
+        from carclf.tensors import fill_proto, to_ndarray
+
+        rows = to_ndarray(request.inputs["pixels"]).shape[0]
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name, response.model_spec.signature_name = "tiny_b", "serving_pixels"
+        response.model_spec.version.value = 1
+        classes = 10
+        probabilities = {"uniform": np.full((rows, classes), 1 / classes, np.float32),
+                         "nan": np.full((rows, classes), np.nan, np.float32),
+                         "logits": np.linspace(-2.0, 3.0, rows * classes, dtype=np.float32).reshape(rows, classes),
+                         "one_row": np.full((1, classes), 1 / classes, np.float32)}.get(self.answer)
+        name = "probabilities" if probabilities is not None else "scores"  # "no_probabilities": another output
+        fill_proto(response.outputs[name], probabilities if probabilities is not None
+                   else np.full((rows, classes), 1 / classes, np.float32))
+        return response
+
+
+@pytest.mark.parametrize("answer", ["nan", "logits", "one_row", "no_probabilities"])
+def test_a_member_answering_garbage_is_left_out_under_degrade(tiny_ensemble_server, tiny_repository_template,
+                                                              photo_bytes, tmp_path, answer):
+    """A member server whose answer cannot be probabilities for the views sent (NaN from a diverged export, one
+    row for 4 views, logits, no ``probabilities`` output) is left out under ``failure_policy: degrade``, as a member
+    answering another number of classes is (ensemble/README.md): the photo is answered from the members that
+    did, marked degraded. Not a 200 of NaN probabilities with an arbitrary label, nor an INTERNAL error for the
+    whole request while tiny_a answered."""
+    from concurrent import futures
+
+    from carclf.ensemble.gateway import build_ensemble
+
+    member = GarbageMember()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(member, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    config = write_ensemble_config(tmp_path, failure_policy="degrade", quorum="1")
+    images = np.array(photo_bytes[:2], dtype=object)
+    servable = build_ensemble(config, grpc_url(tiny_ensemble_server), model_repository=tiny_repository_template,
+                              member_urls={"tiny_b": f"grpc://127.0.0.1:{port}"})
+    try:
+        member.answer = answer
+        got = servable.predict("serving_default", {"image_bytes": images})
+    finally:
+        servable.close()
+        server.stop(0)
+    assert got["member_answered"].tolist() == [[True, False]] * len(images)
+    assert got["degraded"].all()
+    assert np.isfinite(got["probabilities"]).all()
+
+
 def test_carclf_gateway_reaches_members_by_its_flags_and_exits_0_on_sigterm(request, tiny_ensemble_server,
                                                                           tiny_repository_template, photo_bytes,
                                                                           tmp_path):
