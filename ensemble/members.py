@@ -101,13 +101,16 @@ def version_folders(base: str | os.PathLike) -> list[Path]:
 
 
 def read_model_card(version_dir: str | os.PathLike) -> dict:
+    """The model card of a version folder. A missing or unreadable card is UNAVAILABLE, as a member that is
+    down: a version copied in place may load before its ``assets.extra/`` arrives, and the ensemble leaves
+    the member out (degrade) until it can be described, instead of refusing every request."""
     path = Path(version_dir) / "assets.extra" / contract.MODEL_CARD
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FailedPrecondition(f"model card {str(path)!r} is missing") from None
+        raise Unavailable(f"model card {str(path)!r} is missing") from None
     except (OSError, ValueError) as exc:
-        raise FailedPrecondition(f"model card {str(path)!r} is unreadable: {exc}") from None
+        raise Unavailable(f"model card {str(path)!r} is unreadable: {exc}") from None
 
 
 def info_from_card(card: Mapping, member: Member, where: str, version: int | None = None) -> MemberInfo:

@@ -410,3 +410,26 @@ def test_a_new_member_version_is_described_again_before_views_are_made_for_it(ti
         assert degraded.outputs["degraded"].all()
         np.testing.assert_allclose(degraded.outputs["member_probabilities"][:, 0], expected.member_probabilities()[:, 0],
                                    atol=1e-5)
+
+
+def test_a_member_version_without_its_model_card_does_not_fail_every_request(tiny_repository_template, photos,
+                                                                             tmp_path):
+    """tiny_b's new version loads before its assets.extra/ is there (a folder copied in place, or a SavedModel
+    exported by another tool): the ensemble, under failure_policy degrade with its quorum met by tiny_a, still
+    answers 200 from tiny_a (with or without tiny_b). It answered 400 FAILED_PRECONDITION "model card ... is
+    missing" to every request: a client error for a file on the server, which the degrade policy did not cover."""
+    import shutil
+
+    repository = tmp_path / "repo"
+    shutil.copytree(tiny_repository_template, repository)
+    config = write_ensemble_config(tmp_path, name="carded")  # degrade, quorum 1
+    images = [p.read_bytes() for p in photos[:2]]
+    with embedded_server(repository, tmp_path / "server", ensembles=[config],
+                         file_system_poll_wait_seconds=1) as server, connect(rest_url(server)) as client:
+        staging = tmp_path / "staging"
+        shutil.copytree(repository / "tiny_b" / "1", staging, ignore=shutil.ignore_patterns("assets.extra"))
+        staging.rename(repository / "tiny_b" / "2")
+        _wait_for_version(server, "tiny_b", 2)
+        got = client.predict("carded", images=images)
+    assert got.outputs["member_answered"][:, 0].all()
+    assert np.isfinite(got.probabilities).all()
