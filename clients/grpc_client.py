@@ -50,7 +50,7 @@ def error_from_rpc(exc, target: str = "", timeout: float | None = None) -> CarCl
         details = f"{details} (server {target})"
     if name == "RESOURCE_EXHAUSTED" and "message larger than max" in (details or ""):  # gRPC's size limit
         return RequestTooLarge(details)
-    return error_for_code(name, details)
+    return error_for_code(name, details or name)
 
 
 def to_tensor_proto(array: np.ndarray):

@@ -487,3 +487,27 @@ def test_a_request_over_the_servers_byte_limit_is_resource_exhausted_on_both(tin
             with connect(url, timeout=10) as client, pytest.raises(CarClfError) as caught:
                 client.predict("tiny_a", images=[photo] * 4)
             assert type(caught.value) is RequestTooLarge, (url, caught.value)  # a ResourceExhausted: send less
+
+
+def test_a_grpc_error_without_details_is_named_by_its_code():
+    """A server that fails a call with a status code and no message: the error still says something (the
+    code's name), not an empty line."""
+    from concurrent import futures
+
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    class Silent(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def Predict(self, request, context):  # noqa: N802 - the service's name
+            context.abort(grpc.StatusCode.NOT_FOUND, "")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Silent(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with connect(f"grpc://127.0.0.1:{port}", timeout=10) as client, pytest.raises(NotFound) as caught:
+            client.predict("tiny_a", images=[b"a photo"])
+    finally:
+        server.stop(0)
+    assert caught.value.message == "NOT_FOUND"
