@@ -110,15 +110,15 @@ class RestClient(ModelClient):
         from requests.adapters import HTTPAdapter
 
         super().__init__(base_url.rstrip("/"), timeout=timeout)
+        if root_certificates is not None and not self.target.startswith("https://"):
+            raise InvalidInput(f"root certificates were given for {self.target}, which is plain HTTP: give an "
+                               "https:// address to use them (with grpc:// they turn TLS on)")
         self._session = requests.Session()
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         self._ca_file = None
         self._verify: bool | str = True
-        if root_certificates is not None and not self.target.startswith("https://"):
-            raise InvalidInput(f"root certificates were given for {self.target}, which is plain HTTP: give an "
-                               "https:// address to use them (with grpc:// they turn TLS on)")
         if root_certificates is not None:
             self._ca_file = tempfile.NamedTemporaryFile(suffix=".pem")  # requests wants a path
             self._ca_file.write(root_certificates)
