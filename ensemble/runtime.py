@@ -401,8 +401,9 @@ class EnsembleRuntime:
             detail = "; ".join(f"{o.name}: {o.error.code} {o.error.message}" for o in failed)
             message = (f"ensemble {config.name!r}: only {len(answered)} of {len(outcomes)} members answered, "
                        f"quorum is {config.quorum} ({detail})")
-            if all(o.error.code == "DEADLINE_EXCEEDED" for o in failed):
-                raise DeadlineExceeded(message)
+            codes = {o.error.code for o in failed}
+            if len(codes) == 1 and codes <= {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}:  # every member: the same
+                raise error_for_code(codes.pop(), message)  # 429 tells an overloaded client to back off
             raise Unavailable(message)
         counts = {o.name: o.probabilities.shape[-1] for o in answered}
         if len(set(counts.values())) > 1:  # no labels anywhere to say which count is right

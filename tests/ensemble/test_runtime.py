@@ -16,7 +16,14 @@ from carclf import imaging
 from carclf.ensemble import aggregate as agg
 from carclf.ensemble.members import InputSpec
 from carclf.ensemble.runtime import EnsembleRuntime
-from carclf.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, NotFound, Unavailable
+from carclf.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from carclf.tta import make_views
 from tests.ensemble.callers import RecordingCaller
 
@@ -145,6 +152,20 @@ def test_missing_member_fails_or_degrades_by_policy(tiny_repository_template, ph
     assert result.degraded and [m.answered for m in result.members] == [True, False]
     with pytest.raises(Unavailable, match="quorum is 2"):
         runtime_for(("tiny_a", "tiny_gone"), failure_policy="degrade", quorum="2").predict(photo_bytes[:1])
+
+
+def test_a_quorum_lost_to_one_cause_keeps_its_code(tiny_repository_template, photo_bytes, runtime_for):
+    """Every member overloaded (RESOURCE_EXHAUSTED: a full batching queue) is the ensemble's RESOURCE_EXHAUSTED
+    (429, back off), as every member timing out is its DEADLINE_EXCEEDED; mixed causes are UNAVAILABLE. It was
+    UNAVAILABLE (503), which clients retry at once, adding to the overload."""
+    full = {name: [ResourceExhausted(f"{name}: the batching queue is full")] * 3 for name in ("tiny_a", "tiny_b")}
+    overloaded = RecordingCaller(tiny_repository_template, failures=full)
+    with pytest.raises(ResourceExhausted, match="quorum is 1"):
+        runtime_for(caller=overloaded, failure_policy="degrade", quorum="1").predict(photo_bytes[:1])
+    mixed = RecordingCaller(tiny_repository_template, failures={"tiny_a": full["tiny_a"],
+                                                                "tiny_b": [NotFound("tiny_b is gone")] * 3})
+    with pytest.raises(Unavailable, match="quorum is 1"):
+        runtime_for(caller=mixed, failure_policy="degrade", quorum="1").predict(photo_bytes[:1])
 
 
 def test_only_unavailable_is_retried_with_backoff(tiny_repository_template, photo_bytes, runtime_for):
