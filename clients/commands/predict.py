@@ -28,7 +28,14 @@ import numpy as np
 
 from carclf import contract, imaging
 from carclf.destinations import check_file
-from carclf.errors import ConfigError, FailedPrecondition, InvalidInput, NotFound, RequestTooLarge
+from carclf.errors import (
+    CarClfError,
+    ConfigError,
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    RequestTooLarge,
+)
 from carclf.submission import write_submission as write_csv
 
 DEFAULT_SUBMISSION = Path("submission.csv")  # where a folder's predictions go when --output is not given
@@ -282,16 +289,29 @@ def write_submission(client, args, photos: list[Path], output: Path, category_of
     from tqdm import tqdm
 
     rows: list[tuple[str, str]] = []
-    with tqdm(total=len(photos), desc=f"predict {args.model}", unit="photo", file=sys.stderr) as bar:
-        for batch, result in classify(client, args, photos, failures,
-                                      output_filter=(contract.OUTPUT_CLASS_ID, contract.OUTPUT_LABEL)):
-            ids = np.asarray(result.outputs[contract.OUTPUT_CLASS_ID]).reshape(-1)
-            for path, class_id, label in zip(batch, ids, result.labels, strict=True):
-                category = (str(int(class_id)) if category_of is None
-                            else category_for(label, category_of, args.classes))
-                rows.append((path.name, category))
-            bar.update(len(batch))
-        bar.update(len(failures))  # done with too, though not classified
+    try:
+        with tqdm(total=len(photos), desc=f"predict {args.model}", unit="photo", file=sys.stderr) as bar:
+            for batch, result in classify(client, args, photos, failures,
+                                          output_filter=(contract.OUTPUT_CLASS_ID, contract.OUTPUT_LABEL)):
+                ids = np.asarray(result.outputs[contract.OUTPUT_CLASS_ID]).reshape(-1)
+                for path, class_id, label in zip(batch, ids, result.labels, strict=True):
+                    category = (str(int(class_id)) if category_of is None
+                                else category_for(label, category_of, args.classes))
+                    rows.append((path.name, category))
+                bar.update(len(batch))
+            bar.update(len(failures))  # done with too, though not classified
+    except CarClfError as exc:  # the server went away, say: the photos answered so far are not lost
+        if not rows:
+            raise
+        partial = output.with_name(f"{output.stem}.partial{output.suffix}")
+        try:
+            write_csv(partial, rows)
+        except OSError:
+            raise exc from None  # the error that stopped the run is the one to read
+        exc.message += (f"; the {len(rows)} of {len(photos)} photos answered before it are in {partial} (not a "
+                        f"whole submission; {output} was not written)")
+        exc.args = (exc.message,)
+        raise
     write_csv(output, rows)
     missing = f"; {len(failures)} photos missing, see the errors above" if failures else ""
     print(f"wrote {len(rows)} predictions to {output}{missing}")

@@ -622,3 +622,30 @@ def test_a_file_name_that_is_not_utf8_does_not_lose_the_folders_submission(tiny_
     assert out.exists()
     rows = out.read_bytes().splitlines()
     assert rows[0] == b"Id,Category" and any(row.startswith(b"plain.jpg,") for row in rows[1:]), rows
+
+
+def test_a_server_lost_mid_folder_keeps_the_rows_answered_so_far(photos, tmp_path, capsys):
+    """The server goes away at the third request of a three-photo run: the run still stops (exit 2, one line),
+    but the two photos it had answered are written to <output>.partial.csv, named in that line, instead of
+    being lost with the whole run; the submission itself is not written, being incomplete."""
+    calls = []
+
+    def answers(n: int) -> dict:
+        calls.append(n)
+        if len(calls) > 2:
+            raise RuntimeError("the server is going down")
+        return _answer(n)
+
+    chosen = [str(p) for p in photos[:3]]
+    out = tmp_path / "out.csv"
+    with stub_prediction_service(answers) as url:
+        code = cli.main(["predict", *chosen, "--server", url, "--model", "other", "--batch-size", "1",
+                         "--output", str(out)])
+    assert code == 2
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if "photo/s]" not in line]
+    partial = tmp_path / "out.partial.csv"
+    assert len(lines) == 1 and lines[0].endswith(f"the 2 of 3 photos answered before it are in {partial} (not a "
+                                                 f"whole submission; {out} was not written)"), lines
+    assert not out.exists()
+    expected = [f"{Path(p).name},{int(_answer(1)['class_id'][0])}" for p in chosen[:2]]
+    assert partial.read_text().splitlines() == ["Id,Category", *expected]
