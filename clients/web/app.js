@@ -19,6 +19,7 @@ function showError(message) {
 }
 
 function clearState() {
+  $("note").hidden = true;
   $("error").hidden = true;
   $("result").hidden = true;
   $("busy").hidden = true;
@@ -112,10 +113,21 @@ function render(outputs, latencyMs) {
   $("result").hidden = false;
 }
 
-async function classify(file) {
+// The page classifies one photo at a time: of several files dropped at once, the first image (else the first
+// file, which is then refused by name), and a note says which.
+function chooseOne(files) {
+  const all = Array.from(files || []);
+  const photo = all.find((f) => f.type.startsWith("image/")) || all[0];
+  const note = all.length > 1 ? `${all.length} files dropped: classifying ${photo.name} (one photo at a time)` : "";
+  return { photo, note };
+}
+
+async function classify(file, note = "") {
   const upload = ++latestUpload;
   clearState();
   if (!file) return;
+  $("note").textContent = note;
+  $("note").hidden = !note;
   const refuse = (message) => { showPreview(null); showError(message); };
   if (file.size === 0) return refuse(`${file.name} is empty (0 bytes): choose a photo.`);
   if (file.size > MAX_BYTES) {
@@ -168,5 +180,8 @@ const drop = $("drop");
   e.preventDefault();
   drop.classList.remove("over");
 }));
-drop.addEventListener("drop", (e) => classify(e.dataTransfer.files[0]));
+drop.addEventListener("drop", (e) => {
+  const { photo, note } = chooseOne(e.dataTransfer.files);
+  classify(photo, note);
+});
 checkModel();

@@ -132,6 +132,26 @@ def test_drag_and_drop(browser, page_url, photos):
     assert len(result.find_elements("css selector", "#top li")) == 3
 
 
+def test_several_files_dropped_at_once_classify_the_first_photo_and_say_so(browser, page_url, photos):
+    """A text file and two photos dropped together: the first photo is classified (not the text file refused
+    with the photos silently dropped), and a note names it and how many files came."""
+    _open(browser, page_url)
+    data = base64.b64encode(photos[1].read_bytes()).decode()
+    browser.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File(["not a photo"], "notes.txt", {type: "text/plain"}));
+        transfer.items.add(new File([bytes], "first.jpg", {type: "image/jpeg"}));
+        transfer.items.add(new File([bytes], "second.jpg", {type: "image/jpeg"}));
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true}));
+    """, data)
+    result = _wait_for(browser, "result")
+    assert len(result.find_elements("css selector", "#top li")) == 3
+    assert browser.find_element("id", "error").get_attribute("hidden") is not None
+    note = browser.find_element("id", "note")
+    assert note.text == "3 files dropped: classifying first.jpg (one photo at a time)"
+
+
 def test_non_image_and_oversized_uploads_get_clear_messages(browser, page_url, tmp_path):
     _open(browser, page_url)
     text = tmp_path / "notes.txt"
