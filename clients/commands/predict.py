@@ -97,8 +97,12 @@ class Failures(list):
     """Photos that could not be classified: (path, why)."""
 
     def report(self, path: Path, message: str) -> None:
+        from tqdm import tqdm
+
         self.append((path, message))
-        print(f"carclf predict: error: {path}: {message}", file=sys.stderr, flush=True)
+        # tqdm.write: on a line of its own above a CSV run's progress bar (a plain print when none is shown)
+        tqdm.write(f"carclf predict: error: {path}: {message}", file=sys.stderr)
+        sys.stderr.flush()
 
 
 PRINTED = (contract.OUTPUT_PROBABILITIES,)  # what printing a photo needs; the CSV needs its output_filter

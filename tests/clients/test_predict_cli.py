@@ -6,6 +6,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -649,3 +650,19 @@ def test_a_server_lost_mid_folder_keeps_the_rows_answered_so_far(photos, tmp_pat
     assert not out.exists()
     expected = [f"{Path(p).name},{int(_answer(1)['class_id'][0])}" for p in chosen[:2]]
     assert partial.read_text().splitlines() == ["Id,Category", *expected]
+
+
+def test_a_photo_error_during_a_csv_run_starts_its_own_line(tiny_ensemble_server, tmp_path, photos):
+    """The progress bar of a CSV run stays on its line; a photo's error printed meanwhile begins a line of its
+    own (it was printed after the bar's text, on the bar's line, where neither can be read in a terminal)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for source in photos[:3]:
+        (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "0_not_a_photo.jpg").write_bytes(b"plain text, named like a photo")
+    run = carclf("predict", str(folder), "--server", grpc_url(tiny_ensemble_server), "--model", "tiny_a",
+                 "--output", str(tmp_path / "out.csv"))
+    assert run.returncode == 1, run.stderr
+    assert "carclf predict: error: " in run.stderr
+    glued = re.findall(r"[^\n\r]carclf predict: error: ", run.stderr)
+    assert not glued, repr(run.stderr[-600:])
