@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
+import stat
 import sys
 
 from carclf.errors import CarClfError, os_error_line
@@ -43,6 +45,13 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def stdout_is_a_pipe() -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)
+    except (OSError, ValueError):  # no file descriptor (a test's captured stdout)
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -61,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     except CarClfError as exc:
         print(f"carclf {args.command}: error: {exc.message}", file=sys.stderr)
         return 2
+    except BrokenPipeError as exc:
+        if not stdout_is_a_pipe():
+            print(f"carclf {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
+            return 2
+        # the reader of stdout left (`carclf predict ... | head -1`): stop quietly with SIGPIPE's status, as
+        # Unix tools do; stdout goes to /dev/null so that the flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as exc:
         print(f"carclf {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
         return 2

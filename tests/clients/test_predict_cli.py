@@ -666,3 +666,16 @@ def test_a_photo_error_during_a_csv_run_starts_its_own_line(tiny_ensemble_server
     assert "carclf predict: error: " in run.stderr
     glued = re.findall(r"[^\n\r]carclf predict: error: ", run.stderr)
     assert not glued, repr(run.stderr[-600:])
+
+
+def test_a_reader_that_stops_reading_ends_the_run_quietly(tiny_ensemble_server, photos):
+    """`carclf predict ... --json | head -1`: once the reader has gone, the run stops with SIGPIPE's status (141)
+    and says nothing, as Unix tools do; it printed "error: Broken pipe" (exit 2), or a traceback at exit."""
+    process = subprocess.Popen([sys.executable, "-m", "carclf", "predict", *map(str, photos[:4]), "--server",
+                                grpc_url(tiny_ensemble_server), "--model", "tiny_a", "--json", "--batch-size", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    process.stdout.close()  # the reader is gone before the first line
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141, stderr
+    assert not own_lines(stderr) and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
