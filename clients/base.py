@@ -256,6 +256,8 @@ def parse_server_url(url: str) -> tuple[str, str, bool]:
     tls = scheme in ("grpcs", "https")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     if scheme.startswith("grpc"):
+        if parts.path.strip("/") or parts.query:  # gRPC has no URL path: the model is named by --model
+            raise InvalidInput(f"a gRPC address is host:port only, received {url!r}")
         return "grpc", f"{host}:{port if port is not None else 8500}", tls
     default = 443 if tls else 8501
     return "rest", f"{scheme}://{host}:{port if port is not None else default}{parts.path.rstrip('/')}", tls

@@ -511,3 +511,13 @@ def test_a_grpc_error_without_details_is_named_by_its_code():
     finally:
         server.stop(0)
     assert caught.value.message == "NOT_FOUND"
+
+
+@pytest.mark.parametrize("url", ["grpc://127.0.0.1:8500/v1/models/car_ensemble", "grpcs://host:443/x",
+                                 "grpc://host:8500?model=a"])
+def test_a_grpc_address_with_a_path_is_refused(url):
+    """A path (or query) in a gRPC address says something gRPC cannot carry (the model is named by --model);
+    it was dropped without a word."""
+    with pytest.raises(InvalidInput, match="a gRPC address is host:port only"):
+        parse_server_url(url)
+    assert parse_server_url("grpc://127.0.0.1:8500/") == ("grpc", "127.0.0.1:8500", False)
