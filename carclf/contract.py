@@ -38,10 +38,16 @@ WARMUP_FILE = "tf_serving_warmup_requests"
 DEFAULT_RESIZE = "squash"
 
 
+def ascii_digits(text: str) -> bool:
+    """``text`` is a non-empty run of ASCII digits (``str.isdigit`` alone also takes '²', which ``int`` refuses,
+    and '٣', which ``int`` reads as 3)."""
+    return text.isascii() and text.isdigit()
+
+
 def version_number(name: str) -> int | None:
     """The version a model folder's child names: ASCII digits only, as TF Serving reads them ('2' is 2); None for any
-    other name (``str.isdigit`` also takes '²', which ``int`` refuses)."""
-    return int(name) if name.isascii() and name.isdigit() else None
+    other name."""
+    return int(name) if ascii_digits(name) else None
 
 
 def card_resize(card: Mapping[str, Any]) -> str:

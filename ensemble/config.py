@@ -484,7 +484,7 @@ def _apply_parameters(config: EnsembleConfig, params: Mapping[str, str], fail) -
                 members[member] = replace(m, resize=value)
             else:
                 parts = [part.strip() for part in value.split("x", 1)]
-                if not all(part.isascii() and part.isdigit() for part in parts):
+                if not all(contract.ascii_digits(part) for part in parts):
                     fail(fld, f"expected pixels: one side, or HEIGHTxWIDTH (integers), received {value!r}")
                 sides = [int(part) for part in parts]
                 if not all(8 <= side <= 4096 for side in sides):

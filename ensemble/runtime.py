@@ -428,22 +428,21 @@ class EnsembleRuntime:
         self.close()
 
 
-def malformed(member: Member, answer, views: int) -> tuple[np.ndarray, CarClfError | None]:
-    """The member's answer as a [views, classes] float32 matrix of probabilities, and why it cannot be used
-    (None when it can): another shape, text, NaN or infinity, values outside [0, 1] (logits, a diverged
-    export). Such an answer is left out as UNAVAILABLE, as one of another class count is."""
+def malformed(member: Member, answer, views: int) -> tuple[np.ndarray | None, CarClfError | None]:
+    """The member's answer as a [views, classes] float32 matrix of probabilities, or why it cannot be used:
+    another shape, text, NaN or infinity, values outside [0, 1] (logits, a diverged export), none at all.
+    Such an answer is left out as UNAVAILABLE, as one of another class count is."""
+    def unusable(why: str) -> tuple[None, CarClfError]:
+        return None, Unavailable(f"member {member.name!r} answered {why}; left out of this answer")
+
     if answer is None:
-        return np.zeros((0, 0), np.float32), Unavailable(f"member {member.name!r} answered no probabilities; left out "
-                                                         "of this answer")
+        return unusable("no probabilities")
     try:
         probs = np.asarray(answer, dtype=np.float32)
     except (TypeError, ValueError):
-        return np.zeros((0, 0), np.float32), Unavailable(f"member {member.name!r} answered probabilities that are "
-                                                         "not numbers; left out of this answer")
+        return unusable("probabilities that are not numbers")
     if probs.ndim != 2 or probs.shape[0] != views:
-        return probs, Unavailable(f"member {member.name!r} answered shape {probs.shape} for {views} views; left out "
-                                  "of this answer")
+        return unusable(f"shape {probs.shape} for {views} views")
     if not np.isfinite(probs).all() or probs.min(initial=0.0) < 0.0 or probs.max(initial=0.0) > 1.0 + 1e-5:
-        return probs, Unavailable(f"member {member.name!r} answered values that are not probabilities (NaN, "
-                                  "infinite, or outside [0, 1]); left out of this answer")
+        return unusable("values that are not probabilities (NaN, infinite, or outside [0, 1])")
     return probs, None

@@ -299,13 +299,11 @@ class EmbeddedServer:
         """One probe of ``wait_ready``: True when it may return; Unavailable for a model that ended in error."""
         if not models:
             return model_state(self.address.rest_url, "_") is not None  # nothing to wait for but an answer
-        if is_serving(self.address, models):
-            return True
-        for model in models:  # a version that ended with an error will not become AVAILABLE by waiting
-            state, message = model_status(self.address.rest_url, model)
+        statuses = {model: model_status(self.address.rest_url, model) for model in models}
+        for model, (state, message) in statuses.items():  # an error ended that version: waiting will not help
             if state == "END" and message:
                 raise Unavailable(f"model {model} is not served: {message}")
-        return False
+        return all(state == "AVAILABLE" for state, _ in statuses.values())
 
     def log_tail(self, lines: int = 15) -> str:
         if not self.log_path or not self.log_path.exists():

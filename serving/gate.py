@@ -2,7 +2,7 @@
 
 On SIGTERM (or ``ModelServer.stop``) the gate closes: new requests on either transport are answered
 UNAVAILABLE ("server is shutting down"), requests already inside finish, and the server stops once the
-gate is idle. Also defines the one size-limit error both transports raise, and REST's body timeout.
+gate is idle. Also defines REST's body timeout and the transports' grace at shutdown.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from carclf.errors import DeadlineExceeded, RequestTooLarge, Unavailable
-
-__all__ = ["BodyTimeout", "RequestGate", "RequestTooLarge", "TRANSPORT_GRACE_S"]
+from carclf.errors import DeadlineExceeded, Unavailable
 
 TRANSPORT_GRACE_S = 1.0  # once the gate is idle (or given up on), how long each transport finishes writing answers
 

@@ -24,10 +24,10 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from carclf.errors import CarClfError, InvalidInput, NotFound, Unimplemented
+from carclf.errors import CarClfError, InvalidInput, NotFound, RequestTooLarge, Unimplemented
 from carclf.serving import apis, json_codec
 from carclf.serving.config import MonitoringConfig
-from carclf.serving.gate import TRANSPORT_GRACE_S, BodyTimeout, RequestGate, RequestTooLarge
+from carclf.serving.gate import TRANSPORT_GRACE_S, BodyTimeout, RequestGate
 from carclf.serving.manager import ModelManager
 from carclf.serving.metrics import CONTENT_TYPE, ServingMetrics
 from carclf.serving.predictor import Predictor, result_of

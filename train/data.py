@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from carclf import imaging
+from carclf import contract, imaging
 from carclf.errors import ConfigError, InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def load_class_names(path: str | os.PathLike | None, class_ids: Sequence[str]) -
 
 def _sort_ids(ids: Iterable[str]) -> list[str]:
     ids = list(ids)
-    return sorted(ids, key=int) if all(i.isascii() and i.isdigit() for i in ids) else sorted(ids)
+    return sorted(ids, key=int) if all(contract.ascii_digits(i) for i in ids) else sorted(ids)
 
 
 def read_folder_layout(train_dir: str | os.PathLike, classes: str | os.PathLike | None = None) -> Dataset:
