@@ -7,7 +7,8 @@ every model of the model repository (as ``make serve`` does; ``--model-config`` 
 stopped at the end. Before locust starts, the models the run calls must be served (or, for a server it
 starts, be in the repository); otherwise it stops with exit status 2 and says which model is missing and
 what is there, instead of counting a minute of failed requests. Then the exit status is locust's:
-non-zero on any failed request or a p95 above ``max-p95-ms`` (see ``loadtest/locustfile.py``).
+non-zero on any failed request or a p95 above ``max-p95-ms`` (see ``loadtest/locustfile.py``); a locust
+killed by a signal reads CRASHED, with the shell's 128 + the signal's number.
 
     python -m carclf.loadtest.run [--users 16 --run-time 2m ...] [-- any other locust flag]
 """
@@ -18,6 +19,7 @@ import argparse
 import csv
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -376,9 +378,26 @@ def run(args: argparse.Namespace) -> int:
     rows = summarize(settings.get("csv", ""))
     if rows:
         print_summary(rows)
+    verdict, status = outcome(code)
+    print(f"loadtest: {verdict}; reports in {reports}/", flush=True)
+    return status
+
+
+def outcome(code: int) -> tuple[str, int]:
+    """The verdict line and this command's exit status for locust's exit status ``code``.
+
+    A locust killed by a signal (a crash, or the kernel's out-of-memory killer) judged nothing: CRASHED, not
+    FAILED, and the shell's 128 + signal number as the status (``sys.exit`` of Popen's negative code would
+    exit 256 - n, which reads as neither)."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (the system may have run out of memory)" if -code == signal.SIGKILL else ""
+        return f"CRASHED (locust was killed by {name}{hint}; any figures above are partial)", 128 - code
     verdict = "INTERRUPTED" if code == 130 else "PASSED" if code == 0 else "FAILED"
-    print(f"loadtest: {verdict} (locust exit status {code}); reports in {reports}/")
-    return code
+    return f"{verdict} (locust exit status {code})", code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -297,6 +297,26 @@ def test_ctrl_c_ends_the_run_with_its_figures_so_far(tiny_deployment, tmp_path, 
     assert "Traceback" not in out + err, err[-3000:]
 
 
+@pytest.mark.parametrize("sig,hint", [(signal.SIGABRT, ""), (signal.SIGKILL, " (the system may have run out of memory)")])
+def test_a_locust_killed_by_a_signal_reads_crashed_with_the_shells_status(tiny_deployment, tmp_path, sample_dir,
+                                                                          sig, hint):
+    """A locust that dies of a signal (here a locustfile that sends it to its own process, as an abort in
+    gRPC's core or the out-of-memory killer would) judged nothing: CRASHED with the signal's name and exit
+    status 128 + n, where it read "FAILED (locust exit status -6)" and exited 250."""
+    crashing = tmp_path / "crashing_locustfile.py"
+    crashing.write_text(f"import os\nos.kill(os.getpid(), {int(sig)})\n")
+    address, reports = tiny_deployment.address, tmp_path / "reports"
+    result = run_loadtest("--host", address.rest_url, "--grpc-host", address.grpc_target, "--no-start",
+                          "--users", "1", "--run-time", "3s", "--target-model", "tiny_a", "--ensemble-weight", "0",
+                          "--photo-folder", str(sample_dir), "--reports", str(reports), "--", "-f", str(crashing),
+                          timeout=60)
+    assert result.returncode == 128 + sig, result.stdout[-3000:] + result.stderr[-3000:]
+    verdict = result.stdout.strip().splitlines()[-1]
+    assert verdict == (f"loadtest: CRASHED (locust was killed by {sig.name}{hint}; any figures above are partial); "
+                       f"reports in {reports}/")
+    assert "FAILED" not in result.stdout
+
+
 def test_a_grpc_request_asks_for_its_signature(tiny_deployment, photos):
     """The load test's gRPC requests name their signature: pixels sent through serving_pixels are answered by
     it (the default signature takes JPEG bytes and would refuse them), and the answer is a valid prediction."""
