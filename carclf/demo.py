@@ -29,6 +29,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from carclf import exits
 from carclf.ensemble.config import render
 
 DEMO_RECIPES = ("demo_mobilenet_v2", "demo_efficientnet_b0", "demo_xception")
@@ -45,7 +46,7 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     print(f"\n$ {shown}", flush=True)
     result = subprocess.run(cmd, text=True)
     if result.returncode != 0:
-        raise SystemExit(f"demo: step failed (exit {result.returncode}): {shown}")
+        raise SystemExit(f"demo: step failed ({exits.describe(result.returncode)}): {shown}")
     return result
 
 
@@ -66,7 +67,7 @@ def _wait_ready(rest_url: str, server: subprocess.Popen, timeout: float = 300.0)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise SystemExit(f"demo: the server exited with status {server.returncode} before it was ready")
+            raise SystemExit(f"demo: the server ended ({exits.describe(server.returncode)}) before it was ready")
         try:
             with urllib.request.urlopen(f"{rest_url}/v1/ready", timeout=2) as response:
                 if response.status == 200:

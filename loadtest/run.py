@@ -19,14 +19,13 @@ import argparse
 import csv
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from carclf import tf_threads
+from carclf import exits, tf_threads
 from carclf.errors import CarClfError, ConfigError, DeadlineExceeded, NotFound, Unavailable
 from carclf.loadtest import checks, options, protocol
 from carclf.loadtest import server as srv
@@ -384,18 +383,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def outcome(code: int) -> tuple[str, int]:
-    """The verdict line and this command's exit status for locust's exit status ``code``.
-
-    A locust killed by a signal (a crash, or the kernel's out-of-memory killer) judged nothing: CRASHED, not
-    FAILED, and the shell's 128 + signal number as the status (``sys.exit`` of Popen's negative code would
-    exit 256 - n, which reads as neither)."""
+    """The verdict line and this command's exit status for locust's exit status ``code``: a locust killed by
+    a signal (a crash, the out-of-memory killer) judged nothing, so CRASHED, not FAILED."""
     if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = " (the system may have run out of memory)" if -code == signal.SIGKILL else ""
-        return f"CRASHED (locust was killed by {name}{hint}; any figures above are partial)", 128 - code
+        return f"CRASHED (locust was {exits.describe(code)}; any figures above are partial)", exits.shell_status(code)
     verdict = "INTERRUPTED" if code == 130 else "PASSED" if code == 0 else "FAILED"
     return f"{verdict} (locust exit status {code})", code
 

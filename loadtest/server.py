@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from carclf import exits
 from carclf.errors import ConfigError, DeadlineExceeded, Unavailable
 from carclf.serving.repository import list_versions
 
@@ -285,7 +286,7 @@ class EmbeddedServer:
         late = ""
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise Unavailable(f"server exited with status {self.process.returncode} before its models were "
+                raise Unavailable(f"server ended ({exits.describe(self.process.returncode)}) before its models were "
                                   f"AVAILABLE; {self.log_tail()}")
             try:
                 if self._ready(models):
