@@ -71,6 +71,7 @@ class ServerOptions:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     batching_early_dispatch: bool = False
     drain_timeout_seconds: float = 25.0
+    rest_api_idle_timeout_seconds: float = 75.0
     web_ui_model: str = "car_ensemble"
 
     @classmethod
@@ -111,6 +112,8 @@ class ServerOptions:
              f"must be >= 1024, received {self.max_request_bytes}")
         need(self.drain_timeout_seconds >= 0, "drain_timeout_seconds",
              f"must be >= 0, received {self.drain_timeout_seconds}")
+        need(0 < self.rest_api_idle_timeout_seconds <= 86400, "rest_api_idle_timeout_seconds",
+             f"must be > 0 and at most 86400 (a day), received {self.rest_api_idle_timeout_seconds}")
         for flag in ("tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism", "grpc_max_threads",
                      "rest_api_num_threads"):
             need(getattr(self, flag) >= 0, flag, f"must be >= 0, received {getattr(self, flag)}")
@@ -201,6 +204,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="model that the upload page at GET /ui asks (empty: no page)")
     flag("--drain_timeout_seconds", type=float, default=d.drain_timeout_seconds,
          help="on SIGTERM, how long in-flight requests may take to finish")
+    flag("--rest_api_idle_timeout_seconds", type=float, default=d.rest_api_idle_timeout_seconds,
+         help="close a REST connection with no request running for this long: idle keep-alive connections and "
+              "ones whose request line and headers have not all arrived (aiohttp's default is an hour)")
 
 
 def _not_a_file(path: str) -> str:

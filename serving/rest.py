@@ -239,10 +239,13 @@ def _model_info(name: str | None, version: str | None, label: str | None) -> tup
     return unquote(name or ""), parsed_version, (unquote(label) if label else None)
 
 
-async def start_rest(api: RestApi, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Bind and start; returns the runner and the bound port (``port`` 0 picks a free one)."""
+async def start_rest(api: RestApi, host: str, port: int, idle_timeout_s: float) -> tuple[web.AppRunner, int]:
+    """Bind and start; returns the runner and the bound port (``port`` 0 picks a free one). A connection with
+    no request running for ``idle_timeout_s`` is closed, whether it idles between requests or has sent part of
+    its headers (a request whose headers arrived is bounded by the REST timeout instead)."""
     # aiohttp's default would wait up to 60 s for handlers at shutdown; the server's drain has waited already
-    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False, shutdown_timeout=TRANSPORT_GRACE_S)
+    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False, shutdown_timeout=TRANSPORT_GRACE_S,
+                           keepalive_timeout=idle_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

@@ -311,8 +311,9 @@ class ModelServer:
                               executor=self.executor, extra_routes=_upload_page_routes(opts.web_ui_model,
                                                                                  opts.max_request_bytes))
                 try:
-                    runner, self.rest_port = await start_rest(api, opts.host,
-                                                              0 if opts.rest_api_port == ANY_PORT else opts.rest_api_port)
+                    runner, self.rest_port = await start_rest(
+                        api, opts.host, 0 if opts.rest_api_port == ANY_PORT else opts.rest_api_port,
+                        opts.rest_api_idle_timeout_seconds)
                 except OSError as exc:
                     raise ConfigError(f"cannot bind the REST port {opts.host}:{opts.rest_api_port}: {exc}",
                                       source="--rest_api_port") from None

@@ -376,6 +376,62 @@ def test_a_request_body_that_stops_arriving_ends_at_the_rest_timeout(private_ser
     assert inflight is None or float(inflight.group(1)) == 0.0, inflight.group(0)  # never counted
 
 
+def closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
+    """Read until the server closes the connection or ``seconds`` pass: (closed, what arrived)."""
+    sock.settimeout(seconds)
+    arrived = b""
+    try:
+        while chunk := sock.recv(65536):
+            arrived += chunk
+    except TimeoutError:
+        return False, arrived
+    return True, arrived
+
+
+@pytest.mark.extension
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/models/x:predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty"],
+                         ids=["nothing", "half_the_headers"])
+def test_a_rest_connection_that_never_completes_its_headers_is_closed_at_the_idle_timeout(
+        private_server, conformance_repository, sent):
+    """--rest_api_idle_timeout_seconds: a connection that sends nothing, or part of a request line and headers
+    and then nothing more (a slowloris), is closed once the idle timeout passes, where it stayed open for
+    aiohttp's default of an hour, holding a file descriptor each; other clients are served meanwhile."""
+    server = private_server(model_name=OTHER_MODEL, model_base_path=str(conformance_repository / OTHER_MODEL),
+                            enable_model_warmup=False, rest_api_idle_timeout_seconds=1.0)
+    with socket.create_connection(("127.0.0.1", server.rest_port)) as idle:
+        idle.sendall(sent)
+        assert Rest(f"http://127.0.0.1:{server.rest_port}").get(f"/v1/models/{OTHER_MODEL}").status == 200
+        closed, arrived = closed_within(idle, 5.0)
+    assert closed and arrived == b"", arrived
+
+
+@pytest.mark.extension
+def test_a_request_that_runs_longer_than_the_idle_timeout_is_answered_then_its_idle_connection_closed(
+        private_server, conformance_repository, jpegs, tmp_path):
+    """The idle timeout is no request deadline: a Predict that waits 2 s for its batch to fill (batch timeout
+    2 s) on a server whose idle timeout is 0.5 s is answered 200 on its keep-alive connection, which is then
+    closed once it has idled for the timeout."""
+    batching = tmp_path / "batching.config"
+    batching.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 2000000 } "
+                        "num_batch_threads { value: 1 }")
+    server = private_server(model_name=OTHER_MODEL, model_base_path=str(conformance_repository / OTHER_MODEL),
+                            enable_model_warmup=False, rest_api_idle_timeout_seconds=0.5, enable_batching=True,
+                            batching_parameters_file=str(batching))
+    body = json.dumps({"instances": [b64(jpegs[0])]}).encode()
+    with socket.create_connection(("127.0.0.1", server.rest_port)) as conn:
+        started = time.monotonic()
+        conn.sendall(f"POST /v1/models/{OTHER_MODEL}:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        closed, arrived = closed_within(conn, 10.0)
+        took = time.monotonic() - started
+    head, _, answer = arrived.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), arrived[:300]
+    assert b"connection: close" not in head.lower(), head  # kept alive: what closes it later is the timeout
+    assert len(json.loads(answer)["predictions"]) == 1
+    assert took >= 2.0, f"answered after {took:.2f} s, before its batch's 2 s timeout"
+    assert closed, "the keep-alive connection stayed open 10 s with an idle timeout of 0.5 s"
+
+
 @pytest.mark.extension
 def test_a_version_still_loading_does_not_hold_the_shutdown_past_the_drain(conformance_repository, tmp_path):
     """SIGTERM while the file-system poller loads a new version (a large model's load and warmup take minutes):

@@ -38,6 +38,7 @@ DOCUMENTED_DEFAULTS = {
     "enable_batching": False,
     "host": "127.0.0.1",
     "max_request_bytes": 64 * 1024 * 1024,      # 64 MiB
+    "rest_api_idle_timeout_seconds": 75.0,
 }
 
 
@@ -74,6 +75,10 @@ def test_serve_flags_default_as_documented(tmp_path):
     ("grpc_max_threads", "-1"),
     ("rest_api_num_threads", "-1"),
     ("max_request_bytes", "1023"),
+    ("rest_api_idle_timeout_seconds", "0"),
+    ("rest_api_idle_timeout_seconds", "-1"),
+    ("rest_api_idle_timeout_seconds", "nan"),
+    ("rest_api_idle_timeout_seconds", "inf"),
     ("rest_api_port", "-2"),
     ("port", "-1"),
 ])
