@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
-    print(f"\ndemo finished in {time.monotonic() - started:.0f} s; server exit status {server.returncode}")
+    print(f"\ndemo finished in {time.monotonic() - started:.0f} s; server {exits.describe(server.returncode)}")
     print("\nEfficientNetB0 and Xception trained from scratch (no ImageNet weights offline) and stay at chance; "
           "they show the registry and the ensemble's fan-out.")
     elsewhere = "" if repository == Path("model_repository") else f" REPOSITORY={shlex.quote(str(repository))}"
