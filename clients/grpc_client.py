@@ -1,8 +1,9 @@
 """TF Serving gRPC client: PredictionService.Predict / GetModelMetadata and ModelService.GetModelStatus.
 
 One channel per client, reused by every call (gRPC multiplexes concurrent calls over it), message limits
-raised to what TF Serving accepts, optional TLS, a deadline on every call. Failed calls raise the
-``carclf.errors`` type of the status code with the server's message.
+raised to what TF Serving accepts, reconnection within about 2 s of a server coming back, optional TLS, a
+deadline on every call. Failed calls raise the ``carclf.errors`` type of the status code with the server's
+message.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ from carclf.tensors import make_proto, to_ndarray
 
 # TF Serving accepts messages up to 2 GB; gRPC's own default is 4 MB, too small for stacked views.
 MAX_MESSAGE_BYTES = 2**31 - 1
+
+# After a server goes away, gRPC retries the connection with a backoff that grows to 120 s, and calls made
+# meanwhile fail at once: a long-lived client (the ensemble gateway's member channels) kept failing up to
+# two minutes after its server was back. Capped, it reconnects within about this long.
+MAX_RECONNECT_BACKOFF_MS = 2000
 
 
 # What grpc says when the client's own deadline ends a call (a server's DEADLINE_EXCEEDED says more).
@@ -84,11 +90,11 @@ class GrpcClient(ModelClient):
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
         super().__init__(target, timeout=timeout)
-        channel_options = [
-            ("grpc.max_send_message_length", int(max_message_bytes)),
-            ("grpc.max_receive_message_length", int(max_message_bytes)),
-            *options,
-        ]
+        defaults = [("grpc.max_send_message_length", int(max_message_bytes)),
+                    ("grpc.max_receive_message_length", int(max_message_bytes)),
+                    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)]
+        given = {key for key, _ in options}
+        channel_options = [*(item for item in defaults if item[0] not in given), *options]
         if tls or root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self._channel = grpc.secure_channel(target, credentials, options=channel_options)
