@@ -433,6 +433,25 @@ def test_a_request_that_runs_longer_than_the_idle_timeout_is_answered_then_its_i
 
 
 @pytest.mark.extension
+def test_the_rest_client_keeps_working_across_connections_the_idle_timeout_closed(
+        private_server, conformance_repository, jpegs):
+    """A RestClient (one keep-alive session) that waits longer than the server's idle timeout between calls
+    finds its pooled connection closed by the server and opens another: every call is answered."""
+    from carclf.clients import connect
+
+    server = private_server(model_name=OTHER_MODEL, model_base_path=str(conformance_repository / OTHER_MODEL),
+                            enable_model_warmup=False, rest_api_idle_timeout_seconds=0.5)
+    with connect(f"http://127.0.0.1:{server.rest_port}", timeout=10) as client:
+        states = []
+        for _ in range(3):
+            states.append(client.status(OTHER_MODEL)[0].state)
+            time.sleep(1.0)
+        probabilities = client.predict(OTHER_MODEL, images=[jpegs[0]]).outputs["probabilities"]
+    assert states == ["AVAILABLE"] * 3
+    assert probabilities.shape[0] == 1
+
+
+@pytest.mark.extension
 def test_a_version_still_loading_does_not_hold_the_shutdown_past_the_drain(conformance_repository, tmp_path):
     """SIGTERM while the file-system poller loads a new version (a large model's load and warmup take minutes):
     the shutdown keeps to its documented bound (twice --drain_timeout_seconds plus the transports' grace, so
