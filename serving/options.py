@@ -64,6 +64,7 @@ class ServerOptions:
     tensorflow_inter_op_parallelism: int = 0
     allow_version_labels_for_unavailable_models: bool = False
     enable_grpc_healthcheck_service: bool = False
+    grpc_channel_arguments: str = ""
     # --- extensions ---
     host: str = "127.0.0.1"
     model_repository: str = ""
@@ -114,6 +115,7 @@ class ServerOptions:
              f"must be >= 0, received {self.drain_timeout_seconds}")
         need(0 < self.rest_api_idle_timeout_seconds <= 86400, "rest_api_idle_timeout_seconds",
              f"must be > 0 and at most 86400 (a day), received {self.rest_api_idle_timeout_seconds}")
+        self.channel_arguments()  # refuses a malformed item
         for flag in ("tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism", "grpc_max_threads",
                      "rest_api_num_threads"):
             need(getattr(self, flag) >= 0, flag, f"must be >= 0, received {getattr(self, flag)}")
@@ -139,6 +141,22 @@ class ServerOptions:
     def worker_threads(self) -> int:
         """Threads that run unbatched REST predictions (and other blocking work off the REST loop)."""
         return self.rest_api_num_threads or max(8, 2 * (os.cpu_count() or 1))
+
+    def channel_arguments(self) -> list[tuple[str, int | str]]:
+        """``--grpc_channel_arguments`` as gRPC server options, read as TF Serving reads them: ``NAME=VALUE``
+        items separated by commas, a value that is a 32-bit integer passed as one and any other as a string
+        (gRPC ignores names it does not know). They are applied after the server's own settings."""
+        arguments = []
+        for item in filter(None, (part.strip() for part in self.grpc_channel_arguments.split(","))):
+            name, equals, value = item.partition("=")
+            if not equals or not name.strip():
+                raise ConfigError(f"expected NAME=VALUE items separated by commas, such as "
+                                  f"grpc.max_connection_age_ms=300000; received {item!r}",
+                                  source="--grpc_channel_arguments")
+            value = value.strip()
+            number = _int32(value)
+            arguments.append((name.strip(), value if number is None else number))
+        return arguments
 
     def grpc_threads(self) -> int:
         """gRPC handler threads: requests in flight over gRPC beyond this wait in grpc's queue."""
@@ -185,6 +203,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "let a label point at a version that is not loaded yet")
     boolean("enable_grpc_healthcheck_service", d.enable_grpc_healthcheck_service,
             "serve grpc.health.v1.Health")
+    flag("--grpc_channel_arguments", default=d.grpc_channel_arguments,
+         help="gRPC server arguments, NAME=VALUE separated by commas (e.g. grpc.max_connection_age_ms=300000, "
+              "which makes clients reconnect, and so spread over new replicas, every 5 minutes)")
 
     ext = parser.add_argument_group("extensions of the embedded server")
     flag = ext.add_argument
@@ -207,6 +228,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--rest_api_idle_timeout_seconds", type=float, default=d.rest_api_idle_timeout_seconds,
          help="close a REST connection with no request running for this long: idle keep-alive connections and "
               "ones whose request line and headers have not all arrived (aiohttp's default is an hour)")
+
+
+def _int32(text: str) -> int | None:
+    """``text`` as a signed 32-bit integer, or None when it is not one (as TF Serving's safe_strto32)."""
+    digits = text[1:] if text[:1] in "+-" else text
+    if not digits or not (digits.isascii() and digits.isdigit()):
+        return None
+    value = int(text)
+    return value if -2**31 <= value < 2**31 else None
 
 
 def _not_a_file(path: str) -> str:

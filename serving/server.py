@@ -282,11 +282,11 @@ class ModelServer:
             self._health = ReadinessHealth()
             self._update_health()
         self._grpc_pool = ThreadPoolExecutor(opts.grpc_threads(), thread_name_prefix="carclf-grpc")
-        server = grpc.server(self._grpc_pool, interceptors=[UnparsableRequestInterceptor()], options=[
-            ("grpc.max_receive_message_length", opts.max_request_bytes),
-            ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0),
-        ])
+        given = opts.channel_arguments()  # --grpc_channel_arguments: after the server's own, as in TF Serving
+        own = [("grpc.max_receive_message_length", opts.max_request_bytes), ("grpc.max_send_message_length", -1),
+               ("grpc.so_reuseport", 0)]
+        server = grpc.server(self._grpc_pool, interceptors=[UnparsableRequestInterceptor()],
+                             options=[*(o for o in own if o[0] not in dict(given)), *given])
         self._grpc_server = server
         add_services(server, self.predictor, self.manager, self.resolver, self.gate, health=self._health)
         address = f"[{opts.host}]:{opts.port}" if ":" in opts.host else f"{opts.host}:{opts.port}"

@@ -96,7 +96,10 @@ def test_kubernetes_manifests():
     assert deployment["kind"] == "Deployment" and deployment["spec"]["replicas"] >= 2
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["image"].startswith("tensorflow/serving:")
-    _server_flags(container["args"])
+    flags = _server_flags(container["args"])
+    # connections are recycled, so that clients spread over replicas a scale-up adds
+    ages = dict(ServerOptions(grpc_channel_arguments=flags.grpc_channel_arguments).channel_arguments())
+    assert ages["grpc.max_connection_age_ms"] > 0 and ages["grpc.max_connection_age_grace_ms"] > 0
     probe = container["readinessProbe"]["exec"]["command"]
     assert probe[:2] == ["bash", "/config/readiness.sh"]
     mounted = {item["path"] for item in deployment["spec"]["template"]["spec"]["volumes"][0]["configMap"]["items"]}

@@ -89,6 +89,67 @@ def test_out_of_range_values_are_refused_naming_the_flag(flag, value, tmp_path):
     assert value in refused.value.message
 
 
+def test_grpc_channel_arguments_are_read_as_tf_serving_reads_them(tmp_path):
+    """``--grpc_channel_arguments`` (TF Serving's flag): NAME=VALUE items split on commas; a value that is a
+    32-bit integer is passed as one, any other as a string; empty items are skipped."""
+    options = ServerOptions.from_args(serve_flags(
+        "--model_base_path", str(tmp_path / "m"), "--grpc_channel_arguments=grpc.max_connection_age_ms=300000, "
+        "grpc.primary_user_agent=carclf,,grpc.x=4294967296,grpc.y=-7"))
+    assert options.channel_arguments() == [("grpc.max_connection_age_ms", 300000),
+                                           ("grpc.primary_user_agent", "carclf"),
+                                           ("grpc.x", "4294967296"), ("grpc.y", -7)]
+    assert ServerOptions.from_args(serve_flags("--model_base_path", str(tmp_path / "m"))).channel_arguments() == []
+
+
+@pytest.mark.parametrize("value,item", [("grpc.max_connection_age_ms", "grpc.max_connection_age_ms"),
+                                        ("grpc.a=1,=5", "=5")])
+def test_a_malformed_grpc_channel_argument_is_refused_naming_it(value, item, tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        ServerOptions.from_args(serve_flags("--model_base_path", str(tmp_path / "m"),
+                                            f"--grpc_channel_arguments={value}"))
+    assert refused.value.source == "--grpc_channel_arguments"
+    assert refused.value.message == ("--grpc_channel_arguments: expected NAME=VALUE items separated by commas, such as "
+                                     f"grpc.max_connection_age_ms=300000; received {item!r}")
+
+
+def test_grpc_channel_arguments_reach_the_grpc_server(private_server, conformance_repository):
+    """``grpc.max_connection_age_ms`` (what the Kubernetes manifest sets, so that clients of a Service spread
+    over replicas added later): the server closes each connection after 0.5 s, and a client calling for 3 s
+    is connected several times over while every call succeeds."""
+    import threading
+
+    import grpc
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    server = private_server(model_name=OTHER_MODEL, model_base_path=str(conformance_repository / OTHER_MODEL),
+                            enable_model_warmup=False, grpc_channel_arguments="grpc.max_connection_age_ms=500,"
+                                                                              "grpc.max_connection_age_grace_ms=200")
+    states, lock = [], threading.Lock()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+
+    def record(state):
+        with lock:
+            states.append(state)
+
+    channel.subscribe(record, try_to_connect=True)
+    try:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = OTHER_MODEL
+        started, answered = time.monotonic(), 0
+        while time.monotonic() - started < 3.0:
+            stub.GetModelStatus(request, timeout=5, wait_for_ready=True)
+            answered += 1
+            time.sleep(0.1)
+    finally:
+        channel.unsubscribe(record)
+        channel.close()
+    with lock:
+        connections = states.count(grpc.ChannelConnectivity.READY)
+    assert answered >= 10
+    assert connections >= 3, f"{connections} connections in 3 s with a 0.5 s connection age: {states}"
+
+
 # ------------------------------------------------------------------------------------- startup
 
 
