@@ -285,8 +285,9 @@ class ModelServer:
         given = opts.channel_arguments()  # --grpc_channel_arguments: after the server's own, as in TF Serving
         own = [("grpc.max_receive_message_length", opts.max_request_bytes), ("grpc.max_send_message_length", -1),
                ("grpc.so_reuseport", 0)]
+        named = {name for name, _ in given}
         server = grpc.server(self._grpc_pool, interceptors=[UnparsableRequestInterceptor()],
-                             options=[*(o for o in own if o[0] not in dict(given)), *given])
+                             options=[*(o for o in own if o[0] not in named), *given])
         self._grpc_server = server
         add_services(server, self.predictor, self.manager, self.resolver, self.gate, health=self._health)
         address = f"[{opts.host}]:{opts.port}" if ":" in opts.host else f"{opts.host}:{opts.port}"
