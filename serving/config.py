@@ -324,6 +324,70 @@ def load_monitoring_config(path: str | os.PathLike) -> MonitoringConfig:
     return parse_monitoring_config(_read(path), source=str(path))
 
 
+# ---------------------------------------------------------------------------------------------
+# TLS for the gRPC port (--ssl_config_file)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SslConfig:
+    """PEM texts for the gRPC port's TLS, as TF Serving's SSLConfig holds them (not file paths)."""
+
+    server_key: bytes
+    server_cert: bytes
+    custom_ca: bytes | None = None
+    client_verify: bool = False
+
+    def __repr__(self) -> str:  # never print the private key
+        return f"SslConfig(client_verify={self.client_verify}, custom_ca={self.custom_ca is not None})"
+
+
+def parse_ssl_config(text: str, *, source: str = "<ssl.config>") -> SslConfig:
+    """An SSLConfig text proto, checked as TLS would use it: the key and certificate present, PEM, and a pair;
+    the custom CA readable; ``client_verify`` needs a ``custom_ca`` to verify client certificates against."""
+    proto = protos.SSLConfig()
+    parse_text_proto(text, proto, "SSLConfig text proto", source)
+    for name in ("server_key", "server_cert"):
+        value = getattr(proto, name)
+        if not value.strip():
+            raise ConfigError("is empty; it holds the PEM text itself (-----BEGIN ...), not a path",
+                              source=source, field=name)
+        if "-----BEGIN" not in value:
+            raise ConfigError(f"is not PEM text (expected -----BEGIN ..., received {value[:40]!r}); it holds the "
+                              "key or certificate itself, not a path", source=source, field=name)
+    if proto.client_verify and not proto.custom_ca.strip():
+        raise ConfigError("client_verify: true needs custom_ca, the PEM certificates that client certificates "
+                          "are verified against", source=source, field="custom_ca")
+    _check_tls_material(proto.server_key, proto.server_cert, proto.custom_ca, source)
+    return SslConfig(proto.server_key.encode(), proto.server_cert.encode(),
+                     proto.custom_ca.encode() if proto.custom_ca.strip() else None, bool(proto.client_verify))
+
+
+def _check_tls_material(key: str, cert: str, custom_ca: str, source: str) -> None:
+    """Load the pair and the CA with Python's ssl, whose errors say what is wrong (gRPC's bind only fails)."""
+    import ssl
+    import tempfile
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory(prefix="carclf-tls-") as folder:  # mode 0700; removed at once
+        key_path, cert_path = Path(folder, "key.pem"), Path(folder, "cert.pem")
+        key_path.write_text(key)
+        cert_path.write_text(cert)
+        try:
+            context.load_cert_chain(str(cert_path), str(key_path))
+        except ssl.SSLError as exc:
+            raise ConfigError(f"server_key and server_cert are not a usable key and certificate pair: {exc}",
+                              source=source, field="server_cert") from None
+    if custom_ca.strip():
+        try:
+            context.load_verify_locations(cadata=custom_ca)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(f"holds no usable PEM certificate: {exc}", source=source, field="custom_ca") from None
+
+
+def load_ssl_config(path: str | os.PathLike) -> SslConfig:
+    return parse_ssl_config(_read(path), source=str(path))
+
+
 def _read(path: str | os.PathLike) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")

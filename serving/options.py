@@ -65,6 +65,7 @@ class ServerOptions:
     allow_version_labels_for_unavailable_models: bool = False
     enable_grpc_healthcheck_service: bool = False
     grpc_channel_arguments: str = ""
+    ssl_config_file: str = ""
     # --- extensions ---
     host: str = "127.0.0.1"
     model_repository: str = ""
@@ -119,7 +120,7 @@ class ServerOptions:
         for flag in ("tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism", "grpc_max_threads",
                      "rest_api_num_threads"):
             need(getattr(self, flag) >= 0, flag, f"must be >= 0, received {getattr(self, flag)}")
-        for path_flag in ("model_config_file", "batching_parameters_file", "monitoring_config_file"):
+        for path_flag in ("model_config_file", "batching_parameters_file", "monitoring_config_file", "ssl_config_file"):
             path = getattr(self, path_flag)
             need(not path or Path(path).is_file(), path_flag, _not_a_file(path))
         for path in self.ensemble_config_file:
@@ -203,6 +204,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "let a label point at a version that is not loaded yet")
     boolean("enable_grpc_healthcheck_service", d.enable_grpc_healthcheck_service,
             "serve grpc.health.v1.Health")
+    flag("--ssl_config_file", default=d.ssl_config_file,
+         help="SSLConfig text proto (server_key, server_cert, custom_ca, client_verify): TLS on the gRPC port "
+              "(REST stays plain HTTP, as in TF Serving)")
     flag("--grpc_channel_arguments", default=d.grpc_channel_arguments,
          help="gRPC server arguments, NAME=VALUE separated by commas (e.g. grpc.max_connection_age_ms=300000, "
               "which makes clients reconnect, and so spread over new replicas, every 5 minutes)")

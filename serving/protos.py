@@ -1,10 +1,11 @@
-"""TF Serving's BatchingParameters and MonitoringConfig messages.
+"""TF Serving's BatchingParameters, MonitoringConfig and SSLConfig messages.
 
 tensorflow-serving-api ships ``model_server_config_pb2`` (used directly by ``carclf.serving.config``)
-but not ``session_bundle_config.proto`` nor ``monitoring_config.proto``. These two messages are declared
-here with the official package, message names, field names, numbers and types
+but not ``session_bundle_config.proto``, ``monitoring_config.proto`` nor ``ssl_config.proto``. These
+messages are declared here with the official package, message names, field names, numbers and types
 (tensorflow_serving/servables/tensorflow/session_bundle_config.proto, tensorflow_serving/config/
-monitoring_config.proto), in a private descriptor pool so that they never clash with a generated module.
+monitoring_config.proto and ssl_config.proto), in a private descriptor pool so that they never clash with a
+generated module.
 Text files written for ``tensorflow_model_server`` therefore parse here unchanged, and vice versa.
 """
 
@@ -33,6 +34,12 @@ _PROMETHEUS_FIELDS = [
 _MONITORING_FIELDS = [
     ("prometheus_config", 1, _F.TYPE_MESSAGE, _F.LABEL_OPTIONAL, ".tensorflow.serving.PrometheusConfig"),
 ]
+_SSL_FIELDS = [  # the PEM texts themselves, not paths
+    ("server_key", 1, _F.TYPE_STRING, _F.LABEL_OPTIONAL, None),
+    ("server_cert", 2, _F.TYPE_STRING, _F.LABEL_OPTIONAL, None),
+    ("custom_ca", 3, _F.TYPE_STRING, _F.LABEL_OPTIONAL, None),
+    ("client_verify", 4, _F.TYPE_BOOL, _F.LABEL_OPTIONAL, None),
+]
 
 
 def _message(file: descriptor_pb2.FileDescriptorProto, name: str, fields) -> None:
@@ -56,6 +63,7 @@ def _pool() -> descriptor_pool.DescriptorPool:
     _message(file, "BatchingParameters", _BATCHING_FIELDS)
     _message(file, "PrometheusConfig", _PROMETHEUS_FIELDS)
     _message(file, "MonitoringConfig", _MONITORING_FIELDS)
+    _message(file, "SSLConfig", _SSL_FIELDS)
     pool.Add(file)
     return pool
 
@@ -70,3 +78,7 @@ def BatchingParameters(**kwargs):  # noqa: N802 - mirrors the generated class na
 
 def MonitoringConfig(**kwargs):  # noqa: N802
     return message_class("tensorflow.serving.MonitoringConfig")(**kwargs)
+
+
+def SSLConfig(**kwargs):  # noqa: N802
+    return message_class("tensorflow.serving.SSLConfig")(**kwargs)

@@ -34,9 +34,11 @@ from carclf.serving.config import (
     BatchingConfig,
     ModelsConfig,
     MonitoringConfig,
+    SslConfig,
     load_batching_config,
     load_models_config,
     load_monitoring_config,
+    load_ssl_config,
     parse_models_config,
     single_model_config,
 )
@@ -127,6 +129,7 @@ class ModelServer:
         self.batcher: BatchScheduler | None = None
         self.executor: ThreadPoolExecutor | None = None
         self.monitoring = MonitoringConfig()
+        self.ssl: SslConfig | None = None       # --ssl_config_file: TLS on the gRPC port
         self._config_text: str | None = None   # the config file's text in force
         self._failed_text: str | None = None   # a text that failed to apply: tried again every poll
         self._failed_message: str | None = None  # and why, logged again only when it reads differently
@@ -154,6 +157,8 @@ class ModelServer:
             apply_tf_threading(opts)
             if opts.monitoring_config_file:
                 self.monitoring = load_monitoring_config(opts.monitoring_config_file)
+            # TLS material is checked before minutes of model loading
+            self.ssl = load_ssl_config(opts.ssl_config_file) if opts.ssl_config_file else None
             self.executor = ThreadPoolExecutor(opts.worker_threads(), thread_name_prefix="carclf-serving")
             self.manager = ModelManager(self._load_version,
                                         allow_labels_for_unavailable=opts.allow_version_labels_for_unavailable_models,
@@ -178,7 +183,9 @@ class ModelServer:
         except BaseException:
             self._shutdown(drain_timeout=0)
             raise
-        log.info("Running gRPC ModelServer at %s:%d ...", opts.host, self.grpc_port)
+        log.info("Running gRPC ModelServer at %s:%d%s ...", opts.host, self.grpc_port,
+                 "" if self.ssl is None else " (TLS" + (", client certificates required)" if self.ssl.client_verify
+                                                        else ")"))
         if self.rest_port is not None:
             log.info("Exporting HTTP/REST API at:%s:%d ...", opts.host, self.rest_port)
             if opts.web_ui_model and opts.web_ui_model not in self.manager.model_names(active_only=False):
@@ -292,7 +299,13 @@ class ModelServer:
         add_services(server, self.predictor, self.manager, self.resolver, self.gate, health=self._health)
         address = f"[{opts.host}]:{opts.port}" if ":" in opts.host else f"{opts.host}:{opts.port}"
         try:
-            self.grpc_port = server.add_insecure_port(address)
+            if self.ssl is None:
+                self.grpc_port = server.add_insecure_port(address)
+            else:  # as TF Serving: a client certificate is required (and verified) only with client_verify
+                credentials = grpc.ssl_server_credentials(
+                    [(self.ssl.server_key, self.ssl.server_cert)], root_certificates=self.ssl.custom_ca,
+                    require_client_auth=self.ssl.client_verify)
+                self.grpc_port = server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise ConfigError(f"cannot bind the gRPC port {address}: {exc}", source="--port") from None
         if not self.grpc_port:
