@@ -12,7 +12,10 @@ A photo that cannot be classified does not stop the others: every file is checke
 request is sent (header only), and when the server refuses a request as invalid (a truncated JPEG, say) its photos are sent again
 one by one to find the culprit. Each such photo gets one line on stderr naming the file; the rest are
 printed (or written to the CSV) and the exit status is 1. Errors that are not about a photo (unknown model,
-server down) stop the run with status 2.
+server down) stop the run with status 2. Once the server has answered, a request it refuses as UNAVAILABLE
+(shutting down, a replica rotating out) or RESOURCE_EXHAUSTED for a full queue is tried again, --retries
+times, after 0.5, 1, 2, 4, 4 ... s, so that a long run outlives a rolling update; a server that never
+answered fails at once.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import itertools
 import json
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -35,10 +39,14 @@ from carclf.errors import (
     InvalidInput,
     NotFound,
     RequestTooLarge,
+    ResourceExhausted,
+    Unavailable,
 )
 from carclf.submission import write_submission as write_csv
 
 DEFAULT_SUBMISSION = Path("submission.csv")  # where a folder's predictions go when --output is not given
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 4.0  # waits before the retries of a request: 0.5, 1, 2, 4, 4 ... s
+MAX_RETRIES = 10
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version-label", default=None, help="model version label to ask for (e.g. canary)")
     parser.add_argument("--batch-size", type=int, default=8, help="photos per request (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default %(default)s)")
+    parser.add_argument("--retries", type=int, default=3,
+                        help="times a request is tried again when the server answers UNAVAILABLE or that its "
+                             "queue is full, waiting 0.5, 1, 2, 4 s between tries (0: never; default %(default)s)")
     parser.add_argument("--root-cert", type=Path, default=None, help="PEM root certificates for TLS")
     parser.add_argument("--json", action="store_true", help="print one JSON object per photo instead of text")
 
@@ -93,16 +104,20 @@ def read_photo(path: Path) -> bytes:
     return data
 
 
+def note(message: str) -> None:
+    """One line on stderr: tqdm.write puts it above a CSV run's progress bar (a plain print when none is shown)."""
+    from tqdm import tqdm
+
+    tqdm.write(f"carclf predict: {message}", file=sys.stderr)
+    sys.stderr.flush()
+
+
 class Failures(list):
     """Photos that could not be classified: (path, why)."""
 
     def report(self, path: Path, message: str) -> None:
-        from tqdm import tqdm
-
         self.append((path, message))
-        # tqdm.write: on a line of its own above a CSV run's progress bar (a plain print when none is shown)
-        tqdm.write(f"carclf predict: error: {path}: {message}", file=sys.stderr)
-        sys.stderr.flush()
+        note(f"error: {path}: {message}")
 
 
 PRINTED = (contract.OUTPUT_PROBABILITIES,)  # what printing a photo needs; the CSV needs its output_filter
@@ -159,15 +174,23 @@ def classify(client, args, photos: Sequence[Path], failures: Failures,
                 failures.report(path, exc.message)
 
     def send(batch):
-        try:
-            result = client.predict(args.model, images=[data for _, data in batch], version=args.version,
-                                    version_label=args.version_label, output_filter=output_filter)
-        except InvalidInput as exc:
-            if exc.message.startswith(ALIAS_NOT_FOUND):  # about the model, not the photos
-                raise FailedPrecondition(f"model {args.model!r}: {exc.message}") from None
-            raise
-        check_answer(result, args, len(batch), needed)
-        return result
+        for attempt in itertools.count(1):
+            try:
+                result = client.predict(args.model, images=[data for _, data in batch], version=args.version,
+                                        version_label=args.version_label, output_filter=output_filter)
+            except InvalidInput as exc:
+                if exc.message.startswith(ALIAS_NOT_FOUND):  # about the model, not the photos
+                    raise FailedPrecondition(f"model {args.model!r}: {exc.message}") from None
+                raise
+            except (Unavailable, ResourceExhausted) as exc:  # the server, for now; not the request's own size
+                if isinstance(exc, RequestTooLarge) or attempt > args.retries:
+                    raise
+                wait = min(RETRY_FIRST_S * 2 ** (attempt - 1), RETRY_MAX_S)
+                note(f"{exc.code}: {exc.message}; trying again in {wait:g} s (retry {attempt} of {args.retries})")
+                time.sleep(wait)
+                continue
+            check_answer(result, args, len(batch), needed)
+            return result
 
     pending, size = readable(), args.batch_size
     while batch := list(itertools.islice(pending, size)):
@@ -188,9 +211,8 @@ def classify(client, args, photos: Sequence[Path], failures: Failures,
             except (InvalidInput, RequestTooLarge) as exc:
                 errors.append((item[0], exc.message))
         if not errors:  # the request was refused, none of its photos: its size (above max_batch_size, say)
-            print(f"carclf predict: the server refused {len(batch)} photos in one request ({refused.message}); "
-                  "sending one photo per request from now on (a smaller --batch-size avoids this)",
-                  file=sys.stderr, flush=True)
+            note(f"the server refused {len(batch)} photos in one request ({refused.message}); sending one photo "
+                 "per request from now on (a smaller --batch-size avoids this)")
             size = 1
         for path, message in errors:
             failures.report(path, message)
@@ -248,6 +270,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--top-k must be >= 1, received {args.top_k}")
     if args.batch_size < 1:
         raise InvalidInput(f"--batch-size must be >= 1, received {args.batch_size}")
+    if not 0 <= args.retries <= MAX_RETRIES:
+        raise InvalidInput(f"--retries must be 0..{MAX_RETRIES}, received {args.retries}")
     checked_timeout(args.timeout, "--timeout")
     printing = [flag for flag, given in (("--json", args.json), ("--verbose", args.verbose)) if given]
     if args.output is not None and printing:

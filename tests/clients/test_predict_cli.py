@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,8 @@ def test_a_batch_above_the_servers_limit_falls_back_to_one_photo_per_request(tin
     (["{photo}", "--server", "tcp://x:1"], "server address must start with grpc://"),
     (["{photo}", "--top-k", "0"], "--top-k must be >= 1"),
     (["{photo}", "--timeout", "0"], "--timeout must be > 0 seconds and at most 86400, received 0.0"),
+    (["{photo}", "--retries", "-1"], "--retries must be 0..10, received -1"),
+    (["{photo}", "--retries", "11"], "--retries must be 0..10, received 11"),
     (["{photo}", "--server", "{grpc}", "--model", "tiny_a", "--batch-size", "0"], "--batch-size must be >= 1, "
                                                                                   "received 0"),
     (["{photo}", "--server", "{grpc}", "--model", "nope"], "Servable not found for request: Latest(nope)"),
@@ -168,7 +171,7 @@ def test_server_down_is_one_line(capsys, photos):
         port = s.getsockname()[1]
     assert cli.main(["predict", str(photos[0]), "--server", f"http://127.0.0.1:{port}", "--timeout", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot reach" in err[0] and "connection refused" in err[0]
+    assert len(err) == 1 and "cannot reach" in err[0] and "connection refused" in err[0]  # not tried again
 
 
 def test_a_backbone_without_classes_names_its_top_class_and_says_how_to_name_the_rest(tiny_ensemble_server,
@@ -454,6 +457,14 @@ def test_a_classes_file_saved_with_a_byte_order_mark_reads(tmp_path):
                                                            {"GMC Savana": "0", "Jaguar F-Type": "1"})
 
 
+class Refusal(Exception):
+    """Raised by a stub's ``outputs_for``: the Predict is answered with this gRPC status instead."""
+
+    def __init__(self, code: str, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
 @contextlib.contextmanager
 def stub_prediction_service(outputs_for):
     """A gRPC PredictionService standing in for a server: its metadata says serving_default takes image_bytes
@@ -483,7 +494,10 @@ def stub_prediction_service(outputs_for):
             response = predict_pb2.PredictResponse()
             response.model_spec.name = request.model_spec.name
             response.model_spec.version.value = 1
-            outputs = outputs_for(len(request.inputs["image_bytes"].string_val))
+            try:
+                outputs = outputs_for(len(request.inputs["image_bytes"].string_val))
+            except Refusal as refusal:
+                context.abort(getattr(grpc.StatusCode, refusal.code), refusal.details)
             for name in request.output_filter:  # TF Serving's check of output_filter
                 if name not in outputs:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"output tensor alias not found in "
@@ -679,3 +693,62 @@ def test_a_reader_that_stops_reading_ends_the_run_quietly(tiny_ensemble_server, 
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 141, stderr
     assert not own_lines(stderr) and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+def test_a_request_the_server_refuses_for_now_is_tried_again(photos, tmp_path, capsys):
+    """UNAVAILABLE (a replica shutting down in a rolling update) and RESOURCE_EXHAUSTED for a full queue, once
+    the server has answered: the request is tried again after 0.5 s, then 1 s, each retry on a line of its own,
+    and the run ends whole (exit 0, every photo in the CSV); it stopped at the first such answer (exit 2)."""
+    refusals = [Refusal("UNAVAILABLE", "shutting down; try another replica"),
+                Refusal("RESOURCE_EXHAUSTED", "the batching queue of model other is full; try again later")]
+    calls = []
+
+    def answers(n: int) -> dict:
+        calls.append(n)
+        if len(calls) == 2 and refusals:  # the second photo's request, twice
+            calls.pop()
+            raise refusals.pop(0)
+        return _answer(n)
+
+    chosen = [str(p) for p in photos[:3]]
+    out = tmp_path / "out.csv"
+    with stub_prediction_service(answers) as url:
+        started = time.monotonic()
+        code = cli.main(["predict", *chosen, "--server", url, "--model", "other", "--batch-size", "1",
+                         "--output", str(out)])
+        took = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert len(out.read_text().splitlines()) == 1 + 3
+    retries = [line for line in err.splitlines() if "trying again" in line]
+    assert len(retries) == 2, err
+    assert re.fullmatch(r"carclf predict: UNAVAILABLE: shutting down; try another replica \(server 127\.0\.0\.1:\d+\); "
+                        r"trying again in 0\.5 s \(retry 1 of 3\)", retries[0]), retries
+    assert retries[1] == ("carclf predict: RESOURCE_EXHAUSTED: the batching queue of model other is full; try again "
+                          "later; trying again in 1 s (retry 2 of 3)"), retries
+    assert took >= 1.5  # the waits were waited
+
+
+@pytest.mark.parametrize("retries", ["0", "1"])
+def test_a_server_still_refusing_after_the_retries_stops_the_run_with_what_was_answered(photos, tmp_path, capsys,
+                                                                                     retries):
+    """--retries N: after N retries the refusal stops the run as before (exit 2, the rows answered kept in
+    <output>.partial.csv); --retries 0 never tries again."""
+    calls = []
+
+    def answers(n: int) -> dict:
+        calls.append(n)
+        if len(calls) > 1:
+            raise Refusal("UNAVAILABLE", "shutting down")
+        return _answer(n)
+
+    out = tmp_path / "out.csv"
+    with stub_prediction_service(answers) as url:
+        code = cli.main(["predict", *[str(p) for p in photos[:2]], "--server", url, "--model", "other",
+                         "--batch-size", "1", "--output", str(out), "--retries", retries])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(calls) == 2 + int(retries)  # the first photo's request, then the second's tries
+    assert sum("trying again" in line for line in err.splitlines()) == int(retries)
+    assert (tmp_path / "out.partial.csv").is_file() and not out.exists()
+
