@@ -352,8 +352,9 @@ def parse_ssl_config(text: str, *, source: str = "<ssl.config>") -> SslConfig:
             raise ConfigError("is empty; it holds the PEM text itself (-----BEGIN ...), not a path",
                               source=source, field=name)
         if "-----BEGIN" not in value:
-            raise ConfigError(f"is not PEM text (expected -----BEGIN ..., received {value[:40]!r}); it holds the "
-                              "key or certificate itself, not a path", source=source, field=name)
+            shown = "" if name == "server_key" else f", received {value[:40]!r}"  # never echo key material
+            raise ConfigError(f"is not PEM text (expected -----BEGIN ...{shown}); it holds the key or certificate "
+                              "itself, not a path", source=source, field=name)
     if proto.client_verify and not proto.custom_ca.strip():
         raise ConfigError("client_verify: true needs custom_ca, the PEM certificates that client certificates "
                           "are verified against", source=source, field="custom_ca")

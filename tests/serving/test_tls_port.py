@@ -96,7 +96,9 @@ def test_client_verify_admits_only_client_certificates_signed_by_custom_ca(priva
 @pytest.mark.parametrize("fields,field,needle", [
     ({"server_cert": "server.pem"}, "server_key", "is empty; it holds the PEM text itself"),
     ({"server_key": "/etc/tls/server.key", "server_cert": "server.pem"}, "server_key",
-     "is not PEM text (expected -----BEGIN ..., received '/etc/tls/server.key')"),
+     "is not PEM text (expected -----BEGIN ...); it holds the key or certificate itself, not a path"),
+    ({"server_key": "server.key", "server_cert": "/etc/tls/server.pem"}, "server_cert",
+     "is not PEM text (expected -----BEGIN ..., received '/etc/tls/server.pem')"),
     ({"server_key": "stranger.key", "server_cert": "server.pem"}, "server_cert",
      "server_key and server_cert are not a usable key and certificate pair"),
     ({"server_key": "server.key", "server_cert": "server.pem", "client_verify": True}, "custom_ca",
@@ -113,7 +115,7 @@ def test_an_ssl_config_that_tls_cannot_use_is_refused_naming_the_field(pki, tmp_
         parse_ssl_config(config.read_text(), source=str(config))
     assert refused.value.source == str(config) and refused.value.field == field
     assert needle in refused.value.detail
-    assert "PRIVATE KEY" not in refused.value.message  # the key's text is never echoed
+    assert "PRIVATE KEY" not in refused.value.message and "/etc/tls/server.key" not in refused.value.message
 
 
 def test_carclf_serve_refuses_a_bad_ssl_config_before_loading_models(conformance_repository, tmp_path):
