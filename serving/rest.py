@@ -102,6 +102,12 @@ class RestApi:
         return app
 
     async def handle(self, request: web.Request) -> web.Response:
+        response = await self._handle(request)
+        if self._gate.draining:  # keep-alive ends: the client's next request opens a connection elsewhere
+            response.force_close()
+        return response
+
+    async def _handle(self, request: web.Request) -> web.Response:
         path = request.raw_path.split("?", 1)[0]
         method = request.method
         try:

@@ -452,6 +452,32 @@ def test_the_rest_client_keeps_working_across_connections_the_idle_timeout_close
 
 
 @pytest.mark.extension
+def test_rest_responses_during_the_drain_end_their_keep_alive_connection(private_server, conformance_repository):
+    """Before the drain a REST connection is kept alive; once it has begun every response (the 503 refusals,
+    the answers still finishing) says ``Connection: close`` and the connection ends, so a keep-alive client's
+    next request opens a new one, which a load balancer sends to a replica still serving. They stayed open, so
+    such a client kept asking the draining server and getting 503 until it stopped."""
+    import http.client
+
+    server = private_server(model_name=OTHER_MODEL, model_base_path=str(conformance_repository / OTHER_MODEL),
+                            enable_model_warmup=False)
+    conn = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=10)
+    try:
+        conn.request("GET", f"/v1/models/{OTHER_MODEL}")
+        before = conn.getresponse()
+        before.read()
+        assert before.status == 200 and not before.will_close
+        server.gate.start_draining()
+        conn.request("GET", f"/v1/models/{OTHER_MODEL}")  # the same connection
+        during = conn.getresponse()
+        body = json.loads(during.read())
+    finally:
+        conn.close()
+    assert during.status == 503 and "shutting down" in body["error"]
+    assert during.will_close and (during.getheader("Connection") or "").lower() == "close"
+
+
+@pytest.mark.extension
 def test_a_version_still_loading_does_not_hold_the_shutdown_past_the_drain(conformance_repository, tmp_path):
     """SIGTERM while the file-system poller loads a new version (a large model's load and warmup take minutes):
     the shutdown keeps to its documented bound (twice --drain_timeout_seconds plus the transports' grace, so
