@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from carclf import contract
 from carclf.errors import ConfigError
 
 ANY_PORT = -1          # REST: bind any free port (extension); gRPC uses 0 for that
@@ -236,8 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _int32(text: str) -> int | None:
     """``text`` as a signed 32-bit integer, or None when it is not one (as TF Serving's safe_strto32)."""
-    digits = text[1:] if text[:1] in "+-" else text
-    if not digits or not (digits.isascii() and digits.isdigit()):
+    if not contract.ascii_digits(text[1:] if text[:1] in "+-" else text):
         return None
     value = int(text)
     return value if -2**31 <= value < 2**31 else None

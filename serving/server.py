@@ -183,9 +183,9 @@ class ModelServer:
         except BaseException:
             self._shutdown(drain_timeout=0)
             raise
-        log.info("Running gRPC ModelServer at %s:%d%s ...", opts.host, self.grpc_port,
-                 "" if self.ssl is None else " (TLS" + (", client certificates required)" if self.ssl.client_verify
-                                                        else ")"))
+        tls = "" if self.ssl is None else " (TLS, client certificates required)" if self.ssl.client_verify \
+            else " (TLS)"
+        log.info("Running gRPC ModelServer at %s:%d%s ...", opts.host, self.grpc_port, tls)
         if self.rest_port is not None:
             log.info("Exporting HTTP/REST API at:%s:%d ...", opts.host, self.rest_port)
             if opts.web_ui_model and opts.web_ui_model not in self.manager.model_names(active_only=False):
