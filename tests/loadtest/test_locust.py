@@ -380,3 +380,72 @@ def test_a_grpc_call_nothing_answers_fails_after_the_request_timeout(tmp_path, s
     assert failures and all(row["Method"] == "grpc" and "DEADLINE_EXCEEDED" in row["Error"] for row in failures), \
         failures
     assert sum(int(row["Occurrences"]) for row in failures) >= 2  # 3 s of 0.5 s calls
+
+
+def test_grpc_users_call_concurrently_and_time_each_call(tmp_path, sample_dir):
+    """A gRPC user's call does not hold up the others (grpc runs on gevent's loop): against a server that takes
+    0.4 s per call, four users have four calls running at once (one at a time when a call blocks the loop, as
+    it does without grpc's gevent mode), and each call is timed at no less than the server took."""
+    import threading
+    from concurrent import futures
+
+    import grpc
+
+    delay_s, users = 0.4, 4
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def slow_predict(request: bytes, context) -> bytes:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(delay_s)
+        with lock:
+            running[0] -= 1
+        context.abort(grpc.StatusCode.INTERNAL, "answered slowly on purpose")
+
+    class Slow(grpc.GenericRpcHandler):
+        def service(self, details):
+            return grpc.unary_unary_rpc_method_handler(slow_predict) if details.method == protocol.PREDICT_METHOD \
+                else None
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * users))
+    server.add_generic_rpc_handlers((Slow(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        result = subprocess.run([sys.executable, "-m", "locust", "--config",
+                                 str(REPO_ROOT / "loadtest" / "locust.conf"), "GrpcPredictUser",
+                                 "--host", f"http://127.0.0.1:{srv.free_port()}", "--grpc-host", f"127.0.0.1:{port}",
+                                 "--users", str(users), "--spawn-rate", "100", "--run-time", "2s",
+                                 "--ensemble-weight", "0", "--target-model", "tiny_a",
+                                 "--photo-folder", str(sample_dir), "--model-repository", str(tmp_path),
+                                 "--max-fail-ratio", "1", "--csv", str(tmp_path / "locust"),
+                                 "--html", str(tmp_path / "locust.html")],
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        server.stop(grace=None)
+    assert result.returncode == 0, result.stderr[-3000:]  # every call failed, and a ratio of 1 allows that
+    assert most[0] == users, (most[0], result.stderr[-2000:])
+    row = stats(tmp_path)["grpc Predict tiny_a"]
+    assert int(row["Request Count"]) >= users and row["Failure Count"] == row["Request Count"], row
+    assert float(row["Min Response Time"]) >= delay_s * 1000, row
+
+
+@pytest.mark.slow
+def test_distributed_mode_with_forked_workers_aggregates_both_users(tiny_deployment, tmp_path, sample_dir):
+    """README's one-machine distributed run (``--processes``): a master and two forked workers; the master's
+    options reach the workers, every call of both users is answered and checked, and the master reports the
+    total."""
+    address = tiny_deployment.address
+    result = subprocess.run([sys.executable, "-m", "locust", "--config", str(REPO_ROOT / "loadtest" / "locust.conf"),
+                             "--processes", "2", "--host", address.rest_url, "--grpc-host", address.grpc_target,
+                             "--users", "4", "--spawn-rate", "4", "--run-time", "3s", "--target-model", "tiny_a",
+                             "--ensemble-weight", "0", "--photo-folder", str(sample_dir),
+                             "--model-repository", str(tiny_deployment.repository), "--max-p95-ms", "0",
+                             "--csv", str(tmp_path / "locust"), "--html", str(tmp_path / "locust.html")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 workers connected" in result.stderr, result.stderr[-3000:]
+    rows = stats(tmp_path)
+    for name in ("grpc Predict tiny_a", "POST POST /v1/models/tiny_a:predict"):
+        assert int(rows[name]["Request Count"]) > 0 and rows[name]["Failure Count"] == "0", rows[name]
