@@ -272,10 +272,8 @@ class GrpcPredictUser(User):
         self.stubs = {t: prediction_service_pb2_grpc.PredictionServiceStub(grpc.intercept_channel(c, interceptor))
                       for t, c in self.channels.items()}
 
-    # No on_stop closing the channels: grpc's gevent integration can abort the whole process in its poller
-    # when a channel is closed as users stop (gRPC issue 20299; seen here as "Check failed:
-    # wakeup_fd_->ConsumeWakeup().ok()" at the end of a run, locust killed by SIGABRT). A user's channel is one
-    # connection, released when the process ends.
+    # No on_stop closing the channels: closing them under grpc's gevent mode is a known abort of the whole
+    # process (gRPC issue 20299). A user's channel is one connection, released when the process ends.
 
     def _predict(self, model: str, target: str) -> None:
         request = self.rng.choice(workload().grpc_requests[model])
