@@ -26,6 +26,13 @@ def run_loadtest(*args: str, timeout: float = 150) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_locust(reports: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A plain ``locust`` run over loadtest/locust.conf (not through run.py), its CSV and HTML under ``reports``."""
+    return subprocess.run([sys.executable, "-m", "locust", "--config", str(REPO_ROOT / "loadtest" / "locust.conf"),
+                           *args, "--csv", str(reports / "locust"), "--html", str(reports / "locust.html")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def stats(reports: Path) -> dict[str, dict[str, str]]:
     with (reports / "locust_stats.csv").open(newline="") as handle:
         return {f"{row['Type']} {row['Name']}".strip(): row for row in csv.DictReader(handle)}
@@ -413,15 +420,12 @@ def test_grpc_users_call_concurrently_and_time_each_call(tmp_path, sample_dir):
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        result = subprocess.run([sys.executable, "-m", "locust", "--config",
-                                 str(REPO_ROOT / "loadtest" / "locust.conf"), "GrpcPredictUser",
-                                 "--host", f"http://127.0.0.1:{srv.free_port()}", "--grpc-host", f"127.0.0.1:{port}",
-                                 "--users", str(users), "--spawn-rate", "100", "--run-time", "2s",
-                                 "--ensemble-weight", "0", "--target-model", "tiny_a",
-                                 "--photo-folder", str(sample_dir), "--model-repository", str(tmp_path),
-                                 "--max-fail-ratio", "1", "--csv", str(tmp_path / "locust"),
-                                 "--html", str(tmp_path / "locust.html")],
-                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        result = run_locust(tmp_path, "GrpcPredictUser",
+                            "--host", f"http://127.0.0.1:{srv.free_port()}", "--grpc-host", f"127.0.0.1:{port}",
+                            "--users", str(users), "--spawn-rate", "100", "--run-time", "2s",
+                            "--ensemble-weight", "0", "--target-model", "tiny_a",
+                            "--photo-folder", str(sample_dir), "--model-repository", str(tmp_path),
+                            "--max-fail-ratio", "1")
     finally:
         server.stop(grace=None)
     assert result.returncode == 0, result.stderr[-3000:]  # every call failed, and a ratio of 1 allows that
@@ -437,13 +441,10 @@ def test_distributed_mode_with_forked_workers_aggregates_both_users(tiny_deploym
     options reach the workers, every call of both users is answered and checked, and the master reports the
     total."""
     address = tiny_deployment.address
-    result = subprocess.run([sys.executable, "-m", "locust", "--config", str(REPO_ROOT / "loadtest" / "locust.conf"),
-                             "--processes", "2", "--host", address.rest_url, "--grpc-host", address.grpc_target,
-                             "--users", "4", "--spawn-rate", "4", "--run-time", "3s", "--target-model", "tiny_a",
-                             "--ensemble-weight", "0", "--photo-folder", str(sample_dir),
-                             "--model-repository", str(tiny_deployment.repository), "--max-p95-ms", "0",
-                             "--csv", str(tmp_path / "locust"), "--html", str(tmp_path / "locust.html")],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=150)
+    result = run_locust(tmp_path, "--processes", "2", "--host", address.rest_url, "--grpc-host", address.grpc_target,
+                        "--users", "4", "--spawn-rate", "4", "--run-time", "3s", "--target-model", "tiny_a",
+                        "--ensemble-weight", "0", "--photo-folder", str(sample_dir),
+                        "--model-repository", str(tiny_deployment.repository), "--max-p95-ms", "0", timeout=150)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 workers connected" in result.stderr, result.stderr[-3000:]
     rows = stats(tmp_path)
