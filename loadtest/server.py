@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,29 +29,21 @@ LOOPBACK = "127.0.0.1"
 PROBE_TIMEOUT_S = 2.0  # a status GET; a server too busy to answer in this time is reported, not taken as absent
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+TETHER = Path(__file__).with_name("tether.py")
 
 
-def end_with_this_process() -> Callable[[], None] | None:
-    """A ``preexec_fn`` after which the kernel sends the child SIGTERM when the thread that started it dies,
-    even by SIGKILL or the OOM killer (Linux's ``PR_SET_PDEATHSIG``), so that a killed load test or benchmark
-    leaves no server holding its ports and no locust running. None (nothing to do) on other systems.
+def tethered(command: Sequence[str]) -> list[str]:
+    """``command`` started through ``tether.py`` so that the kernel sends it SIGTERM when the thread that
+    starts it dies, even by SIGKILL or the OOM killer (Linux's ``PR_SET_PDEATHSIG``): a killed load test or
+    benchmark leaves no server holding its ports and no locust running. Unchanged on other systems. Never a
+    ``preexec_fn`` instead: that makes subprocess fork() rather than vfork(), and gRPC's fork handlers then
+    abort or hang the child (docs/RELIABILITY.md).
 
     Start children from the main thread: the kernel ties them to the starting thread, not the process.
     """
     if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
-    parent = os.getpid()
-
-    def tie() -> None:
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-        if os.getppid() != parent:  # the parent died between fork and prctl: no signal will come
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return tie
+        return list(command)
+    return [sys.executable, "-S", str(TETHER), str(os.getpid()), *command]
 
 
 def call_child(command: Sequence[str], stop_timeout_s: float = 30.0) -> int:
@@ -61,8 +53,7 @@ def call_child(command: Sequence[str], stop_timeout_s: float = 30.0) -> int:
     process only (a SIGINT landing in locust mid-call prints greenlet tracebacks); this process then stops it
     with SIGTERM, locust's clean stop that still writes the reports, and gives it ``stop_timeout_s`` before
     SIGKILL. The interrupt (or SystemExit, from SIGTERM) is raised again once the child has gone."""
-    child = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, process_group=0,
-                             preexec_fn=end_with_this_process())
+    child = subprocess.Popen(tethered(command), stdin=subprocess.DEVNULL, process_group=0)
     try:
         return child.wait()
     except BaseException:
@@ -274,8 +265,8 @@ class EmbeddedServer:
         # Same session as the caller on purpose: with the kernel's autogroup scheduling, a server in a
         # session of its own would get a CPU share of its own on a busy machine, and served figures would
         # be compared with in-process ones measured on half the share.
-        self.process = subprocess.Popen(self.args, stdout=self._log or subprocess.DEVNULL,
-                                        stderr=subprocess.STDOUT, env=env, preexec_fn=end_with_this_process())
+        self.process = subprocess.Popen(tethered(self.args), stdout=self._log or subprocess.DEVNULL,
+                                        stderr=subprocess.STDOUT, env=env)
         return self
 
     def wait_ready(self, models: Sequence[str], timeout: float = 120.0) -> None:
