@@ -132,10 +132,7 @@ def test_a_plain_locust_run_refuses_bad_settings_in_one_line(tmp_path, flags, ne
     """``locust --config loadtest/locust.conf`` (not through run.py) makes run.py's checks before any request:
     one error line and exit status 2, not a traceback from locust's event handler (and no run without limit)."""
     port = srv.free_port()  # nothing listens there: a run that started would fail its requests, not exit 2
-    result = subprocess.run([sys.executable, "-m", "locust", "--config", str(REPO_ROOT / "loadtest" / "locust.conf"),
-                             "--host", f"http://127.0.0.1:{port}", "--grpc-host", f"127.0.0.1:{port}",
-                             "--csv", str(tmp_path / "locust"), "--html", str(tmp_path / "locust.html"), *flags],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    result = run_locust(tmp_path, "--host", f"http://127.0.0.1:{port}", "--grpc-host", f"127.0.0.1:{port}", *flags)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
     errors = [line for line in output.splitlines() if "/ERROR/" in line]
@@ -212,12 +209,9 @@ def test_calls_nothing_answers_say_why_and_back_off(tmp_path, sample_dir):
     before trying again instead of looping thousands of times a second."""
     rest_port, grpc_port = srv.free_port(), srv.free_port()
     run_s = 2
-    result = subprocess.run([sys.executable, "-m", "locust", "--config", str(REPO_ROOT / "loadtest" / "locust.conf"),
-                             "--host", f"http://127.0.0.1:{rest_port}", "--grpc-host", f"127.0.0.1:{grpc_port}",
-                             "--users", "2", "--spawn-rate", "2", "--run-time", f"{run_s}s", "--ensemble-weight", "0",
-                             "--target-model", "tiny_a", "--photo-folder", str(sample_dir), "--max-fail-ratio", "1",
-                             "--csv", str(tmp_path / "locust"), "--html", str(tmp_path / "locust.html")],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    result = run_locust(tmp_path, "--host", f"http://127.0.0.1:{rest_port}", "--grpc-host", f"127.0.0.1:{grpc_port}",
+                        "--users", "2", "--spawn-rate", "2", "--run-time", f"{run_s}s", "--ensemble-weight", "0",
+                        "--target-model", "tiny_a", "--photo-folder", str(sample_dir), "--max-fail-ratio", "1")
     assert result.returncode == 0, result.stderr[-3000:]  # every call failed, and a ratio of 1 allows that
     assert (tmp_path / "locust.html").is_file()  # the report went here, not over the checkout's reports/
     with (tmp_path / "locust_failures.csv").open(newline="") as handle:
@@ -255,15 +249,11 @@ def test_a_rest_answer_that_is_no_prediction_is_a_failed_request(tmp_path, sampl
     server = ThreadingHTTPServer(("127.0.0.1", 0), WrongAnswers)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        result = subprocess.run([sys.executable, "-m", "locust", "--config",
-                                 str(REPO_ROOT / "loadtest" / "locust.conf"), "RestPredictUser",
-                                 "--host", f"http://127.0.0.1:{server.server_address[1]}",
-                                 "--grpc-host", f"127.0.0.1:{srv.free_port()}", "--users", "1", "--spawn-rate", "1",
-                                 "--run-time", "2s", "--ensemble-weight", "0", "--target-model", "tiny_a",
-                                 "--photo-folder", str(sample_dir), "--model-repository", str(tmp_path),
-                                 "--max-fail-ratio", "1", "--csv", str(tmp_path / "locust"),
-                                 "--html", str(tmp_path / "locust.html")],
-                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        result = run_locust(tmp_path, "RestPredictUser", "--host", f"http://127.0.0.1:{server.server_address[1]}",
+                            "--grpc-host", f"127.0.0.1:{srv.free_port()}", "--users", "1", "--spawn-rate", "1",
+                            "--run-time", "2s", "--ensemble-weight", "0", "--target-model", "tiny_a",
+                            "--photo-folder", str(sample_dir), "--model-repository", str(tmp_path),
+                            "--max-fail-ratio", "1")
     finally:
         server.shutdown()
         server.server_close()
@@ -372,15 +362,11 @@ def test_a_grpc_call_nothing_answers_fails_after_the_request_timeout(tmp_path, s
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
         port = listener.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "locust", "--config",
-                                 str(REPO_ROOT / "loadtest" / "locust.conf"), "GrpcPredictUser",
-                                 "--host", f"http://127.0.0.1:{port}", "--grpc-host", f"127.0.0.1:{port}",
-                                 "--users", "1", "--spawn-rate", "1", "--run-time", "3s", "--request-timeout", "0.5",
-                                 "--ensemble-weight", "0", "--target-model", "tiny_a",
-                                 "--photo-folder", str(sample_dir), "--model-repository", str(tmp_path),
-                                 "--max-fail-ratio", "1", "--csv", str(tmp_path / "locust"),
-                                 "--html", str(tmp_path / "locust.html")],
-                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        result = run_locust(tmp_path, "GrpcPredictUser", "--host", f"http://127.0.0.1:{port}",
+                            "--grpc-host", f"127.0.0.1:{port}", "--users", "1", "--spawn-rate", "1", "--run-time", "3s",
+                            "--request-timeout", "0.5", "--ensemble-weight", "0", "--target-model", "tiny_a",
+                            "--photo-folder", str(sample_dir), "--model-repository", str(tmp_path),
+                            "--max-fail-ratio", "1")
     assert result.returncode == 0, result.stderr[-3000:]  # every call failed, and a ratio of 1 allows that
     with (tmp_path / "locust_failures.csv").open(newline="") as handle:
         failures = list(csv.DictReader(handle))
