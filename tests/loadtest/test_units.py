@@ -617,7 +617,7 @@ def test_sigkill_to_run_or_soak_still_ends_its_server_and_locust(tmp_path):
 def test_children_start_while_another_thread_holds_a_lock_a_forked_child_would_need(tmp_path):
     """run and bench start locust and the server from a process with TensorFlow's threads. Had any Python code
     run in the child between fork and exec, a lock another thread held at the fork would stay held in the child
-    forever (a load-test run was once found so, its locust child blocked in futex_wait 2.5 h later). Here an
+    forever (a load-test run once never ended so: its child still blocked in futex_wait 2.5 h later). Here an
     at-fork hook needs a lock that a thread holds for good: each child must still start, run and end."""
     import os
     import signal
@@ -676,11 +676,11 @@ def test_no_c_librarys_fork_handler_runs_in_the_children():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="grpc's fork handlers as on Linux")
 def test_children_started_right_after_a_grpc_call_are_not_killed_by_grpcs_fork_handlers():
     """run.py asks a running server for its models' status over gRPC, closes that channel, then starts locust;
-    the suite starts servers with gRPC clients open. A ``preexec_fn`` makes subprocess fork rather than vfork, and a fork runs grpc's fork handlers: in the child
-    they restart grpc's poller, subprocess closes the child's descriptors, the poller meets its epoll descriptor
-    closed and the child aborts before exec (grpc/grpc#43055; read by the load test as "locust killed by
-    SIGABRT"); or the handlers wait for good, in the child or in the parent. Sixty children in that pattern all
-    start and end."""
+    the suite starts servers with gRPC clients open. A ``preexec_fn`` makes subprocess fork rather than vfork,
+    and a fork runs grpc's fork handlers: in the child they restart grpc's poller, subprocess closes the child's
+    descriptors, the poller meets its epoll descriptor closed and the child aborts before exec (grpc/grpc#43055;
+    read by the load test as "locust killed by SIGABRT"); or the handlers wait for good, in the child or in the
+    parent. Sixty children in that pattern all start and end."""
     import subprocess
     from concurrent import futures
 
