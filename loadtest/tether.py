@@ -3,9 +3,11 @@
 ``python -S tether.py PARENT_PID COMMAND [ARG ...]`` sets ``PR_SET_PDEATHSIG`` (SIGTERM) on itself, checks that
 its parent is still PARENT_PID, and replaces itself with COMMAND (same pid; the setting survives ``exec``).
 
-It is a program rather than a ``preexec_fn`` so that nothing of Python runs in a child between ``fork`` and
-``exec``: in a parent with other threads (TensorFlow's) a lock held at the fork stays held in the child forever.
-Only the standard library is imported, so it starts in a few milliseconds with ``-S``.
+It is a program rather than a ``preexec_fn`` because any ``preexec_fn`` makes subprocess fork() instead of
+vfork(): a fork runs every fork handler in the parent and the child (gRPC's abort or hang a child of a process
+that has used gRPC, grpc/grpc#43055) and Python code in the child, where a lock another thread (TensorFlow's)
+held at the fork stays held for good. Only the standard library is imported, so it starts in a few
+milliseconds with ``-S``.
 """
 
 from __future__ import annotations

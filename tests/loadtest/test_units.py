@@ -613,38 +613,49 @@ def test_sigkill_to_run_or_soak_still_ends_its_server_and_locust(tmp_path):
                     pass
 
 
+def _start_both_children_after(setup: str, locust: list[str], server: list[str], timeout: float = 60):
+    """Run ``setup`` in a fresh Python, then start ``locust`` through ``call_child`` and ``server`` through
+    ``EmbeddedServer`` there, as run/soak/bench do; (its exit status, its output lines, its stderr). A starter
+    or child that hangs is killed after ``timeout``, and said so in the stderr returned."""
+    import os
+    import signal
+    import subprocess
+    import uuid
+
+    marker = f"starter-{uuid.uuid4().hex}"  # in the command line of the starter and of any child stuck in a fork
+    script = (f"# {marker}\n{setup}"
+              "from carclf.loadtest import server as srv\n"
+              f"print('locust', srv.call_child({locust!r}), flush=True)\n"
+              f"server = srv.EmbeddedServer(srv.ServerAddress(), model_config_file='unused', command={server!r})\n"
+              "print('server', server.start().process.wait(), flush=True)\n")
+    starter = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, process_group=0)
+    try:
+        out, err = starter.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(starter.pid, signal.SIGKILL)
+        out, err = starter.communicate()
+        err = f"did not end within {timeout:g} s\n{err}"
+    finally:
+        subprocess.run(["pkill", "-KILL", "-f", marker], check=False)  # a child stuck before exec, group of its own
+    return starter.returncode, out.split("\n"), err
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork and at-fork hooks as Linux has them")
-def test_children_start_while_another_thread_holds_a_lock_a_forked_child_would_need(tmp_path):
+def test_children_start_while_another_thread_holds_a_lock_a_forked_child_would_need():
     """run and bench start locust and the server from a process with TensorFlow's threads. Had any Python code
     run in the child between fork and exec, a lock another thread held at the fork would stay held in the child
     forever (a load-test run once never ended so: its child still blocked in futex_wait 2.5 h later). Here an
     at-fork hook needs a lock that a thread holds for good: each child must still start, run and end."""
-    import os
-    import signal
-    import subprocess
-
-    script = ("import os, threading\n"
-              "from carclf.loadtest import server as srv\n"
-              "held, taken = threading.Lock(), threading.Event()\n"
-              "def hold():\n"
-              "    held.acquire(); taken.set(); threading.Event().wait()\n"
-              "threading.Thread(target=hold, daemon=True).start()\n"
-              "taken.wait()\n"
-              "os.register_at_fork(after_in_child=held.acquire)\n"
-              "print('locust', srv.call_child(['sh', '-c', 'exit 7']), flush=True)\n"
-              "server = srv.EmbeddedServer(srv.ServerAddress(), model_config_file='unused',\n"
-              "                            command=['sh', '-c', 'exit 5']).start()\n"
-              "print('server', server.process.wait(), flush=True)\n")
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, process_group=0)
-    try:
-        out, err = parent.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(parent.pid, signal.SIGKILL)  # the parent and any child stuck in its process group
-        out, err = parent.communicate()
-    finally:
-        subprocess.run(["pkill", "-KILL", "-f", f"^{sys.executable} -c import os, threading"], check=False)
-    assert (parent.returncode, out.split("\n")) == (0, ["locust 7", "server 5", ""]), err
+    setup = ("import os, threading\n"
+             "held, taken = threading.Lock(), threading.Event()\n"
+             "def hold():\n"
+             "    held.acquire(); taken.set(); threading.Event().wait()\n"
+             "threading.Thread(target=hold, daemon=True).start()\n"
+             "taken.wait()\n"
+             "os.register_at_fork(after_in_child=held.acquire)\n")
+    code, lines, err = _start_both_children_after(setup, ["sh", "-c", "exit 7"], ["sh", "-c", "exit 5"])
+    assert (code, lines) == (0, ["locust 7", "server 5", ""]), err
 
 
 def _glibc_fork_handlers() -> bool:
@@ -660,17 +671,11 @@ def _glibc_fork_handlers() -> bool:
 def test_no_c_librarys_fork_handler_runs_in_the_children():
     """grpc (and other C libraries) register handlers that run in every child made by fork(); the children of
     run, soak and bench are made without a fork(), so not even a handler that aborts the child reaches them."""
-    import subprocess
-
-    script = ("import ctypes\n"
-              "from carclf.loadtest import server as srv\n"
-              "libc = ctypes.CDLL('libc.so.6')\n"
-              "assert libc.__register_atfork(None, None, ctypes.cast(libc.abort, ctypes.c_void_p), None) == 0\n"
-              "print('locust', srv.call_child(['true']))\n"
-              "server = srv.EmbeddedServer(srv.ServerAddress(), model_config_file='unused', command=['true']).start()\n"
-              "print('server', server.process.wait())\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert (result.returncode, result.stdout.split("\n")) == (0, ["locust 0", "server 0", ""]), result.stderr
+    setup = ("import ctypes\n"
+             "libc = ctypes.CDLL('libc.so.6')\n"
+             "assert libc.__register_atfork(None, None, ctypes.cast(libc.abort, ctypes.c_void_p), None) == 0\n")
+    code, lines, err = _start_both_children_after(setup, ["true"], ["true"])
+    assert (code, lines) == (0, ["locust 0", "server 0", ""]), err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="grpc's fork handlers as on Linux")
