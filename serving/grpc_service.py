@@ -112,6 +112,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer, _
             future = self._predictor.submit(lease, spec.signature_name, inputs,
                                             output_filter=list(request.output_filter), deadline=deadline,
                                             inline=True)
+            if not context.add_callback(future.cancel):  # on the call's end; a client that cancels or leaves
+                future.cancel()                           # takes its waiting request out (it never runs)
             result = wait(future, deadline)
             response = predict_pb2.PredictResponse()
             apis.fill_model_spec(response.model_spec, result.model_name, result.version, result.signature_name)

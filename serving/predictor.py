@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor, Future, InvalidStateError
+from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import numpy as np
 
-from carclf.errors import CarClfError, DeadlineExceeded, Internal, InvalidInput
+from carclf.errors import Cancelled, CarClfError, DeadlineExceeded, Internal, InvalidInput
 from carclf.serving.batching import BatchScheduler
 from carclf.serving.manager import Lease, ModelManager
 from carclf.serving.metrics import ServingMetrics
@@ -92,7 +92,8 @@ class Predictor:
     ) -> Future:
         """Start the prediction; the returned Future gives a PredictResult. Owns ``lease`` (released when
         the Future completes). ``inline`` lets the request run in the calling thread (a thread that may block):
-        always when unbatched, and when batched if the scheduler would start its batch at once anyway."""
+        always when unbatched, and when batched if the scheduler would start its batch at once anyway.
+        Cancelling the Future while the request waits (batching queue, worker pool) means it is never run."""
         try:
             servable = lease.servable
             signature = servable.validate(signature_name or DEFAULT_SIGNATURE, inputs, output_filter)
@@ -101,6 +102,8 @@ class Predictor:
                 raw = self.batcher.submit(servable, name, inputs, deadline, inline=inline)
                 result: Future = Future()
                 raw.add_done_callback(lambda done: _chain(done, result, lease, name, output_filter))
+                # a caller that gives up (cancels, or its client went away) takes its request out of the batch
+                result.add_done_callback(lambda mine: mine.cancelled() and raw.cancel())
                 return result
             if inline or self.executor is None:
                 result = Future()
@@ -140,7 +143,7 @@ class Predictor:
 
 def _chain(done: Future, result: Future, lease: Lease, signature_name: str, output_filter: Sequence[str]) -> None:
     try:
-        if result.cancelled():  # the caller gave up (deadline); nothing to deliver
+        if result.cancelled():  # the caller gave up (deadline, cancel); nothing to deliver
             return
         exc = done.exception()
         if exc is not None:
@@ -163,6 +166,8 @@ def wait(future: Future, deadline: float | None) -> PredictResult:
         return future.result(timeout)
     except FutureTimeout:
         raise DeadlineExceeded("deadline exceeded while waiting for the prediction") from None
+    except CancelledError:
+        raise Cancelled("the request was cancelled before its prediction was ready") from None
     except CarClfError:
         raise
     except Exception as exc:  # noqa: BLE001

@@ -249,9 +249,11 @@ async def start_rest(api: RestApi, host: str, port: int, idle_timeout_s: float) 
     """Bind and start; returns the runner and the bound port (``port`` 0 picks a free one). A connection with
     no request running for ``idle_timeout_s`` is closed, whether it idles between requests or has sent part of
     its headers (a request whose headers arrived is bounded by the REST timeout instead)."""
-    # aiohttp's default would wait up to 60 s for handlers at shutdown; the server's drain has waited already
+    # aiohttp's default would wait up to 60 s for handlers at shutdown; the server's drain has waited already.
+    # handler_cancellation: a client that closes its connection cancels its handler, which takes its request
+    # out of the batching queue or the worker pool if it has not started (a run already started finishes).
     runner = web.AppRunner(api.app(), access_log=None, handle_signals=False, shutdown_timeout=TRANSPORT_GRACE_S,
-                           keepalive_timeout=idle_timeout_s)
+                           keepalive_timeout=idle_timeout_s, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

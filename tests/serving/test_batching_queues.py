@@ -3,6 +3,8 @@ every caller of a batch, padding and its metrics, and the caller's deadline whil
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +19,8 @@ from carclf.serving.batching import BatchScheduler
 from carclf.serving.config import BatchingConfig
 from carclf.serving.metrics import ServingMetrics
 from tests.serving.conformance_setup import CANARY, MODEL, OTHER_MODEL, STABLE
-from tests.serving.test_batching import RecordingServable, metric, rows
+from tests.serving.conftest import Rest
+from tests.serving.test_batching import RecordingServable, metric, requests_with_status, rows, wait_until
 from tests.serving.test_grpc import outputs, predict_request
 
 SIGNATURE = "serving_default"
@@ -200,3 +203,34 @@ def test_a_batched_in_process_request_ends_at_its_deadline_while_its_batch_still
     # the batch thread is free again once the run ends
     assert server.predictor.predict("slow", {"x": np.ones(1, np.float32)}).outputs["y"].tolist() == [2.0]
 
+
+
+@pytest.mark.extension
+def test_a_rest_request_waiting_for_a_worker_is_never_run_once_its_client_disconnects(private_server,
+                                                                                      conformance_repository):
+    """serving/README.md, "Cancelled requests", unbatched: with the one REST worker busy, a request whose client
+    closes its connection while it waits for that worker is counted CANCELLED and never run."""
+    server = private_server(model_name=OTHER_MODEL, model_base_path=str(conformance_repository / OTHER_MODEL),
+                            rest_api_num_threads=1, enable_model_warmup=False)
+    release, runs = threading.Event(), []
+    slow = HeldServable("run", runs, release)
+    slow.name = "slow"
+    server.manager.add_static(slow)
+    path, body = "/v1/models/slow:predict", json.dumps({"instances": [1.0]}).encode()
+    rest = Rest(f"http://127.0.0.1:{server.rest_port}")
+    text = lambda: server.metrics.exposition().decode()  # noqa: E731
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(rest.post, path, body)
+            assert slow.started.wait(10)  # the only REST worker is taken
+            with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as client:
+                client.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                               + body)
+                assert wait_until(lambda: metric(text(), 'carclf_serving_inflight_requests{entrypoint="REST"}') == 2)
+            assert wait_until(lambda: requests_with_status(text(), "CANCELLED") == 1)
+            release.set()
+            assert first.result(30).status == 200
+        assert rest.post(path, body).status == 200  # queued behind where the cancelled one was
+    finally:
+        release.set()
+    assert runs == ["run", "run"]  # the first request and the last; never the one whose client left
