@@ -613,32 +613,38 @@ def test_sigkill_to_run_or_soak_still_ends_its_server_and_locust(tmp_path):
                     pass
 
 
-def _start_both_children_after(setup: str, locust: list[str], server: list[str], timeout: float = 60):
-    """Run ``setup`` in a fresh Python, then start ``locust`` through ``call_child`` and ``server`` through
-    ``EmbeddedServer`` there, as run/soak/bench do; (its exit status, its output lines, its stderr). A starter
-    or child that hangs is killed after ``timeout``, and said so in the stderr returned."""
+def _run_starter(script: str, timeout: float = 60) -> tuple[int, str, str]:
+    """Run ``script`` (one that starts children) in a fresh Python; (exit status, stdout, stderr). A starter or
+    child that hangs is killed after ``timeout``, and said so in the stderr returned."""
     import os
     import signal
     import subprocess
     import uuid
 
     marker = f"starter-{uuid.uuid4().hex}"  # in the command line of the starter and of any child stuck in a fork
-    script = (f"# {marker}\n{setup}"
-              "from carclf.loadtest import server as srv\n"
-              f"print('locust', srv.call_child({locust!r}), flush=True)\n"
-              f"server = srv.EmbeddedServer(srv.ServerAddress(), model_config_file='unused', command={server!r})\n"
-              "print('server', server.start().process.wait(), flush=True)\n")
-    starter = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, process_group=0)
+    starter = subprocess.Popen([sys.executable, "-c", f"# {marker}\n{script}"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, process_group=0)
     try:
         out, err = starter.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(starter.pid, signal.SIGKILL)
         out, err = starter.communicate()
-        err = f"did not end within {timeout:g} s\n{err}"
+        err = f"did not end within {timeout:g} s (waiting in a fork handler?)\n{err}"
     finally:
         subprocess.run(["pkill", "-KILL", "-f", marker], check=False)  # a child stuck before exec, group of its own
-    return starter.returncode, out.split("\n"), err
+    return starter.returncode, out, err
+
+
+def _start_both_children_after(setup: str, locust: list[str], server: list[str]):
+    """Run ``setup`` in a fresh Python, then start ``locust`` through ``call_child`` and ``server`` through
+    ``EmbeddedServer`` there, as run/soak/bench do; (its exit status, its output lines, its stderr)."""
+    code, out, err = _run_starter(
+        f"{setup}"
+        "from carclf.loadtest import server as srv\n"
+        f"print('locust', srv.call_child({locust!r}), flush=True)\n"
+        f"server = srv.EmbeddedServer(srv.ServerAddress(), model_config_file='unused', command={server!r})\n"
+        "print('server', server.start().process.wait(), flush=True)\n")
+    return code, out.split("\n"), err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork and at-fork hooks as Linux has them")
@@ -715,20 +721,14 @@ def test_children_started_right_after_a_grpc_call_are_not_killed_by_grpcs_fork_h
     # two processes spinning beside it, as on a busy CI machine, widen the race (5 children in 300 aborted on an
     # idle machine, 84 to 95 with two cores kept busy: scripts/fork_children.py, docs/RELIABILITY.md)
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
-    starter = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
     try:
-        out, err = starter.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        starter.kill()
-        out, err = starter.communicate()
-        err = "did not end within 60 s (waiting in a fork handler?)\n" + err
+        code, out, err = _run_starter(script)
     finally:
         server.stop(None)
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
-    assert (starter.returncode, out.strip()) == (0, "{0: 60}"), err[-2000:]
+    assert (code, out.strip()) == (0, "{0: 60}"), err[-2000:]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")

@@ -432,13 +432,6 @@ def queued_server(private_server, conformance_repository, tmp_path):
                           enable_model_warmup=False)
 
 
-def requests_with_status(text: str, status: str) -> float:
-    """``:tensorflow:serving:request_count`` of one status, summed over models."""
-    name = ":tensorflow:serving:request_count{"
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and f'status="{status}"' in line)
-
-
 def wait_until(condition, timeout: float = 10.0) -> bool:
     end = time.monotonic() + timeout
     while not condition():
@@ -488,18 +481,19 @@ def test_a_grpc_call_its_client_cancels_while_queued_is_never_run(private_server
     server = queued_server(private_server, conformance_repository, tmp_path)
     request = predict_request(OTHER_MODEL, image_bytes=np.array(jpegs[:1], dtype=object))
     exposition = lambda: server.metrics.exposition().decode()  # noqa: E731
+    requests = server.metrics.request_count.value  # (model, status) -> count
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         call = stub.Predict.future(request, timeout=30)
         assert wait_until(lambda: metric(exposition(), BATCHING + "input_batch_size_count") == 1)
         assert call.cancel()
-        assert wait_until(lambda: requests_with_status(exposition(), "CANCELLED") == 1), \
+        assert wait_until(lambda: requests(OTHER_MODEL, "CANCELLED") == 1), \
             "the server's handler still waits for the batch of a call its client cancelled"
         assert stub.Predict(request, timeout=30).model_spec.version.value == 1
     text = exposition()
     assert metric(text, BATCHING + "input_batch_size_sum") == 2  # both were queued ...
     assert metric(text, BATCHING + "processed_batch_size_sum") == 1  # ... and the cancelled one never ran
-    assert requests_with_status(text, "OK") == 1
+    assert requests(OTHER_MODEL, "OK") == 1
 
 
 @pytest.mark.extension
@@ -510,15 +504,16 @@ def test_a_rest_request_whose_client_disconnects_while_queued_is_never_run(priva
     body = json.dumps({"instances": [{"b64": base64.b64encode(jpegs[0]).decode()}]}).encode()
     path = f"/v1/models/{OTHER_MODEL}:predict"
     exposition = lambda: server.metrics.exposition().decode()  # noqa: E731
+    requests = server.metrics.request_count.value  # (model, status) -> count
     with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as client:
         client.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                        f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         assert wait_until(lambda: metric(exposition(), BATCHING + "input_batch_size_count") == 1)
-    assert wait_until(lambda: requests_with_status(exposition(), "CANCELLED") == 1), \
+    assert wait_until(lambda: requests(OTHER_MODEL, "CANCELLED") == 1), \
         "the server still waits for the batch of a request whose client has gone"
     reply = Rest(f"http://127.0.0.1:{server.rest_port}").post(path, body)
     assert reply.status == 200 and len(json.loads(reply.body)["predictions"]) == 1
     text = exposition()
     assert metric(text, BATCHING + "input_batch_size_sum") == 2
     assert metric(text, BATCHING + "processed_batch_size_sum") == 1
-    assert requests_with_status(text, "OK") == 1
+    assert requests(OTHER_MODEL, "OK") == 1

@@ -20,7 +20,7 @@ from carclf.serving.config import BatchingConfig
 from carclf.serving.metrics import ServingMetrics
 from tests.serving.conformance_setup import CANARY, MODEL, OTHER_MODEL, STABLE
 from tests.serving.conftest import Rest
-from tests.serving.test_batching import RecordingServable, metric, requests_with_status, rows, wait_until
+from tests.serving.test_batching import RecordingServable, metric, rows, wait_until
 from tests.serving.test_grpc import outputs, predict_request
 
 SIGNATURE = "serving_default"
@@ -227,7 +227,7 @@ def test_a_rest_request_waiting_for_a_worker_is_never_run_once_its_client_discon
                 client.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n\r\n".encode()
                                + body)
                 assert wait_until(lambda: metric(text(), 'carclf_serving_inflight_requests{entrypoint="REST"}') == 2)
-            assert wait_until(lambda: requests_with_status(text(), "CANCELLED") == 1)
+            assert wait_until(lambda: server.metrics.request_count.value("slow", "CANCELLED") == 1)
             release.set()
             assert first.result(30).status == 200
         assert rest.post(path, body).status == 200  # queued behind where the cancelled one was
