@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from carclf import contract
+from carclf.cancel import CancelToken
 from carclf.clients.base import (
     DEFAULT_TIMEOUT_S,
     ModelClient,
@@ -24,7 +25,7 @@ from carclf.clients.base import (
     VersionStatus,
     as_input_array,
 )
-from carclf.errors import CarClfError, Internal, InvalidInput, RequestTooLarge, error_for_code
+from carclf.errors import Cancelled, CarClfError, Internal, InvalidInput, RequestTooLarge, error_for_code
 from carclf.tensors import make_proto, to_ndarray
 
 # TF Serving accepts messages up to 2 GB; gRPC's own default is 4 MB, too small for stacked views.
@@ -117,13 +118,20 @@ class GrpcClient(ModelClient):
         elif version_label is not None:
             spec.version_label = version_label
 
-    def _call(self, method, request, timeout: float | None):
+    def _call(self, method, request, timeout: float | None, cancel: CancelToken | None = None):
         import grpc
 
         self._check_open()
         timeout = self._timeout(timeout)
         try:
-            return method(request, timeout=timeout)
+            if cancel is None:
+                return method(request, timeout=timeout)
+            cancel.check(f"it was sent to {self.target}")
+            call = method.future(request, timeout=timeout)
+            cancel.on_cancel(call.cancel)  # ends the call here and on the server
+            return call.result()
+        except grpc.FutureCancelledError:
+            raise Cancelled(f"the call to {self.target} was cancelled by its caller") from None
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self.target, timeout) from None
 
@@ -141,11 +149,14 @@ class GrpcClient(ModelClient):
         return request
 
     def predict(self, model, inputs=None, *, images=None, signature_name=contract.SIGNATURE_BYTES,
-                version=None, version_label=None, output_filter=(), timeout=None) -> PredictResult:
+                version=None, version_label=None, output_filter=(), timeout=None,
+                cancel: CancelToken | None = None) -> PredictResult:
+        """``ModelClient.predict``; besides, cancelling ``cancel`` from another thread cancels the call (on
+        the server too, which then never runs it if it is still queued there) and raises ``Cancelled``."""
         request = self.predict_request(model, self._inputs(inputs, images), signature_name=signature_name,
                                        version=version, version_label=version_label, output_filter=output_filter)
         start = time.perf_counter()
-        response = self._call(self._predict_stub.Predict, request, timeout)
+        response = self._call(self._predict_stub.Predict, request, timeout, cancel)
         latency = (time.perf_counter() - start) * 1000.0
         spec = response.model_spec
         try:

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from carclf import contract, imaging
+from carclf.cancel import CancelToken
 from carclf.ensemble.config import Member
 from carclf.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidInput, NotFound, Unavailable
 from carclf.serving.repository import list_versions
@@ -73,10 +74,12 @@ class MemberCaller(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def call(self, member: Member, pixels: np.ndarray, *, deadline: float) -> MemberReply:
+    def call(self, member: Member, pixels: np.ndarray, *, deadline: float,
+             cancel: CancelToken | None = None) -> MemberReply:
         """ONE Predict on the member's ``serving_pixels`` signature with all ``pixels`` [rows, S, S, 3] uint8.
 
-        ``deadline`` is an absolute ``time.monotonic()`` value; raises ``carclf.errors`` types.
+        ``deadline`` is an absolute ``time.monotonic()`` value; cancelling ``cancel`` (the ensemble request
+        ended) ends a call still waiting or in flight with ``Cancelled``. Raises ``carclf.errors`` types.
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
@@ -178,17 +181,20 @@ class GrpcMemberCaller(MemberCaller):
                              f"give the gateway --model_repository or declare parameter 'input_size.{member.name}'",
                              version)
 
-    def call(self, member: Member, pixels: np.ndarray, *, deadline: float) -> MemberReply:
-        """One Predict to the member. The gateway never cancels a member call (its deadline ends one as
-        DEADLINE_EXCEEDED), so a CANCELLED reply means the member's side ended it, as a server shutting down
-        does to a call caught in its closing connection: to the ensemble that member is UNAVAILABLE, which
-        it may retry and degrade on."""
+    def call(self, member: Member, pixels: np.ndarray, *, deadline: float,
+             cancel: CancelToken | None = None) -> MemberReply:
+        """One Predict to the member, cancelled on the member's server too when ``cancel`` is. Any other
+        CANCELLED reply means the member's side ended the call, as a server shutting down does to a call
+        caught in its closing connection: to the ensemble that member is UNAVAILABLE, which it may retry and
+        degrade on."""
         try:
             result = self.client_for(member).predict(
                 member.name, {contract.INPUT_PIXELS: pixels}, signature_name=contract.SIGNATURE_PIXELS,
                 version=member.version, version_label=member.version_label,
-                output_filter=(contract.OUTPUT_PROBABILITIES,), timeout=remaining(deadline))
+                output_filter=(contract.OUTPUT_PROBABILITIES,), timeout=remaining(deadline), cancel=cancel)
         except Cancelled as exc:
+            if cancel is not None and cancel.cancelled:
+                raise
             raise Unavailable(f"member {member.name!r} ended the call (CANCELLED: {exc.message})") from None
         # no probabilities (another model's outputs): left out by the runtime's check, not retried
         return MemberReply(result.outputs.get(contract.OUTPUT_PROBABILITIES), result.version)
@@ -234,9 +240,11 @@ class PredictorMemberCaller(MemberCaller):
         return declared_info(member, self.model_repository,
                              f"declare parameter 'input_size.{member.name}' in the ensemble config", version)
 
-    def call(self, member: Member, pixels: np.ndarray, *, deadline: float) -> MemberReply:
+    def call(self, member: Member, pixels: np.ndarray, *, deadline: float,
+             cancel: CancelToken | None = None) -> MemberReply:
         """Views beyond the server's ``max_batch_size`` (photos x TTA views can exceed it) are sent in
-        chunks the batcher accepts, every chunk pinned to the version that answered the first."""
+        chunks the batcher accepts, every chunk pinned to the version that answered the first. A chunk still
+        queued when ``cancel`` is cancelled leaves the queue and is never run."""
         remaining(deadline)
         batcher = getattr(self.predictor, "batcher", None)
         limit = getattr(getattr(batcher, "config", None), "max_batch_size", 0) or len(pixels) or 1
@@ -245,7 +253,7 @@ class PredictorMemberCaller(MemberCaller):
             result = self.predictor.predict(
                 member.name, {contract.INPUT_PIXELS: pixels[start:start + limit]},
                 signature_name=contract.SIGNATURE_PIXELS, version=version, version_label=label,
-                output_filter=(contract.OUTPUT_PROBABILITIES,), deadline=deadline)
+                output_filter=(contract.OUTPUT_PROBABILITIES,), deadline=deadline, cancel=cancel)
             parts.append(np.asarray(result.outputs[contract.OUTPUT_PROBABILITIES], dtype=np.float32))
             version, label = getattr(result, "version", version), None
         return MemberReply(np.concatenate(parts) if len(parts) > 1 else parts[0], version)
@@ -298,10 +306,13 @@ class SavedModelMemberCaller(MemberCaller):
         folder = self._version_dir(member, version)
         return info_from_card(read_model_card(folder), member, str(folder), int(folder.name))
 
-    def call(self, member: Member, pixels: np.ndarray, *, deadline: float) -> MemberReply:
+    def call(self, member: Member, pixels: np.ndarray, *, deadline: float,
+             cancel: CancelToken | None = None) -> MemberReply:
         import tensorflow as tf
 
         remaining(deadline)
+        if cancel is not None:  # a TF run cannot be stopped once started
+            cancel.check(f"member {member.name!r} ran")
         fn, version = self.signature(member)
         try:
             out = fn(**{contract.INPUT_PIXELS: tf.constant(pixels, dtype=tf.uint8)})

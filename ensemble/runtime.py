@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from carclf import imaging
+from carclf.cancel import CancelToken
 from carclf.ensemble import aggregate as agg
 from carclf.ensemble.config import RETRYABLE_CODES, EnsembleConfig, Member
 from carclf.ensemble.members import InputSpec, MemberCaller, MemberInfo, MemberReply
@@ -267,8 +268,10 @@ class EnsembleRuntime:
 
     # Prediction -------------------------------------------------------------------------------
 
-    def predict(self, images: Sequence[bytes], *, deadline: float | None = None) -> EnsembleResult:
-        """Classify encoded photos. ``deadline``: absolute ``time.monotonic()``; the config's applies too."""
+    def predict(self, images: Sequence[bytes], *, deadline: float | None = None,
+                cancel: CancelToken | None = None) -> EnsembleResult:
+        """Classify encoded photos. ``deadline``: absolute ``time.monotonic()``; the config's applies too.
+        Cancelling ``cancel`` (the request's client gave up) cancels the member calls: CANCELLED."""
         start = time.monotonic()
         deadline = self._deadline(start, deadline)
         decoded = self.decode(images)
@@ -276,26 +279,32 @@ class EnsembleRuntime:
         inputs = self.member_infos()
         views = self.views(decoded, [i.input_spec for i in inputs.values() if isinstance(i, MemberInfo)])
         t_views = time.monotonic()
-        result = self._run_members(views, len(decoded), deadline, inputs)
+        result = self._run_members(views, len(decoded), deadline, inputs, cancel)
         timings = {"decode_ms": (t_decode - start) * 1e3, "views_ms": (t_views - t_decode) * 1e3,
                    **result.timings_ms, "total_ms": (time.monotonic() - start) * 1e3}
         return EnsembleResult(result.probabilities, result.labels, result.members, result.degraded, timings)
 
     def predict_views(self, views: Mapping[InputSpec, np.ndarray], num_photos: int, *, deadline: float | None = None,
-                      inputs: Mapping[str, MemberInfo | InputSpec | CarClfError] | None = None) -> EnsembleResult:
+                      inputs: Mapping[str, MemberInfo | InputSpec | CarClfError] | None = None,
+                      cancel: CancelToken | None = None) -> EnsembleResult:
         """Run the members on prepared views ({input spec: [photos * views, S, S, 3]}) and aggregate.
 
         ``inputs``: what the views were made for, per member (``member_infos()``, the default). This is the
         ensemble's own cost with decoding and view building left out (the benchmark uses it).
         """
         return self._run_members(views, num_photos, self._deadline(time.monotonic(), deadline),
-                                 dict(inputs) if inputs is not None else self.member_infos())
+                                 dict(inputs) if inputs is not None else self.member_infos(), cancel)
 
     def _run_members(self, views: Mapping[InputSpec, np.ndarray], num_photos: int, deadline: float,
-                     inputs: Mapping[str, MemberInfo | InputSpec | CarClfError]) -> EnsembleResult:
+                     inputs: Mapping[str, MemberInfo | InputSpec | CarClfError],
+                     cancel: CancelToken | None = None) -> EnsembleResult:
         start = time.monotonic()
         if start >= deadline:
             raise DeadlineExceeded(f"ensemble {self.config.name!r}: the deadline passed while preparing views")
+        scope = CancelToken()  # this request's member calls: cancelled with it, and when the answer leaves
+        if cancel is not None:  # without some of them (past the deadline)
+            cancel.on_cancel(scope.cancel)
+        scope.check(f"ensemble {self.config.name!r} called its members")
         futures: dict[str, cf.Future] = {}
         outcomes: dict[str, MemberOutcome] = {}
         for m in self.config.members:
@@ -306,15 +315,20 @@ class EnsembleRuntime:
             if isinstance(info, InputSpec):
                 info = MemberInfo(info.size, resize=info.resize)
             futures[m.name] = self._pools[m.name].submit(self._call_member, m, info, views[info.input_spec],
-                                                         num_photos, deadline)
-        done, _ = cf.wait(futures.values(), timeout=max(0.0, deadline - time.monotonic()))
-        for name, fut in futures.items():
-            if fut in done:
-                outcomes[name] = fut.result()
-            else:  # still running: its own deadline ends it soon; the request does not wait for it
-                elapsed = (time.monotonic() - start) * 1e3
-                outcomes[name] = MemberOutcome(name, False, None, None, elapsed, 1, DeadlineExceeded(
-                    f"member {name!r} did not answer within the ensemble deadline"))
+                                                         num_photos, deadline, scope)
+            scope.on_cancel(futures[m.name].cancel)  # a call still waiting for a worker never starts
+        try:
+            done, _ = cf.wait(futures.values(), timeout=max(0.0, deadline - time.monotonic()))
+            scope.check(f"ensemble {self.config.name!r} had its members' answers")
+            for name, fut in futures.items():
+                if fut in done:
+                    outcomes[name] = fut.result()
+                else:  # still running: cancelled below; the request does not wait for it
+                    elapsed = (time.monotonic() - start) * 1e3
+                    outcomes[name] = MemberOutcome(name, False, None, None, elapsed, 1, DeadlineExceeded(
+                        f"member {name!r} did not answer within the ensemble deadline"))
+        finally:
+            scope.cancel()  # nothing works for this request once it leaves here
         t_members = time.monotonic()
         ordered = tuple(outcomes[m.name] for m in self.config.members)
         probabilities, degraded = self._combine(ordered)
@@ -331,16 +345,18 @@ class EnsembleRuntime:
         return min(own, caller - reserve)
 
     def _call_member(self, member: Member, info: MemberInfo, pixels: np.ndarray, num_photos: int,
-                     deadline: float) -> MemberOutcome:
-        """One member, with retries of UNAVAILABLE under the deadline; never raises. ``info``: what the views
-        were made for; an answer that does not fit it (another version, another class count) is left out."""
+                     deadline: float, cancel: CancelToken) -> MemberOutcome:
+        """One member, with retries of UNAVAILABLE under the deadline, none once ``cancel`` is; never raises.
+        ``info``: what the views were made for; an answer that does not fit it (another version, another
+        class count) is left out."""
         start = time.monotonic()
         retry = self.config.retry
         attempt = 0
         while True:
             attempt += 1
             try:
-                reply: MemberReply = self.caller.call(member, pixels, deadline=deadline)
+                cancel.check(f"member {member.name!r} was called")
+                reply: MemberReply = self.caller.call(member, pixels, deadline=deadline, cancel=cancel)
                 probs, problem = malformed(member, reply.probabilities, pixels.shape[0])
                 if problem is None:
                     problem = self._unfit_answer(member, info, reply.version, probs.shape[1])
@@ -356,10 +372,9 @@ class EnsembleRuntime:
                 error = Internal(f"member {member.name!r} failed: {type(exc).__name__}: {exc}")
             pause = retry.backoff(attempt)
             retryable = error.code in RETRYABLE_CODES and attempt < retry.max_attempts
-            if not retryable or time.monotonic() + pause >= deadline:
+            if not retryable or time.monotonic() + pause >= deadline or cancel.sleep(pause):
                 return MemberOutcome(member.name, False, None, None, (time.monotonic() - start) * 1e3, attempt,
                                      error)
-            time.sleep(pause)
 
     def _unfit_answer(self, member: Member, info: MemberInfo, version: int | None, classes: int) -> CarClfError | None:
         """Why an answer cannot be used (None when it can). A member that answered from another version than

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from carclf import contract
+from carclf.cancel import CancelToken
 from carclf.ensemble import aggregate as agg
 from carclf.ensemble.config import (
     AGGREGATE_OUTPUTS,
@@ -63,10 +64,10 @@ class EnsembleServable(Servable):
     # Serving ------------------------------------------------------------------------------------
 
     def predict(self, signature_name: str, inputs: Mapping[str, np.ndarray], *, output_filter: Sequence[str] = (),
-                deadline: float | None = None) -> dict[str, np.ndarray]:
+                deadline: float | None = None, cancel: CancelToken | None = None) -> dict[str, np.ndarray]:
         signature = self.validate(signature_name, inputs, output_filter)  # the server's checks, once
         images = [_as_bytes(x, i) for i, x in enumerate(np.asarray(inputs[self.config.input_name]).reshape(-1))]
-        result = self.runtime.predict(images, deadline=deadline)
+        result = self.runtime.predict(images, deadline=deadline, cancel=cancel)
         outputs = result_tensors(result, self.config.top_k)
         wanted = set(output_filter) if output_filter else set(signature.outputs)
         return {tensor: outputs[key] for key, tensor in self.config.outputs.items() if tensor in wanted}

@@ -27,6 +27,7 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
+from carclf.cancel import CancelToken
 from carclf.errors import CarClfError, InvalidInput, Unimplemented
 from carclf.serving import apis
 from carclf.serving.config import BasePathResolver, models_config_from_proto
@@ -109,11 +110,15 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer, _
             except BaseException:
                 lease.release()
                 raise
+            # Cancelled when the call ends (done, cancelled, deadline, client gone): a request still waiting
+            # is taken out (it never runs) and an ensemble's member calls end. grpc's server answers False when
+            # the call has ended already; grpc.aio's context for synchronous handlers registers it and says None.
+            cancel = CancelToken()
+            if context.add_callback(cancel.cancel) is False:
+                cancel.cancel()
             future = self._predictor.submit(lease, spec.signature_name, inputs,
                                             output_filter=list(request.output_filter), deadline=deadline,
-                                            inline=True)
-            if not context.add_callback(future.cancel):  # on the call's end; a client that cancels or leaves
-                future.cancel()                           # takes its waiting request out (it never runs)
+                                            inline=True, cancel=cancel)
             result = wait(future, deadline)
             response = predict_pb2.PredictResponse()
             apis.fill_model_spec(response.model_spec, result.model_name, result.version, result.signature_name)

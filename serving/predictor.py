@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from carclf.cancel import CancelToken
 from carclf.errors import Cancelled, CarClfError, DeadlineExceeded, Internal, InvalidInput
 from carclf.serving.batching import BatchScheduler
 from carclf.serving.manager import Lease, ModelManager
@@ -61,13 +62,15 @@ class Predictor:
         version_label: str | None = None,
         output_filter: Sequence[str] = (),
         deadline: float | None = None,
+        cancel: CancelToken | None = None,
     ) -> PredictResult:
-        """Blocking prediction; ``deadline`` is an absolute ``time.monotonic()`` value."""
+        """Blocking prediction; ``deadline`` is an absolute ``time.monotonic()`` value; cancelling ``cancel``
+        ends the wait (CANCELLED) and takes a waiting request out."""
         with self.metrics.track(model_name, "Predict", IN_PROCESS) as info:
             lease = self.acquire(model_name, version, version_label)
             info["version"] = lease.version
             future = self.submit(lease, signature_name, inputs, output_filter=output_filter, deadline=deadline,
-                                 inline=True)
+                                 inline=True, cancel=cancel)
             return wait(future, deadline)
 
     # -- the halves the transports use -------------------------------------------------------------
@@ -89,11 +92,13 @@ class Predictor:
         output_filter: Sequence[str] = (),
         deadline: float | None = None,
         inline: bool = False,
+        cancel: CancelToken | None = None,
     ) -> Future:
         """Start the prediction; the returned Future gives a PredictResult. Owns ``lease`` (released when
         the Future completes). ``inline`` lets the request run in the calling thread (a thread that may block):
         always when unbatched, and when batched if the scheduler would start its batch at once anyway.
-        Cancelling the Future while the request waits (batching queue, worker pool) means it is never run."""
+        Cancelling ``cancel`` (or the Future) while the request waits (batching queue, worker pool) means it is
+        never run; a servable that is running it (an ensemble) is given ``cancel`` to stop its own work."""
         try:
             servable = lease.servable
             signature = servable.validate(signature_name or DEFAULT_SIGNATURE, inputs, output_filter)
@@ -104,34 +109,41 @@ class Predictor:
                 raw.add_done_callback(lambda done: _chain(done, result, lease, name, output_filter))
                 # a caller that gives up (cancels, or its client went away) takes its request out of the batch
                 result.add_done_callback(lambda mine: mine.cancelled() and raw.cancel())
+                if cancel is not None:
+                    cancel.on_cancel(result.cancel)
                 return result
             if inline or self.executor is None:
                 result = Future()
                 result.set_running_or_notify_cancel()
                 try:
-                    result.set_result(self._run(lease, servable, name, inputs, output_filter, deadline))
+                    result.set_result(self._run(lease, servable, name, inputs, output_filter, deadline, cancel))
                 except BaseException as exc:  # noqa: BLE001 - delivered through the Future
                     result.set_exception(exc)
                 lease.release()
                 return result
-            future = self.executor.submit(self._run, lease, servable, name, inputs, output_filter, deadline)
+            future = self.executor.submit(self._run, lease, servable, name, inputs, output_filter, deadline, cancel)
             future.add_done_callback(lambda _: lease.release())
+            if cancel is not None:
+                cancel.on_cancel(future.cancel)
             return future
         except BaseException:
             lease.release()
             raise
 
     def _run(self, lease: Lease, servable: Servable, signature_name: str, inputs: Mapping[str, np.ndarray],
-             output_filter: Sequence[str], deadline: float | None) -> PredictResult:
+             output_filter: Sequence[str], deadline: float | None, cancel: CancelToken | None = None) -> PredictResult:
         if deadline is not None and time.monotonic() > deadline:
             raise DeadlineExceeded(f"deadline passed before {lease.model_name} version {lease.version} ran")
+        if cancel is not None:
+            cancel.check(f"{lease.model_name} version {lease.version} ran")
         start = time.perf_counter()
         if servable.batchable:  # validate() already ran in submit(); run() skips it
             outputs = servable.run(signature_name, inputs)
             if output_filter:
                 outputs = {k: outputs[k] for k in output_filter}
         else:
-            outputs = servable.predict(signature_name, inputs, output_filter=output_filter, deadline=deadline)
+            outputs = servable.predict(signature_name, inputs, output_filter=output_filter, deadline=deadline,
+                                       cancel=cancel)
         self.record_runtime(servable, time.perf_counter() - start)
         return PredictResult(lease.model_name, lease.version, signature_name, outputs)
 

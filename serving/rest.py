@@ -24,6 +24,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from carclf.cancel import CancelToken
 from carclf.errors import CarClfError, InvalidInput, NotFound, RequestTooLarge, Unimplemented
 from carclf.serving import apis, json_codec
 from carclf.serving.config import MonitoringConfig
@@ -197,8 +198,14 @@ class RestApi:
         except BaseException:
             lease.release()
             raise
-        future = self._predictor.submit(lease, signature_name, inputs, deadline=deadline)
-        result = await result_of(future, deadline)
+        # Cancelled however the request ends (client gone, timeout, answered): whatever still works for it stops
+        # (a queued request leaves its queue, an ensemble's member calls end).
+        cancel = CancelToken()
+        future = self._predictor.submit(lease, signature_name, inputs, deadline=deadline, cancel=cancel)
+        try:
+            result = await result_of(future, deadline)
+        finally:
+            cancel.cancel()
         return _json_response(json_codec.encode_outputs(result.outputs, parsed.format))
 
     async def _classify_or_regress(self, name, version, label, body: bytes, verb: str, info: dict):

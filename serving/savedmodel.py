@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from carclf import contract, imaging
+from carclf.cancel import CancelToken
 from carclf.errors import (
     CarClfError,
     DeadlineExceeded,
@@ -128,7 +129,9 @@ class SavedModelServable(Servable):
         *,
         output_filter: Sequence[str] = (),
         deadline: float | None = None,
+        cancel: CancelToken | None = None,
     ) -> dict[str, np.ndarray]:
+        """One TF run; ``cancel`` is not looked at (a run cannot be stopped once started)."""
         signature = self.validate(signature_name, inputs, output_filter)
         if deadline is not None and time.monotonic() > deadline:
             raise DeadlineExceeded(f"deadline passed before {self.name} version {self.version} ran")

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from carclf.cancel import CancelToken
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -81,8 +83,11 @@ class Servable(abc.ABC):
         *,
         output_filter: Sequence[str] = (),
         deadline: float | None = None,
+        cancel: CancelToken | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run one request. ``deadline`` is an absolute ``time.monotonic()`` value or None.
+        """Run one request. ``deadline`` is an absolute ``time.monotonic()`` value or None; ``cancel`` is
+        cancelled when the request ends (its client gave up, or it was answered): a servable that does work
+        of its own for the request (an ensemble calling its members) stops it then.
 
         Raises errors of ``carclf.errors`` (InvalidInput, NotFound, DeadlineExceeded, ...), never bare ones.
         """

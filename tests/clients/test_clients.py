@@ -514,6 +514,44 @@ def test_a_grpc_error_without_details_is_named_by_its_code():
     assert caught.value.message == "NOT_FOUND"
 
 
+def test_a_grpc_call_whose_cancel_token_is_cancelled_ends_here_and_on_the_server():
+    """``GrpcClient.predict(..., cancel=token)`` (the ensemble gateway's member calls): cancelling the token from
+    another thread ends the call at once with CANCELLED, and the server sees its call end."""
+    import threading
+    from concurrent import futures
+
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    from carclf.cancel import CancelToken
+    from carclf.errors import Cancelled
+
+    started, ended = threading.Event(), threading.Event()
+
+    class Slow(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def Predict(self, request, context):  # noqa: N802 - the service's name
+            context.add_callback(ended.set)
+            started.set()
+            ended.wait(30)
+            context.abort(grpc.StatusCode.INTERNAL, "the call was still running")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Slow(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    cancel = CancelToken()
+    threading.Thread(target=lambda: started.wait(30) and cancel.cancel(), daemon=True).start()
+    try:
+        with GrpcClient(f"127.0.0.1:{port}", timeout=30) as client:
+            start = time.monotonic()
+            with pytest.raises(Cancelled, match=f"call to 127.0.0.1:{port} was cancelled"):
+                client.predict("tiny_a", images=[b"a photo"], cancel=cancel)
+            assert time.monotonic() - start < 20  # at the cancel, not the server's 30 s
+            assert ended.wait(10), "the server never saw its call end"
+    finally:
+        server.stop(0)
+
+
 @pytest.mark.parametrize("url", ["grpc://127.0.0.1:8500/v1/models/car_ensemble", "grpcs://host:443/x",
                                  "grpc://host:8500?model=a"])
 def test_a_grpc_address_with_a_path_is_refused(url):

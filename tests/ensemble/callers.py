@@ -25,7 +25,7 @@ class RecordingCaller(SavedModelMemberCaller):
     def close(self):
         pass  # the loaded models are shared with the other tests
 
-    def call(self, member, pixels, *, deadline):
+    def call(self, member, pixels, *, deadline, cancel=None):
         with self.lock:
             self.calls.append((member.name, pixels.shape, time.monotonic()))
             pending = self.failures.get(member.name)
@@ -33,4 +33,4 @@ class RecordingCaller(SavedModelMemberCaller):
         if error is not None:
             raise error
         time.sleep(self.delays.get(member.name, 0.0))
-        return super().call(member, pixels, deadline=deadline)
+        return super().call(member, pixels, deadline=deadline, cancel=cancel)

@@ -60,9 +60,9 @@ class ViewRecordingCaller(RecordingCaller):
         super().__init__(repository)
         self.pixels: dict[str, np.ndarray] = {}
 
-    def call(self, member, pixels, *, deadline):
+    def call(self, member, pixels, *, deadline, cancel=None):
         self.pixels[member.name] = pixels
-        return super().call(member, pixels, deadline=deadline)
+        return super().call(member, pixels, deadline=deadline, cancel=cancel)
 
 
 def test_config_input_size_and_resize_override_the_model_card(tiny_repository_template, photo_bytes, runtime_for):

@@ -6,6 +6,7 @@ or an error in front of the real call, to drive the deadline, retry and failure-
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,10 +14,12 @@ import numpy as np
 import pytest
 
 from carclf import imaging
+from carclf.cancel import CancelToken
 from carclf.ensemble import aggregate as agg
 from carclf.ensemble.members import InputSpec
 from carclf.ensemble.runtime import EnsembleRuntime
 from carclf.errors import (
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidInput,
@@ -261,6 +264,27 @@ def test_members_get_views_resized_as_their_model_cards_say(tiny_repository_temp
     assert result.probabilities.shape[0] == 2 and not result.degraded
 
 
+@pytest.mark.extension
+def test_a_cancelled_request_ends_its_members_retry_pause_and_calls_no_more(tiny_repository_template, photo_bytes,
+                                                                            runtime_for):
+    """The request is cancelled (its client gave up) while tiny_a, which answered UNAVAILABLE, waits 10 s before
+    its retry: the pause ends, tiny_a is not called again and the request is CANCELLED, not UNAVAILABLE."""
+    caller = RecordingCaller(tiny_repository_template, failures={"tiny_a": [Unavailable("down")] * 10})
+    runtime = runtime_for(caller=caller, deadline_ms="60000", retry_max_attempts="10",
+                          retry_initial_backoff_ms="10000", retry_max_backoff_ms="10000")
+    caller.calls.clear()
+    cancel = CancelToken()
+    threading.Timer(0.5, cancel.cancel).start()
+    start = time.monotonic()
+    with pytest.raises(Cancelled, match="tiny_ensemble"):
+        runtime.predict(photo_bytes[:1], cancel=cancel)
+    assert time.monotonic() - start < 8.0  # the cancel ended the 10 s pause
+    assert [name for name, _, _ in caller.calls].count("tiny_a") == 1
+    with pytest.raises(Cancelled):  # a request cancelled before it starts calls no member at all
+        runtime.predict(photo_bytes[:1], cancel=cancel)
+    assert [name for name, _, _ in caller.calls].count("tiny_a") == 1
+
+
 def test_a_member_call_its_server_cancels_is_unavailable_to_the_ensemble():
     """A real gRPC server that ends Predict with CANCELLED (what a member shutting down does to a call caught in
     its closing connection): the gateway's member caller reports UNAVAILABLE, which the ensemble retries and
@@ -304,8 +328,8 @@ class FewerClassesCaller(RecordingCaller):
         super().__init__(repository, **kwargs)
         self.classes = classes
 
-    def call(self, member, pixels, *, deadline):
-        reply = super().call(member, pixels, deadline=deadline)
+    def call(self, member, pixels, *, deadline, cancel=None):
+        reply = super().call(member, pixels, deadline=deadline, cancel=cancel)
         if member.name != "tiny_b":
             return reply
         return type(reply)(reply.probabilities[:, :self.classes], reply.version)

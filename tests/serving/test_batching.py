@@ -119,7 +119,7 @@ class SlowServable(Servable):
     def signatures(self):
         return self._signatures
 
-    def predict(self, signature_name, inputs, *, output_filter=(), deadline=None):
+    def predict(self, signature_name, inputs, *, output_filter=(), deadline=None, cancel=None):
         self.validate(signature_name, inputs, output_filter)
         return self.run(signature_name, inputs)
 

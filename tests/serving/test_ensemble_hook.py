@@ -44,8 +44,9 @@ class MeanEnsemble(Servable):
     def signatures(self):
         return self._signatures
 
-    def predict(self, signature_name, inputs, *, output_filter=(), deadline=None):
-        results = [self.predictor.predict(member, dict(inputs), output_filter=("probabilities",), deadline=deadline)
+    def predict(self, signature_name, inputs, *, output_filter=(), deadline=None, cancel=None):
+        results = [self.predictor.predict(member, dict(inputs), output_filter=("probabilities",), deadline=deadline,
+                                          cancel=cancel)
                    for member in MEMBERS]
         assert all(isinstance(r, PredictResult) for r in results)
         self.member_versions = [r.version for r in results]
