@@ -2,9 +2,10 @@
 
 Requests are queued per (servable, signature, non-batch input shapes and dtypes): only requests that can
 be concatenated share a queue. A queue holds at most ``max_enqueued_batches`` batches (the open one
-included); a request that would need one more is refused with RESOURCE_EXHAUSTED. A batch is handed to
-one of ``num_batch_threads`` threads once it is full or its oldest request has waited
-``batch_timeout_micros``; threads take ready batches from the queues in turn, so models interleave fairly.
+included); a request that would need one more is refused with RESOURCE_EXHAUSTED, and a request cancelled
+while it waits (its caller gave up) is taken out of its batch at once, giving its place back. A batch is
+handed to one of ``num_batch_threads`` threads once it is full or ``batch_timeout_micros`` after its first
+request came; threads take ready batches from the queues in turn, so models interleave fairly.
 Batches are padded (repeating the first example) up to the next of ``allowed_batch_sizes``; the padding
 is dropped from the outputs. When the server starts draining (``flush``), open batches leave at once instead
 of waiting out the timeout, as TF Serving closes its open batches when its scheduler shuts down: nothing new
@@ -147,6 +148,8 @@ class BatchScheduler:
                 self._process(run_now, [task])
             finally:
                 self._finished(size)
+        else:  # a caller that gives up takes its place in the queue back at once
+            task.future.add_done_callback(lambda done: done.cancelled() and self._withdraw(key, task))
         return task.future
 
     def _can_run_now(self, size: int) -> bool:
@@ -178,6 +181,26 @@ class BatchScheduler:
         queue.open_size += size
         if queue.open_size >= self.config.max_batch_size:
             queue.close_open()
+
+    def _withdraw(self, key: tuple, task: _Task) -> None:
+        """Take a cancelled request out of its waiting batch, so that it holds no place toward
+        ``max_enqueued_batches`` (a batch that has left already runs without it)."""
+        with self._cond:
+            queue = self._queues.get(key)
+            if queue is None:
+                return
+            if any(t is task for t in queue.open):
+                queue.open = [t for t in queue.open if t is not task]  # it leaves when it would have
+                queue.open_size -= task.size
+            else:
+                for batch in queue.closed:
+                    if any(t is task for t in batch):
+                        batch[:] = [t for t in batch if t is not task]
+                        if not batch:
+                            queue.closed = deque(b for b in queue.closed if b is not batch)
+                        break
+            if not queue.open and not queue.closed:
+                del self._queues[key]
 
     def _may_leave_early(self, size: int) -> bool:
         """Early dispatch: may an open batch of ``size`` go before its timeout? (call with the lock held)"""

@@ -145,6 +145,49 @@ def test_full_queue_is_resource_exhausted():
         scheduler.close()
 
 
+@pytest.mark.extension
+def test_a_cancelled_request_gives_its_place_in_a_full_queue_back_at_once():
+    """The queue holds one batch and it is taken by a request waiting behind a running batch: cancelling that
+    request frees the place at once, so the next request is queued instead of refused, and the cancelled one
+    never runs. (Before, it held the place until its batch left, and the next request got RESOURCE_EXHAUSTED.)"""
+    config = BatchingConfig(max_batch_size=1, num_batch_threads=1, max_enqueued_batches=1)
+    scheduler = BatchScheduler(config, ServingMetrics())
+    servable = RecordingServable(1.0)
+    try:
+        running = scheduler.submit(servable, "serving_default", rows(1))  # taken by the only thread
+        assert servable.started.wait(5)
+        abandoned = scheduler.submit(servable, "serving_default", {"x": np.full(1, 5.0, np.float32)})
+        with pytest.raises(ResourceExhausted, match="queue"):
+            scheduler.submit(servable, "serving_default", rows(1))
+        assert abandoned.cancel()
+        queued = scheduler.submit(servable, "serving_default", {"x": np.full(1, 7.0, np.float32)})
+        assert running.result(5)["y"].tolist() == [0.0] and queued.result(5)["y"].tolist() == [14.0]
+        assert servable.sizes == [1, 1]  # the running batch and the next request's; never the cancelled one
+    finally:
+        scheduler.close()
+
+
+@pytest.mark.extension
+def test_a_cancelled_request_gives_its_room_in_the_open_batch_back():
+    """A queue of one batch of at most 4 rows, 3 of them taken by a request waiting for company: a second
+    request of 3 rows would need a batch more and is refused. Once the first is cancelled, its rows are free
+    and the second is queued; it runs alone."""
+    config = BatchingConfig(max_batch_size=4, batch_timeout_micros=300_000, num_batch_threads=1,
+                            max_enqueued_batches=1)
+    scheduler = BatchScheduler(config, ServingMetrics())
+    servable = RecordingServable(0.0)
+    try:
+        first = scheduler.submit(servable, "serving_default", rows(3))
+        with pytest.raises(ResourceExhausted, match="queue"):
+            scheduler.submit(servable, "serving_default", rows(3))
+        assert first.cancel()
+        second = scheduler.submit(servable, "serving_default", rows(3))
+        assert second.result(10)["y"].tolist() == [0.0, 2.0, 4.0]
+        assert servable.sizes == [3]
+    finally:
+        scheduler.close()
+
+
 def test_full_queue_answers_429_and_resource_exhausted(private_server, conformance_repository, tmp_path):
     batching = tmp_path / "batching.config"
     batching.write_text("max_batch_size { value: 1 } num_batch_threads { value: 1 } max_enqueued_batches { value: 1 }")
