@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import base64
-import json
 import logging
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +22,7 @@ from carclf.serving.metrics import ServingMetrics
 from carclf.serving.servable import Servable, Signature, TensorInfo
 from tests.serving.conformance_setup import MODEL, OTHER_MODEL
 from tests.serving.conftest import Rest
-from tests.serving.test_grpc import expect_code, outputs, predict_request
+from tests.serving.test_grpc import outputs, predict_request
 
 
 def metric(text: str, name: str) -> float:
@@ -464,17 +462,6 @@ def test_a_thread_the_process_cannot_start_is_a_config_error_naming_num_batch_th
 BATCHING = ":tensorflow:serving:batching_session:"
 
 
-def queued_server(private_server, conformance_repository, tmp_path):
-    """A server whose batches wait 1.5 s for company (one batch thread): a lone request stays in the queue."""
-    batching = tmp_path / "batching.config"
-    batching.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 1500000 } "
-                        "num_batch_threads { value: 1 }")
-    return private_server(model_name=OTHER_MODEL, model_base_path=str(conformance_repository / OTHER_MODEL),
-                          enable_batching=True, batching_parameters_file=str(batching),
-                          monitoring_config_file=str(conformance_repository / "monitoring.config"),
-                          enable_model_warmup=False)
-
-
 def wait_until(condition, timeout: float = 10.0) -> bool:
     end = time.monotonic() + timeout
     while not condition():
@@ -482,21 +469,6 @@ def wait_until(condition, timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.01)
     return True
-
-
-def test_a_grpc_clients_deadline_reaches_the_batching_queue(private_server, conformance_repository, jpegs,
-                                                            tmp_path):
-    """serving/README.md, "Deadlines": a gRPC request whose client deadline passes while its batch waits is never
-    run; the request sent next, into the same open batch, runs with its own row only."""
-    server = queued_server(private_server, conformance_repository, tmp_path)
-    request = predict_request(OTHER_MODEL, image_bytes=np.array(jpegs[:1], dtype=object))
-    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        expect_code(lambda: stub.Predict(request, timeout=0.3), grpc.StatusCode.DEADLINE_EXCEEDED)
-        assert stub.Predict(request, timeout=30).model_spec.version.value == 1
-    text = server.metrics.exposition().decode()
-    assert metric(text, BATCHING + "input_batch_size_sum") == 2  # both were queued ...
-    assert metric(text, BATCHING + "processed_batch_size_sum") == 1  # ... and the abandoned one never ran
 
 
 def test_a_request_whose_deadline_passes_in_the_queue_is_refused_unrun():
@@ -514,49 +486,3 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_refused_unrun():
         assert servable.sizes == [2]  # the batch that ran held the patient request's rows only
     finally:
         scheduler.close()
-
-
-@pytest.mark.extension
-def test_a_grpc_call_its_client_cancels_while_queued_is_never_run(private_server, conformance_repository, jpegs,
-                                                                  tmp_path):
-    """serving/README.md, "Cancelled requests": a client that cancels its call (or goes away) while the request
-    waits for its batch takes it out: it is counted CANCELLED at once and never run; the next request runs alone."""
-    server = queued_server(private_server, conformance_repository, tmp_path)
-    request = predict_request(OTHER_MODEL, image_bytes=np.array(jpegs[:1], dtype=object))
-    exposition = lambda: server.metrics.exposition().decode()  # noqa: E731
-    requests = server.metrics.request_count.value  # (model, status) -> count
-    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        call = stub.Predict.future(request, timeout=30)
-        assert wait_until(lambda: metric(exposition(), BATCHING + "input_batch_size_count") == 1)
-        assert call.cancel()
-        assert wait_until(lambda: requests(OTHER_MODEL, "CANCELLED") == 1), \
-            "the server's handler still waits for the batch of a call its client cancelled"
-        assert stub.Predict(request, timeout=30).model_spec.version.value == 1
-    text = exposition()
-    assert metric(text, BATCHING + "input_batch_size_sum") == 2  # both were queued ...
-    assert metric(text, BATCHING + "processed_batch_size_sum") == 1  # ... and the cancelled one never ran
-    assert requests(OTHER_MODEL, "OK") == 1
-
-
-@pytest.mark.extension
-def test_a_rest_request_whose_client_disconnects_while_queued_is_never_run(private_server, conformance_repository,
-                                                                           jpegs, tmp_path):
-    """The same over REST: the client closes its connection while its request waits for the batch."""
-    server = queued_server(private_server, conformance_repository, tmp_path)
-    body = json.dumps({"instances": [{"b64": base64.b64encode(jpegs[0]).decode()}]}).encode()
-    path = f"/v1/models/{OTHER_MODEL}:predict"
-    exposition = lambda: server.metrics.exposition().decode()  # noqa: E731
-    requests = server.metrics.request_count.value  # (model, status) -> count
-    with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as client:
-        client.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                       f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        assert wait_until(lambda: metric(exposition(), BATCHING + "input_batch_size_count") == 1)
-    assert wait_until(lambda: requests(OTHER_MODEL, "CANCELLED") == 1), \
-        "the server still waits for the batch of a request whose client has gone"
-    reply = Rest(f"http://127.0.0.1:{server.rest_port}").post(path, body)
-    assert reply.status == 200 and len(json.loads(reply.body)["predictions"]) == 1
-    text = exposition()
-    assert metric(text, BATCHING + "input_batch_size_sum") == 2
-    assert metric(text, BATCHING + "processed_batch_size_sum") == 1
-    assert requests(OTHER_MODEL, "OK") == 1

@@ -3,10 +3,13 @@ every caller of a batch, padding and its metrics, and the caller's deadline whil
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -20,10 +23,15 @@ from carclf.serving.config import BatchingConfig
 from carclf.serving.metrics import ServingMetrics
 from tests.serving.conformance_setup import CANARY, MODEL, OTHER_MODEL, STABLE
 from tests.serving.conftest import Rest
-from tests.serving.test_batching import RecordingServable, metric, rows, wait_until
-from tests.serving.test_grpc import outputs, predict_request
+from tests.serving.test_batching import BATCHING, RecordingServable, metric, rows, wait_until
+from tests.serving.test_grpc import expect_code, outputs, predict_request
 
 SIGNATURE = "serving_default"
+
+
+def batching(server, what: str) -> float:
+    """A batching metric of ``server`` (``input_batch_size_sum``, ``processed_batch_size_sum``, ...)."""
+    return server.metrics.registry.get_sample_value(BATCHING + what) or 0.0
 
 
 class HeldServable(RecordingServable):
@@ -46,6 +54,32 @@ class HeldServable(RecordingServable):
         if self.error is not None:
             raise self.error
         return outputs
+
+
+@contextlib.contextmanager
+def batch_thread_held(server) -> Iterator[None]:
+    """Hold the batch thread of a server batching on one thread (a stand-in model's batch runs until the block
+    ends), so that requests sent meanwhile wait in the batching queue for as long as a test needs."""
+    release = threading.Event()
+    gate = HeldServable("gate", [], release, hold_s=60.0)
+    gate.name = "gate"
+    server.manager.add_static(gate)
+    holder = threading.Thread(target=server.predictor.predict, args=("gate", {"x": np.ones(1, np.float32)}))
+    holder.start()
+    try:
+        assert gate.started.wait(30), "the stand-in model's batch never started"
+        yield
+    finally:
+        release.set()
+        holder.join(60)
+
+
+def one_batch_thread_server(private_server, conformance_repository, tmp_path):
+    """A server of OTHER_MODEL batching on one thread, without waiting for company."""
+    batching = tmp_path / "batching.config"
+    batching.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 0 } num_batch_threads { value: 1 }")
+    return private_server(model_name=OTHER_MODEL, model_base_path=str(conformance_repository / OTHER_MODEL),
+                          enable_batching=True, batching_parameters_file=str(batching), enable_model_warmup=False)
 
 
 def test_requests_to_different_models_and_versions_never_share_a_batch(private_server, conformance_repository,
@@ -203,6 +237,66 @@ def test_a_batched_in_process_request_ends_at_its_deadline_while_its_batch_still
     # the batch thread is free again once the run ends
     assert server.predictor.predict("slow", {"x": np.ones(1, np.float32)}).outputs["y"].tolist() == [2.0]
 
+
+
+def test_a_grpc_clients_deadline_reaches_the_batching_queue(private_server, conformance_repository, jpegs,
+                                                            tmp_path):
+    """serving/README.md, "Deadlines": a gRPC request whose client deadline passes while it waits for the batch
+    thread is never run; the request sent next runs with its own row only."""
+    server = one_batch_thread_server(private_server, conformance_repository, tmp_path)
+    request = predict_request(OTHER_MODEL, image_bytes=np.array(jpegs[:1], dtype=object))
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        with batch_thread_held(server):
+            queued, processed = batching(server, "input_batch_size_sum"), batching(server, "processed_batch_size_sum")
+            expect_code(lambda: stub.Predict(request, timeout=0.3), grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert stub.Predict(request, timeout=30).model_spec.version.value == 1
+    assert batching(server, "input_batch_size_sum") == queued + 2  # both were queued ...
+    assert batching(server, "processed_batch_size_sum") == processed + 1  # ... and the abandoned one never ran
+
+
+@pytest.mark.extension
+def test_a_grpc_call_its_client_cancels_while_queued_is_never_run(private_server, conformance_repository, jpegs,
+                                                                  tmp_path):
+    """serving/README.md, "Cancelled requests": a client that cancels its call (or goes away) while the request
+    waits for the batch thread takes it out: it is counted CANCELLED at once and never run; the next one runs."""
+    server = one_batch_thread_server(private_server, conformance_repository, tmp_path)
+    request = predict_request(OTHER_MODEL, image_bytes=np.array(jpegs[:1], dtype=object))
+    requests = server.metrics.request_count.value  # (model, status) -> count
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        with batch_thread_held(server):
+            queued, processed = batching(server, "input_batch_size_sum"), batching(server, "processed_batch_size_sum")
+            call = stub.Predict.future(request, timeout=30)
+            assert wait_until(lambda: batching(server, "input_batch_size_sum") == queued + 1)
+            assert call.cancel()
+            assert wait_until(lambda: requests(OTHER_MODEL, "CANCELLED") == 1), \
+                "the server's handler still waits for the batch of a call its client cancelled"
+        assert stub.Predict(request, timeout=30).model_spec.version.value == 1
+    assert batching(server, "processed_batch_size_sum") == processed + 1  # the next request; never the cancelled
+    assert requests(OTHER_MODEL, "OK") == 1
+
+
+@pytest.mark.extension
+def test_a_rest_request_whose_client_disconnects_while_queued_is_never_run(private_server, conformance_repository,
+                                                                           jpegs, tmp_path):
+    """The same over REST: the client closes its connection while its request waits for the batch thread."""
+    server = one_batch_thread_server(private_server, conformance_repository, tmp_path)
+    body = json.dumps({"instances": [{"b64": base64.b64encode(jpegs[0]).decode()}]}).encode()
+    path = f"/v1/models/{OTHER_MODEL}:predict"
+    requests = server.metrics.request_count.value
+    with batch_thread_held(server):
+        queued, processed = batching(server, "input_batch_size_sum"), batching(server, "processed_batch_size_sum")
+        with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as client:
+            client.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert wait_until(lambda: batching(server, "input_batch_size_sum") == queued + 1)
+        assert wait_until(lambda: requests(OTHER_MODEL, "CANCELLED") == 1), \
+            "the server still waits for the batch of a request whose client has gone"
+    reply = Rest(f"http://127.0.0.1:{server.rest_port}").post(path, body)
+    assert reply.status == 200 and len(json.loads(reply.body)["predictions"]) == 1
+    assert batching(server, "processed_batch_size_sum") == processed + 1
+    assert requests(OTHER_MODEL, "OK") == 1
 
 
 @pytest.mark.extension
