@@ -21,7 +21,7 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 from carclf.clients import connect
 from tests.ensemble.servers import embedded_server, grpc_url, write_ensemble_config
 from tests.serving.test_batching import wait_until
-from tests.serving.test_batching_queues import batch_thread_held, batching
+from tests.serving.test_batching_queues import ONE_BATCH_THREAD, batch_thread_held, batching
 from tests.serving.test_grpc import predict_request
 
 pytestmark = pytest.mark.extension
@@ -32,9 +32,8 @@ VIEWS = 2  # the tiny ensemble's TTA policy is "hflip": two views of each photo,
 
 
 def one_batch_thread(folder: Path) -> Path:
-    """Batching parameters with a single batch thread (and no waiting for company)."""
     path = folder / "batching.config"
-    path.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 0 } num_batch_threads { value: 1 }")
+    path.write_text(ONE_BATCH_THREAD)
     return path
 
 

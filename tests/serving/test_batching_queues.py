@@ -74,12 +74,16 @@ def batch_thread_held(server) -> Iterator[None]:
         holder.join(60)
 
 
+#: Batching parameters for ``batch_thread_held``: one batch thread, no waiting for company.
+ONE_BATCH_THREAD = "max_batch_size { value: 8 } batch_timeout_micros { value: 0 } num_batch_threads { value: 1 }"
+
+
 def one_batch_thread_server(private_server, conformance_repository, tmp_path):
     """A server of OTHER_MODEL batching on one thread, without waiting for company."""
-    batching = tmp_path / "batching.config"
-    batching.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 0 } num_batch_threads { value: 1 }")
+    parameters = tmp_path / "batching.config"
+    parameters.write_text(ONE_BATCH_THREAD)
     return private_server(model_name=OTHER_MODEL, model_base_path=str(conformance_repository / OTHER_MODEL),
-                          enable_batching=True, batching_parameters_file=str(batching), enable_model_warmup=False)
+                          enable_batching=True, batching_parameters_file=str(parameters), enable_model_warmup=False)
 
 
 def test_requests_to_different_models_and_versions_never_share_a_batch(private_server, conformance_repository,
@@ -236,7 +240,6 @@ def test_a_batched_in_process_request_ends_at_its_deadline_while_its_batch_still
         release.set()
     # the batch thread is free again once the run ends
     assert server.predictor.predict("slow", {"x": np.ones(1, np.float32)}).outputs["y"].tolist() == [2.0]
-
 
 
 def test_a_grpc_clients_deadline_reaches_the_batching_queue(private_server, conformance_repository, jpegs,
