@@ -12,8 +12,9 @@
 Startup mirrors tensorflow_model_server: models are loaded (warmup included) before the ports open.
 gRPC runs on grpc's synchronous server: a Predict runs in its handler thread (or waits there for its
 batch). REST runs on one asyncio loop in its own thread; its predictions run in the batch threads or a
-worker pool, never on the loop. ``stop`` (and SIGTERM in ``carclf serve``) refuses new requests with
-UNAVAILABLE, lets in-flight ones finish (up to ``--drain_timeout_seconds``) and then shuts down.
+worker pool, never on the loop. ``stop`` (and SIGTERM in ``carclf serve``) sends gRPC clients a GOAWAY (their
+channels reconnect elsewhere), refuses new REST requests with 503, lets in-flight ones finish (up to
+``--drain_timeout_seconds``) and then shuts down.
 """
 
 from __future__ import annotations
@@ -419,6 +420,11 @@ class ModelServer:
                 self.batcher.flush()
             if self._health is not None:
                 self._health.enter_graceful_shutdown()
+            if self._grpc_server is not None:
+                # GOAWAY now, as the REST side closes its keep-alive connections: gRPC channels reconnect (through
+                # a load balancer, to a replica still serving) instead of sending their next calls here. Calls
+                # in flight keep the whole drain; the stop below shortens the grace once they have finished.
+                self._grpc_server.stop(grace=2 * drain_timeout + 2 * TRANSPORT_GRACE_S)
             finished = drained = self.gate.wait_idle(drain_timeout)
             if not drained:
                 inflight = self.gate.inflight

@@ -19,7 +19,8 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from tests.serving.conformance_setup import OTHER_MODEL
 from tests.serving.conftest import REPO_ROOT, Rest
-from tests.serving.test_batching import SlowServable
+from tests.serving.test_batching import SlowServable, wait_until
+from tests.serving.test_batching_queues import HeldServable
 from tests.serving.test_grpc import expect_code, outputs, predict_request
 from tests.serving.test_rest import b64
 
@@ -131,6 +132,15 @@ def in_flight_request(serve_process, repository, seconds: float, x: float, *flag
     return server, channel, stub, rest, call
 
 
+def refuses_connections(port: int) -> bool:
+    """True when nothing listens on ``port`` of 127.0.0.1 any more."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 @pytest.mark.slow
 @pytest.mark.extension
 def test_sigterm_drains_in_flight_requests_and_exits_zero(serve_process, conformance_repository, jpegs):
@@ -138,9 +148,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(serve_process, conform
     server, channel, stub, rest, in_flight = in_flight_request(serve_process, conformance_repository, 2.0, 3.0)
 
     server.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    # gRPC: GOAWAY and the port closed at once (channels reconnect to another replica; here there is none)
+    assert wait_until(lambda: refuses_connections(server.ports["grpc"])), "the gRPC port still accepts connections"
     expect_code(lambda: stub.Predict(predict_request(OTHER_MODEL, image_bytes=data), timeout=10),
-                grpc.StatusCode.UNAVAILABLE, "shutting down")
+                grpc.StatusCode.UNAVAILABLE)
     refused = rest.post(f"/v1/models/{OTHER_MODEL}:predict", {"instances": [b64(jpegs[0])]})
     assert refused.status == 503 and "shutting down" in refused.json["error"]
     ready = rest.get("/v1/ready")
@@ -475,6 +486,44 @@ def test_rest_responses_during_the_drain_end_their_keep_alive_connection(private
         conn.close()
     assert during.status == 503 and "shutting down" in body["error"]
     assert during.will_close and (during.getheader("Connection") or "").lower() == "close"
+
+
+@pytest.mark.extension
+def test_grpc_channels_move_to_another_replica_as_soon_as_the_drain_begins(private_server, conformance_repository,
+                                                                           jpegs):
+    """Two replicas behind one channel (pick_first over both addresses, as a client of a load-balanced Service
+    reconnects): while the first drains a request still in flight, the channel's next calls are answered by the
+    second, with no error, and the call in flight by the first. The draining server used to keep the connection
+    and refuse each new call with UNAVAILABLE until it stopped, up to --drain_timeout_seconds later."""
+    first, second = (private_server(model_name=OTHER_MODEL, model_base_path=str(conformance_repository / OTHER_MODEL),
+                                    enable_model_warmup=False) for _ in range(2))
+    release = threading.Event()
+    slow = HeldServable("slow", [], release, hold_s=30.0)
+    slow.name = "slow"
+    first.manager.add_static(slow)
+    request = predict_request(OTHER_MODEL, image_bytes=np.array(jpegs[:1], dtype=object))
+    answered = {server: (lambda s=server: s.metrics.request_count.value(OTHER_MODEL, "OK")) for server in (first,
+                                                                                                        second)}
+    stopping = threading.Thread(target=first.stop, kwargs={"drain_timeout": 30.0})
+    with grpc.insecure_channel(f"ipv4:127.0.0.1:{first.grpc_port},127.0.0.1:{second.grpc_port}") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        try:
+            stub.Predict(request, timeout=30)
+            assert (answered[first](), answered[second]()) == (1, 0)  # pick_first: the first replica
+            in_flight = stub.Predict.future(predict_request("slow", x=np.ones(1, np.float32)), timeout=60)
+            assert slow.started.wait(10)
+            stopping.start()
+            assert wait_until(lambda: refuses_connections(first.grpc_port)), \
+                "the draining server still accepts gRPC connections"
+            for _ in range(3):
+                stub.Predict(request, timeout=30)
+            assert (answered[first](), answered[second]()) == (1, 3)
+            assert first.gate.draining and stopping.is_alive()  # the drain still waits for the call in flight
+        finally:
+            release.set()
+        assert outputs(in_flight.result(30))["y"].tolist() == [2.0]
+    stopping.join(30)
+    assert not stopping.is_alive()
 
 
 @pytest.mark.extension
