@@ -502,22 +502,29 @@ def test_grpc_channels_move_to_another_replica_as_soon_as_the_drain_begins(priva
     slow.name = "slow"
     first.manager.add_static(slow)
     request = predict_request(OTHER_MODEL, image_bytes=np.array(jpegs[:1], dtype=object))
-    answered = {server: (lambda s=server: s.metrics.request_count.value(OTHER_MODEL, "OK")) for server in (first,
-                                                                                                        second)}
+
+    def answered(server) -> float:
+        return server.metrics.request_count.value(OTHER_MODEL, "OK")
+
     stopping = threading.Thread(target=first.stop, kwargs={"drain_timeout": 30.0})
+    states: list[grpc.ChannelConnectivity] = []
     with grpc.insecure_channel(f"ipv4:127.0.0.1:{first.grpc_port},127.0.0.1:{second.grpc_port}") as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         try:
             stub.Predict(request, timeout=30)
-            assert (answered[first](), answered[second]()) == (1, 0)  # pick_first: the first replica
+            assert (answered(first), answered(second)) == (1, 0)  # pick_first: the first replica
             in_flight = stub.Predict.future(predict_request("slow", x=np.ones(1, np.float32)), timeout=60)
             assert slow.started.wait(10)
+            channel.subscribe(states.append)
             stopping.start()
             assert wait_until(lambda: refuses_connections(first.grpc_port)), \
                 "the draining server still accepts gRPC connections"
+            # once the channel has read the GOAWAY (it leaves READY); a call sent in the instant before may end
+            # CANCELLED, grpc's own shutdown race (serving/README.md, "SIGTERM drains")
+            assert wait_until(lambda: states[-1] != grpc.ChannelConnectivity.READY), "no GOAWAY reached the channel"
             for _ in range(3):
                 stub.Predict(request, timeout=30)
-            assert (answered[first](), answered[second]()) == (1, 3)
+            assert (answered(first), answered(second)) == (1, 3)
             assert first.gate.draining and stopping.is_alive()  # the drain still waits for the call in flight
         finally:
             release.set()
