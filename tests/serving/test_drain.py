@@ -136,7 +136,7 @@ def refuses_connections(port: int) -> bool:
     """True when nothing listens on ``port`` of 127.0.0.1 any more."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):  # reset: the listener closed with this one queued
         return True
     return False
 
