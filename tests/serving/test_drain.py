@@ -521,7 +521,8 @@ def test_grpc_channels_move_to_another_replica_as_soon_as_the_drain_begins(priva
                 "the draining server still accepts gRPC connections"
             # once the channel has read the GOAWAY (it leaves READY); a call sent in the instant before may end
             # CANCELLED, grpc's own shutdown race (serving/README.md, "SIGTERM drains")
-            assert wait_until(lambda: states[-1] != grpc.ChannelConnectivity.READY), "no GOAWAY reached the channel"
+            assert wait_until(lambda: states and states[-1] != grpc.ChannelConnectivity.READY), \
+                "no GOAWAY reached the channel"  # (the subscription's first report may come late)
             for _ in range(3):
                 stub.Predict(request, timeout=30)
             assert (answered(first), answered(second)) == (1, 3)
