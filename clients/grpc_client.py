@@ -3,7 +3,10 @@
 One channel per client, reused by every call (gRPC multiplexes concurrent calls over it), message limits
 raised to what TF Serving accepts, reconnection within about 2 s of a server coming back, optional TLS, a
 deadline on every call. Failed calls raise the ``carclf.errors`` type of the status code with the server's
-message.
+message, but for one: a call ended CANCELLED that this client did not cancel (nor close) raises ``Unavailable``.
+The server ended it before answering, as one does to a call sent in the instant after its shutdown began,
+before the client read its GOAWAY; sent again, the call goes to a new connection, so callers that retry
+UNAVAILABLE (``carclf predict``, the ensemble gateway) outlive a rolling update without a failed call.
 """
 
 from __future__ import annotations
@@ -25,7 +28,15 @@ from carclf.clients.base import (
     VersionStatus,
     as_input_array,
 )
-from carclf.errors import Cancelled, CarClfError, Internal, InvalidInput, RequestTooLarge, error_for_code
+from carclf.errors import (
+    Cancelled,
+    CarClfError,
+    Internal,
+    InvalidInput,
+    RequestTooLarge,
+    Unavailable,
+    error_for_code,
+)
 from carclf.tensors import make_proto, to_ndarray
 
 # TF Serving accepts messages up to 2 GB; gRPC's own default is 4 MB, too small for stacked views.
@@ -133,7 +144,11 @@ class GrpcClient(ModelClient):
         except grpc.FutureCancelledError:
             raise Cancelled(f"the call to {self.target} was cancelled by its caller") from None
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.target, timeout) from None
+            error = error_from_rpc(exc, self.target, timeout)
+            if isinstance(error, Cancelled) and not self._closed and not (cancel is not None and cancel.cancelled):
+                error = Unavailable(f"{self.target} ended the call before answering it ({error.message}), as a "
+                                    f"server that begins shutting down does; send it again")
+            raise error from None
 
     def predict_request(self, model: str, inputs: Mapping[str, np.ndarray], *,
                         signature_name: str = contract.SIGNATURE_BYTES, version: int | None = None,

@@ -28,7 +28,7 @@ import numpy as np
 from carclf import contract, imaging
 from carclf.cancel import CancelToken
 from carclf.ensemble.config import Member
-from carclf.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidInput, NotFound, Unavailable
+from carclf.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, NotFound, Unavailable
 from carclf.serving.repository import list_versions
 
 
@@ -183,19 +183,13 @@ class GrpcMemberCaller(MemberCaller):
 
     def call(self, member: Member, pixels: np.ndarray, *, deadline: float,
              cancel: CancelToken | None = None) -> MemberReply:
-        """One Predict to the member, cancelled on the member's server too when ``cancel`` is. Any other
-        CANCELLED reply means the member's side ended the call, as a server shutting down does to a call
-        caught in its closing connection: to the ensemble that member is UNAVAILABLE, which it may retry and
-        degrade on."""
-        try:
-            result = self.client_for(member).predict(
-                member.name, {contract.INPUT_PIXELS: pixels}, signature_name=contract.SIGNATURE_PIXELS,
-                version=member.version, version_label=member.version_label,
-                output_filter=(contract.OUTPUT_PROBABILITIES,), timeout=remaining(deadline), cancel=cancel)
-        except Cancelled as exc:
-            if cancel is not None and cancel.cancelled:
-                raise
-            raise Unavailable(f"member {member.name!r} ended the call (CANCELLED: {exc.message})") from None
+        """One Predict to the member, cancelled on the member's server too when ``cancel`` is. A CANCELLED
+        reply the gateway did not ask for (a member shutting down ends a call caught in its closing connection
+        so) comes as UNAVAILABLE from the client, which the ensemble may retry and degrade on."""
+        result = self.client_for(member).predict(
+            member.name, {contract.INPUT_PIXELS: pixels}, signature_name=contract.SIGNATURE_PIXELS,
+            version=member.version, version_label=member.version_label,
+            output_filter=(contract.OUTPUT_PROBABILITIES,), timeout=remaining(deadline), cancel=cancel)
         # no probabilities (another model's outputs): left out by the runtime's check, not retried
         return MemberReply(result.outputs.get(contract.OUTPUT_PROBABILITIES), result.version)
 

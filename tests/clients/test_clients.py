@@ -514,42 +514,54 @@ def test_a_grpc_error_without_details_is_named_by_its_code():
     assert caught.value.message == "NOT_FOUND"
 
 
-def test_a_grpc_call_whose_cancel_token_is_cancelled_ends_here_and_on_the_server():
-    """``GrpcClient.predict(..., cancel=token)`` (the ensemble gateway's member calls): cancelling the token from
-    another thread ends the call at once with CANCELLED, and the server sees its call end."""
+@contextlib.contextmanager
+def holding_prediction_service():
+    """A real gRPC PredictionService whose Predict holds each call until the call ends (its client cancels or
+    closes it; 30 s at most), except for model "ending", which it ends CANCELLED at once as a server whose
+    shutdown has begun does. Yields (port, started, ended): events set when a held call starts and ends."""
     import threading
     from concurrent import futures
 
     import grpc
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    from carclf.cancel import CancelToken
-    from carclf.errors import Cancelled
-
     started, ended = threading.Event(), threading.Event()
 
-    class Slow(prediction_service_pb2_grpc.PredictionServiceServicer):
+    class Holding(prediction_service_pb2_grpc.PredictionServiceServicer):
         def Predict(self, request, context):  # noqa: N802 - the service's name
+            if request.model_spec.name == "ending":
+                context.abort(grpc.StatusCode.CANCELLED, "the server is stopping")
             context.add_callback(ended.set)
             started.set()
             ended.wait(30)
             context.abort(grpc.StatusCode.INTERNAL, "the call was still running")
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Slow(), server)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Holding(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    cancel = CancelToken()
-    threading.Thread(target=lambda: started.wait(30) and cancel.cancel(), daemon=True).start()
     try:
-        with GrpcClient(f"127.0.0.1:{port}", timeout=30) as client:
-            start = time.monotonic()
-            with pytest.raises(Cancelled, match=f"call to 127.0.0.1:{port} was cancelled"):
-                client.predict("tiny_a", images=[b"a photo"], cancel=cancel)
-            assert time.monotonic() - start < 20  # at the cancel, not the server's 30 s
-            assert ended.wait(10), "the server never saw its call end"
+        yield port, started, ended
     finally:
         server.stop(0)
+
+
+def test_a_grpc_call_whose_cancel_token_is_cancelled_ends_here_and_on_the_server():
+    """``GrpcClient.predict(..., cancel=token)`` (the ensemble gateway's member calls): cancelling the token from
+    another thread ends the call at once with CANCELLED, and the server sees its call end."""
+    import threading
+
+    from carclf.cancel import CancelToken
+    from carclf.errors import Cancelled
+
+    cancel = CancelToken()
+    with holding_prediction_service() as (port, started, ended), GrpcClient(f"127.0.0.1:{port}", timeout=30) as client:
+        threading.Thread(target=lambda: started.wait(30) and cancel.cancel(), daemon=True).start()
+        start = time.monotonic()
+        with pytest.raises(Cancelled, match=f"call to 127.0.0.1:{port} was cancelled"):
+            client.predict("tiny_a", images=[b"a photo"], cancel=cancel)
+        assert time.monotonic() - start < 20  # at the cancel, not the server's 30 s
+        assert ended.wait(10), "the server never saw its call end"
 
 
 @pytest.mark.parametrize("url", ["grpc://127.0.0.1:8500/v1/models/car_ensemble", "grpcs://host:443/x",
@@ -612,3 +624,26 @@ def test_a_long_lived_grpc_client_is_served_again_soon_after_its_server_comes_ba
         finally:
             server.stop(0)
     assert waited < 4.5, f"served again {waited:.1f} s after the server came back"
+
+
+def test_a_grpc_call_the_server_ends_cancelled_is_unavailable_unless_this_client_ended_it():
+    """A CANCELLED the client did not ask for is the server ending the call before answering (a server whose
+    shutdown began as the call came, before the client read its GOAWAY): ``Unavailable``, which callers retry.
+    A call ended by this client's own close (another thread's) stays ``Cancelled``: sending it again cannot help."""
+    import threading
+
+    from carclf.errors import Cancelled, Unavailable
+
+    with holding_prediction_service() as (port, started, ended), GrpcClient(f"127.0.0.1:{port}", timeout=30) as client:
+        with pytest.raises(Unavailable) as caught:
+            client.predict("ending", images=[b"a photo"])
+        assert caught.value.message.startswith(f"127.0.0.1:{port} ended the call before answering it ("), \
+            caught.value.message
+        assert "the server is stopping" in caught.value.message and "send it again" in caught.value.message
+
+        threading.Thread(target=lambda: started.wait(30) and client.close(), daemon=True).start()
+        start = time.monotonic()
+        with pytest.raises(Cancelled):
+            client.predict("slow", images=[b"a photo"])
+        assert time.monotonic() - start < 20  # at the close, not the server's 30 s
+        assert ended.wait(10), "the server never saw its call end"

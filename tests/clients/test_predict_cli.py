@@ -696,16 +696,18 @@ def test_a_reader_that_stops_reading_ends_the_run_quietly(tiny_ensemble_server, 
 
 
 def test_a_request_the_server_refuses_for_now_is_tried_again(photos, tmp_path, capsys):
-    """UNAVAILABLE (a replica shutting down in a rolling update) and RESOURCE_EXHAUSTED for a full queue, once
-    the server has answered: the request is tried again after 0.5 s, then 1 s, each retry on a line of its own,
-    and the run ends whole (exit 0, every photo in the CSV); it stopped at the first such answer (exit 2)."""
+    """UNAVAILABLE (a replica shutting down in a rolling update), RESOURCE_EXHAUSTED for a full queue and a
+    CANCELLED the client did not ask for (a call sent as the server's shutdown began), once the server has
+    answered: the request is tried again after 0.5 s, 1 s, then 2 s, each retry on a line of its own, and the
+    run ends whole (exit 0, every photo in the CSV); it stopped at the first such answer (exit 2)."""
     refusals = [Refusal("UNAVAILABLE", "shutting down; try another replica"),
-                Refusal("RESOURCE_EXHAUSTED", "the batching queue of model other is full; try again later")]
+                Refusal("RESOURCE_EXHAUSTED", "the batching queue of model other is full; try again later"),
+                Refusal("CANCELLED", "the server ended the call")]
     calls = []
 
     def answers(n: int) -> dict:
         calls.append(n)
-        if len(calls) == 2 and refusals:  # the second photo's request, twice
+        if len(calls) == 2 and refusals:  # the second photo's request, three times
             calls.pop()
             raise refusals.pop(0)
         return _answer(n)
@@ -721,12 +723,15 @@ def test_a_request_the_server_refuses_for_now_is_tried_again(photos, tmp_path, c
     assert code == 0, err
     assert len(out.read_text().splitlines()) == 1 + 3
     retries = [line for line in err.splitlines() if "trying again" in line]
-    assert len(retries) == 2, err
+    assert len(retries) == 3, err
     assert re.fullmatch(r"carclf predict: UNAVAILABLE: shutting down; try another replica \(server 127\.0\.0\.1:\d+\); "
                         r"trying again in 0\.5 s \(retry 1 of 3\)", retries[0]), retries
     assert retries[1] == ("carclf predict: RESOURCE_EXHAUSTED: the batching queue of model other is full; try again "
                           "later; trying again in 1 s (retry 2 of 3)"), retries
-    assert took >= 1.5  # the waits were waited
+    assert re.fullmatch(r"carclf predict: UNAVAILABLE: 127\.0\.0\.1:\d+ ended the call before answering it \(the "
+                        r"server ended the call\), .*; send it again; trying again in 2 s \(retry 3 of 3\)",
+                        retries[2]), retries
+    assert took >= 3.5  # the waits were waited
 
 
 @pytest.mark.parametrize("retries", ["0", "1"])
