@@ -26,6 +26,7 @@ from carclf.errors import (
 )
 from carclf.tensors import to_ndarray
 from tests.ensemble.servers import grpc_url, rest_url
+from tests.grpc_stubs import serving_prediction_service
 
 
 @pytest.fixture(scope="module")
@@ -263,9 +264,7 @@ def recording_servers():
     """A stub PredictionService (gRPC) and a stub REST :predict, each answering the same fixed outputs (a
     ``*_bytes`` output of bytes that are not UTF-8 among them) and keeping the requests they received."""
     import json
-    from concurrent import futures
 
-    import grpc
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
     from carclf.tensors import make_proto
@@ -287,15 +286,8 @@ def recording_servers():
     body = json.dumps({"outputs": {"probabilities": [[0.25, 0.75]], "label": ["BMW X5"],
                                    "crop_bytes": [{"b64": base64.b64encode(crop).decode()}]}}).encode()
 
-    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Predictions(), grpc_server)
-    grpc_port = grpc_server.add_insecure_port("127.0.0.1:0")
-    grpc_server.start()
-    try:
-        with json_http_server(200, body, received["rest"]) as rest:
-            yield {"grpc": f"grpc://127.0.0.1:{grpc_port}", "rest": rest, "crop": crop, "received": received}
-    finally:
-        grpc_server.stop(0)
+    with serving_prediction_service(Predictions()) as grpc_port, json_http_server(200, body, received["rest"]) as rest:
+        yield {"grpc": f"grpc://127.0.0.1:{grpc_port}", "rest": rest, "crop": crop, "received": received}
 
 
 def test_bytes_outputs_stay_bytes_and_text_outputs_are_str_on_both(recording_servers):
@@ -493,7 +485,6 @@ def test_a_request_over_the_servers_byte_limit_is_resource_exhausted_on_both(tin
 def test_a_grpc_error_without_details_is_named_by_its_code():
     """A server that fails a call with a status code and no message: the error still says something (the
     code's name), not an empty line."""
-    from concurrent import futures
 
     import grpc
     from tensorflow_serving.apis import prediction_service_pb2_grpc
@@ -502,15 +493,9 @@ def test_a_grpc_error_without_details_is_named_by_its_code():
         def Predict(self, request, context):  # noqa: N802 - the service's name
             context.abort(grpc.StatusCode.NOT_FOUND, "")
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Silent(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with connect(f"grpc://127.0.0.1:{port}", timeout=10) as client, pytest.raises(NotFound) as caught:
-            client.predict("tiny_a", images=[b"a photo"])
-    finally:
-        server.stop(0)
+    with serving_prediction_service(Silent(), workers=1) as port, \
+            connect(f"grpc://127.0.0.1:{port}", timeout=10) as client, pytest.raises(NotFound) as caught:
+        client.predict("tiny_a", images=[b"a photo"])
     assert caught.value.message == "NOT_FOUND"
 
 
@@ -520,7 +505,6 @@ def holding_prediction_service():
     closes it; 30 s at most), except for model "ending", which it ends CANCELLED at once as a server whose
     shutdown has begun does. Yields (port, started, ended): events set when a held call starts and ends."""
     import threading
-    from concurrent import futures
 
     import grpc
     from tensorflow_serving.apis import prediction_service_pb2_grpc
@@ -536,14 +520,8 @@ def holding_prediction_service():
             ended.wait(30)
             context.abort(grpc.StatusCode.INTERNAL, "the call was still running")
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Holding(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with serving_prediction_service(Holding()) as port:
         yield port, started, ended
-    finally:
-        server.stop(0)
 
 
 def test_a_grpc_call_whose_cancel_token_is_cancelled_ends_here_and_on_the_server():

@@ -19,6 +19,7 @@ from carclf import cli
 from carclf.clients import connect
 from carclf.errors import InvalidInput
 from tests.ensemble.servers import grpc_url, rest_url
+from tests.grpc_stubs import serving_prediction_service
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -470,8 +471,6 @@ def stub_prediction_service(outputs_for):
     """A gRPC PredictionService standing in for a server: its metadata says serving_default takes image_bytes
     (as every photo model's does); Predict answers ``outputs_for(photos sent)`` (name -> numpy array), checking
     and applying output_filter as TF Serving does. Yields its grpc:// URL."""
-    from concurrent import futures
-
     import grpc
     from tensorflow.core.framework import types_pb2
     from tensorflow.core.framework.tensor_pb2 import TensorProto
@@ -507,14 +506,8 @@ def stub_prediction_service(outputs_for):
                     response.outputs[name].CopyFrom(value if isinstance(value, TensorProto) else make_proto(value))
             return response
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Service(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with serving_prediction_service(Service()) as port:
         yield f"grpc://127.0.0.1:{port}"
-    finally:
-        server.stop(0)
 
 
 def _answer(photos: int, rows: int | None = None, drop: tuple[str, ...] = (), probabilities=None) -> dict:

@@ -19,7 +19,8 @@ import pytest
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from carclf.clients import connect
-from tests.ensemble.servers import embedded_server, grpc_url, write_ensemble_config
+from carclf.tta import get_policy
+from tests.ensemble.servers import TINY_ENSEMBLE_PARAMETERS, embedded_server, grpc_url, write_ensemble_config
 from tests.serving.test_batching import wait_until
 from tests.serving.test_batching_queues import ONE_BATCH_THREAD, batch_thread_held, batching
 from tests.serving.test_grpc import predict_request
@@ -28,7 +29,8 @@ pytestmark = pytest.mark.extension
 
 ENSEMBLE = "tiny_ensemble"
 MEMBERS = ("tiny_a", "tiny_b")
-VIEWS = 2  # the tiny ensemble's TTA policy is "hflip": two views of each photo, one stacked call per member
+# views of each photo in the tiny ensemble's TTA policy: one stacked call per member holds them all
+VIEWS = len(get_policy(TINY_ENSEMBLE_PARAMETERS["tta_policy"]))
 
 
 def one_batch_thread(folder: Path) -> Path:

@@ -27,6 +27,7 @@ from tests.clients.test_tls import certificate, tls_ports  # noqa: F401 - fixtur
 from tests.ensemble.callers import RecordingCaller
 from tests.ensemble.servers import TINY_LABELS, embedded_server, grpc_url, write_ensemble_config
 from tests.fixtures import version_numbers
+from tests.grpc_stubs import serving_prediction_service
 from tests.serving.test_grpc import outputs, predict_request
 
 
@@ -175,25 +176,19 @@ def test_a_member_answering_garbage_is_left_out_under_degrade(tiny_ensemble_serv
     answering another number of classes is (ensemble/README.md): the photo is answered from the members that
     did, marked degraded. Not a 200 of NaN probabilities with an arbitrary label, nor an INTERNAL error for the
     whole request while tiny_a answered."""
-    from concurrent import futures
-
     from carclf.ensemble.gateway import build_ensemble
 
     member = GarbageMember()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(member, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
     config = write_ensemble_config(tmp_path, failure_policy="degrade", quorum="1")
     images = np.array(photo_bytes[:2], dtype=object)
-    servable = build_ensemble(config, grpc_url(tiny_ensemble_server), model_repository=tiny_repository_template,
-                              member_urls={"tiny_b": f"grpc://127.0.0.1:{port}"})
-    try:
-        member.answer = answer
-        got = servable.predict("serving_default", {"image_bytes": images})
-    finally:
-        servable.close()
-        server.stop(0)
+    with serving_prediction_service(member) as port:
+        servable = build_ensemble(config, grpc_url(tiny_ensemble_server), model_repository=tiny_repository_template,
+                                  member_urls={"tiny_b": f"grpc://127.0.0.1:{port}"})
+        try:
+            member.answer = answer
+            got = servable.predict("serving_default", {"image_bytes": images})
+        finally:
+            servable.close()
     assert got["member_answered"].tolist() == [[True, False]] * len(images)
     assert got["degraded"].all()
     assert np.isfinite(got["probabilities"]).all()

@@ -6,6 +6,7 @@ or an error in front of the real call, to drive the deadline, retry and failure-
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from carclf.errors import (
 )
 from carclf.tta import make_views
 from tests.ensemble.callers import RecordingCaller
+from tests.grpc_stubs import serving_prediction_service
 
 
 def test_single_member_ensemble_equals_the_training_evaluation(tiny_repository_template, photo_bytes, runtime_for):
@@ -289,8 +291,6 @@ def test_a_member_call_its_server_cancels_is_unavailable_to_the_ensemble():
     """A real gRPC server that ends Predict with CANCELLED (what a member shutting down does to a call caught in
     its closing connection): the gateway's member caller reports UNAVAILABLE, which the ensemble retries and
     degrades on; other errors keep their code."""
-    from concurrent import futures
-
     import grpc
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
@@ -305,20 +305,13 @@ def test_a_member_call_its_server_cancels_is_unavailable_to_the_ensemble():
         def Predict(self, request, context):  # noqa: N802 - the gRPC method's name
             context.abort(answers[request.model_spec.name], "the member ended it")
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Ending(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    caller = GrpcMemberCaller(GrpcClient(f"127.0.0.1:{port}"))
     pixels = np.zeros((1, 8, 8, 3), np.uint8)
-    try:
+    with serving_prediction_service(Ending()) as port, \
+            contextlib.closing(GrpcMemberCaller(GrpcClient(f"127.0.0.1:{port}"))) as caller:
         with pytest.raises(Unavailable, match=f"127.0.0.1:{port} ended the call before answering it .the member ended"):
             caller.call(Member("cancelling"), pixels, deadline=time.monotonic() + 5)
         with pytest.raises(FailedPrecondition, match="the member ended it"):
             caller.call(Member("refusing"), pixels, deadline=time.monotonic() + 5)
-    finally:
-        caller.close()
-        server.stop(0)
 
 
 class FewerClassesCaller(RecordingCaller):
