@@ -16,6 +16,10 @@ server down) stop the run with status 2. Once the server has answered, a request
 (shutting down, a replica rotating out) or RESOURCE_EXHAUSTED for a full queue is tried again, --retries
 times, after 0.5, 1, 2, 4, 4 ... s, so that a long run outlives a rolling update; a server that never
 answered fails at once.
+
+A CSV run keeps the rows answered so far in <output>.partial.csv as they come, so a run stopped by any means
+(the server gone, Ctrl-C, a killed process) loses none of them: the same command with --resume sends only
+the photos that file lacks, then writes the whole submission and removes it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from carclf import contract, imaging
+from carclf.clients.commands.partial import PartialRows, partial_path, read_partial
 from carclf.destinations import check_file
 from carclf.errors import (
     CarClfError,
@@ -61,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the submission CSV (Id,Category) here instead of printing; a folder writes "
                              "one to submission.csv when not given (never replacing an existing one), unless "
                              "--json or --verbose asks to print its photos")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a CSV run that stopped: the photos answered in <output>.partial.csv are "
+                             "not sent again")
     parser.add_argument("--classes", type=Path, default=None,
                         help="classes.json ({category id: name}): the CSV gets category ids, and printed ranks "
                              "the server does not name get names")
@@ -289,10 +297,23 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInput(f"{output} exists: give --output PATH for the submission of a folder "
                                f"(--output {output} replaces it)")
         check_file(output, what="the submission")
+    if output is None and args.resume:
+        raise InvalidInput("--resume continues a submission run: give --output (or a folder) with it")
+    resumed: dict[str, str] = {}
+    if output is not None:
+        check_submission_ids(photos)
+        partial = partial_path(output)
+        if partial.exists():  # the answers of a run that stopped: never written over
+            if not args.resume:
+                raise InvalidInput(f"{partial} holds the rows of an earlier run that stopped: give --resume to "
+                                   "send only the photos it lacks, or remove it")
+            resumed, cut = read_partial(partial, photos)
+            note(f"resuming: {len(resumed)} of {len(photos)} photos were answered in {partial}"
+                 + ("; its last line was cut off, that photo is sent again" if cut else ""))
     failures = Failures()
     with connect(args.server, timeout=args.timeout, root_certificates=root_cert) as client:
         if output is not None:
-            write_submission(client, args, photos, output, category_of, failures)
+            write_submission(client, args, photos, output, category_of, failures, resumed)
         else:
             named: int | None = None  # ranks the server names, once some printed rank went unnamed
             for batch, result in classify(client, args, photos, failures):
@@ -312,35 +333,59 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_submission_ids(photos: Sequence[Path]) -> None:
+    """A submission's Ids are the photos' file names: two photos of one name (from two folders) are refused."""
+    seen: dict[str, Path] = {}
+    for photo in photos:
+        if photo.name in seen:
+            raise InvalidInput(f"two photos are named {photo.name!r} ({seen[photo.name]} and {photo}): a "
+                               "submission's Ids (the file names) must differ")
+        seen[photo.name] = photo
+
+
 def write_submission(client, args, photos: list[Path], output: Path, category_of: dict[str, str] | None,
-                     failures: Failures) -> None:
+                     failures: Failures, resumed: dict[str, str]) -> None:
+    """Classify the photos not in ``resumed`` (an earlier run's rows), keeping each answer in the partial file
+    as it comes; once all are answered, write ``output`` whole and remove the partial file."""
     from tqdm import tqdm
 
-    rows: list[tuple[str, str]] = []
+    partial = partial_path(output)
+    answered = dict(resumed)
+    rest = [path for path in photos if path.name not in answered]
+    kept = PartialRows(partial, answered)
+    answers = (classify(client, args, rest, failures, output_filter=(contract.OUTPUT_CLASS_ID, contract.OUTPUT_LABEL))
+               if rest else iter(()))  # all answered before a kill: not even the model is asked for
     try:
-        with tqdm(total=len(photos), desc=f"predict {args.model}", unit="photo", file=sys.stderr) as bar:
-            for batch, result in classify(client, args, photos, failures,
-                                          output_filter=(contract.OUTPUT_CLASS_ID, contract.OUTPUT_LABEL)):
+        with tqdm(total=len(photos), initial=len(answered), desc=f"predict {args.model}", unit="photo",
+                  file=sys.stderr) as bar:
+            for batch, result in answers:
                 ids = np.asarray(result.outputs[contract.OUTPUT_CLASS_ID]).reshape(-1)
+                rows = []
                 for path, class_id, label in zip(batch, ids, result.labels, strict=True):
                     category = (str(int(class_id)) if category_of is None
                                 else category_for(label, category_of, args.classes))
                     rows.append((path.name, category))
+                kept.add(rows)
+                answered.update(rows)
                 bar.update(len(batch))
             bar.update(len(failures))  # done with too, though not classified
     except CarClfError as exc:  # the server went away, say: the photos answered so far are not lost
-        if not rows:
-            raise
-        partial = output.with_name(f"{output.stem}.partial{output.suffix}")
-        try:
-            write_csv(partial, rows)
-        except OSError:
-            raise exc from None  # the error that stopped the run is the one to read
-        exc.message += (f"; the {len(rows)} of {len(photos)} photos answered before it are in {partial} (not a "
-                        f"whole submission; {output} was not written)")
-        exc.args = (exc.message,)
+        if answered:
+            exc.message += (f"; the {len(answered)} of {len(photos)} photos answered so far are in {partial} (not a "
+                            f"whole submission; {output} was not written): the same command with --resume sends "
+                            "only the others")
+            exc.args = (exc.message,)
         raise
+    except KeyboardInterrupt:
+        if answered:
+            note(f"the {len(answered)} of {len(photos)} photos answered so far are in {partial}: the same command "
+                 "with --resume sends only the others")
+        raise
+    finally:
+        kept.close()
+    rows = [(path.name, answered[path.name]) for path in photos if path.name in answered]
     write_csv(output, rows)
+    kept.remove()
     missing = f"; {len(failures)} photos missing, see the errors above" if failures else ""
     print(f"wrote {len(rows)} predictions to {output}{missing}")
 

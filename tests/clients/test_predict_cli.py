@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -18,8 +17,8 @@ import pytest
 from carclf import cli
 from carclf.clients import connect
 from carclf.errors import InvalidInput
+from tests.clients.predict_stubs import Refusal, backbone_answer, stub_prediction_service
 from tests.ensemble.servers import grpc_url, rest_url
-from tests.grpc_stubs import serving_prediction_service
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -89,7 +88,7 @@ def test_bad_photo_gets_one_clear_line_and_the_others_are_classified(tiny_ensemb
 
 
 @pytest.mark.parametrize("model", ["tiny_ensemble", "tiny_a"])
-def test_a_truncated_photo_the_server_refuses_is_named_and_the_rest_still_answer(tiny_ensemble_server, tmp_path,
+def test_a_truncated_photo_the_server_refuses_is_named_and_the_rest_stillanswer(tiny_ensemble_server, tmp_path,
                                                                                  photos, sample_dir, model):
     """The header reads fine locally; only decoding on the server fails. Its batch is sent again photo by
     photo, so the file is named and every other photo gets its answer (printed, and in the CSV)."""
@@ -458,79 +457,17 @@ def test_a_classes_file_saved_with_a_byte_order_mark_reads(tmp_path):
                                                            {"GMC Savana": "0", "Jaguar F-Type": "1"})
 
 
-class Refusal(Exception):
-    """Raised by a stub's ``outputs_for``: the Predict is answered with this gRPC status instead."""
-
-    def __init__(self, code: str, details: str):
-        super().__init__(details)
-        self.code, self.details = code, details
-
-
-@contextlib.contextmanager
-def stub_prediction_service(outputs_for):
-    """A gRPC PredictionService standing in for a server: its metadata says serving_default takes image_bytes
-    (as every photo model's does); Predict answers ``outputs_for(photos sent)`` (name -> numpy array), checking
-    and applying output_filter as TF Serving does. Yields its grpc:// URL."""
-    import grpc
-    from tensorflow.core.framework import types_pb2
-    from tensorflow.core.framework.tensor_pb2 import TensorProto
-    from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
-
-    from carclf.tensors import make_proto
-
-    class Service(prediction_service_pb2_grpc.PredictionServiceServicer):
-        def GetModelMetadata(self, request, context):  # noqa: N802 - the service's name
-            response = get_model_metadata_pb2.GetModelMetadataResponse()
-            response.model_spec.name = request.model_spec.name
-            signatures = get_model_metadata_pb2.SignatureDefMap()
-            signature = signatures.signature_def["serving_default"]
-            signature.method_name = "tensorflow/serving/predict"
-            signature.inputs["image_bytes"].dtype = types_pb2.DT_STRING
-            response.metadata["signature_def"].Pack(signatures)
-            return response
-
-        def Predict(self, request, context):  # noqa: N802 - the service's name
-            response = predict_pb2.PredictResponse()
-            response.model_spec.name = request.model_spec.name
-            response.model_spec.version.value = 1
-            try:
-                outputs = outputs_for(len(request.inputs["image_bytes"].string_val))
-            except Refusal as refusal:
-                context.abort(getattr(grpc.StatusCode, refusal.code), refusal.details)
-            for name in request.output_filter:  # TF Serving's check of output_filter
-                if name not in outputs:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"output tensor alias not found in "
-                                  f"signature: {name} Outputs expected to be in the set {{{','.join(outputs)}}}.")
-            for name, value in outputs.items():
-                if not request.output_filter or name in request.output_filter:
-                    response.outputs[name].CopyFrom(value if isinstance(value, TensorProto) else make_proto(value))
-            return response
-
-    with serving_prediction_service(Service()) as port:
-        yield f"grpc://127.0.0.1:{port}"
-
-
-def _answer(photos: int, rows: int | None = None, drop: tuple[str, ...] = (), probabilities=None) -> dict:
-    """A backbone's answer for ``photos`` photos (``rows`` rows instead, ``drop`` outputs left out)."""
-    rows = photos if rows is None else rows
-    answer = {"probabilities": np.tile(np.array([[0.25, 0.75]], dtype=np.float32), (rows, 1)),
-              "class_id": np.ones(rows, dtype=np.int64), "label": np.array([b"BMW X5"] * rows, dtype=object)}
-    if probabilities is not None:
-        answer["probabilities"] = probabilities(rows)
-    return {name: value for name, value in answer.items() if name not in drop}
-
-
-OTHER_OUTPUTS = {  # what a server might answer for n photos: none of it is what `carclf predict` can show
-    "another_models_outputs": lambda n: {"scores": np.full((n, 2), 0.5, dtype=np.float32),
-                                         "classes": np.zeros((n, 2), dtype=np.int64)},
-    "no_class_id": lambda n: _answer(n, drop=("class_id",)),
-    "no_probabilities": lambda n: _answer(n, drop=("probabilities",)),
-    "one_row_for_three_photos": lambda n: _answer(n, rows=1),
-    "probabilities_as_text": lambda n: _answer(n, probabilities=lambda rows: np.array([[b"high", b"low"]] * rows,
-                                                                                      dtype=object)),
-    "probabilities_one_dimensional": lambda n: _answer(n, probabilities=lambda rows: np.full(rows, 0.75,
-                                                                                             dtype=np.float32)),
-    "probabilities_cut_short": lambda n: {**_answer(n), "probabilities": _cut_short(n)},
+OTHER_OUTPUTS = {  # what a server might answer for the photos sent: none of it is what `carclf predict` can show
+    "another_models_outputs": lambda sent: {"scores": np.full((len(sent), 2), 0.5, dtype=np.float32),
+                                            "classes": np.zeros((len(sent), 2), dtype=np.int64)},
+    "no_class_id": lambda sent: backbone_answer(len(sent), drop=("class_id",)),
+    "no_probabilities": lambda sent: backbone_answer(len(sent), drop=("probabilities",)),
+    "one_row_for_three_photos": lambda sent: backbone_answer(len(sent), rows=1),
+    "probabilities_as_text": lambda sent: backbone_answer(
+        len(sent), probabilities=lambda rows: np.array([[b"high", b"low"]] * rows, dtype=object)),
+    "probabilities_one_dimensional": lambda sent: backbone_answer(
+        len(sent), probabilities=lambda rows: np.full(rows, 0.75, dtype=np.float32)),
+    "probabilities_cut_short": lambda sent: {**backbone_answer(len(sent)), "probabilities": _cut_short(len(sent))},
 }
 
 
@@ -638,11 +575,11 @@ def test_a_server_lost_mid_folder_keeps_the_rows_answered_so_far(photos, tmp_pat
     being lost with the whole run; the submission itself is not written, being incomplete."""
     calls = []
 
-    def answers(n: int) -> dict:
-        calls.append(n)
+    def answers(sent: list[bytes]) -> dict:
+        calls.append(len(sent))
         if len(calls) > 2:
             raise RuntimeError("the server is going down")
-        return _answer(n)
+        return backbone_answer(len(sent))
 
     chosen = [str(p) for p in photos[:3]]
     out = tmp_path / "out.csv"
@@ -652,10 +589,11 @@ def test_a_server_lost_mid_folder_keeps_the_rows_answered_so_far(photos, tmp_pat
     assert code == 2
     lines = [line for line in capsys.readouterr().err.strip().splitlines() if "photo/s]" not in line]
     partial = tmp_path / "out.partial.csv"
-    assert len(lines) == 1 and lines[0].endswith(f"the 2 of 3 photos answered before it are in {partial} (not a "
-                                                 f"whole submission; {out} was not written)"), lines
+    assert len(lines) == 1 and lines[0].endswith(f"the 2 of 3 photos answered so far are in {partial} (not a whole "
+                                                 f"submission; {out} was not written): the same command with "
+                                                 "--resume sends only the others"), lines
     assert not out.exists()
-    expected = [f"{Path(p).name},{int(_answer(1)['class_id'][0])}" for p in chosen[:2]]
+    expected = [f"{Path(p).name},{int(backbone_answer(1)['class_id'][0])}" for p in chosen[:2]]
     assert partial.read_text().splitlines() == ["Id,Category", *expected]
 
 
@@ -698,12 +636,12 @@ def test_a_request_the_server_refuses_for_now_is_tried_again(photos, tmp_path, c
                 Refusal("CANCELLED", "the server ended the call")]
     calls = []
 
-    def answers(n: int) -> dict:
-        calls.append(n)
+    def answers(sent: list[bytes]) -> dict:
+        calls.append(len(sent))
         if len(calls) == 2 and refusals:  # the second photo's request, three times
             calls.pop()
             raise refusals.pop(0)
-        return _answer(n)
+        return backbone_answer(len(sent))
 
     chosen = [str(p) for p in photos[:3]]
     out = tmp_path / "out.csv"
@@ -734,11 +672,11 @@ def test_a_server_still_refusing_after_the_retries_stops_the_run_with_what_was_a
     <output>.partial.csv); --retries 0 never tries again."""
     calls = []
 
-    def answers(n: int) -> dict:
-        calls.append(n)
+    def answers(sent: list[bytes]) -> dict:
+        calls.append(len(sent))
         if len(calls) > 1:
             raise Refusal("UNAVAILABLE", "shutting down")
-        return _answer(n)
+        return backbone_answer(len(sent))
 
     out = tmp_path / "out.csv"
     with stub_prediction_service(answers) as url:

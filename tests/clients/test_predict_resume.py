@@ -1,0 +1,220 @@
+"""``carclf predict FOLDER --output CSV``: a run that stops keeps what was answered, and ``--resume`` sends only
+the rest. Against a stand-in gRPC server over loopback whose answer depends on each photo's bytes, so that a
+row kept from the earlier run, or sent in another order, would show."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from carclf import cli
+from tests.clients.predict_stubs import stub_prediction_service
+
+REPO = Path(__file__).resolve().parents[2]
+CLASSES = 7
+
+
+def by_photo(sent: list[bytes]) -> dict:
+    """A backbone's answer whose class is a function of the photo's bytes."""
+    ids = np.array([zlib.crc32(photo) % CLASSES for photo in sent], dtype=np.int64)
+    return {"probabilities": np.eye(CLASSES, dtype=np.float32)[ids], "class_id": ids,
+            "label": np.array([f"car {i}".encode() for i in ids], dtype=object)}
+
+
+class Recorder:
+    """``outputs_for`` of the stand-in server: answers by photo and records what each request sent; a request
+    numbered ``fail_from`` or later is refused, one numbered ``hold_at`` waits for ``release``."""
+
+    def __init__(self, fail_from: int | None = None, hold_at: int | None = None):
+        self.sent: list[bytes] = []
+        self.requests = 0
+        self.fail_from, self.hold_at = fail_from, hold_at
+        self.arrived, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, sent: list[bytes]) -> dict:
+        self.requests += 1
+        if self.requests == self.hold_at:
+            self.arrived.set()
+            self.release.wait(60)
+        if self.fail_from is not None and self.requests >= self.fail_from:
+            raise RuntimeError("the server is going down")
+        self.sent.extend(sent)
+        return by_photo(sent)
+
+
+@pytest.fixture
+def folder(photos, tmp_path) -> Path:
+    """Six photos in a folder of their own."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in photos[:6]:
+        shutil.copyfile(photo, folder / photo.name)
+    return folder
+
+
+def predict(url: str, folder: Path, out: Path, *extra: str) -> int:
+    return cli.main(["predict", str(folder), "--server", url, "--model", "m", "--batch-size", "1",
+                     "--output", str(out), *extra])
+
+
+def whole_run(folder: Path, tmp_path: Path) -> str:
+    """The CSV an uninterrupted run writes."""
+    out = tmp_path / "whole.csv"
+    with stub_prediction_service(Recorder()) as url:
+        assert predict(url, folder, out) == 0
+    assert not (tmp_path / "whole.partial.csv").exists()  # a run that ends whole leaves no partial file
+    return out.read_text()
+
+
+def own_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("carclf predict:")]
+
+
+def test_a_run_the_server_stops_resumes_with_only_the_photos_it_lacks(folder, tmp_path, capsys):
+    expected = whole_run(folder, tmp_path)
+    out, partial = tmp_path / "out.csv", tmp_path / "out.partial.csv"
+    with stub_prediction_service(Recorder(fail_from=3)) as url:
+        assert predict(url, folder, out, "--retries", "0") == 2
+    assert "the same command with --resume sends only the others" in capsys.readouterr().err
+    assert not out.exists() and partial.read_text().splitlines() == expected.splitlines()[:3]
+
+    resumed = Recorder()
+    with stub_prediction_service(resumed) as url:
+        assert predict(url, folder, out, "--resume") == 0
+    err = own_lines(capsys.readouterr().err)
+    assert err == [f"carclf predict: resuming: 2 of 6 photos were answered in {partial}"], err
+    photos = sorted(folder.iterdir())
+    assert resumed.sent == [p.read_bytes() for p in photos[2:]]  # the other four, once each
+    assert out.read_text() == expected and not partial.exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
+def test_a_run_stopped_by_a_signal_keeps_every_answered_row(folder, tmp_path, capsys, sig):
+    """Ctrl-C (or a kill) while the third photo waits for its answer: the two answered rows are on disk (they
+    were lost before, with the whole run), and --resume finishes the submission with the other four."""
+    expected = whole_run(folder, tmp_path)
+    out, partial = tmp_path / "out.csv", tmp_path / "out.partial.csv"
+    held = Recorder(hold_at=3)
+    with stub_prediction_service(held) as url:
+        child = subprocess.Popen([sys.executable, "-m", "carclf", "predict", str(folder), "--server", url, "--model",
+                                  "m", "--batch-size", "1", "--output", str(out)], cwd=REPO, stderr=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        try:
+            assert held.arrived.wait(120), child.stderr.read() if child.poll() is not None else "no third request"
+            child.send_signal(sig)
+            _, stderr = child.communicate(timeout=60)
+        finally:
+            held.release.set()
+            if child.poll() is None:
+                child.kill()
+    assert not out.exists() and partial.read_text().splitlines() == expected.splitlines()[:3]
+    if sig == signal.SIGINT:
+        assert child.returncode == 130, stderr
+        assert own_lines(stderr) == [f"carclf predict: the 2 of 6 photos answered so far are in {partial}: the same "
+                                     "command with --resume sends only the others", "carclf predict: interrupted"]
+    else:
+        assert child.returncode == -signal.SIGKILL
+
+    resumed = Recorder()
+    with stub_prediction_service(resumed) as url:
+        assert predict(url, folder, out, "--resume") == 0
+    assert len(resumed.sent) == 4 and out.read_text() == expected and not partial.exists()
+
+
+def test_a_last_line_cut_off_by_a_kill_is_asked_again_and_kept_rows_are_not(folder, tmp_path, capsys):
+    """The rows of the partial file are the submission's, as written (the first says class 5, which the
+    server would not): only the photo of the cut line and those after it are sent."""
+    photos = sorted(folder.iterdir())
+    out, partial = tmp_path / "out.csv", tmp_path / "out.partial.csv"
+    partial.write_text(f"Id,Category\n{photos[0].name},5\n{photos[1].name[:3]}")
+    resumed = Recorder()
+    with stub_prediction_service(resumed) as url:
+        assert predict(url, folder, out, "--resume") == 0
+    assert own_lines(capsys.readouterr().err) == [
+        f"carclf predict: resuming: 1 of 6 photos were answered in {partial}; its last line was cut off, that photo "
+        "is sent again"]
+    assert resumed.sent == [p.read_bytes() for p in photos[1:]]
+    answers = by_photo(resumed.sent)["class_id"]
+    assert out.read_text().splitlines() == ["Id,Category", f"{photos[0].name},5",
+                                            *(f"{p.name},{c}" for p, c in zip(photos[1:], answers, strict=True))]
+
+
+def test_a_run_killed_after_its_last_answer_resumes_without_the_server(folder, tmp_path, capsys):
+    """Every photo was answered before the kill, the submission not yet written: --resume writes it from the
+    partial file alone, even with the server gone."""
+    expected = whole_run(folder, tmp_path)
+    out, partial = tmp_path / "out.csv", tmp_path / "out.partial.csv"
+    partial.write_text(expected)
+    with stub_prediction_service(Recorder()) as url:
+        pass  # a port nobody listens on any more
+    assert predict(url, folder, out, "--resume") == 0
+    assert out.read_text() == expected and not partial.exists()
+
+
+def test_resume_with_nothing_to_resume_runs_whole(folder, tmp_path, capsys):
+    """--resume in a script that always passes it: the first run has no partial file and classifies them all."""
+    expected = whole_run(folder, tmp_path)
+    recorder = Recorder()
+    with stub_prediction_service(recorder) as url:
+        assert predict(url, folder, tmp_path / "out.csv", "--resume") == 0
+    assert not own_lines(capsys.readouterr().err) and len(recorder.sent) == 6
+    assert (tmp_path / "out.csv").read_text() == expected
+
+
+def refused(recorder: Recorder, argv: list[str], capsys) -> str:
+    """The one error line of a run that exits 2."""
+    with stub_prediction_service(recorder) as url:
+        assert cli.main([*argv, "--server", url, "--model", "m"]) == 2
+    err = own_lines(capsys.readouterr().err)
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("content,resume,message", [
+    pytest.param("Id,Category\n{0},3\n", False, "{partial} holds the rows of an earlier run that stopped: give --resume to send "
+                                    "only the photos it lacks, or remove it", id="without-resume"),
+    pytest.param("Id,Category\n{0},3\nelsewhere.jpg,1\n", True, "{partial} line 3: 'elsewhere.jpg' is not one of the photos of "
+                                                    "this run (the file was written for other photos): remove it or "
+                                                    "give another --output", id="other-photos"),
+    pytest.param("Id,Category\n{0},3\n{0},4\n", True, "{partial} line 3: '{0}' is there twice", id="twice"),
+    pytest.param("Id,Category\n{0}\n", True, "{partial} line 2: expected Id,Category, found '{0}'", id="one-field"),
+    pytest.param("name,score\n{0},3\n", True, "{partial} is not the partial submission of a carclf predict run (its first line is "
+                                  "'name,score', not 'Id,Category'): remove it or give another --output", id="not-a-partial"),
+])
+def test_a_partial_file_that_cannot_be_resumed_is_refused_before_anything_is_sent(folder, tmp_path, capsys, content,
+                                                                                   resume, message):
+    """Nothing is sent, and the partial file (an earlier run's answers) is left as it was."""
+    first = sorted(folder.iterdir())[0].name
+    out, partial = tmp_path / "out.csv", tmp_path / "out.partial.csv"
+    partial.write_text(content.format(first))
+    before = partial.read_bytes()
+    recorder = Recorder()
+    line = refused(recorder, ["predict", str(folder), "--output", str(out), *(["--resume"] if resume else [])], capsys)
+    assert line == "carclf predict: error: " + message.format(first, partial=partial)
+    assert recorder.requests == 0 and partial.read_bytes() == before and not out.exists()
+
+
+def test_photos_of_one_name_in_two_folders_are_refused_for_a_submission(folder, tmp_path, capsys):
+    """Their rows would carry the same Id, which a submission cannot; printing them is fine."""
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    name = sorted(folder.iterdir())[0].name
+    recorder = Recorder()
+    line = refused(recorder, ["predict", str(folder), str(other), "--output", str(tmp_path / "out.csv")], capsys)
+    assert line == (f"carclf predict: error: two photos are named {name!r} ({folder / name} and {other / name}): a "
+                    "submission's Ids (the file names) must differ")
+    assert recorder.requests == 0
+
+
+def test_resume_without_a_submission_is_refused(photos, capsys):
+    line = refused(Recorder(), ["predict", str(photos[0]), "--resume"], capsys)
+    assert line == "carclf predict: error: --resume continues a submission run: give --output (or a folder) with it"
