@@ -36,6 +36,8 @@ def read_partial(path: Path, photos: Sequence[Path]) -> tuple[dict[str, str], bo
     cut = bool(text) and not text.endswith("\n")
     if cut:
         text = text[:text.rfind("\n") + 1]
+    if not text:  # killed before its first rows reached the file: nothing was kept
+        return {}, cut
     lines = csv.reader(io.StringIO(text, newline=""))
     header = next(lines, None)
     if header is None or tuple(header) != HEADER:

@@ -130,6 +130,19 @@ def test_a_run_stopped_by_a_signal_keeps_every_answered_row(folder, tmp_path, ca
     assert len(resumed.sent) == 4 and out.read_text() == expected and not partial.exists()
 
 
+@pytest.mark.parametrize("content", ["", "Id,Cat"], ids=["empty", "header-cut"])
+def test_a_partial_file_killed_before_its_first_row_resumes_from_nothing(folder, tmp_path, capsys, content):
+    """A kill between creating the file and its first flush leaves it empty (or its header cut): every photo
+    is sent, and the run ends whole."""
+    expected = whole_run(folder, tmp_path)
+    out, partial = tmp_path / "out.csv", tmp_path / "out.partial.csv"
+    partial.write_text(content)
+    resumed = Recorder()
+    with stub_prediction_service(resumed) as url:
+        assert predict(url, folder, out, "--resume") == 0, capsys.readouterr().err
+    assert len(resumed.sent) == 6 and out.read_text() == expected and not partial.exists()
+
+
 def test_a_last_line_cut_off_by_a_kill_is_asked_again_and_kept_rows_are_not(folder, tmp_path, capsys):
     """The rows of the partial file are the submission's, as written (the first says class 5, which the
     server would not): only the photo of the cut line and those after it are sent."""
