@@ -1,4 +1,5 @@
-"""A stand-in gRPC PredictionService for ``carclf predict``'s tests: answers and refusals chosen by the test."""
+"""Helpers of ``carclf predict``'s tests: a stand-in gRPC PredictionService whose answers and refusals the test
+chooses, and the command's own stderr lines."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ class Refusal(Exception):
     def __init__(self, code: str, details: str):
         super().__init__(details)
         self.code, self.details = code, details
+
+
+def own_lines(stderr: str) -> list[str]:
+    """The command's own stderr lines (not TensorFlow's start-up logging, nor the progress bar)."""
+    return [line for line in stderr.splitlines() if line.startswith("carclf predict:")]
 
 
 @contextlib.contextmanager

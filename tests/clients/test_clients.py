@@ -485,7 +485,6 @@ def test_a_request_over_the_servers_byte_limit_is_resource_exhausted_on_both(tin
 def test_a_grpc_error_without_details_is_named_by_its_code():
     """A server that fails a call with a status code and no message: the error still says something (the
     code's name), not an empty line."""
-
     import grpc
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 

@@ -17,7 +17,7 @@ import pytest
 from carclf import cli
 from carclf.clients import connect
 from carclf.errors import InvalidInput
-from tests.clients.predict_stubs import Refusal, backbone_answer, stub_prediction_service
+from tests.clients.predict_stubs import Refusal, backbone_answer, own_lines, stub_prediction_service
 from tests.ensemble.servers import grpc_url, rest_url
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,11 +27,6 @@ def carclf(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.run([sys.executable, "-m", "carclf", *args], capture_output=True, text=True, timeout=timeout,
                           cwd=REPO, env=env)
-
-
-def own_lines(stderr: str) -> list[str]:
-    """The command's own stderr lines (not TensorFlow's start-up logging)."""
-    return [line for line in stderr.splitlines() if line.startswith("carclf predict:")]
 
 
 def test_photos_print_top_k_and_member_votes(tiny_ensemble_server, photos):

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from carclf import cli
-from tests.clients.predict_stubs import stub_prediction_service
+from tests.clients.predict_stubs import own_lines, stub_prediction_service
+from tests.fixtures import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
 CLASSES = 7
 
 
@@ -75,10 +75,6 @@ def whole_run(folder: Path, tmp_path: Path) -> str:
     return out.read_text()
 
 
-def own_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("carclf predict:")]
-
-
 def test_a_run_the_server_stops_resumes_with_only_the_photos_it_lacks(folder, tmp_path, capsys):
     expected = whole_run(folder, tmp_path)
     out, partial = tmp_path / "out.csv", tmp_path / "out.partial.csv"
@@ -105,9 +101,10 @@ def test_a_run_stopped_by_a_signal_keeps_every_answered_row(folder, tmp_path, ca
     out, partial = tmp_path / "out.csv", tmp_path / "out.partial.csv"
     held = Recorder(hold_at=3)
     with stub_prediction_service(held) as url:
-        child = subprocess.Popen([sys.executable, "-m", "carclf", "predict", str(folder), "--server", url, "--model",
-                                  "m", "--batch-size", "1", "--output", str(out)], cwd=REPO, stderr=subprocess.PIPE,
-                                 stdout=subprocess.DEVNULL, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        command = [sys.executable, "-m", "carclf", "predict", str(folder), "--server", url, "--model", "m",
+                   "--batch-size", "1", "--output", str(out)]
+        child = subprocess.Popen(command, cwd=REPO_ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
         try:
             assert held.arrived.wait(120), child.stderr.read() if child.poll() is not None else "no third request"
             child.send_signal(sig)
@@ -193,15 +190,17 @@ def refused(recorder: Recorder, argv: list[str], capsys) -> str:
 
 
 @pytest.mark.parametrize("content,resume,message", [
-    pytest.param("Id,Category\n{0},3\n", False, "{partial} holds the rows of an earlier run that stopped: give --resume to send "
-                                    "only the photos it lacks, or remove it", id="without-resume"),
-    pytest.param("Id,Category\n{0},3\nelsewhere.jpg,1\n", True, "{partial} line 3: 'elsewhere.jpg' is not one of the photos of "
-                                                    "this run (the file was written for other photos): remove it or "
-                                                    "give another --output", id="other-photos"),
+    pytest.param("Id,Category\n{0},3\n", False,
+                 "{partial} holds the rows of an earlier run that stopped: give --resume to send only the photos it "
+                 "lacks, or remove it", id="without-resume"),
+    pytest.param("Id,Category\n{0},3\nelsewhere.jpg,1\n", True,
+                 "{partial} line 3: 'elsewhere.jpg' is not one of the photos of this run (the file was written for "
+                 "other photos): remove it or give another --output", id="other-photos"),
     pytest.param("Id,Category\n{0},3\n{0},4\n", True, "{partial} line 3: '{0}' is there twice", id="twice"),
     pytest.param("Id,Category\n{0}\n", True, "{partial} line 2: expected Id,Category, found '{0}'", id="one-field"),
-    pytest.param("name,score\n{0},3\n", True, "{partial} is not the partial submission of a carclf predict run (its first line is "
-                                  "'name,score', not 'Id,Category'): remove it or give another --output", id="not-a-partial"),
+    pytest.param("name,score\n{0},3\n", True,
+                 "{partial} is not the partial submission of a carclf predict run (its first line is 'name,score', "
+                 "not 'Id,Category'): remove it or give another --output", id="not-a-partial"),
 ])
 def test_a_partial_file_that_cannot_be_resumed_is_refused_before_anything_is_sent(folder, tmp_path, capsys, content,
                                                                                    resume, message):
