@@ -14,9 +14,10 @@ HEADER = ("Id", "Category")
 
 
 def write_submission(path: str | os.PathLike, rows: Iterable[tuple[str, ...]],
-                     header: tuple[str, ...] = HEADER) -> int:
+                     header: tuple[str, ...] = HEADER, comment: str | None = None) -> int:
     """Write ``Id,Category`` rows (or ``header``'s columns) atomically (a temporary file beside it, then
-    rename); returns the row count. On failure no temporary file is left and the error names ``path``."""
+    rename), after a ``# comment`` line when given; returns the row count. On failure no temporary file is
+    left and the error names ``path``."""
     check_file(path)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -25,6 +26,8 @@ def write_submission(path: str | os.PathLike, rows: Iterable[tuple[str, ...]],
     try:
         # surrogateescape: a file name that is not UTF-8 on disk is written as its bytes, not a UnicodeEncodeError
         with tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            if comment is not None:
+                fh.write(f"# {comment}\n")
             writer = csv.writer(fh)
             writer.writerow(header)
             for row in rows:

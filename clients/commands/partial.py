@@ -4,12 +4,18 @@
 as written), so that a run stopped by any means (the server gone for longer than ``--retries``, Ctrl-C, a
 killed process) keeps every photo the server answered. ``--resume`` reads that file back and sends only the
 photos it lacks; once every photo is answered ``OUT`` is written whole and the partial file is removed.
+
+The file's first line records the options that decide its answers (``# carclf predict --model car_ensemble
+--classes sha256:...``), so that a run resumed with another model, version or classes file is refused instead
+of mixing two models' answers in one submission. Then come ``Id,Category`` and the rows, as in the submission.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -25,10 +31,26 @@ def partial_path(output: Path) -> Path:
     return output.with_name(f"{output.stem}.partial{output.suffix}")
 
 
-def read_partial(path: Path, photos: Sequence[Path]) -> tuple[dict[str, str], bool]:
+def describe_run(model: str, version: int | None, version_label: str | None,
+                 category_of: dict[str, str] | None) -> str:
+    """The options that decide a run's rows, as its partial file's first line records them: the model, the
+    version or label asked for, and the classes file's mapping (its digest: the rows hold its category ids)."""
+    words = ["carclf predict", f"--model {model}"]
+    if version is not None:
+        words.append(f"--version {version}")
+    if version_label is not None:
+        words.append(f"--version-label {version_label}")
+    if category_of is not None:
+        digest = hashlib.sha256(json.dumps(category_of, sort_keys=True).encode()).hexdigest()[:12]
+        words.append(f"--classes sha256:{digest}")
+    return json.dumps(" ".join(words), ensure_ascii=False)[1:-1]  # one line, whatever the names hold
+
+
+def read_partial(path: Path, photos: Sequence[Path], run: str) -> tuple[dict[str, str], bool]:
     """Id -> Category of an earlier run's partial file, every Id one of ``photos``' names; and whether its
     last line was cut off (the run killed while writing it), that row left out so that its photo is sent again.
-    A file that is not such a partial file is refused, naming the file and the line."""
+    A file that is not such a partial file, or was written by a run of other options than ``run``
+    (``describe_run``), is refused, naming the file and the line."""
     try:
         text = path.read_bytes().decode(**ENCODING)
     except OSError as exc:
@@ -36,17 +58,26 @@ def read_partial(path: Path, photos: Sequence[Path]) -> tuple[dict[str, str], bo
     cut = bool(text) and not text.endswith("\n")
     if cut:
         text = text[:text.rfind("\n") + 1]
+    first, _, text = text.partition("\n")
     if not text:  # killed before its first rows reached the file: nothing was kept
         return {}, cut
+    if first == ",".join(HEADER):  # the partial files of carclf before the options line
+        raise InvalidInput(f"{path} does not record the model it was written with: if its rows are answers of "
+                           f"this run's options, make its first line {'# ' + run!r} and resume; otherwise "
+                           "remove it")
+    if not first.startswith("# carclf predict"):
+        raise not_partial(path, first)
+    if first[2:] != run:
+        raise InvalidInput(f"{path} was written by {first[2:]!r}, this run is {run!r}: resume with the same "
+                           "--model, --version, --version-label and --classes (or remove it), so that one "
+                           "submission holds one model's answers")
     lines = csv.reader(io.StringIO(text, newline=""))
     header = next(lines, None)
     if header is None or tuple(header) != HEADER:
-        raise InvalidInput(f"{path} is not the partial submission of a carclf predict run (its first line is "
-                           f"{','.join(header or [])!r}, not {','.join(HEADER)!r}): remove it or give another "
-                           "--output")
+        raise not_partial(path, ",".join(header or []), line=2)
     names = {photo.name for photo in photos}
     rows: dict[str, str] = {}
-    for number, row in enumerate(lines, start=2):
+    for number, row in enumerate(lines, start=3):
         if len(row) != 2 or not all(row):
             raise InvalidInput(f"{path} line {number}: expected Id,Category, found {','.join(row)!r}")
         name, category = row
@@ -59,21 +90,30 @@ def read_partial(path: Path, photos: Sequence[Path]) -> tuple[dict[str, str], bo
     return rows, cut
 
 
+def not_partial(path: Path, found: str, line: int = 1) -> InvalidInput:
+    expected = "# carclf predict ..." if line == 1 else ",".join(HEADER)
+    return InvalidInput(f"{path} is not the partial submission of a carclf predict run (its line {line} is "
+                        f"{found!r}, not {expected!r}): remove it or give another --output")
+
+
 class PartialRows:
     """Appends rows to the partial file as they are answered, each call's rows flushed to the file."""
 
-    def __init__(self, path: Path, resumed: dict[str, str]):
-        self.path = path
+    def __init__(self, path: Path, resumed: dict[str, str], run: str):
+        self.path, self.run = path, run
         self._file = None
         if resumed:  # rewritten whole (and atomically): a line cut off by a kill must not run into the next
-            write_csv(path, resumed.items())
+            write_csv(path, resumed.items(), comment=run)
             self._file = self._open("a")
 
     def add(self, rows: Iterable[tuple[str, str]]) -> None:
-        if self._file is None:
+        new = self._file is None
+        if new:
             self._file = self._open("w")
-            csv.writer(self._file).writerow(HEADER)
         try:
+            if new:
+                self._file.write(f"# {self.run}\n")
+                csv.writer(self._file).writerow(HEADER)
             csv.writer(self._file).writerows(rows)
             self._file.flush()
         except OSError as exc:

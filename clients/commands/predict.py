@@ -19,7 +19,8 @@ answered fails at once.
 
 A CSV run keeps the rows answered so far in <output>.partial.csv as they come, so a run stopped by any means
 (the server gone, Ctrl-C, a killed process) loses none of them: the same command with --resume sends only
-the photos that file lacks, then writes the whole submission and removes it.
+the photos that file lacks, then writes the whole submission and removes it. The file records the model,
+version and classes its rows were answered with, and a run resumed with others is refused.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from carclf import contract, imaging
-from carclf.clients.commands.partial import PartialRows, partial_path, read_partial
+from carclf.clients.commands.partial import PartialRows, describe_run, partial_path, read_partial
 from carclf.destinations import check_file
 from carclf.errors import (
     CarClfError,
@@ -300,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
     if output is None and args.resume:
         raise InvalidInput("--resume continues a submission run: give --output (or a folder) with it")
     resumed: dict[str, str] = {}
+    written_by = describe_run(args.model, args.version, args.version_label, category_of)
     if output is not None:
         check_submission_ids(photos)
         partial = partial_path(output)
@@ -307,13 +309,13 @@ def run(args: argparse.Namespace) -> int:
             if not args.resume:
                 raise InvalidInput(f"{partial} holds the rows of an earlier run that stopped: give --resume to "
                                    "send only the photos it lacks, or remove it")
-            resumed, cut = read_partial(partial, photos)
+            resumed, cut = read_partial(partial, photos, written_by)
             note(f"resuming: {len(resumed)} of {len(photos)} photos were answered in {partial}"
                  + ("; its last line was cut off, that photo is sent again" if cut else ""))
     failures = Failures()
     with connect(args.server, timeout=args.timeout, root_certificates=root_cert) as client:
         if output is not None:
-            write_submission(client, args, photos, output, category_of, failures, resumed)
+            write_submission(client, args, photos, output, category_of, failures, resumed, written_by)
         else:
             named: int | None = None  # ranks the server names, once some printed rank went unnamed
             for batch, result in classify(client, args, photos, failures):
@@ -344,15 +346,16 @@ def check_submission_ids(photos: Sequence[Path]) -> None:
 
 
 def write_submission(client, args, photos: list[Path], output: Path, category_of: dict[str, str] | None,
-                     failures: Failures, resumed: dict[str, str]) -> None:
+                     failures: Failures, resumed: dict[str, str], written_by: str) -> None:
     """Classify the photos not in ``resumed`` (an earlier run's rows), keeping each answer in the partial file
-    as it comes; once all are answered, write ``output`` whole and remove the partial file."""
+    (first line ``written_by``: ``describe_run``) as it comes; once all are answered, write ``output`` whole
+    and remove the partial file."""
     from tqdm import tqdm
 
     partial = partial_path(output)
     answered = dict(resumed)
     rest = [path for path in photos if path.name not in answered]
-    kept = PartialRows(partial, answered)
+    kept = PartialRows(partial, answered, written_by)
     answers = (classify(client, args, rest, failures, output_filter=(contract.OUTPUT_CLASS_ID, contract.OUTPUT_LABEL))
                if rest else iter(()))  # all answered before a kill: not even the model is asked for
     try:

@@ -589,7 +589,7 @@ def test_a_server_lost_mid_folder_keeps_the_rows_answered_so_far(photos, tmp_pat
                                                  "--resume sends only the others"), lines
     assert not out.exists()
     expected = [f"{Path(p).name},{int(backbone_answer(1)['class_id'][0])}" for p in chosen[:2]]
-    assert partial.read_text().splitlines() == ["Id,Category", *expected]
+    assert partial.read_text().splitlines() == ["# carclf predict --model other", "Id,Category", *expected]
 
 
 def test_a_photo_error_during_a_csv_run_starts_its_own_line(tiny_ensemble_server, tmp_path, photos):

@@ -4,6 +4,7 @@ row kept from the earlier run, or sent in another order, would show."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from tests.clients.predict_stubs import own_lines, stub_prediction_service
 from tests.fixtures import REPO_ROOT
 
 CLASSES = 7
+RUN = "# carclf predict --model m"  # the partial file's first line: the options of the runs below
 
 
 def by_photo(sent: list[bytes]) -> dict:
@@ -81,7 +83,7 @@ def test_a_run_the_server_stops_resumes_with_only_the_photos_it_lacks(folder, tm
     with stub_prediction_service(Recorder(fail_from=3)) as url:
         assert predict(url, folder, out, "--retries", "0") == 2
     assert "the same command with --resume sends only the others" in capsys.readouterr().err
-    assert not out.exists() and partial.read_text().splitlines() == expected.splitlines()[:3]
+    assert not out.exists() and partial.read_text().splitlines() == [RUN, *expected.splitlines()[:3]]
 
     resumed = Recorder()
     with stub_prediction_service(resumed) as url:
@@ -91,6 +93,22 @@ def test_a_run_the_server_stops_resumes_with_only_the_photos_it_lacks(folder, tm
     photos = sorted(folder.iterdir())
     assert resumed.sent == [p.read_bytes() for p in photos[2:]]  # the other four, once each
     assert out.read_text() == expected and not partial.exists()
+
+
+def test_a_run_stopped_twice_resumes_twice(folder, tmp_path, capsys):
+    """A resumed run that stops again keeps its own rows after the earlier ones, under the same first line
+    (the file is rewritten before the resume appends), so the next --resume goes on from both."""
+    expected = whole_run(folder, tmp_path).splitlines()
+    out, partial = tmp_path / "out.csv", tmp_path / "out.partial.csv"
+    with stub_prediction_service(Recorder(fail_from=3)) as url:
+        assert predict(url, folder, out, "--retries", "0") == 2
+    with stub_prediction_service(Recorder(fail_from=2)) as url:
+        assert predict(url, folder, out, "--retries", "0", "--resume") == 2
+    assert partial.read_text().splitlines() == [RUN, *expected[:4]]
+    last = Recorder()
+    with stub_prediction_service(last) as url:
+        assert predict(url, folder, out, "--resume") == 0
+    assert len(last.sent) == 3 and out.read_text().splitlines() == expected and not partial.exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
@@ -113,7 +131,7 @@ def test_a_run_stopped_by_a_signal_keeps_every_answered_row(folder, tmp_path, ca
             held.release.set()
             if child.poll() is None:
                 child.kill()
-    assert not out.exists() and partial.read_text().splitlines() == expected.splitlines()[:3]
+    assert not out.exists() and partial.read_text().splitlines() == [RUN, *expected.splitlines()[:3]]
     if sig == signal.SIGINT:
         assert child.returncode == 130, stderr
         assert own_lines(stderr) == [f"carclf predict: the 2 of 6 photos answered so far are in {partial}: the same "
@@ -127,10 +145,11 @@ def test_a_run_stopped_by_a_signal_keeps_every_answered_row(folder, tmp_path, ca
     assert len(resumed.sent) == 4 and out.read_text() == expected and not partial.exists()
 
 
-@pytest.mark.parametrize("content", ["", "Id,Cat"], ids=["empty", "header-cut"])
+@pytest.mark.parametrize("content", ["", RUN[:9], RUN + "\n", RUN + "\nId,Cat", RUN + "\nId,Category\n"],
+                         ids=["empty", "run-cut", "run-only", "header-cut", "header-only"])
 def test_a_partial_file_killed_before_its_first_row_resumes_from_nothing(folder, tmp_path, capsys, content):
-    """A kill between creating the file and its first flush leaves it empty (or its header cut): every photo
-    is sent, and the run ends whole."""
+    """A kill between creating the file and its first row's flush leaves it empty, or its first lines cut:
+    every photo is sent, and the run ends whole."""
     expected = whole_run(folder, tmp_path)
     out, partial = tmp_path / "out.csv", tmp_path / "out.partial.csv"
     partial.write_text(content)
@@ -145,7 +164,7 @@ def test_a_last_line_cut_off_by_a_kill_is_asked_again_and_kept_rows_are_not(fold
     server would not): only the photo of the cut line and those after it are sent."""
     photos = sorted(folder.iterdir())
     out, partial = tmp_path / "out.csv", tmp_path / "out.partial.csv"
-    partial.write_text(f"Id,Category\n{photos[0].name},5\n{photos[1].name[:3]}")
+    partial.write_text(f"{RUN}\nId,Category\n{photos[0].name},5\n{photos[1].name[:3]}")
     resumed = Recorder()
     with stub_prediction_service(resumed) as url:
         assert predict(url, folder, out, "--resume") == 0
@@ -163,7 +182,7 @@ def test_a_run_killed_after_its_last_answer_resumes_without_the_server(folder, t
     partial file alone, even with the server gone."""
     expected = whole_run(folder, tmp_path)
     out, partial = tmp_path / "out.csv", tmp_path / "out.partial.csv"
-    partial.write_text(expected)
+    partial.write_text(f"{RUN}\n{expected}")
     with stub_prediction_service(Recorder()) as url:
         pass  # a port nobody listens on any more
     assert predict(url, folder, out, "--resume") == 0
@@ -190,17 +209,29 @@ def refused(recorder: Recorder, argv: list[str], capsys) -> str:
 
 
 @pytest.mark.parametrize("content,resume,message", [
-    pytest.param("Id,Category\n{0},3\n", False,
+    pytest.param(RUN + "\nId,Category\n{0},3\n", False,
                  "{partial} holds the rows of an earlier run that stopped: give --resume to send only the photos it "
                  "lacks, or remove it", id="without-resume"),
-    pytest.param("Id,Category\n{0},3\nelsewhere.jpg,1\n", True,
-                 "{partial} line 3: 'elsewhere.jpg' is not one of the photos of this run (the file was written for "
+    pytest.param(RUN + "\nId,Category\n{0},3\nelsewhere.jpg,1\n", True,
+                 "{partial} line 4: 'elsewhere.jpg' is not one of the photos of this run (the file was written for "
                  "other photos): remove it or give another --output", id="other-photos"),
-    pytest.param("Id,Category\n{0},3\n{0},4\n", True, "{partial} line 3: '{0}' is there twice", id="twice"),
-    pytest.param("Id,Category\n{0}\n", True, "{partial} line 2: expected Id,Category, found '{0}'", id="one-field"),
+    pytest.param(RUN + "\nId,Category\n{0},3\n{0},4\n", True, "{partial} line 4: '{0}' is there twice", id="twice"),
+    pytest.param(RUN + "\nId,Category\n{0}\n", True, "{partial} line 3: expected Id,Category, found '{0}'",
+                 id="one-field"),
+    pytest.param("# carclf predict --model other\nId,Category\n{0},3\n", True,
+                 "{partial} was written by 'carclf predict --model other', this run is 'carclf predict --model m': "
+                 "resume with the same --model, --version, --version-label and --classes (or remove it), so that "
+                 "one submission holds one model's answers", id="another-model"),
+    pytest.param("Id,Category\n{0},3\n", True,
+                 "{partial} does not record the model it was written with: if its rows are answers of this run's "
+                 "options, make its first line '# carclf predict --model m' and resume; otherwise remove it",
+                 id="no-run-line"),
     pytest.param("name,score\n{0},3\n", True,
-                 "{partial} is not the partial submission of a carclf predict run (its first line is 'name,score', "
-                 "not 'Id,Category'): remove it or give another --output", id="not-a-partial"),
+                 "{partial} is not the partial submission of a carclf predict run (its line 1 is 'name,score', not "
+                 "'# carclf predict ...'): remove it or give another --output", id="not-a-partial"),
+    pytest.param(RUN + "\nname,score\n{0},3\n", True,
+                 "{partial} is not the partial submission of a carclf predict run (its line 2 is 'name,score', not "
+                 "'Id,Category'): remove it or give another --output", id="not-a-partial-header"),
 ])
 def test_a_partial_file_that_cannot_be_resumed_is_refused_before_anything_is_sent(folder, tmp_path, capsys, content,
                                                                                    resume, message):
@@ -230,3 +261,44 @@ def test_photos_of_one_name_in_two_folders_are_refused_for_a_submission(folder, 
 def test_resume_without_a_submission_is_refused(photos, capsys):
     line = refused(Recorder(), ["predict", str(photos[0]), "--resume"], capsys)
     assert line == "carclf predict: error: --resume continues a submission run: give --output (or a folder) with it"
+
+
+def test_a_run_resumed_with_other_options_is_refused_and_with_the_same_mapping_goes_on(folder, tmp_path, capsys):
+    """The partial file's rows are one model's answers in one classes file's ids: resuming without --classes,
+    with another mapping, or asking another version label would mix them into one submission, so each is
+    refused with nothing sent. The same mapping written otherwise (another file, order, layout) resumes."""
+    mapping = {str(10 + i): f"car {i}" for i in range(CLASSES)}
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(mapping))
+    with_classes = ("--classes", str(classes))
+    whole = tmp_path / "whole.csv"
+    with stub_prediction_service(Recorder()) as url:
+        assert predict(url, folder, whole, *with_classes) == 0
+    out, partial = tmp_path / "out.csv", tmp_path / "out.partial.csv"
+    with stub_prediction_service(Recorder(fail_from=3)) as url:
+        assert predict(url, folder, out, "--retries", "0", *with_classes) == 2
+    capsys.readouterr()
+    kept = partial.read_bytes()
+    written_by = kept.decode().splitlines()[0][2:]
+    assert written_by.startswith("carclf predict --model m --classes sha256:")
+
+    remapped = tmp_path / "remapped.json"
+    remapped.write_text(json.dumps({**mapping, "10": "car 1", "11": "car 0"}))
+    for options in [(), ("--classes", str(remapped)), (*with_classes, "--version-label", "canary")]:
+        recorder = Recorder()
+        with stub_prediction_service(recorder) as url:
+            assert predict(url, folder, out, "--resume", *options) == 2
+        err = own_lines(capsys.readouterr().err)
+        assert len(err) == 1 and err[0].startswith(f"carclf predict: error: {partial} was written by "
+                                                   f"{written_by!r}, this run is 'carclf predict --model m"), err
+        assert written_by not in err[0].split("this run is")[1], err  # this run's options differ
+        assert recorder.requests == 0 and partial.read_bytes() == kept and not out.exists()
+
+    rewritten = tmp_path / "elsewhere" / "classes.json"
+    rewritten.parent.mkdir()
+    rewritten.write_text(json.dumps(dict(reversed(mapping.items())), indent=2))
+    resumed = Recorder()
+    with stub_prediction_service(resumed) as url:
+        assert predict(url, folder, out, "--resume", "--classes", str(rewritten)) == 0
+    assert len(resumed.sent) == 4 and out.read_text() == whole.read_text() and not partial.exists()
+    assert {row.split(",")[1] for row in whole.read_text().splitlines()[1:]} <= set(mapping)  # ids of the file
