@@ -16,6 +16,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -102,32 +103,30 @@ class PartialRows:
     def __init__(self, path: Path, resumed: dict[str, str], run: str):
         self.path, self.run = path, run
         self._file = None
-        if resumed:  # rewritten whole (and atomically): a line cut off by a kill must not run into the next
-            write_csv(path, resumed.items(), comment=run)
-            self._file = self._open("a")
+        if resumed:  # rewritten whole: a line cut off by a kill must not run into the next
+            self._start(resumed)
 
     def add(self, rows: Iterable[tuple[str, str]]) -> None:
-        new = self._file is None
-        if new:
-            self._file = self._open("w")
+        if self._file is None:
+            self._start({})
         try:
-            if new:
-                self._file.write(f"# {self.run}\n")
-                csv.writer(self._file).writerow(HEADER)
             csv.writer(self._file).writerows(rows)
             self._file.flush()
         except OSError as exc:
             raise self._not_kept(exc) from exc
 
-    def _open(self, mode: str):
+    def _start(self, rows: dict[str, str]) -> None:
+        """Write the file's first line, header and ``rows`` atomically, as the submission is written; then
+        append to it."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)  # as the submission's own folder will be
-            return self.path.open(mode, newline="", **ENCODING)
+            write_csv(self.path, rows.items(), comment=self.run)
+            self._file = self.path.open("a", newline="", **ENCODING)
         except OSError as exc:
             raise self._not_kept(exc) from exc
 
     def _not_kept(self, exc: OSError) -> OSError:
-        return OSError(exc.errno, f"cannot keep the rows answered so far ({exc.strerror or exc})", str(self.path))
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        return OSError(exc.errno, f"cannot keep the rows answered so far ({reason})", str(self.path))
 
     def close(self) -> None:
         if self._file is not None:
