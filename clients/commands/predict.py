@@ -26,6 +26,7 @@ version and classes its rows were answered with, and a run resumed with others i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import sys
@@ -36,10 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from carclf import contract, imaging
-from carclf.clients.commands.partial import PartialRows, describe_run, partial_path, read_partial
 from carclf.destinations import check_file
 from carclf.errors import (
-    CarClfError,
     ConfigError,
     FailedPrecondition,
     InvalidInput,
@@ -48,7 +47,7 @@ from carclf.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from carclf.submission import write_submission as write_csv
+from carclf.partial import PartialSubmission, RunLine, one_line
 
 DEFAULT_SUBMISSION = Path("submission.csv")  # where a folder's predictions go when --output is not given
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 4.0  # waits before the retries of a request: 0.5, 1, 2, 4, 4 ... s
@@ -300,22 +299,17 @@ def run(args: argparse.Namespace) -> int:
         check_file(output, what="the submission")
     if output is None and args.resume:
         raise InvalidInput("--resume continues a submission run: give --output (or a folder) with it")
-    resumed: dict[str, str] = {}
-    written_by = describe_run(args.model, args.version, args.version_label, category_of)
+    kept = None
     if output is not None:
         check_submission_ids(photos)
-        partial = partial_path(output)
-        if partial.exists():  # the answers of a run that stopped: never written over
-            if not args.resume:
-                raise InvalidInput(f"{partial} holds the rows of an earlier run that stopped: give --resume to "
-                                   "send only the photos it lacks, or remove it")
-            resumed, cut = read_partial(partial, photos, written_by)
-            note(f"resuming: {len(resumed)} of {len(photos)} photos were answered in {partial}"
-                 + ("; its last line was cut off, that photo is sent again" if cut else ""))
+        kept = PartialSubmission(output, photos, describe_run(args.model, args.version, args.version_label,
+                                                              category_of), resume=args.resume)
+        if kept.resuming:
+            note(kept.resuming)
     failures = Failures()
     with connect(args.server, timeout=args.timeout, root_certificates=root_cert) as client:
-        if output is not None:
-            write_submission(client, args, photos, output, category_of, failures, resumed, written_by)
+        if kept is not None:
+            write_submission(client, args, kept, category_of, failures)
         else:
             named: int | None = None  # ranks the server names, once some printed rank went unnamed
             for batch, result in classify(client, args, photos, failures):
@@ -345,52 +339,46 @@ def check_submission_ids(photos: Sequence[Path]) -> None:
         seen[photo.name] = photo
 
 
-def write_submission(client, args, photos: list[Path], output: Path, category_of: dict[str, str] | None,
-                     failures: Failures, resumed: dict[str, str], written_by: str) -> None:
-    """Classify the photos not in ``resumed`` (an earlier run's rows), keeping each answer in the partial file
-    (first line ``written_by``: ``describe_run``) as it comes; once all are answered, write ``output`` whole
-    and remove the partial file."""
+def describe_run(model: str, version: int | None, version_label: str | None,
+                 category_of: dict[str, str] | None) -> RunLine:
+    """The options that decide a run's rows, as its partial file's first line records them: the model, the
+    version or label asked for, and the classes file's mapping (its digest: the rows hold its category ids)."""
+    words = [f"--model {model}"]
+    if version is not None:
+        words.append(f"--version {version}")
+    if version_label is not None:
+        words.append(f"--version-label {version_label}")
+    if category_of is not None:
+        digest = hashlib.sha256(json.dumps(category_of, sort_keys=True).encode()).hexdigest()[:12]
+        words.append(f"--classes sha256:{digest}")
+    return RunLine("carclf predict", one_line(" ".join(words)), named="--model, --version, --version-label and "
+                   "--classes", output_flag="--output", verb="send")
+
+
+def write_submission(client, args, kept: PartialSubmission, category_of: dict[str, str] | None,
+                     failures: Failures) -> None:
+    """Classify the photos ``kept`` lacks (an earlier run's rows), keeping each answer in its partial file as it
+    comes; once all are answered, write the submission whole and remove the partial file."""
     from tqdm import tqdm
 
-    partial = partial_path(output)
-    answered = dict(resumed)
-    rest = [path for path in photos if path.name not in answered]
-    kept = PartialRows(partial, answered, written_by)
+    rest = kept.rest
     answers = (classify(client, args, rest, failures, output_filter=(contract.OUTPUT_CLASS_ID, contract.OUTPUT_LABEL))
                if rest else iter(()))  # all answered before a kill: not even the model is asked for
-    try:
-        with tqdm(total=len(photos), initial=len(answered), desc=f"predict {args.model}", unit="photo",
-                  file=sys.stderr) as bar:
-            for batch, result in answers:
-                ids = np.asarray(result.outputs[contract.OUTPUT_CLASS_ID]).reshape(-1)
-                rows = []
-                for path, class_id, label in zip(batch, ids, result.labels, strict=True):
-                    category = (str(int(class_id)) if category_of is None
-                                else category_for(label, category_of, args.classes))
-                    rows.append((path.name, category))
-                kept.add(rows)
-                answered.update(rows)
-                bar.update(len(batch))
-            bar.update(len(failures))  # done with too, though not classified
-    except CarClfError as exc:  # the server went away, say: the photos answered so far are not lost
-        if answered:
-            exc.message += (f"; the {len(answered)} of {len(photos)} photos answered so far are in {partial} (not a "
-                            f"whole submission; {output} was not written): the same command with --resume sends "
-                            "only the others")
-            exc.args = (exc.message,)
-        raise
-    except KeyboardInterrupt:
-        if answered:
-            note(f"the {len(answered)} of {len(photos)} photos answered so far are in {partial}: the same command "
-                 "with --resume sends only the others")
-        raise
-    finally:
-        kept.close()
-    rows = [(path.name, answered[path.name]) for path in photos if path.name in answered]
-    write_csv(output, rows)
-    kept.remove()
+    with kept.keeping(note), tqdm(total=len(kept.photos), initial=kept.resumed, desc=f"predict {args.model}",
+                                   unit="photo", file=sys.stderr) as bar:
+        for batch, result in answers:
+            ids = np.asarray(result.outputs[contract.OUTPUT_CLASS_ID]).reshape(-1)
+            rows = []
+            for path, class_id, label in zip(batch, ids, result.labels, strict=True):
+                category = (str(int(class_id)) if category_of is None
+                            else category_for(label, category_of, args.classes))
+                rows.append((path.name, category))
+            kept.add(rows)
+            bar.update(len(batch))
+        bar.update(len(failures))  # done with too, though not classified
+    count = kept.finish()
     missing = f"; {len(failures)} photos missing, see the errors above" if failures else ""
-    print(f"wrote {len(rows)} predictions to {output}{missing}")
+    print(f"wrote {count} predictions to {kept.output}{missing}")
 
 
 def print_photo(path: Path, result, i: int, args, class_names: list[str] | None) -> bool:

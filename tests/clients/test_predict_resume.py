@@ -170,7 +170,7 @@ def test_a_last_line_cut_off_by_a_kill_is_asked_again_and_kept_rows_are_not(fold
         assert predict(url, folder, out, "--resume") == 0
     assert own_lines(capsys.readouterr().err) == [
         f"carclf predict: resuming: 1 of 6 photos were answered in {partial}; its last line was cut off, that photo "
-        "is sent again"]
+        "is answered again"]
     assert resumed.sent == [p.read_bytes() for p in photos[1:]]
     answers = by_photo(resumed.sent)["class_id"]
     assert out.read_text().splitlines() == ["Id,Category", f"{photos[0].name},5",

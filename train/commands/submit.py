@@ -1,5 +1,10 @@
 """``carclf submit MODEL [MODEL ...] PHOTOS``: a Kaggle submission CSV (Id,Category) with a progress bar; several
-models (or a cross-validation summary, for its fold runs) are averaged."""
+models (or a cross-validation summary, for its fold runs) are averaged.
+
+The rows are kept in <out>.partial.csv as they are predicted (64 photos at a time), so that a run stopped by any
+means (Ctrl-C, a killed process, a photo that does not decode) loses at most those in hand: the same command with
+--resume predicts only the photos that file lacks, then writes the whole CSV and removes it. The file records
+the models (a digest of their weights), --tta and --channel-order; a resume with others is refused."""
 
 from __future__ import annotations
 
@@ -20,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("photos", help="folder of photos (e.g. Kaggle test_upload/)")
     parser.add_argument("--out", default="submission.csv", help="CSV to write (default: submission.csv)")
     add_photo_prediction_arguments(parser, on_bad="fail")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a run that stopped: the photos predicted in <out>.partial.csv are kept, "
+                             "only the others are predicted (with the same models, --tta and --channel-order)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     paths = crossval.model_paths(args.model)
     models = [load_model(path) for path in paths]
     stats = write_submission(models, args.photos, args.out, policy=args.tta, on_bad=args.on_bad,
-                             channel_order=args.channel_order)
+                             channel_order=args.channel_order, resume=args.resume)
     print(f"wrote {args.out}: {stats['rows']} rows, {stats['skipped']} skipped"
+          + (f", {stats['resumed']} of them kept from the run that stopped" if stats["resumed"] else "")
           + (f" (mean of {len(models)} models)" if len(models) > 1 else ""))
     return 0

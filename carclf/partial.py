@@ -1,0 +1,204 @@
+"""The rows a submission run has answered so far, kept on disk as they come: ``<output>.partial.csv``.
+
+``carclf predict FOLDER --output OUT`` (photos sent to a server) and ``carclf submit MODEL PHOTOS --out OUT``
+(photos predicted in this process) append each answered batch's rows to ``OUT.partial.csv`` (flushed as
+written), so that a run stopped by any means (the server gone, Ctrl-C, a killed process) keeps every photo
+answered. ``--resume`` reads that file back and predicts only the photos it lacks; once every photo is answered
+``OUT`` is written whole and the partial file is removed.
+
+The file's first line records the options that decide its answers (``# carclf predict --model car_ensemble
+--classes sha256:...``; each command says what decides its rows), so that a run resumed with other options is
+refused instead of mixing two models' answers in one submission. Then come ``Id,Category`` and the rows, as in
+the submission.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from carclf.errors import CarClfError, InvalidInput
+from carclf.submission import HEADER
+from carclf.submission import write_submission as write_csv
+
+ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}  # as the submission: names as their bytes on disk
+
+
+def partial_path(output: Path) -> Path:
+    """Where the rows of a run writing ``output`` are kept until it is whole."""
+    return output.with_name(f"{output.stem}.partial{output.suffix}")
+
+
+@dataclass(frozen=True)
+class RunLine:
+    """What decides a run's rows, as its partial file's first line records it (without the ``# ``)."""
+
+    command: str       # "carclf predict"
+    options: str       # "--model m --classes sha256:..." (one line, whatever the names hold)
+    named: str         # the options it stands for, named in a refusal: "--model, --version ... and --classes"
+    output_flag: str   # the command's option that names the submission: "--output"
+    verb: str          # what it does with a photo not answered yet: "send" (to a server), "predict"
+
+    @property
+    def line(self) -> str:
+        return f"{self.command} {self.options}"
+
+
+def one_line(text: str) -> str:
+    """``text`` escaped as a JSON string's body: a name holding a newline cannot break the file."""
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
+def read_partial(path: Path, photos: Sequence[Path], run: RunLine) -> tuple[dict[str, str], bool]:
+    """Id -> Category of an earlier run's partial file, every Id one of ``photos``' names; and whether its
+    last line was cut off (the run killed while writing it), that row left out so that its photo is predicted
+    again. A file that is not such a partial file, or was written by a run of other options than ``run``, is
+    refused, naming the file and the line."""
+    try:
+        text = path.read_bytes().decode(**ENCODING)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path} to resume from it ({exc.strerror or exc})") from None
+    cut = bool(text) and not text.endswith("\n")
+    if cut:
+        text = text[:text.rfind("\n") + 1]
+    first, _, text = text.partition("\n")
+    if not text:  # killed before its first rows reached the file: nothing was kept
+        return {}, cut
+    if first == ",".join(HEADER):  # the partial files of carclf predict before the options line
+        raise InvalidInput(f"{path} does not record the model it was written with: if its rows are answers of "
+                           f"this run's options, make its first line {'# ' + run.line!r} and resume; otherwise "
+                           "remove it")
+    if not first.startswith(f"# {run.command}"):
+        raise not_partial(path, first, run)
+    if first[2:] != run.line:
+        raise InvalidInput(f"{path} was written by {first[2:]!r}, this run is {run.line!r}: resume with the same "
+                           f"{run.named} (or remove it), so that one submission holds one model's answers")
+    lines = csv.reader(io.StringIO(text, newline=""))
+    header = next(lines, None)
+    if header is None or tuple(header) != HEADER:
+        raise not_partial(path, ",".join(header or []), run, line=2)
+    names = {photo.name for photo in photos}
+    rows: dict[str, str] = {}
+    for number, row in enumerate(lines, start=3):
+        if len(row) != 2 or not all(row):
+            raise InvalidInput(f"{path} line {number}: expected Id,Category, found {','.join(row)!r}")
+        name, category = row
+        if name in rows:
+            raise InvalidInput(f"{path} line {number}: {name!r} is there twice")
+        if name not in names:
+            raise InvalidInput(f"{path} line {number}: {name!r} is not one of the photos of this run (the file was "
+                               f"written for other photos): remove it or give another {run.output_flag}")
+        rows[name] = category
+    return rows, cut
+
+
+def not_partial(path: Path, found: str, run: RunLine, line: int = 1) -> InvalidInput:
+    expected = f"# {run.command} ..." if line == 1 else ",".join(HEADER)
+    return InvalidInput(f"{path} is not the partial submission of a {run.command} run (its line {line} is "
+                        f"{found!r}, not {expected!r}): remove it or give another {run.output_flag}")
+
+
+class PartialSubmission:
+    """A submission whose rows are kept in its partial file as they are answered, resumed from an earlier run's
+    partial file when there is one (refused without ``resume``: its rows are never written over)."""
+
+    def __init__(self, output: Path, photos: Sequence[Path], run: RunLine, resume: bool):
+        self.output, self.photos, self.run = output, list(photos), run
+        self.path = partial_path(output)
+        self.answered: dict[str, str] = {}
+        self.resuming: str | None = None  # what was resumed from, to tell the user
+        if self.path.exists():
+            if not resume:
+                raise InvalidInput(f"{self.path} holds the rows of an earlier run that stopped: give --resume to "
+                                   f"{run.verb} only the photos it lacks, or remove it")
+            self.answered, cut = read_partial(self.path, self.photos, run)
+            self.resuming = (f"resuming: {len(self.answered)} of {len(self.photos)} photos were answered in "
+                             f"{self.path}" + ("; its last line was cut off, that photo is answered again" if cut
+                                               else ""))
+        self.resumed = len(self.answered)
+        self._rows: PartialRows | None = None
+
+    @property
+    def rest(self) -> list[Path]:
+        """The photos not answered yet, in order."""
+        return [path for path in self.photos if path.name not in self.answered]
+
+    def add(self, rows: Sequence[tuple[str, str]]) -> None:
+        """Keep answered rows: in the partial file (flushed) first, then here."""
+        if self._rows is None:
+            self._rows = PartialRows(self.path, self.answered, self.run.line)
+        self._rows.add(rows)
+        self.answered.update(rows)
+
+    @contextlib.contextmanager
+    def keeping(self, note: Callable[[str], None]) -> Iterator[None]:
+        """Around the answering: a run stopped by an error or Ctrl-C says where its answers are and how to go
+        on (in the error's message, or through ``note``); the partial file is closed either way."""
+        try:
+            yield
+        except CarClfError as exc:  # the server went away, a photo that does not decode: nothing answered is lost
+            if self.answered:
+                exc.message += (f"; {self.kept()} (not a whole submission; {self.output} was not written): "
+                                f"the same command with --resume {self.run.verb}s only the others")
+                exc.args = (exc.message,)
+            raise
+        except KeyboardInterrupt:
+            if self.answered:
+                note(f"{self.kept()}: the same command with --resume {self.run.verb}s only the others")
+            raise
+        finally:
+            if self._rows is not None:
+                self._rows.close()
+
+    def kept(self) -> str:
+        return f"the {len(self.answered)} of {len(self.photos)} photos answered so far are in {self.path}"
+
+    def finish(self) -> int:
+        """Write the submission whole (the answered photos, in order) and remove the partial file; the row count."""
+        count = write_csv(self.output, [(path.name, self.answered[path.name]) for path in self.photos
+                                        if path.name in self.answered])
+        self.path.unlink(missing_ok=True)
+        return count
+
+
+class PartialRows:
+    """Appends rows to the partial file as they are answered, each call's rows flushed to the file."""
+
+    def __init__(self, path: Path, resumed: dict[str, str], run: str):
+        self.path, self.run = path, run  # run: RunLine.line
+        self._file = None
+        if resumed:  # rewritten whole: a line cut off by a kill must not run into the next
+            self._start(resumed)
+
+    def add(self, rows: Iterable[tuple[str, str]]) -> None:
+        if self._file is None:
+            self._start({})
+        try:
+            csv.writer(self._file).writerows(rows)
+            self._file.flush()
+        except OSError as exc:
+            raise self._not_kept(exc) from exc
+
+    def _start(self, rows: dict[str, str]) -> None:
+        """Write the file's first line, header and ``rows`` atomically, as the submission is written; then
+        append to it."""
+        try:
+            write_csv(self.path, rows.items(), comment=self.run)
+            self._file = self.path.open("a", newline="", **ENCODING)
+        except OSError as exc:
+            raise self._not_kept(exc) from exc
+
+    def _not_kept(self, exc: OSError) -> OSError:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        return OSError(exc.errno, f"cannot keep the rows answered so far ({reason})", str(self.path))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
