@@ -144,19 +144,19 @@ class PartialSubmission:
             yield
         except CarClfError as exc:  # the server went away, a photo that does not decode: nothing answered is lost
             if self.answered:
-                exc.message += (f"; {self.kept()} (not a whole submission; {self.output} was not written): "
+                exc.message += (f"; {self._so_far()} (not a whole submission; {self.output} was not written): "
                                 f"the same command with --resume {self.run.verb}s only the others")
                 exc.args = (exc.message,)
             raise
         except KeyboardInterrupt:
             if self.answered:
-                note(f"{self.kept()}: the same command with --resume {self.run.verb}s only the others")
+                note(f"{self._so_far()}: the same command with --resume {self.run.verb}s only the others")
             raise
         finally:
             if self._rows is not None:
                 self._rows.close()
 
-    def kept(self) -> str:
+    def _so_far(self) -> str:
         return f"the {len(self.answered)} of {len(self.photos)} photos answered so far are in {self.path}"
 
     def finish(self) -> int:

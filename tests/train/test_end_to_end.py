@@ -121,7 +121,7 @@ def test_submission_csv_from_savedmodel(tiny_export, tmp_path):
     rows = list(csv.reader(out.open()))
     photos = sorted(p.name for p in (SAMPLE_DIR / "test_upload").glob("*.jpg"))
     assert rows[0] == ["Id", "Category"]
-    assert [r[0] for r in rows[1:]] == photos and stats == {"rows": len(photos), "skipped": 0}
+    assert [r[0] for r in rows[1:]] == photos and stats == {"rows": len(photos), "skipped": 0, "resumed": 0}
     assert {r[1] for r in rows[1:]} <= {"0", "1"}
 
 
