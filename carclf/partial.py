@@ -19,9 +19,10 @@ import csv
 import io
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from carclf.errors import CarClfError, InvalidInput
 from carclf.submission import HEADER
@@ -122,7 +123,7 @@ class PartialSubmission:
                              f"{self.path}" + ("; its last line was cut off, that photo is answered again" if cut
                                                else ""))
         self.resumed = len(self.answered)
-        self._rows: PartialRows | None = None
+        self._file: TextIO | None = None  # appended to once the first new rows come
 
     @property
     def rest(self) -> list[Path]:
@@ -130,10 +131,18 @@ class PartialSubmission:
         return [path for path in self.photos if path.name not in self.answered]
 
     def add(self, rows: Sequence[tuple[str, str]]) -> None:
-        """Keep answered rows: in the partial file (flushed) first, then here."""
-        if self._rows is None:
-            self._rows = PartialRows(self.path, self.answered, self.run.line)
-        self._rows.add(rows)
+        """Keep answered rows: in the partial file (flushed) first, then here. The file is first (re)written
+        whole and atomically, as the submission is: its first line, header and any rows resumed (so that a line
+        cut off by a kill cannot run into the next), then appended to."""
+        try:
+            if self._file is None:
+                write_csv(self.path, self.answered.items(), comment=self.run.line)
+                self._file = self.path.open("a", newline="", **ENCODING)
+            csv.writer(self._file).writerows(rows)
+            self._file.flush()
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OSError(exc.errno, f"cannot keep the rows answered so far ({reason})", str(self.path)) from exc
         self.answered.update(rows)
 
     @contextlib.contextmanager
@@ -153,8 +162,9 @@ class PartialSubmission:
                 note(f"{self._so_far()}: the same command with --resume {self.run.verb}s only the others")
             raise
         finally:
-            if self._rows is not None:
-                self._rows.close()
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
     def _so_far(self) -> str:
         return f"the {len(self.answered)} of {len(self.photos)} photos answered so far are in {self.path}"
@@ -165,40 +175,3 @@ class PartialSubmission:
                                         if path.name in self.answered])
         self.path.unlink(missing_ok=True)
         return count
-
-
-class PartialRows:
-    """Appends rows to the partial file as they are answered, each call's rows flushed to the file."""
-
-    def __init__(self, path: Path, resumed: dict[str, str], run: str):
-        self.path, self.run = path, run  # run: RunLine.line
-        self._file = None
-        if resumed:  # rewritten whole: a line cut off by a kill must not run into the next
-            self._start(resumed)
-
-    def add(self, rows: Iterable[tuple[str, str]]) -> None:
-        if self._file is None:
-            self._start({})
-        try:
-            csv.writer(self._file).writerows(rows)
-            self._file.flush()
-        except OSError as exc:
-            raise self._not_kept(exc) from exc
-
-    def _start(self, rows: dict[str, str]) -> None:
-        """Write the file's first line, header and ``rows`` atomically, as the submission is written; then
-        append to it."""
-        try:
-            write_csv(self.path, rows.items(), comment=self.run)
-            self._file = self.path.open("a", newline="", **ENCODING)
-        except OSError as exc:
-            raise self._not_kept(exc) from exc
-
-    def _not_kept(self, exc: OSError) -> OSError:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        return OSError(exc.errno, f"cannot keep the rows answered so far ({reason})", str(self.path))
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
