@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from carclf import durable
 from carclf.destinations import check_file
 
 HEADER = ("Id", "Category")
@@ -33,7 +34,7 @@ def write_submission(path: str | os.PathLike, rows: Iterable[tuple[str, ...]],
             for row in rows:
                 writer.writerow(row)
                 count += 1
-        os.replace(tmp, out)
+        durable.replace(tmp, out)
     except BaseException as exc:
         with contextlib.suppress(OSError):  # never leave a half-written file behind
             tmp.unlink(missing_ok=True)

@@ -5,7 +5,6 @@ weights."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from carclf import durable
 from carclf.train import runs
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class ResumeState(keras.callbacks.Callback):
         runs.save_weights(self.model, self.dir / runs.LAST_WEIGHTS)
         save_optimizer_state(self.model.optimizer, self.dir / runs.OPTIMIZER_STATE)
         if self.best_partial.is_file():
-            os.replace(self.best_partial, self.best_file)
+            durable.replace(self.best_partial, self.best_file)
         runs.write_json(self.dir.parent / runs.HISTORY_JSON, self.history)
         runs.write_json(self.dir / runs.STATE, {
             "stage_index": self.stage_index, "stage_epochs_done": epoch + 1 - self.offset,
@@ -171,7 +171,7 @@ def save_optimizer_state(optimizer, path: Path) -> None:
     values = {f"v{i:04d}": keras.ops.convert_to_numpy(v) for i, v in enumerate(optimizer.variables)}
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **values)
-    os.replace(tmp, path)
+    durable.replace(tmp, path)
 
 
 def restore_optimizer_state(optimizer, trainable_variables, path: Path) -> bool:

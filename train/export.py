@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from carclf import contract, imaging
+from carclf import contract, durable, imaging
 from carclf.errors import InvalidInput
 
 MAX_WARMUP_RECORDS = 1000
@@ -182,6 +182,7 @@ def export_model(
         }
         (extra / contract.MODEL_CARD).write_text(json.dumps(card_data, indent=2, default=str), encoding="utf-8")
 
+        durable.sync_tree(export_dir)  # on disk before the rename publishes it (see carclf.durable)
         while True:
             version = next_version(base)
             final = base / str(version)
@@ -191,6 +192,8 @@ def export_model(
             except OSError:
                 if not final.exists():
                     raise
+        durable.sync(base)
+        durable.sync(base.parent)  # the model's folder itself may be new
         return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from carclf import backbones
+from carclf import backbones, durable
 from carclf.errors import FailedPrecondition, NotFound
 from carclf.imaging import Size, plain_size
 from carclf.train.recipe import Recipe, parse_recipe
@@ -72,7 +72,7 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
         tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
-        os.replace(tmp, path)
+        durable.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -100,7 +100,7 @@ def save_weights(model, path: Path) -> None:
     in the middle of the write leaves the previous file whole."""
     partial = partial_path(path)
     model.save_weights(str(partial))
-    os.replace(partial, path)
+    durable.replace(partial, path)
 
 
 def load_weights(model, path: Path) -> None:
@@ -129,7 +129,7 @@ def trim_history(run_dir: Path, last_epoch: int) -> list[dict[str, Any]]:
             tmp = history_csv.with_suffix(".csv.tmp")
             with tmp.open("w", newline="", encoding="utf-8") as f:
                 csv.writer(f).writerows(kept)
-            os.replace(tmp, history_csv)
+            durable.replace(tmp, history_csv)
     return history
 
 
