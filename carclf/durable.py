@@ -11,6 +11,7 @@ is answered again on ``--resume``.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -18,13 +19,19 @@ StrPath = str | os.PathLike
 
 
 def sync(path: StrPath) -> None:
-    """Flush ``path`` to disk: a file's data, or a folder's entries (the names renamed into it). Folders are
-    synced on POSIX only (Windows cannot open them; NTFS journals its renames)."""
-    if os.path.isdir(path) and os.name != "posix":
+    """Flush ``path`` to disk: a file's data, or a folder's entries (the names renamed into it). A folder is
+    skipped where it cannot be synced: on Windows (it cannot be opened; NTFS journals its renames) and on
+    filesystems that refuse an fsync of a folder with EINVAL or EBADF (as PostgreSQL does); a file's sync
+    failing is an error."""
+    folder = os.path.isdir(path)
+    if folder and os.name != "posix":
         return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if not (folder and exc.errno in (errno.EINVAL, errno.EBADF)):
+            raise
     finally:
         os.close(fd)
 

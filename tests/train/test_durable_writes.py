@@ -8,11 +8,13 @@ in place by a rename must have been synced before it, and its folder after.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
 
+from carclf import durable
 from carclf.submission import write_submission
 from carclf.train import loop, runs
 from carclf.train.recipe import parse_recipe
@@ -106,3 +108,33 @@ def test_an_exported_version_is_on_disk_before_its_folder_is_renamed_into_the_re
         assert disk_log.synced(before, stop=index), f"{path.relative_to(version)} not synced before the rename"
     assert disk_log.synced(os.path.realpath(version.parent), start=index + 1)
     assert disk_log.synced(os.path.realpath(version.parent.parent), start=index + 1)
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.EBADF])
+def test_a_folder_the_filesystem_cannot_sync_is_skipped_and_a_file_it_cannot_sync_is_an_error(monkeypatch, tmp_path,
+                                                                                                code):
+    real_fsync = os.fsync
+
+    def fsync(fd):  # as a filesystem without fsync for folders answers (some network and FUSE ones)
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(code, os.strerror(code))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    source, target = tmp_path / "new.csv.tmp", tmp_path / "out.csv"
+    source.write_text("a\n")
+    durable.replace(source, target)  # the file is synced; its folder cannot be, and that is no error
+    assert target.read_text() == "a\n" and not source.exists()
+
+    def failing_fsync(fd):  # a disk that fails the write back
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    source.write_text("b\n")
+    with pytest.raises(OSError, match="I/O error"):
+        durable.replace(source, target)
+    assert target.read_text() == "a\n"  # the old file stays when the new one may not be on disk
+    source.unlink()
+    with pytest.raises(OSError, match=r"cannot write the submission \(I/O error\): .*out\.csv"):
+        write_submission(target, [("x.jpg", "1")])
+    assert target.read_text() == "a\n" and [p.name for p in tmp_path.iterdir()] == ["out.csv"]  # no temporary left
