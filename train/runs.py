@@ -97,7 +97,8 @@ def partial_path(path: Path) -> Path:
 
 def save_weights(model, path: Path) -> None:
     """``model.save_weights`` written aside and renamed into place, so an interrupt (Ctrl-C, a killed job)
-    in the middle of the write leaves the previous file whole."""
+    in the middle of the write leaves the previous file whole; synced before the rename, so a power cut does
+    too (``carclf.durable``)."""
     partial = partial_path(path)
     model.save_weights(str(partial))
     durable.replace(partial, path)
