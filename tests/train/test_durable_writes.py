@@ -44,10 +44,11 @@ class DiskLog:
         monkeypatch.setattr(os, "replace", renamer(real_replace))
         monkeypatch.setattr(os, "rename", renamer(real_rename))
 
-    def renames_into(self, root: Path) -> dict[Path, int]:
-        """Target -> index of the last rename that put it in place, for targets under ``root``."""
+    def renames_into(self, root: Path, start: int = 0) -> list[int]:
+        """The indexes of the renames (from ``start`` on) whose target is under ``root``."""
         root = Path(os.path.realpath(root))
-        return {Path(e[2]): i for i, e in enumerate(self.events) if e[0] == "rename" and Path(e[2]).is_relative_to(root)}
+        return [i for i, e in enumerate(self.events[start:], start)
+                if e[0] == "rename" and Path(e[2]).is_relative_to(root)]
 
     def synced(self, path: str | Path, start: int = 0, stop: int | None = None) -> bool:
         return ("sync", str(path)) in self.events[start:stop]
@@ -69,7 +70,7 @@ def test_a_submission_is_synced_before_it_replaces_the_old_one(disk_log, tmp_pat
     out.write_text("Id,Category\nold.jpg,1\n")
     assert write_submission(out, [("a.jpg", "3"), ("b.jpg", "7")], comment="carclf test") == 2
     assert out.read_text().splitlines() == ["# carclf test", "Id,Category", "a.jpg,3", "b.jpg,7"]
-    (index,) = disk_log.renames_into(tmp_path).values()
+    (index,) = disk_log.renames_into(tmp_path)
     disk_log.assert_durable(index)
 
 
@@ -80,18 +81,19 @@ def test_every_checkpoint_and_log_a_run_resumes_from_is_synced_before_its_rename
     run_dir = loop.train(recipe, runs_root=tmp_path / "runs", verbose=0)
 
     renames = disk_log.renames_into(run_dir)
-    for index in renames.values():  # the earlier epochs' too, not only the last
+    for index in renames:  # every epoch's, not only the last
         disk_log.assert_durable(index)
+    targets = [Path(disk_log.events[i][2]) for i in renames]
     checkpoints = sorted((run_dir / runs.CHECKPOINTS).iterdir())
     assert {p.name for p in checkpoints} >= {runs.LAST_WEIGHTS, "best-head.weights.h5", runs.STATE}
     kept = [*checkpoints, run_dir / runs.FINAL_WEIGHTS, run_dir / runs.HISTORY_JSON, run_dir / runs.RUN_INFO]
-    missing = [p.name for p in kept if Path(os.path.realpath(p)) not in renames]
+    missing = [p.name for p in kept if Path(os.path.realpath(p)) not in targets]
     assert not missing, f"put in place without a synced rename: {missing}"
-    assert sum(Path(e[2]).name == runs.LAST_WEIGHTS for e in disk_log.events if e[0] == "rename") >= 2  # per epoch
+    assert sum(target.name == runs.LAST_WEIGHTS for target in targets) >= 2  # once an epoch
 
     start = len(disk_log.events)
     runs.trim_history(run_dir, 1)  # what --resume does to logs an epoch ahead of their checkpoint
-    trims = [i for i, e in enumerate(disk_log.events[start:], start) if e[0] == "rename"]
+    trims = disk_log.renames_into(run_dir, start)
     assert {Path(disk_log.events[i][2]).name for i in trims} == {runs.HISTORY_JSON, runs.HISTORY_CSV}
     for index in trims:
         disk_log.assert_durable(index)
