@@ -66,6 +66,10 @@ def read_partial(path: Path, photos: Sequence[Path], run: RunLine) -> tuple[dict
     except OSError as exc:
         raise InvalidInput(f"cannot read {path} to resume from it ({exc.strerror or exc})") from None
     cut = bool(text) and not text.endswith("\n")
+    first, _, rest = text.partition("\n")
+    ours = first.startswith(f"# {run.command}") or first == ",".join(HEADER)
+    if text and not ours and not (cut and not rest and f"# {run.command}".startswith(first)):
+        raise not_partial(path, first, run)  # another file of that name, even of one line: never written over
     if cut:
         text = text[:text.rfind("\n") + 1]
     first, _, text = text.partition("\n")
@@ -75,8 +79,6 @@ def read_partial(path: Path, photos: Sequence[Path], run: RunLine) -> tuple[dict
         raise InvalidInput(f"{path} does not record the model it was written with: if its rows are answers of "
                            f"this run's options, make its first line {'# ' + run.line!r} and resume; otherwise "
                            "remove it")
-    if not first.startswith(f"# {run.command}"):
-        raise not_partial(path, first, run)
     if first[2:] != run.line:
         raise InvalidInput(f"{path} was written by {first[2:]!r}, this run is {run.line!r}: resume with the same "
                            f"{run.named} (or remove it), so that one submission holds one model's answers")
@@ -101,8 +103,9 @@ def read_partial(path: Path, photos: Sequence[Path], run: RunLine) -> tuple[dict
 
 def not_partial(path: Path, found: str, run: RunLine, line: int = 1) -> InvalidInput:
     expected = f"# {run.command} ..." if line == 1 else ",".join(HEADER)
+    shown = repr(found) if len(found) <= 80 else f"{found[:80]!r}... ({len(found)} characters)"
     return InvalidInput(f"{path} is not the partial submission of a {run.command} run (its line {line} is "
-                        f"{found!r}, not {expected!r}): remove it or give another {run.output_flag}")
+                        f"{shown}, not {expected!r}): remove it or give another {run.output_flag}")
 
 
 class PartialSubmission:

@@ -229,6 +229,15 @@ def refused(recorder: Recorder, argv: list[str], capsys) -> str:
     pytest.param("name,score\n{0},3\n", True,
                  "{partial} is not the partial submission of a carclf predict run (its line 1 is 'name,score', not "
                  "'# carclf predict ...'): remove it or give another --output", id="not-a-partial"),
+    pytest.param("my notes\n", True,
+                 "{partial} is not the partial submission of a carclf predict run (its line 1 is 'my notes', not "
+                 "'# carclf predict ...'): remove it or give another --output", id="one-line-of-another-file"),
+    pytest.param("\0" * 3, True,
+                 "{partial} is not the partial submission of a carclf predict run (its line 1 is '\\x00\\x00\\x00', "
+                 "not '# carclf predict ...'): remove it or give another --output", id="bytes-without-a-newline"),
+    pytest.param("x" * 100, True,
+                 "{partial} is not the partial submission of a carclf predict run (its line 1 is '" + "x" * 80 + "'... "
+                 "(100 characters), not '# carclf predict ...'): remove it or give another --output", id="long-line"),
     pytest.param(RUN + "\nname,score\n{0},3\n", True,
                  "{partial} is not the partial submission of a carclf predict run (its line 2 is 'name,score', not "
                  "'Id,Category'): remove it or give another --output", id="not-a-partial-header"),
