@@ -108,6 +108,15 @@ def not_partial(path: Path, found: str, run: RunLine, line: int = 1) -> InvalidI
                         f"{shown}, not {expected!r}): remove it or give another {run.output_flag}")
 
 
+def check_start(output: Path, resume: bool, verb: str) -> None:
+    """Refuse a run without ``resume`` whose ``output`` has an earlier run's partial file (never written over);
+    cheap, so that a command can ask it before it loads models."""
+    path = partial_path(output)
+    if path.exists() and not resume:
+        raise InvalidInput(f"{path} holds the rows of an earlier run that stopped: give --resume to {verb} only the "
+                           "photos it lacks, or remove it")
+
+
 class PartialSubmission:
     """A submission whose rows are kept in its partial file as they are answered, resumed from an earlier run's
     partial file when there is one (refused without ``resume``: its rows are never written over)."""
@@ -117,10 +126,8 @@ class PartialSubmission:
         self.path = partial_path(output)
         self.answered: dict[str, str] = {}
         self.resuming: str | None = None  # what was resumed from, to tell the user
+        check_start(output, resume, run.verb)
         if self.path.exists():
-            if not resume:
-                raise InvalidInput(f"{self.path} holds the rows of an earlier run that stopped: give --resume to "
-                                   f"{run.verb} only the photos it lacks, or remove it")
             self.answered, cut = read_partial(self.path, self.photos, run)
             self.resuming = (f"resuming: {len(self.answered)} of {len(self.photos)} photos were answered in "
                              f"{self.path}" + ("; its last line was cut off, that photo is answered again" if cut

@@ -22,7 +22,7 @@ import numpy as np
 
 from carclf import contract, imaging
 from carclf.errors import InvalidInput
-from carclf.partial import PartialSubmission, RunLine, one_line
+from carclf.partial import PartialSubmission, RunLine, check_start, one_line
 from carclf.submission import HEADER
 from carclf.submission import write_submission as write_csv
 from carclf.train import data, runs
@@ -31,6 +31,14 @@ from carclf.train.evaluate import LoadedModel, predict_policies
 log = logging.getLogger(__name__)
 ON_BAD = ("fail", "skip")
 CHUNK = 64  # photos predicted (by every model) before their rows are kept: a multiple of predict_policies' 8
+VERB = "predict"  # what a resumed run does to the photos its partial file lacks
+
+
+def check_before_loading(photos_dir: str | os.PathLike, out_csv: str | os.PathLike, resume: bool) -> None:
+    """What ``write_submission`` refuses that needs no model (a photo folder missing or without photos, a
+    stopped run's partial file without ``resume``), for a command to ask before it loads its models."""
+    data.list_photos(photos_dir)
+    check_start(Path(out_csv), resume, VERB)
 
 
 def write_submission(model: LoadedModel | Sequence[LoadedModel], photos_dir: str | os.PathLike,
@@ -75,7 +83,7 @@ def describe_submission(models: Sequence[LoadedModel], policy: str, channel_orde
     and the photos' channel order."""
     named = sorted(f"{model_name(m)}@sha256:{model_digest(m)}" for m in models)
     return RunLine("carclf submit", one_line(" ".join([*named, f"--tta {policy}", f"--channel-order {channel_order}"])),
-                   named="models, --tta and --channel-order", output_flag="--out", verb="predict")
+                   named="models, --tta and --channel-order", output_flag="--out", verb=VERB)
 
 
 def model_name(model: LoadedModel) -> str:

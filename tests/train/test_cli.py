@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.fixtures import SAMPLE_DIR
 from tests.train.conftest import tiny_recipe
+
+PHOTOS = SAMPLE_DIR / "test_upload"
 
 CARCLF = Path(sys.executable).parent / "carclf"
 
@@ -58,11 +61,13 @@ def test_resume_refuses_options_that_would_change_the_saved_recipe(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (("evaluate", "/no/such/run"), "no run folder or SavedModel at '/no/such/run'"),
     (("export", "{tmp}"), "is not a run folder"),
-    (("submit", "{tmp}", "/no/such/photos"), "no SavedModel at"),
+    (("submit", "{tmp}", "{photos}"), "no SavedModel at"),
+    (("submit", "{tmp}", "/no/such/photos"), "photo folder '/no/such/photos' does not exist"),  # before the model
     (("evaluate", "{tmp}", "--tta", "sideways"), "unknown TTA policy 'sideways'"),
 ])
 def test_missing_or_wrong_paths(tmp_path, args, needle):
-    _assert_clean_error(_carclf(*(a.replace("{tmp}", str(tmp_path)) for a in args)), needle)
+    _assert_clean_error(_carclf(*(a.replace("{tmp}", str(tmp_path)).replace("{photos}", str(PHOTOS)) for a in args)),
+                        needle)
 
 
 def test_scan_reports_bad_files_and_writes_eda(tmp_path, two_class_data):

@@ -162,3 +162,40 @@ def test_ctrl_c_stops_the_command_with_its_rows_kept_and_the_same_command_with_r
     expected = tmp_path / "whole.csv"
     write_submission(load_model(model), folder, expected, progress=False)
     assert out.read_bytes() == expected.read_bytes() and not partial.exists()
+
+
+@pytest.mark.parametrize("command", ["submit", "pseudo-label"])
+def test_what_needs_no_model_is_refused_before_any_model_loads(tiny_repository_template, tmp_path, monkeypatch,
+                                                               capsys, command):
+    """A mistyped or empty photo folder, and for submit a stopped run's partial file without --resume, are
+    refused before the models load (seconds each, minutes for several large ones); the partial file is kept."""
+    from carclf.train.commands import pseudo_label, submit
+
+    module = submit if command == "submit" else pseudo_label
+    loads = []
+
+    def spying_load(path):
+        loads.append(path)
+        return load_model(path)
+
+    monkeypatch.setattr(module, "load_model", spying_load)
+    model = str(tiny_repository_template / "tiny_a" / "1")
+    out = tmp_path / "out.csv"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [(tmp_path / "nope", f"photo folder {str(tmp_path / 'nope')!r} does not exist"),
+             (empty, f"photo folder {str(empty)!r} has no images")]
+    if command == "submit":
+        partial = tmp_path / "out.partial.csv"
+        partial.write_text("# carclf submit whatever\nId,Category\n006605.jpg,3\n")
+        cases.append((PHOTOS, f"{partial} holds the rows of an earlier run that stopped: give --resume to predict "
+                              "only the photos it lacks, or remove it"))
+    for photos, message in cases:
+        assert carclf_main([command, model, str(photos), "--out", str(out)]) == 2
+        assert f"carclf {command}: error: {message}" in capsys.readouterr().err
+    assert loads == [] and not out.exists()
+    if command == "submit":
+        assert partial.read_text() == "# carclf submit whatever\nId,Category\n006605.jpg,3\n"
+        partial.unlink()
+    assert carclf_main([command, model, str(PHOTOS), "--out", str(out)]) == 0  # the spy does see a load
+    assert [str(path) for path in loads] == [model]

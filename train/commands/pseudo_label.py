@@ -13,7 +13,7 @@ import argparse
 from carclf import tta
 from carclf.destinations import check_file
 from carclf.errors import InvalidInput
-from carclf.train import crossval
+from carclf.train import crossval, data
 from carclf.train.commands import add_photo_prediction_arguments, setup_logging
 from carclf.train.evaluate import load_model
 from carclf.train.recipe import FOLD_PLACEHOLDER
@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     if FOLD_PLACEHOLDER in args.out and not args.per_fold:
         raise InvalidInput(f"--out {args.out!r} holds {FOLD_PLACEHOLDER}, which only --per-fold fills (one CSV per "
                            "fold run)")
-    check_file(args.out.replace(FOLD_PLACEHOLDER, "0"), "--out")  # before any model loads
+    check_file(args.out.replace(FOLD_PLACEHOLDER, "0"), "--out")  # these before any model loads
+    data.list_photos(args.photos)
     paths = crossval.model_paths(args.model)
     if not args.per_fold:
         _label([load_model(p) for p in paths], args.out, args)

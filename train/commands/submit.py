@@ -15,7 +15,7 @@ from carclf.destinations import check_file
 from carclf.train import crossval
 from carclf.train.commands import add_photo_prediction_arguments, setup_logging
 from carclf.train.evaluate import load_model
-from carclf.train.submit import write_submission
+from carclf.train.submit import check_before_loading, write_submission
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     setup_logging()
     tta.get_policy(args.tta)
-    check_file(args.out, "--out")  # before any model loads
+    check_file(args.out, "--out")  # these before any model loads (seconds to minutes for large ones)
+    check_before_loading(args.photos, args.out, args.resume)
     paths = crossval.model_paths(args.model)
     models = [load_model(path) for path in paths]
     stats = write_submission(models, args.photos, args.out, policy=args.tta, on_bad=args.on_bad,
