@@ -66,14 +66,12 @@ def read_partial(path: Path, photos: Sequence[Path], run: RunLine) -> tuple[dict
     except OSError as exc:
         raise InvalidInput(f"cannot read {path} to resume from it ({exc.strerror or exc})") from None
     cut = bool(text) and not text.endswith("\n")
-    first, _, rest = text.partition("\n")
-    ours = first.startswith(f"# {run.command}") or first == ",".join(HEADER)
-    if text and not ours and not (cut and not rest and f"# {run.command}".startswith(first)):
+    first, newline, text = text.partition("\n")
+    start = f"# {run.command}"
+    if not (first.startswith(start) or first == ",".join(HEADER) or (not newline and start.startswith(first))):
         raise not_partial(path, first, run)  # another file of that name, even of one line: never written over
-    if cut:
-        text = text[:text.rfind("\n") + 1]
-    first, _, text = text.partition("\n")
-    if not text:  # killed before its first rows reached the file: nothing was kept
+    text = text[:text.rfind("\n") + 1]  # a last line cut off by a kill is left out: its photo is answered again
+    if not text:  # killed before its first rows reached the file (or within its first line): nothing was kept
         return {}, cut
     if first == ",".join(HEADER):  # the partial files of carclf predict before the options line
         raise InvalidInput(f"{path} does not record the model it was written with: if its rows are answers of "

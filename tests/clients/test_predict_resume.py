@@ -232,6 +232,9 @@ def refused(recorder: Recorder, argv: list[str], capsys) -> str:
     pytest.param("my notes\n", True,
                  "{partial} is not the partial submission of a carclf predict run (its line 1 is 'my notes', not "
                  "'# carclf predict ...'): remove it or give another --output", id="one-line-of-another-file"),
+    pytest.param("\nId,Category\n{0},3\n", True,
+                 "{partial} is not the partial submission of a carclf predict run (its line 1 is '', not "
+                 "'# carclf predict ...'): remove it or give another --output", id="empty-first-line"),
     pytest.param("\0" * 3, True,
                  "{partial} is not the partial submission of a carclf predict run (its line 1 is '\\x00\\x00\\x00', "
                  "not '# carclf predict ...'): remove it or give another --output", id="bytes-without-a-newline"),

@@ -103,7 +103,7 @@ def test_an_exported_version_is_on_disk_before_its_folder_is_renamed_into_the_re
     version = export_tiny(tmp_path / "repository", "tiny")
     (index,) = [i for i, e in enumerate(disk_log.events) if e[0] == "rename" and e[2] == os.path.realpath(version)]
     staged = Path(disk_log.events[index][1])
-    files = [p for p in Path(version).rglob("*")]
+    files = list(Path(version).rglob("*"))
     assert {p.name for p in files} >= {"saved_model.pb", "variables.index", "labels.txt"}
     for path in [*files, Path(version)]:
         before = staged / path.relative_to(version)

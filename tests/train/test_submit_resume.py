@@ -186,8 +186,8 @@ def test_what_needs_no_model_is_refused_before_any_model_loads(tiny_repository_t
     cases = [(tmp_path / "nope", f"photo folder {str(tmp_path / 'nope')!r} does not exist"),
              (empty, f"photo folder {str(empty)!r} has no images")]
     if command == "submit":
-        partial = tmp_path / "out.partial.csv"
-        partial.write_text("# carclf submit whatever\nId,Category\n006605.jpg,3\n")
+        partial, stopped = tmp_path / "out.partial.csv", "# carclf submit whatever\nId,Category\n006605.jpg,3\n"
+        partial.write_text(stopped)
         cases.append((PHOTOS, f"{partial} holds the rows of an earlier run that stopped: give --resume to predict "
                               "only the photos it lacks, or remove it"))
     for photos, message in cases:
@@ -195,7 +195,7 @@ def test_what_needs_no_model_is_refused_before_any_model_loads(tiny_repository_t
         assert f"carclf {command}: error: {message}" in capsys.readouterr().err
     assert loads == [] and not out.exists()
     if command == "submit":
-        assert partial.read_text() == "# carclf submit whatever\nId,Category\n006605.jpg,3\n"
+        assert partial.read_text() == stopped
         partial.unlink()
     assert carclf_main([command, model, str(PHOTOS), "--out", str(out)]) == 0  # the spy does see a load
     assert [str(path) for path in loads] == [model]
