@@ -8,11 +8,13 @@ Errors of the product's hierarchy print one clear line and exit with status 2, n
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import signal
 import stat
 import sys
+from typing import NoReturn
 
 from carclf.errors import CarClfError, os_error_line
 
@@ -34,15 +36,47 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="carclf", description="Car-model photo classifier and serving stack")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
+class CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser: no abbreviated flags, and a mistyped flag is answered with the closest ones."""
+
+    def __init__(self, **kwargs) -> None:
         # no abbreviated flags: a prefix such as --batching_param must not pass for --batching_parameters_file
-        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def refuse_unrecognized(self, extra: list[str]) -> NoReturn:
+        """Exit with status 2 and this command's usage, naming what it does not take and, for each mistyped
+        flag, the flags it may have meant (``--out`` for ``--outt``, ``--model_name`` for ``--model-name``)."""
+        flags = [flag for action in self._actions for flag in action.option_strings]
+        meant = {}
+        for token in extra:
+            name = token.split("=", 1)[0]
+            close = difflib.get_close_matches(name, flags, n=1) if name.startswith("-") else []
+            if close:
+                meant[name] = close[0]
+        message = f"unrecognized arguments: {' '.join(extra)}"
+        if len(meant) == 1:
+            message += f" (did you mean {next(iter(meant.values()))}?)"
+        elif meant:
+            message += f" (did you mean {', '.join(f'{flag} for {name}' for name, flag in meant.items())}?)"
+        self.error(message)
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The ``carclf`` parser, with the arguments of the ``selected`` command only (the others are not imported)."""
+    return parsers(selected)[0]
+
+
+def parsers(selected: str | None) -> tuple[argparse.ArgumentParser, CommandParser | None]:
+    """``build_parser``'s parser, and the ``selected`` command's own (None when no command is selected)."""
+    parser = argparse.ArgumentParser(prog="carclf", description="Car-model photo classifier and serving stack")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
+    command_parser = None
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
         if name == selected:
             importlib.import_module(module_name).add_arguments(p)
-    return parser
+            command_parser = p
+    return parser, command_parser
 
 
 def stdout_is_a_pipe() -> bool:
@@ -59,8 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     if selected is not None and selected not in COMMANDS:
         print(f"carclf: unknown command {selected!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    parser = build_parser(selected)
-    args = parser.parse_args(argv)
+    parser, command_parser = parsers(selected)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser: its usage, and the flags a typo may have meant
+        if command_parser is None:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        command_parser.refuse_unrecognized(extra)
     if not args.command:
         parser.print_help()
         return 2

@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--photo-folder", default="data/sample", help="real photos to send")
     parser.add_argument("--photo-limit", type=int, help="use at most this many photos (0: all)")
     parser.add_argument("--signature", default=contract.SIGNATURE_BYTES, help="signature to call")
-    parser.add_argument("--out", default="reports/bench", help="folder for bench.json, bench.md, bench.png")
+    parser.add_argument("--out", "--output",
+                        default="reports/bench", help="folder for bench.json, bench.md, bench.png")
     parser.add_argument("--concurrency", help="served concurrency sweep, e.g. 1,2,4,8,16")
     parser.add_argument("--batch-sizes", help="in-process batch sizes, e.g. 1,2,4,8,16,32")
     parser.add_argument("--inprocess-threads", help="in-process calling threads, e.g. 1,2 (the limit is the best "

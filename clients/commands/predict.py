@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="car_ensemble", help="car_ensemble or a backbone (default %(default)s)")
     parser.add_argument("--top-k", type=int, default=3, help="car models to print per photo (default %(default)s)")
     parser.add_argument("--verbose", action="store_true", help="also print each ensemble member's vote")
-    parser.add_argument("--output", type=Path, default=None,
+    parser.add_argument("--output", "--out", type=Path, default=None,
                         help="write the submission CSV (Id,Category) here instead of printing; a folder writes "
                              "one to submission.csv when not given (never replacing an existing one), unless "
                              "--json or --verbose asks to print its photos")

@@ -24,7 +24,7 @@ HEADER = ("# ModelServerConfig for TensorFlow Serving (--model_config_file), wri
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", default="model_repository", help="model repository (<name>/<version>/)")
-    parser.add_argument("--output", default="-", help="file to write ('-': standard output)")
+    parser.add_argument("--output", "--out", default="-", help="file to write ('-': standard output)")
     parser.add_argument("--base_path_prefix", default="",
                         help="prefix of every base_path, e.g. /models for the container (default: the "
                              "repository's absolute path)")

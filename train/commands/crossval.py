@@ -12,7 +12,7 @@ from carclf.train.runs import write_json
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="the run folders of folds 0..K-1 (carclf train --folds K [--fold I])")
-    parser.add_argument("--out", help="write the summary as JSON to this file")
+    parser.add_argument("--out", "--output", help="write the summary as JSON to this file")
     parser.add_argument("--compare", metavar="SUMMARY_JSON",
                         help="another cross-validation's summary over the same photos: paired counts and McNemar p")
 

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all", action="store_true", help="evaluate every usable photo of the data")
     add_channel_order_argument(parser, default=None, extra_help=" (default: as the model's training data recorded "
                                                                 "it when --data is not given, else rgb)")
-    parser.add_argument("--out", help="folder for eval.json and confusion PNGs "
+    parser.add_argument("--out", "--output", help="folder for eval.json and confusion PNGs "
                                       "(default: the run folder, or reports/evaluate/<model>/<version>)")
 
 

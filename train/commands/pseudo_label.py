@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a run folder, a SavedModel, or a cross-validation summary (its fold runs); several "
                              "are averaged unless --per-fold")
     parser.add_argument("photos", help="folder of unlabelled photos (e.g. Kaggle test_upload/)")
-    parser.add_argument("--out", required=True,
+    parser.add_argument("--out", "--output", required=True,
                         help=f"CSV to write; with --per-fold it must hold {FOLD_PLACEHOLDER}")
     parser.add_argument("--min-confidence", type=float, default=0.7,
                         help="keep photos whose top probability is at least this (default: 0.7)")

@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--csv", help="Id,Category label file (then TRAIN is the image folder)")
     parser.add_argument("--classes", help="class-names file (classes.json or one name per line)")
     parser.add_argument("--min-side", type=int, default=32, help="smaller images are reported as tiny")
-    parser.add_argument("--out", default="reports/scan", help="folder for scan.json, eda.json and eda.png")
+    parser.add_argument("--out", "--output",
+                        default="reports/scan", help="folder for scan.json, eda.json and eda.png")
 
 
 def run(args: argparse.Namespace) -> int:

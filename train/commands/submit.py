@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a run folder, a SavedModel (model folder or version folder), or a cross-validation "
                              "summary (runs/<recipe>-crossvalK-*.json: its K fold runs); several are averaged")
     parser.add_argument("photos", help="folder of photos (e.g. Kaggle test_upload/)")
-    parser.add_argument("--out", default="submission.csv", help="CSV to write (default: submission.csv)")
+    parser.add_argument("--out", "--output",
+                        default="submission.csv", help="CSV to write (default: submission.csv)")
     add_photo_prediction_arguments(parser, on_bad="fail")
     parser.add_argument("--resume", action="store_true",
                         help="continue a run that stopped: the photos predicted in <out>.partial.csv are kept, "
