@@ -37,7 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class CommandParser(argparse.ArgumentParser):
-    """A sub-command's parser: no abbreviated flags, and a mistyped flag is answered with the closest ones."""
+    """A sub-command's parser: no abbreviated flags, and a mistyped flag is answered with the closest one."""
 
     def __init__(self, **kwargs) -> None:
         # no abbreviated flags: a prefix such as --batching_param must not pass for --batching_parameters_file
@@ -45,7 +45,7 @@ class CommandParser(argparse.ArgumentParser):
 
     def refuse_unrecognized(self, extra: list[str]) -> NoReturn:
         """Exit with status 2 and this command's usage, naming what it does not take and, for each mistyped
-        flag, the flags it may have meant (``--out`` for ``--outt``, ``--model_name`` for ``--model-name``)."""
+        flag, the flag it may have meant (``--out`` for ``--outt``, ``--model_name`` for ``--model-name``)."""
         flags = [flag for action in self._actions for flag in action.option_strings]
         meant = {}
         for token in extra:
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     selected = next((a for a in argv if not a.startswith("-")), None)
     if selected is not None and selected not in COMMANDS:
-        print(f"carclf: unknown command {selected!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        meant = "".join(f" (did you mean {c}?)" for c in difflib.get_close_matches(selected, COMMANDS, n=1))
+        print(f"carclf: unknown command {selected!r}{meant}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     parser, command_parser = parsers(selected)
     args, extra = parser.parse_known_args(argv)

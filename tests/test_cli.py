@@ -67,3 +67,14 @@ def test_a_word_before_any_command_is_refused_by_carclf_itself(capsys):
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: carclf [-h] COMMAND") and "carclf: error: unrecognized arguments: --verbose" in err
+
+
+@pytest.mark.parametrize("word,hint", [
+    ("sumbit", " (did you mean submit?)"),
+    ("serving_config", " (did you mean serving-config?)"),
+    ("frobnicate", ""),
+])
+def test_an_unknown_command_is_named_with_the_command_meant_and_every_command(capsys, word, hint):
+    assert cli.main([word, "x"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"carclf: unknown command {word!r}{hint}; expected one of {', '.join(cli.COMMANDS)}\n"
