@@ -43,6 +43,12 @@ class CommandParser(argparse.ArgumentParser):
         # no abbreviated flags: a prefix such as --batching_param must not pass for --batching_parameters_file
         super().__init__(allow_abbrev=False, **kwargs)
 
+    def parse_args(self, args=None, namespace=None):  # a standalone parser (python -m carclf.loadtest.run)
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.refuse_unrecognized(extra)
+        return parsed
+
     def refuse_unrecognized(self, extra: list[str]) -> NoReturn:
         """Exit with status 2 and this command's usage, naming what it does not take and, for each mistyped
         flag, the flag it may have meant (``--out`` for ``--outt``, ``--model_name`` for ``--model-name``)."""

@@ -30,6 +30,7 @@ import urllib.request
 from pathlib import Path
 
 from carclf import exits
+from carclf.cli import CommandParser
 from carclf.ensemble.config import render
 
 DEMO_RECIPES = ("demo_mobilenet_v2", "demo_efficientnet_b0", "demo_xception")
@@ -79,7 +80,8 @@ def _wait_ready(rest_url: str, server: subprocess.Popen, timeout: float = 300.0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="python -m carclf.demo", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs/demo", help="where the demo's run folders go")
     parser.add_argument("--repository", default="model_repository", help="model repository to export into")
     parser.add_argument("--skip-training", action="store_true",

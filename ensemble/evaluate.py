@@ -17,7 +17,6 @@ a fault is one line on stderr and exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from carclf import contract, imaging
+from carclf.cli import CommandParser
 from carclf.destinations import check_file
 from carclf.ensemble import aggregate as agg
 from carclf.ensemble.config import EnsembleConfig, load_config
@@ -272,7 +272,7 @@ DEFAULT_SUBMISSION = Path("results/cars10_ensemble_submission.csv")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m carclf.ensemble.evaluate", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m carclf.ensemble.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=Path("ensemble/car_ensemble/config.pbtxt"))
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--train", type=Path, required=True, help="train/<class id>/<photo> folder")

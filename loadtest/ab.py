@@ -28,6 +28,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from carclf.cli import CommandParser
 from carclf.errors import CarClfError, ConfigError
 from carclf.loadtest import options
 from carclf.loadtest import server as srv
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m carclf.loadtest.ab", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="python -m carclf.loadtest.ab", description=__doc__.split("\n\n")[0])
     p.add_argument("--baseline-checkout", required=True, help="a carclf checkout (e.g. a git worktree)")
     p.add_argument("--model", required=True, help="exported model to serve on both sides")
     p.add_argument("--model-repository", default=str(ROOT / "model_repository"))

@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from carclf import exits, tf_threads
+from carclf.cli import CommandParser
 from carclf.errors import CarClfError, ConfigError, DeadlineExceeded, NotFound, Unavailable
 from carclf.loadtest import checks, options, protocol
 from carclf.loadtest import server as srv
@@ -392,7 +393,7 @@ def outcome(code: int) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m carclf.loadtest.run", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m carclf.loadtest.run", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

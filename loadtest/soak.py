@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from carclf.cli import CommandParser
 from carclf.errors import CarClfError, ConfigError
 from carclf.loadtest import options
 from carclf.loadtest import run as loadtest_run
@@ -208,7 +209,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m carclf.loadtest.soak", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m carclf.loadtest.soak", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

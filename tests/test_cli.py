@@ -78,3 +78,24 @@ def test_an_unknown_command_is_named_with_the_command_meant_and_every_command(ca
     assert cli.main([word, "x"]) == 2
     err = capsys.readouterr().err
     assert err == f"carclf: unknown command {word!r}{hint}; expected one of {', '.join(cli.COMMANDS)}\n"
+
+
+@pytest.mark.parametrize("module,argv,meant", [
+    ("carclf.loadtest.run", ["--user=3"], "--users"),
+    ("carclf.loadtest.run", ["--reprts={tmp}"], "--reports"),
+    ("carclf.loadtest.soak", ["--user=3"], "--users"),
+    ("carclf.demo", ["--skip-trainin"], "--skip-training"),
+    ("carclf.demo", ["--repo={tmp}"], "--repository"),
+])
+def test_the_make_entry_points_refuse_abbreviated_and_mistyped_flags_alike(module, argv, meant, capsys, tmp_path):
+    """``make loadtest ARGS=...`` and ``make demo`` parse their flags as the carclf commands do: a prefix of a flag
+    is not taken for it (``--user`` for ``--users``), and a mistyped flag is answered with the one meant."""
+    import importlib
+
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as exited:
+        importlib.import_module(module).main(argv)
+    assert exited.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == f"python -m {module}: error: unrecognized arguments: {argv[0]} (did you mean {meant}?)"
+    assert list(tmp_path.iterdir()) == []
