@@ -37,13 +37,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class CommandParser(argparse.ArgumentParser):
-    """A sub-command's parser: no abbreviated flags, and a mistyped flag is answered with the closest one."""
+    """The parser of a command (a ``carclf`` sub-command, or an entry point such as ``python -m
+    carclf.loadtest.run``): no abbreviated flags, and a mistyped flag is answered with the closest one."""
 
     def __init__(self, **kwargs) -> None:
         # no abbreviated flags: a prefix such as --batching_param must not pass for --batching_parameters_file
         super().__init__(allow_abbrev=False, **kwargs)
 
-    def parse_args(self, args=None, namespace=None):  # a standalone parser (python -m carclf.loadtest.run)
+    def parse_args(self, args=None, namespace=None):  # as an entry point's parser; carclf's own uses main's
         parsed, extra = self.parse_known_args(args, namespace)
         if extra:
             self.refuse_unrecognized(extra)
@@ -53,7 +54,7 @@ class CommandParser(argparse.ArgumentParser):
         """Exit with status 2 and this command's usage, naming what it does not take and, for each mistyped
         flag, the flag it may have meant (``--out`` for ``--outt``, ``--model_name`` for ``--model-name``)."""
         flags = [flag for action in self._actions for flag in action.option_strings]
-        meant = {}
+        meant: dict[str, str] = {}
         for token in extra:
             name = token.split("=", 1)[0]
             close = difflib.get_close_matches(name, flags, n=1) if name.startswith("-") else []

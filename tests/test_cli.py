@@ -1,5 +1,5 @@
-"""The ``carclf`` command line as a whole: one spelling rule for output flags, and mistyped flags answered by
-the command's own parser with the flag that was meant."""
+"""The command line as a whole: --out and --output alike on every carclf command that writes, and a mistyped
+flag or command refused by the command's own parser (carclf's and the make entry points') with the one meant."""
 
 from __future__ import annotations
 
