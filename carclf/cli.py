@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("carclf.train.commands.export", "export a run as the next SavedModel version"),
     "serve": ("carclf.serving.commands.serve", "run the embedded TF-Serving-compatible model server"),
     "serving-config": ("carclf.serving.commands.serving_config", "write models.config from a model repository"),
+    "ensemble-config": ("carclf.ensemble.commands.ensemble_config",
+                        "write an ensemble's config.pbtxt over served backbones"),
     "gateway": ("carclf.ensemble.commands.gateway", "serve ensembles in front of a real TF Serving"),
     "predict": ("carclf.clients.commands.predict", "classify photos through a server (gRPC or REST)"),
     "bench": ("carclf.loadtest.bench", "benchmark in-process vs gRPC vs REST vs ensemble"),

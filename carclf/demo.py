@@ -31,11 +31,11 @@ from pathlib import Path
 
 from carclf import exits
 from carclf.cli import CommandParser
-from carclf.ensemble.config import render
 
 DEMO_RECIPES = ("demo_mobilenet_v2", "demo_efficientnet_b0", "demo_xception")
-ENSEMBLE_PARAMETERS = {"tta_policy": "hflip", "aggregation": "mean", "top_k": "3", "deadline_ms": "30000",
-                       "failure_policy": "degrade", "quorum": "2"}
+ENSEMBLE_TTA = "hflip"
+ENSEMBLE_PARAMETERS = {"aggregation": "mean", "top_k": "3", "deadline_ms": "30000", "failure_policy": "degrade",
+                       "quorum": "2"}
 
 
 def _carclf(*args: str) -> list[str]:
@@ -104,12 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     models_config = work / "models.config"
     _run(_carclf("serving-config", "--repository", str(repository), "--models", *DEMO_RECIPES,
                  "--policy", "latest", "--output", str(models_config)))
-    ensemble_dir = work / "car_ensemble"
-    ensemble_dir.mkdir(exist_ok=True)
-    ensemble_config = ensemble_dir / "config.pbtxt"
-    ensemble_config.write_text(render("car_ensemble", list(DEMO_RECIPES), parameters=ENSEMBLE_PARAMETERS),
-                               encoding="utf-8")
-    print(f"wrote {ensemble_config} (members: {', '.join(DEMO_RECIPES)})")
+    ensemble_config = work / "car_ensemble" / "config.pbtxt"
+    _run(_carclf("ensemble-config", *DEMO_RECIPES, "--name", "car_ensemble", "--repository", str(repository),
+                 "--tta", ENSEMBLE_TTA, *(w for kv in ENSEMBLE_PARAMETERS.items() for w in ("--param", "=".join(kv))),
+                 "--out", str(ensemble_config)))
 
     print("\n== 4. start the embedded server", flush=True)
     grpc_port, rest_port = _free_port(), _free_port()
