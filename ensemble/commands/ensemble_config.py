@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from carclf import contract
 from carclf.destinations import check_file
 from carclf.ensemble.config import parse_config, render
 from carclf.ensemble.members import info_from_repository
@@ -42,12 +43,13 @@ def parse_members(words: list[str]) -> dict[str, int]:
     """``name`` or ``name:version`` -> {name: version, -1 for the latest}; a member named twice is refused."""
     members: dict[str, int] = {}
     for word in words:
-        name, _, version = word.partition(":")
-        if not name or (version and not (version.isdigit() and int(version) >= 1)):
+        name, colon, version = word.partition(":")
+        number = contract.version_number(version) if colon else -1
+        if not name or number is None or number == 0:
             raise ConfigError(f"member {word!r}: expected NAME or NAME:VERSION with a version >= 1")
         if name in members:
             raise ConfigError(f"member {name!r} is named twice")
-        members[name] = int(version) if version else -1
+        members[name] = number
     return members
 
 

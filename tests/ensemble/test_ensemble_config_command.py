@@ -50,6 +50,10 @@ def test_without_out_the_config_goes_to_standard_output(capsys):
     (["tiny_a", "tiny_a"], "member 'tiny_a' is named twice"),
     (["tiny_a:0"], "member 'tiny_a:0': expected NAME or NAME:VERSION with a version >= 1"),
     (["tiny_a:x"], "member 'tiny_a:x': expected NAME or NAME:VERSION"),
+    (["tiny_a:\u00b2"], "member 'tiny_a:\u00b2': expected NAME or NAME:VERSION"),  # a digit int() cannot read
+    (["tiny_a:"], "member 'tiny_a:': expected NAME or NAME:VERSION"),
+    ([":2"], "member ':2': expected NAME or NAME:VERSION"),
+    (["tiny_a", "--name", "my ensemble"], "field 'name': received 'my ensemble'"),
     (["bad name"], "field 'ensemble_scheduling.step[1].model_name': received 'bad name'"),
     (["tiny_a", "--param", "weight.tiny_c=2"], "field 'parameters['weight.tiny_c']': no member named 'tiny_c'"),
     (["tiny_a", "--param", "aggregation=median"], "field 'parameters['aggregation']': expected one of"),
