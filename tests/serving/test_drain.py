@@ -147,9 +147,16 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(serve_process, conform
     data = np.array(jpegs[:2], dtype=object)
     server, channel, stub, rest, in_flight = in_flight_request(serve_process, conformance_repository, 2.0, 3.0)
 
+    states: list[grpc.ChannelConnectivity] = []  # the channel's connectivity, as grpc reports it
+    channel.subscribe(states.append)
+    assert wait_until(lambda: states[-1:] == [grpc.ChannelConnectivity.READY])
+
     server.process.send_signal(signal.SIGTERM)
-    # gRPC: GOAWAY and the port closed at once (channels reconnect to another replica; here there is none)
+    # gRPC: GOAWAY and the port closed at once (channels reconnect to another replica; here there is none).
+    # A call sent before the channel has read the GOAWAY may end CANCELLED (grpc's shutdown race, documented in
+    # serving/README.md; GrpcClient raises it as Unavailable): this one is sent once the channel has read it.
     assert wait_until(lambda: refuses_connections(server.ports["grpc"])), "the gRPC port still accepts connections"
+    assert wait_until(lambda: states[-1] != grpc.ChannelConnectivity.READY), f"the GOAWAY was never read: {states}"
     expect_code(lambda: stub.Predict(predict_request(OTHER_MODEL, image_bytes=data), timeout=10),
                 grpc.StatusCode.UNAVAILABLE)
     refused = rest.post(f"/v1/models/{OTHER_MODEL}:predict", {"instances": [b64(jpegs[0])]})
