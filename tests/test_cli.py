@@ -24,8 +24,8 @@ def test_every_command_that_writes_takes_out_and_output_alike(command):
 def test_the_commands_that_write_are_the_ones_checked():
     """The parametrized test above must see the flags it is about (an empty list would pass it)."""
     writers = {c for c in cli.COMMANDS if output_flags(c)}
-    assert {"submit", "scan", "evaluate", "crossval", "pseudo-label", "bench", "predict",
-            "serving-config"} <= writers
+    assert {"submit", "scan", "evaluate", "crossval", "pseudo-label", "bench", "predict", "serving-config",
+            "ensemble-config"} <= writers
 
 
 def test_either_spelling_writes_the_file(tmp_path, capsys):
