@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -50,3 +51,16 @@ def _check_writable_ancestor(folder: Path, path: str | os.PathLike, what: str) -
     os.close(handle)
     with contextlib.suppress(OSError):
         os.unlink(probe)
+
+
+def write_or_print(output: str, text: str, summary: str) -> None:
+    """``text`` to standard output when ``output`` is '-'; else into that file (its folders made), then
+    "wrote <output>: <summary>" on stderr. Written in place, not renamed over: a config file that docker-compose
+    bind-mounts into a container (models.config) keeps showing the old inode after a rename; a server polling it
+    mid-write reads an empty text (no action) or an unclosed one (refused, read again)."""
+    if output == "-":
+        sys.stdout.write(text)
+        return
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(text, encoding="utf-8")
+    print(f"wrote {output}: {summary}", file=sys.stderr)

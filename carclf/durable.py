@@ -5,8 +5,8 @@ renamed into place, so a process killed mid-write leaves the old file or the new
 crash is another matter: the filesystem may have stored the rename but not yet the data it points to (ext4
 orders the two only for a rename over an existing file in its default mode; others, XFS among them, promise
 nothing), and the last good checkpoint is replaced by an empty one. So the data is synced before the rename
-and the folder after it, the usual write-sync-rename-sync order. Appends (the rows of a partial submission) are flushed, not synced: a lost tail
-is answered again on ``--resume``.
+and the folder after it, the usual write-sync-rename-sync order. Appends (the rows of a partial submission)
+are flushed, not synced: a lost tail is answered again on ``--resume``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ flag or command refused by the command's own parser (carclf's and the make entry
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
 from carclf import cli
@@ -90,8 +92,6 @@ def test_an_unknown_command_is_named_with_the_command_meant_and_every_command(ca
 def test_the_make_entry_points_refuse_abbreviated_and_mistyped_flags_alike(module, argv, meant, capsys, tmp_path):
     """``make loadtest ARGS=...`` and ``make demo`` parse their flags as the carclf commands do: a prefix of a flag
     is not taken for it (``--user`` for ``--users``), and a mistyped flag is answered with the one meant."""
-    import importlib
-
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     with pytest.raises(SystemExit) as exited:
         importlib.import_module(module).main(argv)

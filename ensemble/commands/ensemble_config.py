@@ -9,11 +9,9 @@ with a model card that gives its input size (what ``carclf serve --model_reposit
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 from carclf import contract
-from carclf.destinations import check_file
+from carclf.destinations import check_file, write_or_print
 from carclf.ensemble.config import parse_config, render
 from carclf.ensemble.members import info_from_repository
 from carclf.errors import ConfigError
@@ -76,10 +74,5 @@ def run(args: argparse.Namespace) -> int:
     if args.repository is not None:
         for member in config.members:
             info_from_repository(args.repository, member)
-    if args.output == "-":
-        sys.stdout.write(text)
-        return 0
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(text, encoding="utf-8")  # in place, as serving-config (a bind mount keeps the inode)
-    print(f"wrote {args.output}: {config.name} over {', '.join(config.member_names)}", file=sys.stderr)
+    write_or_print(args.output, text, f"{config.name} over {', '.join(config.member_names)}")
     return 0

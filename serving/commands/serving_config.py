@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path, PurePosixPath
 
-from carclf.destinations import check_file
+from carclf.destinations import check_file, write_or_print
 from carclf.errors import ConfigError
 from carclf.serving.config import MODEL_NAME_RE, VersionPolicy, models_config_to_text
 from carclf.serving.repository import SAVED_MODEL_FILES, holds_savedmodel, list_models
@@ -82,14 +82,5 @@ def run(args: argparse.Namespace) -> int:
         check_file(args.output, "--output")
     entries = build_entries(Path(args.repository), prefix=args.base_path_prefix, only=args.models,
                             policy=args.policy)
-    text = HEADER + models_config_to_text(entries)
-    if args.output == "-":
-        sys.stdout.write(text)
-    else:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        # In place, not a temporary file renamed over it: docker-compose mounts this one file into the TF
-        # Serving container, and a bind mount keeps showing the old inode after a rename. A server polling
-        # the file mid-write reads an empty text (no action) or an unclosed one (refused, read again).
-        Path(args.output).write_text(text, encoding="utf-8")
-        print(f"wrote {args.output}: {', '.join(e[0] for e in entries)}", file=sys.stderr)
+    write_or_print(args.output, HEADER + models_config_to_text(entries), ", ".join(e[0] for e in entries))
     return 0
