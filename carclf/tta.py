@@ -120,6 +120,17 @@ def make_views(image, policy: str | TTAPolicy, size: imaging.Size, resize: str =
     return tf.stack(views)
 
 
+def traced_views(policy: str | TTAPolicy, size: imaging.Size, resize: str = "squash", channel_order: str = "rgb"):
+    """``make_views`` of one decoded photo stored in ``channel_order`` (``imaging.to_rgb`` first), traced as a
+    graph for any [H, W, 3] uint8 image: the same pixels as eagerly, several times faster per photo."""
+    import tensorflow as tf
+
+    policy = get_policy(policy)
+    imaging.check_channel_order(channel_order)
+    return tf.function(lambda image: make_views(imaging.to_rgb(image, channel_order), policy, size, resize),
+                       input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+
+
 def average_views(probabilities, num_views: int):
     """Mean over each photo's consecutive views: [batch * num_views, C] -> [batch, C]."""
     import numpy as np

@@ -273,6 +273,61 @@ def test_tta_none_is_exactly_prepare(photos):
     np.testing.assert_array_equal(flips[1], flips[0][:, ::-1])
 
 
+def _photo_kinds() -> dict[str, bytes]:
+    """One photo of each kind the decoder handles differently: EXIF orientations, modes, containers."""
+    base = (np.arange(36 * 52 * 3) % 249).astype(np.uint8).reshape(36, 52, 3)
+    kinds = {}
+    for orientation in (3, 6, 8):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kinds[f"jpeg, EXIF orientation {orientation}"] = _jpeg(base, exif=exif.tobytes())
+    for name, mode, fmt in (("greyscale JPEG", "L", "JPEG"), ("CMYK JPEG", "CMYK", "JPEG"), ("RGBA PNG", "RGBA", "PNG"),
+                            ("GIF", "P", "GIF"), ("8-bit BMP", "P", "BMP"), ("WebP", "RGB", "WEBP")):
+        buf = io.BytesIO()
+        Image.fromarray(base).convert(mode).save(buf, fmt)
+        kinds[name] = buf.getvalue()
+    return kinds
+
+
+def test_traced_decode_gives_decode_images_pixels_and_is_traced_once(photos):
+    """``decode_checked`` (every offline caller: submit's check, evaluation, the data scan, the ensemble)
+    runs the process's one traced decoder; it must give exactly the eager decoder's pixels."""
+    import tensorflow as tf
+
+    assert imaging.traced_decode() is imaging.traced_decode()
+    cases = {**_photo_kinds(), **{p.name: p.read_bytes() for p in photos[:4]}}
+    for name, data in cases.items():
+        eager = imaging.decode_image(tf.constant(data)).numpy()
+        np.testing.assert_array_equal(imaging.traced_decode()(tf.constant(data)).numpy(), eager, err_msg=name)
+        np.testing.assert_array_equal(imaging.decode_checked(data, name).numpy(), eager, err_msg=name)
+    assert imaging.traced_decode().experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("policy", ["none", "hflip", "hflip_crops"])
+@pytest.mark.parametrize("size,resize", [(64, "squash"), ((48, 96), "squash"), ((48, 96), "letterbox")])
+@pytest.mark.parametrize("channel_order", ["rgb", "bgr"])
+def test_traced_views_are_make_views_of_the_photo_in_rgb(photos, policy, size, resize, channel_order):
+    """The graph evaluation and the ensemble run per photo gives the eager ``make_views`` pixels, after the
+    photo is read in its file's channel order."""
+    import tensorflow as tf
+
+    views_of = tta.traced_views(policy, size, resize, channel_order)
+    for path in photos[:3]:
+        image = imaging.decode_image(tf.constant(path.read_bytes()))
+        eager = tta.make_views(imaging.to_rgb(image, channel_order), policy, size, resize).numpy()
+        got = views_of(image).numpy()
+        assert got.shape == eager.shape == (len(tta.get_policy(policy).views), *imaging.side_pair(size), 3)
+        np.testing.assert_array_equal(got, eager)
+    assert views_of.experimental_get_tracing_count() == 1
+
+
+def test_traced_views_refuse_an_unknown_channel_order_or_policy():
+    with pytest.raises(ValueError, match="unknown channel order 'rbg'"):
+        tta.traced_views("hflip", 64, "squash", "rbg")
+    with pytest.raises(ConfigError, match="unknown TTA policy 'flip'"):
+        tta.traced_views("flip", 64)
+
+
 def test_tta_policy_round_trips_as_data():
     policy = tta.get_policy("hflip_crops")
     assert tta.get_policy(policy.to_dict()) == policy

@@ -1,7 +1,7 @@
 """Evaluation with and without TTA, for a Keras model or an exported SavedModel.
 
-Every prediction goes through one path: decode (``imaging.decode_image``) -> views (``tta.make_views``)
--> a *pixel predictor* (uint8 [N, S, S, 3] -> probabilities [N, C]) -> the mean over each policy's
+Every prediction goes through one path: decode (``imaging.decode_image``) -> views (``tta.make_views``), both
+run as traced graphs (``imaging.traced_decode``, ``tta.traced_views``) -> a *pixel predictor* (uint8 [N, S, S, 3] -> probabilities [N, C]) -> the mean over each policy's
 views. A SavedModel is predicted through its ``serving_pixels`` signature, so the ensemble and the server
 can reuse this exact code. Each distinct view is predicted once and shared by the policies that use it.
 """
@@ -88,6 +88,7 @@ def predict_policies(predictor: PixelPredictor, images: Iterable[bytes], policie
     union = tta.TTAPolicy("union", tuple(views))
     columns = {p.name: [views.index(v) for v in p.views] for p in resolved}
 
+    views_of = tta.traced_views(union, size, resize, channel_order)
     per_view: list[np.ndarray] = []
     pending: list[np.ndarray] = []
 
@@ -99,7 +100,7 @@ def predict_policies(predictor: PixelPredictor, images: Iterable[bytes], policie
 
     for i, data in enumerate(images):
         image = imaging.decode_checked(data, names[i] if names is not None else f"photo #{i}")
-        pending.append(tta.make_views(imaging.to_rgb(image, channel_order), union, size, resize).numpy())
+        pending.append(views_of(image).numpy())
         if progress is not None:
             progress.update(1)
         if len(pending) >= chunk:
