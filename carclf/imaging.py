@@ -153,14 +153,13 @@ def traced_decode():
     return tf.function(decode_image, input_signature=[tf.TensorSpec([], tf.string)])
 
 
-def decode_checked(data, what: str = "", decode=None):
-    """``decode_image`` of photo bytes (``decode``: another copy of it; by default ``traced_decode()``), with
-    bytes that do not decode refused as InvalidInput: "<what> does not decode (truncated or corrupt):
-    <TensorFlow's reason, one line>"."""
+def decode_checked(data, what: str = ""):
+    """``decode_image`` of photo bytes (run as ``traced_decode()``), with bytes that do not decode refused as
+    InvalidInput: "<what> does not decode (truncated or corrupt): <TensorFlow's reason, one line>"."""
     import tensorflow as tf
 
     try:
-        return (decode or traced_decode())(tf.constant(data))
+        return traced_decode()(tf.constant(data))
     except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
         prefix = f"{what} " if what else ""
         raise InvalidInput(f"{prefix}does not decode (truncated or corrupt): "

@@ -119,8 +119,6 @@ class EnsembleRuntime:
         self._info: dict[str, MemberInfo] = {}
         self._info_lock = threading.Lock()
         self._labels: tuple[str, ...] | None = config.labels
-        self._graphs: dict[object, object] = {}
-        self._graphs_lock = threading.Lock()
 
     # Members ---------------------------------------------------------------------------------
 
@@ -194,18 +192,6 @@ class EnsembleRuntime:
 
     # Input ------------------------------------------------------------------------------------
 
-    def _graph(self, key, build):
-        """``build()`` once per key: the view functions of each input spec, traced as graphs
-        (``tta.traced_views``); the decoding graph is the process's one (``imaging.traced_decode``)."""
-        with self._graphs_lock:
-            fn = self._graphs.get(key)
-            if fn is None:
-                fn = self._graphs[key] = build()
-            return fn
-
-    def _view_maker(self, spec: InputSpec):
-        return self._graph(("views", spec), lambda: traced_views(self.config.tta, spec.size, spec.resize))
-
     def decode(self, images: Sequence[bytes]) -> list:
         """Check and decode each photo once: uint8 [H, W, 3] tensors, EXIF orientation applied."""
         if len(images) == 0:
@@ -227,12 +213,12 @@ class EnsembleRuntime:
         """TTA views of every photo, once per distinct input spec: {spec: uint8 [photos * views, H, W, 3]}, H x W
         the spec's size.
 
-        ``carclf.tta.make_views`` (the training evaluation's function) builds them; views of one photo
-        are consecutive rows, as ``carclf.tta.average_views`` expects.
+        ``carclf.tta.make_views`` (the training evaluation's function) builds them, as a graph
+        (``tta.traced_views``); views of one photo are consecutive rows, as ``carclf.tta.average_views`` expects.
         """
         out = {}
         for key in dict.fromkeys(specs):
-            make = self._view_maker(key)
+            make = traced_views(self.config.tta, key.size, key.resize)
             out[key] = np.concatenate([make(img).numpy() for img in decoded], axis=0)
         return out
 

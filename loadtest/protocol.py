@@ -39,19 +39,13 @@ def signature_input(signature: str) -> str:
     return names[signature]
 
 
-_decoder = None
-
-
 def decode_pixels(data: bytes) -> np.ndarray:
     """uint8 [H, W, 3] pixels of encoded photo bytes, decoded by the product's one decoder (traced once)."""
-    global _decoder
     import tensorflow as tf
 
     from carclf import imaging
 
-    if _decoder is None:
-        _decoder = tf.function(imaging.decode_image, input_signature=[tf.TensorSpec([], tf.string)])
-    return _decoder(tf.constant(data)).numpy()
+    return imaging.traced_decode()(tf.constant(data)).numpy()
 
 
 def photo_inputs(signature: str, data: bytes) -> dict[str, np.ndarray]:

@@ -176,8 +176,6 @@ def test_decode_checked_names_the_photo_that_does_not_decode():
     photo = _jpeg((np.arange(40 * 60 * 3) % 253).astype(np.uint8).reshape(40, 60, 3))
     assert np.array_equal(imaging.decode_checked(photo, "a.jpg").numpy(),
                           imaging.decode_image(tf.constant(photo)).numpy())
-    traced = tf.function(imaging.decode_image, input_signature=[tf.TensorSpec([], tf.string)])
-    assert imaging.decode_checked(photo, "a.jpg", traced).shape == (40, 60, 3)
     for bad in (photo[: len(photo) // 2], b"plain text, not a photo"):
         with pytest.raises(InvalidInput) as refused:
             imaging.decode_checked(bad, "photo 3")
@@ -312,6 +310,7 @@ def test_traced_views_are_make_views_of_the_photo_in_rgb(photos, policy, size, r
     import tensorflow as tf
 
     views_of = tta.traced_views(policy, size, resize, channel_order)
+    assert tta.traced_views(tta.get_policy(policy), size, resize, channel_order) is views_of  # traced once a process
     for path in photos[:3]:
         image = imaging.decode_image(tf.constant(path.read_bytes()))
         eager = tta.make_views(imaging.to_rgb(image, channel_order), policy, size, resize).numpy()
@@ -319,11 +318,15 @@ def test_traced_views_are_make_views_of_the_photo_in_rgb(photos, policy, size, r
         assert got.shape == eager.shape == (len(tta.get_policy(policy).views), *imaging.side_pair(size), 3)
         np.testing.assert_array_equal(got, eager)
     assert views_of.experimental_get_tracing_count() == 1
+    if isinstance(size, int):  # one side and its (side, side) pair are the same size
+        assert tta.traced_views(policy, (size, size), resize, channel_order) is views_of
 
 
-def test_traced_views_refuse_an_unknown_channel_order_or_policy():
+def test_traced_views_refuse_an_unknown_channel_order_resize_or_policy():
     with pytest.raises(ValueError, match="unknown channel order 'rbg'"):
         tta.traced_views("hflip", 64, "squash", "rbg")
+    with pytest.raises(ValueError, match="unknown resize mode 'crop'"):
+        tta.traced_views("hflip", 64, "crop")
     with pytest.raises(ConfigError, match="unknown TTA policy 'flip'"):
         tta.traced_views("flip", 64)
 

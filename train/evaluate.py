@@ -1,9 +1,10 @@
 """Evaluation with and without TTA, for a Keras model or an exported SavedModel.
 
-Every prediction goes through one path: decode (``imaging.decode_image``) -> views (``tta.make_views``), both
-run as traced graphs (``imaging.traced_decode``, ``tta.traced_views``) -> a *pixel predictor* (uint8 [N, S, S, 3] -> probabilities [N, C]) -> the mean over each policy's
-views. A SavedModel is predicted through its ``serving_pixels`` signature, so the ensemble and the server
-can reuse this exact code. Each distinct view is predicted once and shared by the policies that use it.
+Every prediction goes through one path: decode (``imaging.decode_image``) -> views (``tta.make_views``),
+both run as graphs (``imaging.traced_decode``, ``tta.traced_views``) -> a *pixel predictor* (uint8
+[N, S, S, 3] -> probabilities [N, C]) -> the mean over each policy's views. A SavedModel is predicted through
+its ``serving_pixels`` signature, so the ensemble and the server can reuse this exact code. Each distinct view
+is predicted once and shared by the policies that use it.
 """
 
 from __future__ import annotations
