@@ -1,6 +1,7 @@
 """What running the decoder and the TTA views as traced graphs saves `carclf submit` (and `carclf evaluate`,
 which predicts through the same function): one submission written with the functions run eagerly, op by op (as
-before commit "decode and views traced"), and with the traced ones, side by side in one process.
+before commit e77e4d4: ``imaging.traced_decode`` and ``tta.traced_views`` patched back to the eager
+functions), and with the traced ones, side by side in one process.
 
     .venv/bin/python scripts/offline_preprocess.py MODEL PHOTOS [--tta hflip] [--channel-order bgr] [--rounds 3]
 
