@@ -153,13 +153,14 @@ def traced_decode():
     return tf.function(decode_image, input_signature=[tf.TensorSpec([], tf.string)])
 
 
-def decode_checked(data, what: str = ""):
-    """``decode_image`` of photo bytes (run as ``traced_decode()``), with bytes that do not decode refused as
-    InvalidInput: "<what> does not decode (truncated or corrupt): <TensorFlow's reason, one line>"."""
+def decode_checked(data, what: str = "", traced: bool = True):
+    """``decode_image`` of photo bytes, with bytes that do not decode refused as InvalidInput: "<what> does not
+    decode (truncated or corrupt): <TensorFlow's reason, one line>". Run as ``traced_decode()``, or eagerly with
+    ``traced=False`` where only a photo or two are decoded (the process's first trace takes a second or more)."""
     import tensorflow as tf
 
     try:
-        return traced_decode()(tf.constant(data))
+        return (traced_decode() if traced else decode_image)(tf.constant(data))
     except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
         prefix = f"{what} " if what else ""
         raise InvalidInput(f"{prefix}does not decode (truncated or corrupt): "

@@ -84,13 +84,14 @@ def typed_error(exc: Exception, context: str) -> CarClfError:
 
 def _undecodable_photo(inputs: Mapping[str, np.ndarray]) -> str | None:
     """After a refused run of a model that decodes photos in its graph (the product's ``image_bytes``
-    input): which photo does not decode, which TF's message does not say. Only on the error path."""
+    input): which photo does not decode, which TF's message does not say. Only on the error path, so eagerly:
+    a first trace of the decoder would hold the error answer up by a second or more."""
     photos = inputs.get(contract.INPUT_IMAGE_BYTES)
     if photos is None:
         return None
     for index, data in enumerate(np.ravel(photos)):
         try:
-            imaging.decode_checked(data, element_name(contract.INPUT_IMAGE_BYTES, index, len(photos)))
+            imaging.decode_checked(data, element_name(contract.INPUT_IMAGE_BYTES, index, len(photos)), traced=False)
         except InvalidInput as exc:
             return exc.message
     return None

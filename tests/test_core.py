@@ -168,24 +168,29 @@ def test_png_named_jpg_decodes_by_content(tmp_path):
     assert pixels.shape == (12, 16, 3) and tuple(pixels[0, 0]) == (200, 10, 10)
 
 
-def test_decode_checked_names_the_photo_that_does_not_decode():
-    """One refusal for every caller (server, ensemble, submit, data scan): InvalidInput naming the photo and
-    TensorFlow's reason in one line; a good photo gives the same pixels as decode_image."""
+@pytest.mark.parametrize("traced", [True, False])
+def test_decode_checked_names_the_photo_that_does_not_decode(traced):
+    """One refusal for every caller (server, ensemble, submit, data scan), traced or eager (the server's error
+    path): InvalidInput naming the photo and TensorFlow's reason in one line, the same line both ways; a good
+    photo gives the same pixels as decode_image."""
     import tensorflow as tf
 
     photo = _jpeg((np.arange(40 * 60 * 3) % 253).astype(np.uint8).reshape(40, 60, 3))
-    assert np.array_equal(imaging.decode_checked(photo, "a.jpg").numpy(),
+    assert np.array_equal(imaging.decode_checked(photo, "a.jpg", traced=traced).numpy(),
                           imaging.decode_image(tf.constant(photo)).numpy())
     for bad in (photo[: len(photo) // 2], b"plain text, not a photo"):
         with pytest.raises(InvalidInput) as refused:
-            imaging.decode_checked(bad, "photo 3")
+            imaging.decode_checked(bad, "photo 3", traced=traced)
         message = refused.value.message
         assert message.startswith("photo 3 does not decode (truncated or corrupt): ") and "\n" not in message
         reason = message.split(": ", 1)[1]
         assert reason and "function_node" not in reason and "/device:" not in reason
         assert not reason.rstrip().endswith("name:"), reason
+        with pytest.raises(InvalidInput) as other_way:
+            imaging.decode_checked(bad, "photo 3", traced=not traced)
+        assert other_way.value.message == message
     with pytest.raises(InvalidInput, match=r"^does not decode"):
-        imaging.decode_checked(photo[:100])
+        imaging.decode_checked(photo[:100], traced=traced)
 
 
 def test_probe_refuses_bomb_before_decoding():
