@@ -12,6 +12,7 @@ from PIL import Image, ImageOps
 
 from carclf import backbones, imaging, tta
 from carclf.errors import ConfigError, InvalidInput
+from tests.reliability import images
 
 
 def _jpeg(array: np.ndarray, **save_kwargs) -> bytes:
@@ -276,19 +277,20 @@ def test_tta_none_is_exactly_prepare(photos):
     np.testing.assert_array_equal(flips[1], flips[0][:, ::-1])
 
 
-def _photo_kinds() -> dict[str, bytes]:
-    """One photo of each kind the decoder handles differently: EXIF orientations, modes, containers."""
-    base = (np.arange(36 * 52 * 3) % 249).astype(np.uint8).reshape(36, 52, 3)
+def _photo_kinds(photo: bytes) -> dict[str, bytes]:
+    """A real photo in each form the decoder handles differently: EXIF orientations, modes, containers (the
+    reliability suite's upload builders, plus an 8-bit BMP)."""
+    rgb = images.rgb_pixels(photo)
     kinds = {}
     for orientation in (3, 6, 8):
         exif = Image.Exif()
         exif[0x0112] = orientation
-        kinds[f"jpeg, EXIF orientation {orientation}"] = _jpeg(base, exif=exif.tobytes())
-    for name, mode, fmt in (("greyscale JPEG", "L", "JPEG"), ("CMYK JPEG", "CMYK", "JPEG"), ("RGBA PNG", "RGBA", "PNG"),
-                            ("GIF", "P", "GIF"), ("8-bit BMP", "P", "BMP"), ("WebP", "RGB", "WEBP")):
-        buf = io.BytesIO()
-        Image.fromarray(base).convert(mode).save(buf, fmt)
-        kinds[name] = buf.getvalue()
+        kinds[f"jpeg, EXIF orientation {orientation}"] = _jpeg(rgb, exif=exif.tobytes())
+    for build in (images.grayscale_jpeg, images.cmyk_jpeg, images.rgba_png, images.animated_gif, images.webp):
+        kinds[build.__name__] = build(photo)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).convert("P").save(buf, "BMP")
+    kinds["8-bit BMP"] = buf.getvalue()
     return kinds
 
 
@@ -298,7 +300,7 @@ def test_traced_decode_gives_decode_images_pixels_and_is_traced_once(photos):
     import tensorflow as tf
 
     assert imaging.traced_decode() is imaging.traced_decode()
-    cases = {**_photo_kinds(), **{p.name: p.read_bytes() for p in photos[:4]}}
+    cases = {**_photo_kinds(photos[0].read_bytes()), **{p.name: p.read_bytes() for p in photos[:4]}}
     for name, data in cases.items():
         eager = imaging.decode_image(tf.constant(data)).numpy()
         np.testing.assert_array_equal(imaging.traced_decode()(tf.constant(data)).numpy(), eager, err_msg=name)
