@@ -38,14 +38,15 @@ def _serving_module(model, input_size: imaging.Size, labels: Sequence[str], labe
 
         def __init__(self):
             super().__init__(name="car_classifier")
-            self.model = model
+            # The model's weights (BatchNorm statistics included), not the Keras model: saving lists every
+            # tracked object's attributes, which for a backbone's hundreds of layers took about a third of
+            # an EfficientNetB0's export, and stored a default signature of the bare model that nothing serves.
+            self.model_variables = [variable.value for variable in model.weights]
             self.labels = tf.constant(list(labels), dtype=tf.string)
             self.labels_asset = tf.saved_model.Asset(labels_path)
-            # One side for a square model (as every export before rectangular inputs), else [height, width].
-            self.input_size = tf.constant(imaging.plain_size(size), tf.int32)
 
         def _classify(self, pixels):
-            probs = self.model(tf.cast(pixels, tf.float32), training=False)
+            probs = model(tf.cast(pixels, tf.float32), training=False)
             probs = tf.cast(probs, tf.float32)
             class_id = tf.argmax(probs, axis=-1, output_type=tf.int64)
             return {
@@ -146,10 +147,9 @@ def export_model(
         assets_src = tmp / "_labels_src.txt"
         assets_src.write_text("\n".join(labels) + "\n", encoding="utf-8")
         module = _serving_module(model, input_size, labels, str(assets_src), resize)
-        signatures = {
-            contract.SIGNATURE_BYTES: module.serve_bytes.get_concrete_function(),
-            contract.SIGNATURE_PIXELS: module.serve_pixels.get_concrete_function(),
-        }
+        # The functions themselves, not concrete functions traced here: the save traces each inside its save
+        # context (another cache key), so a trace made before would be thrown away (2-5 s a signature).
+        signatures = {contract.SIGNATURE_BYTES: module.serve_bytes, contract.SIGNATURE_PIXELS: module.serve_pixels}
         export_dir = tmp / "savedmodel"
         tf.saved_model.save(module, str(export_dir), signatures=signatures)
         # The Asset keeps its file name; give it the contract's name.

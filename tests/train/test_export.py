@@ -29,6 +29,27 @@ def test_versions_are_numbered_and_never_overwritten(tmp_path, labels, photos):
     assert _export(tmp_path, model, labels, payload).name == "4"  # skipped, not retried forever
 
 
+def test_the_export_stores_each_weight_of_the_model_once_and_nothing_else(tmp_path, labels, photos):
+    """The SavedModel's variables are exactly the Keras model's weights (trainable and BatchNorm statistics),
+    each stored once with its value: no copy, no Keras bookkeeping such as dropout seed states."""
+    import keras
+    import tensorflow as tf
+
+    tiny = build_tiny_classifier(len(labels))
+    inputs = keras.Input(tiny.input_shape[1:])
+    model = keras.Model(inputs, keras.layers.Dropout(0.5, seed=1)(tiny(inputs)))  # identity when serving
+    version = _export(tmp_path, model, labels, [p.read_bytes() for p in photos[:2]])
+    checkpoint = str(version / "variables" / "variables")
+    stored = [tf.train.load_variable(checkpoint, name) for name, _ in tf.train.list_variables(checkpoint)
+              if name != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+
+    def key(value):
+        return np.shape(value), np.asarray(value).tobytes()
+
+    assert sorted(map(key, stored)) == sorted(key(w.numpy()) for w in model.weights)
+    assert len(model.variables) > len(model.weights)  # the dropout's seed state, which the export leaves out
+
+
 def test_failed_check_or_bad_labels_publish_nothing(tmp_path, labels, photos):
     model = build_tiny_classifier(len(labels))
     payload = [p.read_bytes() for p in photos[:2]]

@@ -115,14 +115,27 @@ def test_mix_reads_back_from_a_run_folder(tmp_path):
 @pytest.mark.slow
 def test_a_letterbox_cutmix_run_trains_and_scores_on_class_ids(tmp_path, two_class_data):
     """A real letterbox run whose second stage mixes (and averages its epochs): training accuracy and
-    validation accuracy are recorded under the usual names, and the run evaluates its validation photos."""
+    validation accuracy are recorded under the usual names, and the run evaluates its validation photos.
+    No stage creates a variable inside its traced training step (TensorFlow would trace that step twice)."""
+    import tensorflow as tf
+
     from carclf.train.data import load_split, read_dataset
     from carclf.train.evaluate import evaluate_photos, load_model
 
     data = tiny_recipe(two_class_data, resize="letterbox")
     data["stages"][1].update(epochs=2, mix={"method": "cutmix", "alpha": 1.0, "p": 1.0}, average_last=2)
     recipe = parse_recipe(data, source="tiny")
-    run_dir = loop.train(recipe, runs_root=tmp_path / "runs", verbose=0)
+    in_graph = []
+
+    def creator(next_creator, **kwargs):
+        if not tf.executing_eagerly():
+            in_graph.append(kwargs.get("name"))
+        return next_creator(**kwargs)
+
+    with tf.variable_creator_scope(creator):  # fit traces its steps in this thread
+        run_dir = loop.train(recipe, runs_root=tmp_path / "runs", verbose=0)
+    # Each stage's optimizer slots and metric variables (sparse targets, then mixed ones) came first.
+    assert in_graph == []
     history = runs.read_json(run_dir / runs.HISTORY_JSON)
     mixed = [row for row in history if row.get("stage") == "top"]
     assert len(mixed) == 2 and all(0.0 <= row["val_accuracy"] <= 1.0 and "accuracy" in row for row in mixed)

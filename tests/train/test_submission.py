@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
+import shutil
 
 import pytest
 
+from carclf import contract
 from carclf.cli import main as carclf_main
 from carclf.errors import InvalidInput
 from carclf.train.evaluate import load_model, predict_policies
@@ -59,4 +62,23 @@ def test_an_unknown_on_bad_choice_is_refused_before_anything_is_written(tiny_rep
         write_submission(
             load_model(tiny_repository_template / "tiny_a" / "1"), PHOTOS, out, on_bad="skp", progress=False
         )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("card", [None, {"input_size": "large"}])
+def test_a_version_without_a_usable_model_card_is_refused_by_name(tiny_repository_template, tmp_path, capsys, card):
+    """The input size lives in the model card only; without it the command names the card and writes nothing."""
+    version = tmp_path / "tiny_a" / "1"
+    shutil.copytree(tiny_repository_template / "tiny_a" / "1", version)
+    card_path = version / "assets.extra" / contract.MODEL_CARD
+    if card is None:
+        card_path.unlink()
+    else:
+        card_path.write_text(json.dumps({**json.loads(card_path.read_text()), **card}))
+    out = tmp_path / "submission.csv"
+    assert carclf_main(["submit", str(version), str(PHOTOS), "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert f"model card {str(card_path)!r}" in err
+    assert ("is missing: it records the model's input size" if card is None
+            else "has no usable input_size (received 'large')") in err
     assert not out.exists()
