@@ -41,7 +41,7 @@ def _serving_module(model, input_size: imaging.Size, labels: Sequence[str], labe
             # The model's weights (BatchNorm statistics included), not the Keras model: saving lists every
             # tracked object's attributes, which for a backbone's hundreds of layers took about a third of
             # an EfficientNetB0's export, and stored a default signature of the bare model that nothing serves.
-            self.model_variables = [variable.value for variable in model.weights]
+            self.model_weights = list(model.weights)
             self.labels = tf.constant(list(labels), dtype=tf.string)
             self.labels_asset = tf.saved_model.Asset(labels_path)
 

@@ -73,9 +73,9 @@ def build_training_state(model, num_classes: int, soft_targets: bool) -> None:
     """Create a compiled model's optimizer slots and metric variables now, before ``fit``.
 
     Without a distribution strategy Keras creates them inside the first traced training step, and
-    TensorFlow traces a step that created variables a second time: that doubled the time before a stage's
-    first batch (MobileNetV2: about 20 s of tracing before, 10 s after, measured here). The metrics are
-    built from one placeholder prediction of the stage's target shape and then reset.
+    TensorFlow traces a step that created variables a second time: a MobileNetV2 at 224 px took 37-38 s to
+    its first batch, 17-20 s with this (docs/PERFORMANCE.md). The metrics are built from one placeholder
+    prediction of the stage's target shape, then reset.
     """
     import numpy as np
 
