@@ -38,9 +38,9 @@ def _serving_module(model, input_size: imaging.Size, labels: Sequence[str], labe
 
         def __init__(self):
             super().__init__(name="car_classifier")
-            # The model's weights (BatchNorm statistics included), not the Keras model: saving lists every
-            # tracked object's attributes, which for a backbone's hundreds of layers took about a third of
-            # an EfficientNetB0's export, and stored a default signature of the bare model that nothing serves.
+            # The model's weights (BatchNorm statistics included), not the Keras model: saving lists the
+            # attributes of every tracked object (a backbone's hundreds of layers), and stored a default
+            # signature of the bare model, traced twice, that nothing serves (docs/PERFORMANCE.md, 2026-12-07).
             self.model_weights = list(model.weights)
             self.labels = tf.constant(list(labels), dtype=tf.string)
             self.labels_asset = tf.saved_model.Asset(labels_path)
