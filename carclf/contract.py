@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from carclf.errors import FailedPrecondition
+
 SIGNATURE_BYTES = "serving_default"
 SIGNATURE_PIXELS = "serving_pixels"
 
@@ -94,6 +96,18 @@ def card_input_size(card: Mapping[str, Any]) -> Size | None:
             and all(isinstance(v, int) and not isinstance(v, bool) for v in value))):
         return None
     return plain_size(value) if min(side_pair(value)) >= 8 else None
+
+
+def required_input_size(card: Mapping[str, Any] | None, card_path: Any) -> Size:
+    """The input size the model card at ``card_path`` records (``card`` None: there is no card there);
+    FailedPrecondition naming the card otherwise: the export records the size there only, not in the graph."""
+    size = card_input_size(card or {})
+    if size is None:
+        raise FailedPrecondition(f"model card {str(card_path)!r} is missing: it records the model's input size"
+                                 if card is None else
+                                 f"model card {str(card_path)!r} has no usable input_size (received "
+                                 f"{card.get('input_size')!r})")
+    return size
 
 
 # Hard limits on what one image may be, checked before any pixel is decoded.

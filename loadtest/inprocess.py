@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from carclf import contract
-from carclf.errors import FailedPrecondition, NotFound
+from carclf.errors import NotFound
 from carclf.loadtest import checks, loadgen
 from carclf.serving.repository import list_versions
 
@@ -41,11 +41,8 @@ def input_spec(version_dir: str | os.PathLike) -> tuple[contract.Size, str]:
     from carclf.ensemble.members import read_model_card
 
     card = read_model_card(version_dir)
-    size = contract.card_input_size(card)
-    if size is None:
-        raise FailedPrecondition(f"model card in {str(version_dir)!r} has no usable input_size "
-                                 f"(received {card.get('input_size')!r})")
-    return size, contract.card_resize(card)
+    card_path = Path(version_dir) / "assets.extra" / contract.MODEL_CARD
+    return contract.required_input_size(card, card_path), contract.card_resize(card)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from carclf import contract, imaging, tta
-from carclf.errors import FailedPrecondition, InvalidInput, NotFound
+from carclf.errors import InvalidInput, NotFound
 
 PixelPredictor = Callable[[np.ndarray], np.ndarray]
 
@@ -59,14 +59,9 @@ def load_savedmodel(path: str | os.PathLike, batch_size: int = 32) -> SavedModel
     if not (folder / "saved_model.pb").exists():
         raise NotFound(f"no SavedModel at {str(path)!r} (expected saved_model.pb or integer version folders)")
     card_path = folder / "assets.extra" / contract.MODEL_CARD
-    card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.exists() else {}
+    card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.exists() else None
+    size = contract.required_input_size(card, card_path)
     labels = (folder / "assets" / contract.LABELS_ASSET).read_text(encoding="utf-8").splitlines()
-    size = contract.card_input_size(card)
-    if size is None:  # the export records the input size in the card only, not in the SavedModel
-        raise FailedPrecondition(f"model card {str(card_path)!r} is missing: it records the model's input size"
-                                 if not card_path.exists() else
-                                 f"model card {str(card_path)!r} has no usable input_size (received "
-                                 f"{card.get('input_size')!r})")
     loaded = tf.saved_model.load(str(folder))
     signature = loaded.signatures[contract.SIGNATURE_PIXELS]
 
