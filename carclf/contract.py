@@ -46,10 +46,17 @@ def ascii_digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+#: The largest model version: versions are int64 in TF Serving's protos and REST paths.
+MAX_VERSION = 2**63 - 1
+
+
 def version_number(name: str) -> int | None:
     """The version a model folder's child names: ASCII digits only, as TF Serving reads them ('2' is 2); None for any
-    other name."""
-    return int(name) if ascii_digits(name) else None
+    other name, and for a number past int64, which TF Serving's parse refuses too (such a folder is no version)."""
+    if not ascii_digits(name):
+        return None
+    number = int(name)
+    return number if number <= MAX_VERSION else None
 
 
 def card_resize(card: Mapping[str, Any]) -> str:

@@ -28,7 +28,7 @@ from carclf.errors import (
     Unavailable,
 )
 from carclf.serving.config import ModelConfig, ModelsConfig
-from carclf.serving.repository import fingerprint, holds_savedmodel, list_versions
+from carclf.serving.repository import fingerprint, holds_savedmodel, list_versions, scan_versions
 from carclf.serving.servable import Dependencies, Servable
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class _Model:
     # from a previous base_path, still loaded: they answer until a version of the new one is AVAILABLE
     standby: list[VersionEntry] = field(default_factory=list)
     warned_missing: bool = False               # "no version folder" was logged already
+    warned_unlisted: bool = False              # "base path cannot be listed, versions keep serving" was logged
     dependencies: Dependencies | None = None   # static servables only: models of this server it calls
     degraded: dict[str, str] = field(default_factory=dict)  # its members that cannot answer, its quorum met
 
@@ -272,7 +273,13 @@ class ModelManager:
             config = model.config
         if config is None or self._closed:
             return
-        on_disk = list_versions(config.base_path)
+        on_disk = scan_versions(config.base_path)
+        if on_disk is None and self._keeps_serving_unlisted(model, config.base_path):
+            return
+        if on_disk is not None and model.warned_unlisted:
+            log.info("model %s: %s can be listed again", name, config.base_path)
+            model.warned_unlisted = False
+        on_disk = on_disk or {}
         if not on_disk and not model.versions and not model.warned_missing:
             hint = ""
             if holds_savedmodel(config.base_path):
@@ -291,8 +298,10 @@ class ModelManager:
                     return
                 with self._lock:
                     entry = model.versions.get(version)
-                if entry is not None and entry.state in (State.LOADING, State.AVAILABLE, State.UNLOADING):
-                    continue
+                    if entry is not None and entry.state == State.UNLOADING and not self._closed:
+                        self._keep_loaded(entry)
+                    if entry is not None and entry.state in (State.LOADING, State.AVAILABLE):
+                        continue
                 failed_now |= not self._load(model, version, on_disk[version], fingerprint(on_disk[version]))
             if not failed_now:
                 break
@@ -312,6 +321,25 @@ class ModelManager:
                                         "label fail (NOT_FOUND) until the model config moves them", name, version,
                                         ", ".join(labelled))
                         self._begin_unload(entry)
+
+    @staticmethod
+    def _keeps_serving_unlisted(model: _Model, base_path: Path) -> bool:
+        """Whether a model whose base path cannot be listed (gone, unreadable) keeps its loaded versions as they
+        are: it does while any is loaded or loading, as TF Serving skips such a path rather than unloading on a
+        rename, an unmount or a network filesystem's hiccup (a model leaves by the model config). Said once."""
+        loaded = sorted(v for v, e in model.versions.items() if e.state in (State.LOADING, State.AVAILABLE))
+        if loaded and not model.warned_unlisted:
+            log.warning("model %s: %s cannot be listed; versions %s keep serving until it can", model.name,
+                        base_path, loaded)
+            model.warned_unlisted = True
+        return bool(loaded)
+
+    def _keep_loaded(self, entry: VersionEntry) -> None:
+        """A version being unloaded is wanted again (its model back in the config, or the policy's choice again)
+        while its last requests run: it is still loaded, so it answers again at once instead of being closed and
+        loaded anew (lock held)."""
+        log.info("%s version %d is wanted again while it was unloading: it stays loaded", entry.model, entry.version)
+        self._set_state(entry, State.AVAILABLE)
 
     @staticmethod
     def _failed_unchanged(model: _Model, version: int, path: Path) -> bool:

@@ -19,18 +19,24 @@ def holds_savedmodel(folder: Path) -> bool:
     return any((folder / name).is_file() for name in SAVED_MODEL_FILES)
 
 
-def list_versions(base_path: Path) -> dict[int, Path]:
-    """Integer version -> folder, for every numeric sub-folder of ``base_path`` (empty when missing)."""
-    versions: dict[int, Path] = {}
+def scan_versions(base_path: Path) -> dict[int, Path] | None:
+    """Integer version -> folder, for every numeric sub-folder of ``base_path``; None when ``base_path`` cannot be
+    listed (missing, not a folder, unreadable), which the server tells apart from a folder without versions."""
     try:
         entries = list(os.scandir(base_path))
     except (FileNotFoundError, NotADirectoryError, PermissionError):
-        return versions
+        return None
+    versions: dict[int, Path] = {}
     for entry in entries:
         number = contract.version_number(entry.name)
         if number is not None and entry.is_dir(follow_symlinks=True):
             versions[number] = Path(entry.path)
     return versions
+
+
+def list_versions(base_path: Path) -> dict[int, Path]:
+    """Integer version -> folder, for every numeric sub-folder of ``base_path`` (empty when it cannot be listed)."""
+    return scan_versions(base_path) or {}
 
 
 def list_models(repository: Path) -> dict[str, dict[int, Path]]:
@@ -47,13 +53,19 @@ def list_models(repository: Path) -> dict[str, dict[int, Path]]:
 
 
 def fingerprint(version_path: Path) -> tuple:
-    """Changes when a version folder's files change; a failed version is retried only then."""
+    """Changes when any file under a version folder changes (its name, size or modification time), in any
+    sub-folder: a failed version is retried only then, so a fixed ``assets.extra/`` warmup file or a replaced
+    ``variables/`` shard counts, and an unchanged broken folder is not loaded again on every poll. Linked files
+    are followed, linked folders are not walked (a link cycle must not hang the poll)."""
     parts = []
-    for sub in (version_path, version_path / "variables"):
-        try:
-            for entry in sorted(os.scandir(sub), key=lambda e: e.name):
-                stat = entry.stat(follow_symlinks=True)
-                parts.append((sub.name, entry.name, stat.st_size, stat.st_mtime_ns))
-        except OSError:
-            parts.append((sub.name, None))
+    for folder, subfolders, files in os.walk(version_path, onerror=lambda exc: parts.append((exc.filename, None))):
+        subfolders.sort()
+        relative = os.path.relpath(folder, version_path)
+        for name in sorted(files):
+            try:
+                stat = os.stat(os.path.join(folder, name))
+            except OSError:
+                parts.append((relative, name, None))
+            else:
+                parts.append((relative, name, stat.st_size, stat.st_mtime_ns))
     return tuple(parts)

@@ -535,7 +535,8 @@ def test_a_model_card_without_resize_reads_as_squash(tmp_path):
 
 
 @pytest.mark.parametrize("name,number", [("1", 1), ("0012", 12), ("\u00b2", None), ("\u0663", None), ("1a", None),
-                                         ("", None), (".tmp-export-3", None), ("-1", None)])
+                                         ("", None), (".tmp-export-3", None), ("-1", None),
+                                         (str(2**63 - 1), 2**63 - 1), (str(2**63), None), ("9" * 30, None)])
 def test_a_version_folder_is_named_by_ascii_digits(name, number):
     from carclf import contract
 

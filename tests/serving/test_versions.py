@@ -644,3 +644,109 @@ def test_unloading_a_labelled_version_says_the_label_now_points_at_nothing(priva
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert f"{MODEL} version 1 is unloaded while label(s) stable point at it: requests by label fail (NOT_FOUND) " \
            "until the model config moves them" in said
+
+
+def test_a_version_number_past_int64_is_no_version(private_server, private_repository):
+    """A folder named by a number TF Serving's int64 cannot hold is ignored, as TF Serving ignores it: it was
+    loaded, then every model status, metadata and latest-version predict answered 500 (protobuf's int64 overflow),
+    even after the folder was deleted."""
+    repo = private_repository
+    shutil.copytree(repo / OTHER_MODEL / "1", repo / OTHER_MODEL / str(2**63))
+    server = private_server(model_name=OTHER_MODEL, model_base_path=str(repo / OTHER_MODEL),
+                            enable_model_warmup=False)
+    assert {s.version: s.state for s in server.manager.status(OTHER_MODEL)} == {1: State.AVAILABLE}
+    rest = Rest(f"http://127.0.0.1:{server.rest_port}")
+    reply = rest.get(f"/v1/models/{OTHER_MODEL}")
+    assert reply.status == 200, reply.body
+    assert [s["version"] for s in reply.json["model_version_status"]] == ["1"]
+    assert rest.get(f"/v1/models/{OTHER_MODEL}/metadata").status == 200
+
+
+def test_a_failed_version_is_retried_once_a_file_in_a_sub_folder_is_fixed(private_server, private_repository):
+    """A version whose warmup record is cut short fails to load; copying the right file over it in place (the
+    folders' own times do not change) is a change of its files, so the next poll loads it."""
+    from carclf import contract
+
+    repo = private_repository
+    server = private_server(model_name=OTHER_MODEL, model_base_path=str(repo / OTHER_MODEL))
+    good = repo / OTHER_MODEL / "1" / "assets.extra" / contract.WARMUP_FILE
+    staging = repo / OTHER_MODEL / ".incoming-2"
+    shutil.copytree(repo / OTHER_MODEL / "1", staging)
+    warmup = staging / "assets.extra" / contract.WARMUP_FILE
+    warmup.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    os.rename(staging, repo / OTHER_MODEL / "2")
+    server.manager.poll()
+    status = server.manager.status(OTHER_MODEL, 2)[0]
+    assert status.state == State.END and status.error_message
+    server.manager.poll()  # unchanged: not loaded again
+    assert server.manager.status(OTHER_MODEL, 2)[0] == status
+    shutil.copyfile(good, repo / OTHER_MODEL / "2" / "assets.extra" / contract.WARMUP_FILE)
+    server.manager.poll()
+    assert {s.version: s.state for s in server.manager.status(OTHER_MODEL)} == {2: State.AVAILABLE, 1: State.END}
+
+
+def test_a_base_path_that_cannot_be_listed_for_a_while_keeps_its_versions_serving(private_server, private_repository,
+                                                                                  jpegs, caplog):
+    """The model's folder renamed away (a swap, an unmount, a network filesystem's hiccup) and back: its loaded
+    versions keep answering, as in TF Serving, which skips a base path it cannot list; they were unloaded and
+    loaded again, with requests failing meanwhile. A model leaves by the model config."""
+    repo = private_repository
+    server = private_server(model_config_file=str(single_model_config(repo, OTHER_MODEL)), model_repository=str(repo),
+                            enable_model_warmup=False)
+    rest = Rest(f"http://127.0.0.1:{server.rest_port}")
+    before = rest.post(f"/v1/models/{OTHER_MODEL}:predict", {"instances": [b64(jpegs[0])]})
+    assert before.status == 200
+    (repo / OTHER_MODEL).rename(repo / "elsewhere")
+    with caplog.at_level(logging.INFO, logger="carclf.serving.manager"):
+        server.manager.poll()
+        server.manager.poll()
+        reply = rest.post(f"/v1/models/{OTHER_MODEL}:predict", {"instances": [b64(jpegs[0])]})
+        assert reply.status == 200, reply.body
+        assert reply.json == before.json
+        assert {s.version: s.state for s in server.manager.status(OTHER_MODEL)} == {1: State.AVAILABLE}
+        (repo / "elsewhere").rename(repo / OTHER_MODEL)
+        server.manager.poll()
+    assert {s.version: s.state for s in server.manager.status(OTHER_MODEL)} == {1: State.AVAILABLE}
+    said = [r.getMessage() for r in caplog.records if "cannot be listed" in r.getMessage()]
+    assert len(said) == 1 and str(repo / OTHER_MODEL) in said[0] and "keep serving" in said[0], said
+    assert any("can be listed again" in r.getMessage() for r in caplog.records)
+    assert not any("loading" in r.getMessage() or "unloading" in r.getMessage() for r in caplog.records)
+
+
+def test_a_model_back_in_the_config_while_its_last_request_runs_answers_again_at_once(
+        private_server, private_repository, reference, jpegs, tmp_path):
+    """The model leaves the config while a request holds its version, then comes back (with a label on that
+    version) before the request ends. The version is still loaded: it answers again at once and stays loaded.
+    Before, it was left UNLOADING and then END, the reload said OK and requests answered 503 until a file-system
+    poll (never, without one); with the label, the reload was refused."""
+    repo = private_repository
+    batching = tmp_path / "batching.config"
+    batching.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 5000000 } "
+                        "num_batch_threads { value: 1 }")
+    server = private_server(model_config_file=str(repo / "models.config"), model_repository=str(repo),
+                            enable_batching=True, batching_parameters_file=str(batching), enable_model_warmup=False)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    models = model_service_pb2_grpc.ModelServiceStub(channel)
+    predict = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    data = np.array(jpegs[:1], dtype=object)
+    held = predict.Predict.future(predict_request(OTHER_MODEL, image_bytes=data), timeout=60)  # 5 s in the queue
+    deadline = time.monotonic() + 10
+    while server.gate.inflight == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    without = f'model_config_list {{ config {{ name: "{MODEL}" base_path: "{repo / MODEL}" model_platform: "tensorflow" }} }}'
+    assert models.HandleReloadConfigRequest(reload_request(without), timeout=60).status.error_code == 0
+    assert server.manager.status(OTHER_MODEL, 1)[0].state == State.UNLOADING
+    back = without.replace(" } }", f' }} config {{ name: "{OTHER_MODEL}" base_path: "{repo / OTHER_MODEL}" '
+                                     'model_platform: "tensorflow" version_labels { key: "stable" value: 1 } } }')
+    reply = models.HandleReloadConfigRequest(reload_request(back), timeout=60)
+    assert reply.status.error_code == 0, reply.status.error_message
+    expected = reference(OTHER_MODEL, 1, image_bytes=data)["probabilities"]
+    again = predict.Predict(predict_request(OTHER_MODEL, label="stable", image_bytes=data), timeout=60)
+    assert again.model_spec.version.value == 1
+    np.testing.assert_allclose(outputs(again)["probabilities"], expected, atol=1e-5)
+    response = held.result()
+    assert response.model_spec.version.value == 1
+    np.testing.assert_allclose(outputs(response)["probabilities"], expected, atol=1e-5)
+    assert server.manager.status(OTHER_MODEL, 1)[0].state == State.AVAILABLE
+    assert predict.Predict(predict_request(OTHER_MODEL, image_bytes=data), timeout=60).model_spec.version.value == 1
+    channel.close()
