@@ -198,13 +198,15 @@ class RestClient(ModelClient):
             raise Internal(f"answer of {url} has no 'outputs': keys {sorted(data)}")
         outputs = data["outputs"]
         if not isinstance(outputs, dict):  # a single output is returned bare; find its name
-            outputs = {self._single_output_name(model, signature_name, version, version_label, output_filter,
-                                                timeout): outputs}
+            outputs = {self._single_output_name(model, signature_name, version, version_label, timeout): outputs}
         try:
             decoded = {name: decode_value(value, name) for name, value in outputs.items()}
         except (TypeError, ValueError) as exc:  # b64 that is not base64, ragged lists
             raise _wrong_shape(url, exc) from None
         if output_filter:  # TF Serving's REST API has no output_filter: applied here, checked like gRPC does
+            repeated = next((name for i, name in enumerate(output_filter) if name in output_filter[:i]), None)
+            if repeated is not None:
+                raise InvalidInput(f"duplicate output tensor alias: {repeated}")
             unknown = [name for name in output_filter if name not in decoded]
             if unknown:
                 raise InvalidInput(f"output tensor alias not found in signature: {unknown[0]} Outputs expected to "
@@ -213,9 +215,9 @@ class RestClient(ModelClient):
         return PredictResult(model_name=model, version=version, signature_name=signature_name,
                              outputs=decoded, latency_ms=latency, transport=self.transport)
 
-    def _single_output_name(self, model, signature_name, version, version_label, output_filter, timeout) -> str:
-        if len(output_filter) == 1:
-            return output_filter[0]
+    def _single_output_name(self, model, signature_name, version, version_label, timeout) -> str:
+        """The name of a signature's only output, which TF Serving's answer leaves out: from the model's metadata
+        (not from an ``output_filter``, which may name an output the signature does not have)."""
         sig = self.metadata(model, version=version, version_label=version_label, timeout=timeout)
         if signature_name not in sig.signatures:
             raise Internal(f"the answer of {self.target} for {model} has one output without its name, and the "

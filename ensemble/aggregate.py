@@ -26,8 +26,9 @@ def _check(probabilities, weights) -> tuple[np.ndarray, np.ndarray]:
     w = np.ones(probs.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64)
     if w.shape != (probs.shape[0],):
         raise InvalidInput(f"{w.shape[0] if w.ndim == 1 else w.shape} weights for {probs.shape[0]} members")
-    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or not np.any(w > 0):
         raise InvalidInput(f"weights must be finite, >= 0 and not all 0, received {w.tolist()}")
+    w = w / w.max()  # first: finite weights whose sum overflows still share the vote
     return probs, w / w.sum()
 
 

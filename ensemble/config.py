@@ -84,8 +84,14 @@ class RetryPolicy:
     multiplier: float = 2.0
 
     def backoff(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        return min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
+        """Seconds to wait after failed attempt number ``attempt`` (1-based). Grown step by step up to the cap, so a
+        huge multiplier reaches the cap instead of overflowing a power."""
+        delay = self.initial_backoff_s
+        for _ in range(attempt - 1):
+            if delay >= self.max_backoff_s:
+                break
+            delay *= self.multiplier
+        return min(self.max_backoff_s, delay)
 
 
 @dataclass(frozen=True)

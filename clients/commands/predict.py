@@ -239,7 +239,7 @@ def read_classes(path: Path | None) -> tuple[list[str] | None, dict[str, str] | 
         raise ConfigError(f"is not a readable JSON object of category id -> name: {exc}", source=str(path)) from None
     if not isinstance(mapping, dict) or not mapping:
         raise ConfigError("expected a JSON object {\"0\": \"name\", ...}", source=str(path))
-    ids = sorted(mapping, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+    ids = sorted(mapping, key=lambda k: (not contract.ascii_digits(k), int(k) if contract.ascii_digits(k) else 0, k))
     names = [str(mapping[k]) for k in ids]
     return names, {str(mapping[k]): k for k in ids}
 
@@ -281,6 +281,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.retries <= MAX_RETRIES:
         raise InvalidInput(f"--retries must be 0..{MAX_RETRIES}, received {args.retries}")
     checked_timeout(args.timeout, "--timeout")
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:  # a photo's name that is not UTF-8 prints as its bytes on disk, as the CSV holds it
+        reconfigure(errors="surrogateescape")
     printing = [flag for flag, given in (("--json", args.json), ("--verbose", args.verbose)) if given]
     if args.output is not None and printing:
         raise InvalidInput(f"{' and '.join(printing)} print each photo, --output writes a submission CSV: give "
@@ -419,9 +422,13 @@ def print_photo(path: Path, result, i: int, args, class_names: list[str] | None)
         print(f"  {rank}. {name:<{width}}  {prob:6.1%}")
     if args.verbose and members:
         for m in members:
-            if m["answered"]:
-                print(f"     vote {m['model']} v{m['version']}: {m['label']} ({m['probability']:.1%}, "
-                      f"{m['latency_ms']:.0f} ms)")
+            if m["answered"]:  # an ensemble may leave some member outputs out of its config
+                version = f" v{m['version']}" if m["version"] is not None else ""
+                details = [f"{m['probability']:.1%}" if m["probability"] is not None else "",
+                           f"{m['latency_ms']:.0f} ms" if m["latency_ms"] is not None else ""]
+                shown = ", ".join(d for d in details if d)
+                print(f"     vote {m['model']}{version}: {m['label'] if m['label'] is not None else 'answered'}"
+                      + (f" ({shown})" if shown else ""))
             else:
                 print(f"     vote {m['model']}: no answer")
     return unnamed

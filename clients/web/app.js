@@ -64,9 +64,12 @@ function readAsBase64(file) {
 }
 
 function render(outputs, latencyMs) {
+  // An ensemble's config may leave outputs out: what it did not answer is left blank, never guessed.
   const row = (name) => (outputs[name] ? outputs[name][0] : undefined);
-  const labels = row("top_k_labels") || [row("label")];
-  const probs = row("top_k_probabilities") || [Math.max(...row("probabilities"))];
+  const labels = row("top_k_labels") || (row("label") === undefined ? [] : [row("label")]);
+  const all = row("probabilities");
+  const probs = row("top_k_probabilities") || (all ? [Math.max(...all)] : []);  // the top label's is the largest
+  const shown = (p) => (typeof p === "number" ? percent(p) : "");
   const top = $("top");
   top.replaceChildren();
   labels.slice(0, TOP_K).forEach((label, i) => {
@@ -77,10 +80,10 @@ function render(outputs, latencyMs) {
     name.textContent = label;
     const bar = document.createElement("span");
     bar.className = "bar";
-    bar.style.width = `${Math.round(100 * probs[i])}%`;
+    bar.style.width = `${typeof probs[i] === "number" ? Math.round(100 * probs[i]) : 0}%`;
     const value = document.createElement("span");
     value.className = "probability";
-    value.textContent = percent(probs[i]);
+    value.textContent = shown(probs[i]);
     li.append(name, value, bar);
     top.append(li);
   });
@@ -90,13 +93,16 @@ function render(outputs, latencyMs) {
   const names = row("member_names") || [];
   names.forEach((member, j) => {
     const answered = row("member_answered") ? row("member_answered")[j] : true;
-    const memberProbs = row("member_probabilities") ? row("member_probabilities")[j] : [];
+    const column = (name) => (row(name) ? row(name)[j] : undefined);
+    const memberProbs = column("member_probabilities");
+    const version = column("member_versions");
+    const latency = column("member_latency_ms");
     const cells = [
       member,
-      answered ? `v${row("member_versions")[j]}` : "-",
-      answered ? row("member_labels")[j] : "no answer",
-      answered ? percent(Math.max(...memberProbs)) : "-",
-      `${Math.round(row("member_latency_ms")[j])} ms`,
+      answered ? (version === undefined ? "" : `v${version}`) : "-",
+      answered ? (column("member_labels") ?? "") : "no answer",
+      answered ? (memberProbs ? shown(Math.max(...memberProbs)) : "") : "-",
+      latency === undefined ? "" : `${Math.round(latency)} ms`,
     ];
     const tr = document.createElement("tr");
     tr.className = answered ? "member" : "member missing";

@@ -452,6 +452,16 @@ def test_a_classes_file_saved_with_a_byte_order_mark_reads(tmp_path):
                                                            {"GMC Savana": "0", "Jaguar F-Type": "1"})
 
 
+def test_a_classes_file_key_of_other_digits_reads_as_a_name_not_a_traceback(tmp_path):
+    """'²' passes ``str.isdigit`` but not ``int``: the classes file ended in a ValueError traceback. Category ids
+    made of ASCII digits come first, in their numeric order; other keys after them."""
+    from carclf.clients.commands.predict import read_classes
+
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps({"\u00b2": "Squared", "10": "Ten", "2": "Two"}))
+    assert read_classes(path) == (["Two", "Ten", "Squared"], {"Two": "2", "Ten": "10", "Squared": "\u00b2"})
+
+
 OTHER_OUTPUTS = {  # what a server might answer for the photos sent: none of it is what `carclf predict` can show
     "another_models_outputs": lambda sent: {"scores": np.full((len(sent), 2), 0.5, dtype=np.float32),
                                             "classes": np.zeros((len(sent), 2), dtype=np.int64)},
@@ -683,3 +693,78 @@ def test_a_server_still_refusing_after_the_retries_stops_the_run_with_what_was_a
     assert sum("trying again" in line for line in err.splitlines()) == int(retries)
     assert (tmp_path / "out.partial.csv").is_file() and not out.exists()
 
+
+
+@pytest.fixture
+def slim_ensemble_server(tiny_repository_template, tmp_path):
+    """An ensemble whose config lists only some outputs (allowed): no top-k probabilities, no member versions,
+    probabilities or latencies."""
+    from carclf.ensemble.config import render
+    from tests.ensemble.servers import TINY_ENSEMBLE_PARAMETERS, TINY_MEMBERS, embedded_server
+
+    config = tmp_path / "slim" / "config.pbtxt"
+    config.parent.mkdir()
+    config.write_text(render("slim", list(TINY_MEMBERS), parameters=TINY_ENSEMBLE_PARAMETERS,
+                             outputs=("probabilities", "label", "top_k_labels", "member_names", "member_answered",
+                                      "member_labels")))
+    with embedded_server(tiny_repository_template, tmp_path / "server", ensembles=[config]) as server:
+        yield server
+
+
+@pytest.mark.parametrize("url", [grpc_url, rest_url], ids=["grpc", "rest"])
+def test_verbose_votes_of_an_ensemble_without_some_member_outputs_print_what_it_answered(slim_ensemble_server, photos,
+                                                                                          capsys, url):
+    """--verbose printed None's format for a member output the ensemble does not list, and ended in a
+    traceback: each vote line shows what the ensemble answered (the member's label) and nothing made up."""
+    assert cli.main(["predict", str(photos[0]), "--server", url(slim_ensemble_server), "--model", "slim",
+                     "--verbose"]) == 0
+    votes = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("vote ")]
+    with connect(grpc_url(slim_ensemble_server)) as client:
+        out = client.predict("slim", images=[photos[0].read_bytes()]).outputs
+    assert votes == [f"vote {name}: {label}" for name, label in zip(out["member_names"][0], out["member_labels"][0],
+                                                                     strict=True)]
+
+
+@pytest.mark.parametrize("url", [grpc_url, rest_url], ids=["grpc", "rest"])
+def test_an_output_filter_naming_an_output_the_signature_lacks_is_refused_on_both_transports(
+        tiny_repository_template, photos, tmp_path, url):
+    """A one-output model answers REST without the output's name; the REST client took the name the caller
+    filtered for, so asking a probabilities-only model for ``label`` returned its probabilities as ``label``.
+    Both clients refuse it as the server's gRPC does, refuse a repeated name, and name the one output right."""
+    from carclf.ensemble.config import render
+    from tests.ensemble.servers import TINY_ENSEMBLE_PARAMETERS, TINY_MEMBERS, embedded_server
+
+    config = tmp_path / "only_probs" / "config.pbtxt"
+    config.parent.mkdir()
+    config.write_text(render("only_probs", list(TINY_MEMBERS), parameters=TINY_ENSEMBLE_PARAMETERS,
+                             outputs=("probabilities",)))
+    image = [photos[0].read_bytes()]
+    with embedded_server(tiny_repository_template, tmp_path / "server", ensembles=[config]) as server, \
+            connect(url(server)) as client:
+        for wrong in (["label"], ["class_id"]):
+            with pytest.raises(InvalidInput, match=f"output tensor alias not found in signature: {wrong[0]}"):
+                client.predict("only_probs", images=image, output_filter=wrong)
+        with pytest.raises(InvalidInput, match="duplicate output tensor alias: probabilities"):
+            client.predict("only_probs", images=image, output_filter=["probabilities", "probabilities"])
+        answer = client.predict("only_probs", images=image, output_filter=["probabilities"]).outputs
+        assert list(answer) == ["probabilities"] and answer["probabilities"].shape[0] == 1
+        whole = client.predict("only_probs", images=image).outputs
+        assert list(whole) == ["probabilities"]
+        np.testing.assert_allclose(whole["probabilities"], answer["probabilities"])
+
+
+def test_a_photo_name_that_is_not_utf8_prints_as_its_bytes_under_a_strict_utf8_stdout(tiny_ensemble_server, photos,
+                                                                                      tmp_path):
+    """Under a UTF-8 locale Python's stdout is strict: printing a Latin-1 name (`caf\\xe9.jpg`) ended in a
+    UnicodeEncodeError traceback. It prints as its bytes on disk, as the submission CSV writes it."""
+    import shutil
+
+    name = os.path.join(os.fsencode(tmp_path), b"caf\xe9.jpg")
+    shutil.copyfile(photos[0], name)
+    run = subprocess.run([sys.executable, "-m", "carclf", "predict", os.fsdecode(name), "--server",
+                          grpc_url(tiny_ensemble_server), "--model", "tiny_a", "--top-k", "1"],
+                         capture_output=True, timeout=120, cwd=REPO,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONIOENCODING": "utf-8:strict"})
+    assert run.returncode == 0, run.stderr.decode("utf-8", "replace")
+    first = run.stdout.splitlines()[0]
+    assert first.startswith(name + b"  (tiny_a v2, "), first

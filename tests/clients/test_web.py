@@ -11,6 +11,7 @@ import shutil
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 
 from carclf.clients import connect
@@ -245,3 +246,38 @@ def test_page_is_not_served_for_unknown_files(page_url):
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"{page_url}/ui/secret.py", timeout=5)
     assert info.value.code == 404
+
+
+def test_an_ensemble_without_some_outputs_shows_what_it_answered(browser, tiny_repository_template, photos, tmp_path):
+    """An ensemble whose config lists no top-k probabilities, member versions, probabilities or latencies (allowed):
+    the page read those columns anyway and said "Could not reach the server" for a 200 answer. It shows the
+    ranked labels, the top one's probability, each member's label, and leaves the rest blank."""
+    from carclf.ensemble.config import render
+    from tests.ensemble.servers import TINY_ENSEMBLE_PARAMETERS, TINY_MEMBERS, embedded_server
+
+    config = tmp_path / "slim" / "config.pbtxt"
+    config.parent.mkdir()
+    config.write_text(render("slim", list(TINY_MEMBERS), parameters=TINY_ENSEMBLE_PARAMETERS,
+                             outputs=("probabilities", "label", "top_k_labels", "member_names", "member_answered",
+                                      "member_labels")))
+    with embedded_server(tiny_repository_template, tmp_path / "server", ensembles=[config]) as server:
+        with connect(rest_url(server)) as client:
+            out = client.predict("slim", images=[photos[0].read_bytes()]).outputs
+        browser.get(f"{rest_url(server)}/ui")
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(browser, 30).until(lambda d: "AVAILABLE" in d.find_element("id", "model-status").text)
+        browser.find_element("id", "file").send_keys(str(photos[0]))
+        result = _wait_for(browser, "result")
+        items = result.find_elements("css selector", "#top li")
+        shown = [(i.find_element("class name", "label").text, i.find_element("class name", "probability").text)
+                 for i in items]
+        rows = [[td.text for td in tr.find_elements("tag name", "td")]
+                for tr in result.find_elements("css selector", "#members tbody tr")]
+        assert not browser.find_element("id", "error").is_displayed()
+        top_k = int(browser.find_element("tag name", "body").get_attribute("data-top-k"))
+    labels = [str(name) for name in out["top_k_labels"][0]][:top_k]
+    top = f"{100 * float(np.max(out['probabilities'][0])):.1f} %"
+    assert shown == [(labels[0], top), *((name, "") for name in labels[1:])]
+    assert rows == [[str(name), "", str(label), "", ""]
+                    for name, label in zip(out["member_names"][0], out["member_labels"][0], strict=True)]

@@ -110,3 +110,14 @@ def test_fit_weights_prefers_the_informative_member():
     assert agg.fit_weights(np.stack([noise, good]), y).tolist() == w.tolist()  # deterministic
     # two identical members: the tie resolves to equal weights
     assert agg.fit_weights(np.stack([good, good]), y).tolist() == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("method", ["weighted_mean", "geometric_mean"])
+def test_weights_whose_sum_overflows_share_the_vote_as_their_ratios_say(method):
+    """Each weight finite, their sum not: the normalised weights read 0 and the answer was all zeros."""
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(4), size=(2, 5))
+    np.testing.assert_allclose(agg.aggregate(method, probs, [1e308, 1e308]), agg.aggregate(method, probs, [1, 1]),
+                               rtol=1e-6)
+    np.testing.assert_allclose(agg.aggregate(method, probs, [1e308, 5e307]), agg.aggregate(method, probs, [2, 1]),
+                               rtol=1e-6)

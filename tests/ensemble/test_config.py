@@ -49,6 +49,16 @@ def test_render_round_trips_every_parameter(tmp_path):
     assert [c.retry.backoff(i) for i in (1, 2, 3, 4)] == pytest.approx([0.005, 0.015, 0.045, 0.05])
 
 
+@pytest.mark.parametrize("multiplier", ["1e200", "1e300"])
+def test_a_huge_backoff_multiplier_reaches_the_cap_instead_of_overflowing(multiplier):
+    """``multiplier ** (attempt - 1)`` overflowed (OverflowError) after a member's failed attempt, so one
+    UNAVAILABLE member failed the whole request instead of being retried or left out."""
+    c = parse_config(render("e", ["a"], parameters={"retry_backoff_multiplier": multiplier,
+                                                     "retry_max_attempts": "10", "retry_initial_backoff_ms": "5",
+                                                     "retry_max_backoff_ms": "50"}))
+    assert [c.retry.backoff(i) for i in range(1, 11)] == pytest.approx([0.005] + [0.05] * 9)
+
+
 def test_declared_tta_policy_as_json():
     policy = '{"name": "two_crops", "views": [{"name": "full"}, {"name": "top", "box": [0, 0, 0.5, 1]}]}'
     c = parse_config(render("e", ["m"], parameters={"tta_policy": policy}))
