@@ -64,6 +64,28 @@ def build_compose(transforms: Sequence[Mapping[str, Any]], image_size: Size, see
     return A.Compose(built, seed=seed)
 
 
+def check_pipeline(transforms: Sequence[Mapping[str, Any]], image_size: Size, source: str = "recipe") -> None:
+    """Refuse a pipeline unless each transform, applied on its own, keeps a uint8 image of the stage's shape.
+
+    Each one is forced to apply once (whatever its p) to a noise image, and its raw output is checked: a
+    transform of p < 1 that one seeded run skipped would otherwise stop training mid-epoch, and a float result
+    cast back to uint8 would spoil every image. Transforms that need boxes or masks fail here too."""
+    shape = (*side_pair(image_size), 3)
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    for i, transform in enumerate(build_compose(transforms, image_size, 0, source).transforms):
+        name = type(transform).__name__
+        try:
+            out = transform(image=image.copy(), force_apply=True)["image"]
+        except Exception as exc:  # e.g. KeyError 'bboxes', ValueError on a missing mask
+            detail = " ".join(f"{type(exc).__name__} {exc}".split())[:300]
+            raise ConfigError(f"{name} does not run on an image alone (training gives it no boxes, masks or "
+                              f"keypoints): {detail}", source=source, field=f"augmentation[{i}]") from None
+        if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.shape != shape:
+            got = f"{out.dtype}{list(out.shape)}" if isinstance(out, np.ndarray) else type(out).__name__
+            raise ConfigError(f"{name} must keep uint8 images of {'x'.join(map(str, shape))} whatever its p, it "
+                              f"returned {got}", source=source, field=f"augmentation[{i}]")
+
+
 class Augmenter:
     """Applies the declared pipeline to one uint8 [height, width, 3] image with a given per-image seed."""
 
@@ -73,10 +95,8 @@ class Augmenter:
         self.compose = build_compose(transforms, image_size, seed, source)
         self.empty = not transforms
         self._local = threading.local()
-        probe = self(np.zeros(self.shape, np.uint8), 0)
-        if probe.shape != self.shape or probe.dtype != np.uint8:
-            raise ConfigError(f"the pipeline must keep uint8 images of {'x'.join(map(str, self.shape))}, "
-                              f"it returned {probe.dtype}{list(probe.shape)}", source=source, field="augmentation")
+        if transforms:
+            check_pipeline(transforms, image_size, source)
 
     def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
         if self.empty:

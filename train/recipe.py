@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,7 @@ import yaml
 from carclf import backbones, contract, imaging, tta
 from carclf.errors import ConfigError, NotFound
 from carclf.imaging import Size, plain_size
+from carclf.train.augment import check_pipeline
 from carclf.train.mixing import METHODS as MIX_METHODS
 from carclf.train.mixing import MixConfig
 
@@ -254,6 +256,8 @@ class _Fields:
             value = int(value)
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
             raise self.error(key, f"expected {kind.__name__}, received {value!r}")
+        if kind is float and not math.isfinite(value):  # NaN passes every < and > check below
+            raise self.error(key, f"expected a finite number, received {value!r}")
         if choices and value not in choices:
             raise self.error(key, f"expected one of {list(choices)}, received {value!r}")
         if minimum is not None and value < minimum:
@@ -367,6 +371,12 @@ def _parse_augmentation(value: Any, source: str) -> tuple[dict[str, Any], ...]:
         if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
             raise ConfigError(f"expected a mapping with a transform 'name', received {item!r}",
                               source=source, field=f"augmentation[{i}]")
+        for key, param in item.items():  # albumentations takes a NaN limit and spoils every image
+            numbers = param if isinstance(param, list | tuple) else [param]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                expected = "finite numbers" if isinstance(param, list | tuple) else "a finite number"
+                raise ConfigError(f"expected {expected}, received {param!r}", source=source,
+                                  field=f"augmentation[{i}].{key}")
         out.append(dict(item))
     return tuple(out)
 
@@ -381,8 +391,10 @@ def parse_recipe(data: Any, source: str = "<memory>") -> Recipe:
         raise ConfigError(f"expected a non-empty list of stages, received {stages_raw!r}", source=source,
                           field="stages")
     tta_raw = f.raw("tta", ["none", "hflip", "hflip_crops"])
-    if not isinstance(tta_raw, list) or not all(isinstance(t, str) for t in tta_raw):
-        raise ConfigError(f"expected a list of TTA policy names, received {tta_raw!r}", source=source, field="tta")
+    # The policies the final model is evaluated with; 'none' is evaluation without TTA, so [] would evaluate nothing.
+    if not isinstance(tta_raw, list) or not tta_raw or not all(isinstance(t, str) for t in tta_raw):
+        raise ConfigError(f"expected a non-empty list of TTA policy names (['none']: evaluate without TTA), "
+                          f"received {tta_raw!r}", source=source, field="tta")
     weights = f.raw("weights", None)
     recipe = Recipe(
         name=_name(f),
@@ -465,7 +477,8 @@ def _int_list(f: _Fields, key: str, default: list[int]) -> list[int]:
 
 
 def validate(recipe: Recipe) -> Recipe:
-    """Cross-field checks: the backbone exists, weights are valid for it, the data source is complete."""
+    """Cross-field checks: the backbone exists, weights are valid for it, the data source is complete, the
+    schedule's floor is at most every stage's rate, the augmentation keeps every stage's images."""
     src = recipe.source
     try:
         spec = backbones.get(recipe.backbone)
@@ -499,6 +512,12 @@ def validate(recipe: Recipe) -> Recipe:
         if min(imaging.side_pair(stage.image_size)) < spec.min_input_size:
             raise ConfigError(f"backbone {spec.name!r} takes sides of at least {spec.min_input_size} px, received "
                               f"{stage.image_size!r}", source=src, field=f"stages[{i}].image_size")
+        if recipe.schedule.min_lr > stage.lr:  # the decay keeps max(lr * decay, min_lr): the rate would jump up
+            raise ConfigError(f"expected at most every stage's lr, received {recipe.schedule.min_lr!r} above "
+                              f"stages[{i}].lr {stage.lr!r}", source=src, field="schedule.min_lr")
+    if recipe.augmentation:  # each stage's size: a transform must keep it, or the run fails mid-epoch
+        for size in {imaging.side_pair(s.image_size): s.image_size for s in recipe.stages}.values():
+            check_pipeline(recipe.augmentation, size, src)
     names = [s.name for s in recipe.stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"stage names must be unique, received {names}", source=src, field="stages")

@@ -200,3 +200,78 @@ def test_scan_skips_photos_smaller_than_its_min_side(tmp_path, capsys):
     report = json.loads((out / "scan.json").read_text())
     assert [g["rel"] for g in report["good"]] == ["0/large.jpg"]
     assert [b["file"] for b in report["bad"]] == ["0/small.jpg"]
+
+
+def _to_float(recipe: dict) -> None:
+    recipe["augmentation"].append({"name": "ToFloat"})
+
+
+def _crop_half_the_time(recipe: dict) -> None:
+    recipe["augmentation"] = [{"name": "RandomCrop", "height": 24, "width": 24, "p": 0.5}]
+
+
+def _no_tta(recipe: dict) -> None:
+    recipe["tta"] = []
+
+
+def _lr_nan(recipe: dict) -> None:
+    recipe["stages"][0]["lr"] = float("nan")
+
+
+def _min_lr_above_lr(recipe: dict) -> None:
+    recipe["stages"][1]["lr"] = 1e-5  # the first stage's 1e-3 stays above min_lr
+    recipe["schedule"] = {"min_lr": 1e-4}
+
+
+@pytest.mark.parametrize("args,change,needles", [
+    ((), _to_float, ("field 'augmentation[2]'", "ToFloat", "must keep uint8 images", "float32")),
+    ((), _crop_half_the_time, ("field 'augmentation[0]'", "RandomCrop", "32x32x3", "uint8[24, 24, 3]")),
+    ((), _no_tta, ("field 'tta'", "expected a non-empty list", "received []")),
+    ((), _lr_nan, ("field 'stages[0].lr'", "expected a finite number, received nan")),
+    ((), _min_lr_above_lr, ("field 'schedule.min_lr'", "0.0001", "stages[1].lr 1e-05")),
+    (("--val-fraction", "nan"), None, ("field 'split.val_fraction'", "expected a finite number, received nan")),
+    (("--val-fraction=-inf",), None, ("field 'split.val_fraction'", "expected a finite number, received -inf")),
+    (("--time-budget", "nan"), None, ("--time-budget", "finite", "received nan")),
+    (("--time-budget", "inf"), None, ("--time-budget", "finite", "received inf")),
+], ids=["augmentation_to_float", "augmentation_crop_p0.5", "tta_empty", "lr_nan", "min_lr_above_lr",
+        "val_fraction_nan", "val_fraction_minus_inf", "time_budget_nan", "time_budget_inf"])
+def test_a_recipe_or_flag_that_would_spoil_the_run_is_refused_before_a_run_folder(
+        tmp_path, two_class_data, capsys, monkeypatch, args, change, needles):
+    """In-process: refused with one line and status 2 before a run folder or a model is made (a run that got as
+    far as building the model finds none: the stand-in records the call)."""
+    from carclf.cli import main
+    from carclf.train import loop
+
+    built = []
+    monkeypatch.setattr(loop, "build_classifier", lambda *a, **k: built.append(a))
+    recipe = tiny_recipe(two_class_data)
+    if change:
+        change(recipe)
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    runs_root = tmp_path / "runs"
+    try:
+        code = main(["train", str(recipe_file), "--runs", str(runs_root), *args])
+    except Exception as exc:  # the unguarded value reached training
+        pytest.fail(f"not refused up front: {type(exc).__name__}: {exc}")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("carclf")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert built == [] and not runs_root.exists(), sorted(runs_root.rglob("*"))
+
+
+def test_resume_of_a_run_saved_with_an_empty_tta_list_names_the_field(tmp_path, two_class_data, capsys):
+    """A run folder whose saved config has ``tta: []`` (accepted before) is refused at once on --resume, naming
+    the field, rather than training to the end and failing in evaluation again."""
+    from carclf.cli import main
+    from carclf.train import runs
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / runs.CONFIG).write_text(yaml.safe_dump(tiny_recipe(two_class_data, tta=[])))
+    assert main(["train", "--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir / runs.CONFIG}: field 'tta'" in err and "received []" in err, err

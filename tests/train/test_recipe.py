@@ -65,6 +65,19 @@ def test_experiment_recipes_are_found_by_name_apart_from_the_main_ones():
     (("head", "hidden_activation"), "rleu", "head.hidden_activation", "received 'rleu'"),
     (("backbone",), "xception", "stages[0].image_size", "backbone 'xception' takes sides of at least 71 px, "
                                                         "received 32"),
+    (("tta",), [], "tta", "expected a non-empty list of TTA policy names"),
+    (("stages", 0, "lr"), float("nan"), "stages[0].lr", "expected a finite number, received nan"),
+    (("stages", 1, "lr"), float("inf"), "stages[1].lr", "expected a finite number, received inf"),
+    (("stages", 1, "warmup_epochs"), float("nan"), "stages[1].warmup_epochs", "expected a finite number, received nan"),
+    (("split", "val_fraction"), float("nan"), "split.val_fraction", "expected a finite number, received nan"),
+    (("head", "l2"), float("inf"), "head.l2", "expected a finite number, received inf"),
+    (("schedule",), {"decay_per_epoch": float("nan")}, "schedule.decay_per_epoch",
+     "expected a finite number, received nan"),
+    (("schedule",), {"min_lr": float("-inf")}, "schedule.min_lr", "expected a finite number, received -inf"),
+    (("stages", 1, "mix"), {"method": "mixup", "alpha": float("inf")}, "stages[1].mix.alpha",
+     "expected a finite number, received inf"),
+    (("augmentation", 1, "scale"), [0.8, float("nan")], "augmentation[1].scale",
+     "expected finite numbers, received [0.8, nan]"),
 ])
 def test_config_errors_name_file_field_and_value(tmp_path, path, value, field, needle):
     data = tiny_recipe(tmp_path)
@@ -147,7 +160,7 @@ def test_fold_must_lie_inside_the_k_fold_split(tmp_path):
 @pytest.mark.parametrize("transform,field,needle", [
     ({"name": "NoSuchTransform"}, "augmentation[0].name", "unknown albumentations transform"),
     ({"name": "HorizontalFlip", "p": 7}, "augmentation[0]", "invalid parameters"),
-    ({"name": "Resize", "height": 10, "width": 10}, "augmentation", "must keep uint8 images of 32x32x3"),
+    ({"name": "Resize", "height": 10, "width": 10}, "augmentation[0]", "must keep uint8 images of 32x32x3"),
 ])
 def test_augmentation_errors_name_the_transform(transform, field, needle):
     with pytest.raises(ConfigError) as info:
@@ -194,3 +207,58 @@ def test_every_hidden_activation_a_recipe_accepts_is_one_keras_builds():
 
     for name in HIDDEN_ACTIVATIONS:
         assert callable(keras.activations.get(name)), name
+
+
+@pytest.mark.parametrize("transform,needles", [
+    ({"name": "ToFloat"}, ("ToFloat", "must keep uint8 images of 32x32x3", "float32")),
+    ({"name": "Normalize"}, ("Normalize", "must keep uint8 images of 32x32x3", "float32")),
+    ({"name": "RandomCrop", "height": 24, "width": 24, "p": 0.5}, ("RandomCrop", "32x32x3", "uint8[24, 24, 3]")),
+    ({"name": "Resize", "height": 20, "width": 20, "p": 0.3}, ("Resize", "32x32x3", "uint8[20, 20, 3]")),
+    ({"name": "Rotate", "crop_border": True, "p": 0.5}, ("Rotate", "must keep uint8 images of 32x32x3")),
+    ({"name": "BBoxSafeRandomCrop"}, ("BBoxSafeRandomCrop", "on an image alone", "bboxes")),
+    ({"name": "RandomSizedBBoxSafeCrop", "height": 32, "width": 32}, ("RandomSizedBBoxSafeCrop", "bboxes")),
+    ({"name": "MaskDropout"}, ("MaskDropout", "on an image alone", "mask")),
+], ids=["to_float", "normalize", "crop_p0.5", "resize_p0.3", "rotate_crop_border", "bbox_crop", "bbox_sized_crop",
+        "mask_dropout"])
+def test_augmentation_that_would_spoil_training_is_refused_when_the_recipe_is_read(tmp_path, transform, needles):
+    """A transform that returns floats, changes the stage's shape (even only on a share p of the images) or needs
+    boxes or masks is refused by load_recipe, naming its place in the list; not accepted to spoil every image or
+    to stop the run mid-epoch."""
+    data = tiny_recipe(tmp_path)
+    data["augmentation"] = [{"name": "HorizontalFlip", "p": 0.5}, transform]
+    recipe_file = tmp_path / "aug.yaml"
+    recipe_file.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:
+        load_recipe(recipe_file)
+    message = str(info.value)
+    assert str(recipe_file) in message and "field 'augmentation[1]'" in message, message
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_augmentation_is_checked_at_every_stage_size(tmp_path):
+    """A crop to a fixed 32 px keeps the first stage's shape, not the second's (48 px)."""
+    data = tiny_recipe(tmp_path)
+    data["augmentation"] = [{"name": "RandomCrop", "height": 32, "width": 32, "p": 0.5}]
+    data["stages"] = data["stages"][:1]
+    assert parse_recipe(data, source="r.yaml").augmentation == tuple(data["augmentation"])
+    data = tiny_recipe(tmp_path, augmentation=data["augmentation"])
+    with pytest.raises(ConfigError, match=r"field 'augmentation\[0\]'.*48x48x3.*uint8\[32, 32, 3\]"):
+        parse_recipe(data, source="r.yaml")
+
+
+def test_schedule_min_lr_may_not_exceed_a_stage_lr(tmp_path):
+    """The decay keeps the rate at max(lr * decay, min_lr): a min_lr above a stage's lr would raise that stage's
+    rate instead of lowering it."""
+    data = tiny_recipe(tmp_path)  # stage lrs 1e-3 and 1e-4
+    data["schedule"] = {"min_lr": 1e-4}
+    assert parse_recipe(data, source="r.yaml").schedule.min_lr == 1e-4  # equal: the rate stays, never climbs
+    data["schedule"] = {"min_lr": 1e-2}
+    with pytest.raises(ConfigError) as info:
+        parse_recipe(data, source="r.yaml")
+    message = str(info.value)
+    assert "r.yaml" in message and "field 'schedule.min_lr'" in message
+    assert "0.01" in message and "stages[0].lr 0.001" in message, message
+    data["schedule"] = {"min_lr": 5e-4}  # above the second stage's lr only
+    with pytest.raises(ConfigError, match=r"field 'schedule.min_lr'.*0.0005.*stages\[1\].lr 0.0001"):
+        parse_recipe(data, source="r.yaml")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -117,6 +118,6 @@ def _extra_sources(pairs: list[list[str]] | None) -> tuple[ExtraSource, ...] | N
 def _budget(args: argparse.Namespace) -> float | None:
     if args.time_budget is None:
         return None
-    if args.time_budget <= 0:
-        raise InvalidInput(f"--time-budget must be a positive number of minutes, received {args.time_budget}")
+    if not math.isfinite(args.time_budget) or args.time_budget <= 0:
+        raise InvalidInput(f"--time-budget must be a positive, finite number of minutes, received {args.time_budget}")
     return args.time_budget * 60.0
