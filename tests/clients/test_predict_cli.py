@@ -768,3 +768,30 @@ def test_a_photo_name_that_is_not_utf8_prints_as_its_bytes_under_a_strict_utf8_s
     assert run.returncode == 0, run.stderr.decode("utf-8", "replace")
     first = run.stdout.splitlines()[0]
     assert first.startswith(name + b"  (tiny_a v2, "), first
+
+
+def test_files_of_a_folder_that_are_not_photos_are_named_not_left_out_silently(tiny_ensemble_server, photos, tmp_path,
+                                                                                capsys):
+    """A folder's .tif scan, a text file and a broken link named like a photo have no row in the submission:
+    one line says how many were left out and names them, so a short CSV does not go unnoticed."""
+    import shutil
+
+    from carclf import imaging
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in photos[:2]:
+        shutil.copyfile(photo, folder / photo.name)
+    (folder / "notes.txt").write_text("not a photo")
+    (folder / "scan.tif").write_bytes(b"II*\x00")
+    (folder / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (folder / ".DS_Store").write_bytes(b"\x00")  # hidden: not worth a word
+    (folder / "sub").mkdir()
+    out = tmp_path / "submission.csv"
+    assert cli.main(["predict", str(folder), "--server", grpc_url(tiny_ensemble_server), "--model", "tiny_a",
+                     "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "left out" in line]
+    assert said == [f"carclf predict: {folder}: 3 files are not readable photo files and are left out ('gone.jpg', "
+                    f"'notes.txt', 'scan.tif'); photos are {', '.join(imaging.PHOTO_SUFFIXES)} files"], err
+    assert [row[0] for row in csv.reader(out.open())][1:] == sorted(p.name for p in photos[:2])
