@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from carclf import backbones
-from carclf.errors import CarClfError, FailedPrecondition, NotFound
+from carclf.errors import CarClfError, FailedPrecondition, InvalidInput, NotFound
 from carclf.imaging import Size, side_pair, size_text
 from carclf.train import data as data_mod
 from carclf.train import evaluate, pipeline, runs
@@ -101,8 +101,10 @@ def train(recipe: Recipe, runs_root: str | Path = "runs", run_dir: str | Path | 
     """Train ``recipe`` into a new run folder and return it.
 
     With ``time_budget_s`` the run stops after the epoch in which the budget ran out (later stages are
-    skipped) and is evaluated as it stands; run.json records that it was cut short.
+    skipped) and is evaluated as it stands; run.json records that it was cut short (not finished), and
+    ``resume`` continues it from that epoch.
     """
+    recipe = runs.absolute_data_paths(recipe)  # the run's config must read the same data from any folder
     for size in {side_pair(stage.image_size): stage.image_size for stage in recipe.stages}.values():
         build_compose(recipe.augmentation, size, recipe.seed, recipe.source)  # a bad transform: refused before
     root_made = run_dir is None and not Path(runs_root).exists()          # any folder or model is made
@@ -172,6 +174,8 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
                                                                    recipe.data.min_side)
             for bad in skipped:
                 log.warning("skipping %s: %s", bad["file"], bad["reason"])
+        if not split.training:  # a refusal before the first epoch: train() removes the folder made for the run
+            raise InvalidInput(_no_training_photos(dataset, report, split))
         data_mod.save_split(split, run_dir / runs.SPLIT)
         runs.save_config(run_dir, recipe)
         (run_dir / runs.LABELS).write_text("\n".join(dataset.class_names) + "\n", encoding="utf-8")
@@ -184,9 +188,10 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
     if split.extra:
         log.info("training also on %d photos of data.extra_train", len(split.extra))
     if not split.val:
-        log.warning("no validation photos (split.val_fraction 0): checkpoints, early stopping and learning-rate "
-                    "cuts follow the training %s, and the run reports no accuracy",
-                    recipe.schedule.monitor.removeprefix("val_"))
+        why = (f"split.val_fraction {split.val_fraction:g}" if not split.val_fraction else
+               f"no class has 2 usable photos to hold one out at split.val_fraction {split.val_fraction:g}")
+        log.warning("no validation photos (%s): checkpoints, early stopping and learning-rate cuts follow the "
+                    "training %s, and the run reports no accuracy", why, recipe.schedule.monitor.removeprefix("val_"))
 
     spec = backbones.get(recipe.backbone)
     model = None
@@ -198,6 +203,7 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
     final_size = recipe.final_size
     train_seconds = 0.0
     averaged: dict[str, list[int]] = {}
+    cut_short = False  # by the time budget: stages or epochs left for --resume
     epoch_offset = sum(s.epochs for s in recipe.stages[: state.stage_index])
 
     for index, stage in enumerate(recipe.stages):
@@ -205,6 +211,7 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
             continue
         if budget is not None and budget.expired:
             log.warning("time budget of %.0f s spent: skipping stage %r", time_budget_s, stage.name)
+            cut_short = True
             continue
         size = stage.image_size
         if model is None:
@@ -269,11 +276,17 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
         callbacks = ([warmup] if warmup else []) + _callbacks(
             recipe, run_dir, stage.name, index, epoch_offset, state.history, best, timing,
             has_val=bool(split.val)) + ([budget] if budget else []) + ([averager] if averager else [])
+        ran = 0
         if done < stage.epochs:
-            model.fit(stream, steps_per_epoch=steps, epochs=epoch_offset + stage.epochs,
-                      initial_epoch=epoch_offset + done, validation_data=val, callbacks=callbacks, verbose=verbose,
-                      shuffle=False)
+            fitted = model.fit(stream, steps_per_epoch=steps, epochs=epoch_offset + stage.epochs,
+                               initial_epoch=epoch_offset + done, validation_data=val, callbacks=callbacks,
+                               verbose=verbose, shuffle=False)
+            ran = len(fitted.epoch)
         train_seconds += timing.total
+        early_stopped = any(isinstance(c, keras.callbacks.EarlyStopping) and c.stopped_epoch for c in callbacks)
+        # Cut inside the stage by the budget: ResumeState's checkpoint of the last epoch (weights, optimizer,
+        # epochs done) stays what --resume continues from; the weights below only serve this run's evaluation.
+        cut = budget is not None and budget.expired and done + ran < stage.epochs and not early_stopped
         best_file = runs.best_weights(run_dir, stage.name)
         if averager is not None and averager.count:
             if averager.count < stage.average_last:
@@ -287,6 +300,11 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
                      "images)", stage.name, averager.epochs, seen)
         elif best_file.is_file():
             runs.load_weights(model, best_file)
+        if cut:
+            log.warning("time budget of %.0f s spent after epoch %d of stage %r's %d: stopping here (continue with "
+                        "carclf train --resume %s)", time_budget_s, done + ran, stage.name, stage.epochs, run_dir)
+            cut_short = True
+            break
         runs.save_weights(model, run_dir / runs.CHECKPOINTS / runs.LAST_WEIGHTS)
         runs.write_json(run_dir / runs.CHECKPOINTS / runs.STATE,
                         {"stage_index": index + 1, "stage_epochs_done": 0, "best": None,
@@ -309,13 +327,26 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
                                            channel_order=recipe.data.channel_order)
         log.info("validation accuracy: %s", evaluate.summary_line(results))
     info = _write_run_info(run_dir, recipe, dataset, split, weights_used, final_size, started,
-                           finished=True, train_seconds=train_seconds, averaged_epochs=averaged)
-    if budget is not None and budget.expired:
+                           finished=not cut_short, train_seconds=train_seconds, averaged_epochs=averaged)
+    if cut_short:
         info["cut_short_by_time_budget_s"] = time_budget_s
         runs.write_json(run_dir / runs.RUN_INFO, info)
     evaluate.write_results(results, run_dir, dataset.class_ids, prefix="metrics",
                            extra={"run": str(run_dir), "split": "val", **info})
     return run_dir
+
+
+def _no_training_photos(dataset: data_mod.Dataset, report: data_mod.ScanReport, split: data_mod.Split) -> str:
+    """Why a new run has no photo to train on: every file skipped, no file at all, or all held out."""
+    where = f"no usable training photos in {dataset.root!r}"
+    if not dataset.samples:
+        return f"{where}: it holds no photo files"
+    if not report.good:
+        first = report.bad[0]
+        return (f"{where}: all {len(report.bad)} files were skipped (the warnings above name each; the first, "
+                f"{first['file']}: {first['reason']})")
+    return (f"no training photos in {dataset.root!r}: split.val_fraction {split.val_fraction:g} holds out all "
+            f"{len(split.val)} usable photos (each class has one); lower it or add photos")
 
 
 def _callbacks(recipe: Recipe, run_dir: Path, stage_name: str, index: int, epoch_offset: int,

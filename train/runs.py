@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import os
 import time
@@ -132,6 +133,21 @@ def trim_history(run_dir: Path, last_epoch: int) -> list[dict[str, Any]]:
                 csv.writer(f).writerows(kept)
             durable.replace(tmp, history_csv)
     return history
+
+
+def absolute_data_paths(recipe: Recipe) -> Recipe:
+    """``recipe`` with its relative data paths (the training folder or CSV and image folder, the class-names
+    file, each ``extra_train`` CSV and folder) made absolute against the working directory, which is what they
+    are read against: saved so, a run's config names the same files wherever it is resumed or exported from."""
+
+    def absolute(path: str | None) -> str | None:
+        return os.path.abspath(path) if path else path
+
+    data = recipe.data
+    extra = tuple(dataclasses.replace(e, csv=absolute(e.csv), images=absolute(e.images)) for e in data.extra_train)
+    return dataclasses.replace(recipe, data=dataclasses.replace(
+        data, train=absolute(data.train), csv=absolute(data.csv), images=absolute(data.images),
+        classes=absolute(data.classes), extra_train=extra))
 
 
 def save_config(run_dir: Path, recipe: Recipe) -> None:
