@@ -23,8 +23,10 @@ def _get_lr(model) -> float:
 
 
 class ExponentialDecay(keras.callbacks.Callback):
-    """``lr *= rate`` after every epoch. It multiplies the optimizer's current rate, so a reduction made
-    by ReduceLROnPlateau is kept (a schedule object could not be changed by ReduceLROnPlateau)."""
+    """``lr *= rate`` after every epoch, down to ``min_lr``. It multiplies the optimizer's current rate, so a
+    reduction made by ReduceLROnPlateau is kept (a schedule object could not be changed by ReduceLROnPlateau).
+    The floor holds a rate, never raises one: a rate already below ``min_lr`` (a stage's small lr under the
+    default floor, a warm-up epoch) stays as it is, as ReduceLROnPlateau's ``min_lr`` does."""
 
     def __init__(self, rate: float, min_lr: float = 0.0):
         super().__init__()
@@ -34,7 +36,7 @@ class ExponentialDecay(keras.callbacks.Callback):
         lr = _get_lr(self.model)
         if logs is not None:
             logs["lr"] = lr  # the rate this epoch trained with
-        self.model.optimizer.learning_rate.assign(max(lr * self.rate, self.min_lr))
+        self.model.optimizer.learning_rate.assign(max(lr * self.rate, min(self.min_lr, lr)))
 
 
 class Timing(keras.callbacks.Callback):

@@ -478,7 +478,7 @@ def _int_list(f: _Fields, key: str, default: list[int]) -> list[int]:
 
 def validate(recipe: Recipe) -> Recipe:
     """Cross-field checks: the backbone exists, weights are valid for it, the data source is complete, the
-    schedule's floor is at most every stage's rate, the augmentation keeps every stage's images."""
+    augmentation keeps every stage's images."""
     src = recipe.source
     try:
         spec = backbones.get(recipe.backbone)
@@ -512,9 +512,6 @@ def validate(recipe: Recipe) -> Recipe:
         if min(imaging.side_pair(stage.image_size)) < spec.min_input_size:
             raise ConfigError(f"backbone {spec.name!r} takes sides of at least {spec.min_input_size} px, received "
                               f"{stage.image_size!r}", source=src, field=f"stages[{i}].image_size")
-        if recipe.schedule.min_lr > stage.lr:  # the decay keeps max(lr * decay, min_lr): the rate would jump up
-            raise ConfigError(f"expected at most every stage's lr, received {recipe.schedule.min_lr!r} above "
-                              f"stages[{i}].lr {stage.lr!r}", source=src, field="schedule.min_lr")
     if recipe.augmentation:  # each stage's size: a transform must keep it, or the run fails mid-epoch
         for size in {imaging.side_pair(s.image_size): s.image_size for s in recipe.stages}.values():
             check_pipeline(recipe.augmentation, size, src)

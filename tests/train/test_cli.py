@@ -218,22 +218,16 @@ def _lr_nan(recipe: dict) -> None:
     recipe["stages"][0]["lr"] = float("nan")
 
 
-def _min_lr_above_lr(recipe: dict) -> None:
-    recipe["stages"][1]["lr"] = 1e-5  # the first stage's 1e-3 stays above min_lr
-    recipe["schedule"] = {"min_lr": 1e-4}
-
-
 @pytest.mark.parametrize("args,change,needles", [
     ((), _to_float, ("field 'augmentation[2]'", "ToFloat", "must keep uint8 images", "float32")),
     ((), _crop_half_the_time, ("field 'augmentation[0]'", "RandomCrop", "32x32x3", "uint8[24, 24, 3]")),
     ((), _no_tta, ("field 'tta'", "expected a non-empty list", "received []")),
     ((), _lr_nan, ("field 'stages[0].lr'", "expected a finite number, received nan")),
-    ((), _min_lr_above_lr, ("field 'schedule.min_lr'", "0.0001", "stages[1].lr 1e-05")),
     (("--val-fraction", "nan"), None, ("field 'split.val_fraction'", "expected a finite number, received nan")),
     (("--val-fraction=-inf",), None, ("field 'split.val_fraction'", "expected a finite number, received -inf")),
     (("--time-budget", "nan"), None, ("--time-budget", "finite", "received nan")),
     (("--time-budget", "inf"), None, ("--time-budget", "finite", "received inf")),
-], ids=["augmentation_to_float", "augmentation_crop_p0.5", "tta_empty", "lr_nan", "min_lr_above_lr",
+], ids=["augmentation_to_float", "augmentation_crop_p0.5", "tta_empty", "lr_nan",
         "val_fraction_nan", "val_fraction_minus_inf", "time_budget_nan", "time_budget_inf"])
 def test_a_recipe_or_flag_that_would_spoil_the_run_is_refused_before_a_run_folder(
         tmp_path, two_class_data, capsys, monkeypatch, args, change, needles):

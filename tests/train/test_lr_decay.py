@@ -33,3 +33,14 @@ def test_the_decay_stops_at_min_lr():
     logged, final = _fit(ExponentialDecay(0.5, min_lr=0.015), lr=0.08, epochs=4)
     np.testing.assert_allclose(logged, [0.08, 0.04, 0.02, 0.015], rtol=1e-6)
     np.testing.assert_allclose(final, 0.015, rtol=1e-6)
+
+
+def test_a_floor_above_the_rate_holds_it_and_never_raises_it():
+    """A stage's lr (1e-5) under a higher floor (the default 1e-6 under a 1e-7 stage, or a floor set above it):
+    the rate was raised to the floor after the first epoch (1000x here); it stays where it is."""
+    logged, final = _fit(ExponentialDecay(0.5, min_lr=1e-2), lr=1e-5, epochs=3)
+    np.testing.assert_allclose(logged, [1e-5] * 3, rtol=1e-6)
+    np.testing.assert_allclose(final, 1e-5, rtol=1e-6)
+    logged, final = _fit(ExponentialDecay(0.5, min_lr=0.03), lr=0.08, epochs=3)  # decays to the floor, then holds
+    np.testing.assert_allclose(logged, [0.08, 0.04, 0.03], rtol=1e-6)
+    np.testing.assert_allclose(final, 0.03, rtol=1e-6)

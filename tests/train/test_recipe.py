@@ -245,20 +245,3 @@ def test_augmentation_is_checked_at_every_stage_size(tmp_path):
     data = tiny_recipe(tmp_path, augmentation=data["augmentation"])
     with pytest.raises(ConfigError, match=r"field 'augmentation\[0\]'.*48x48x3.*uint8\[32, 32, 3\]"):
         parse_recipe(data, source="r.yaml")
-
-
-def test_schedule_min_lr_may_not_exceed_a_stage_lr(tmp_path):
-    """The decay keeps the rate at max(lr * decay, min_lr): a min_lr above a stage's lr would raise that stage's
-    rate instead of lowering it."""
-    data = tiny_recipe(tmp_path)  # stage lrs 1e-3 and 1e-4
-    data["schedule"] = {"min_lr": 1e-4}
-    assert parse_recipe(data, source="r.yaml").schedule.min_lr == 1e-4  # equal: the rate stays, never climbs
-    data["schedule"] = {"min_lr": 1e-2}
-    with pytest.raises(ConfigError) as info:
-        parse_recipe(data, source="r.yaml")
-    message = str(info.value)
-    assert "r.yaml" in message and "field 'schedule.min_lr'" in message
-    assert "0.01" in message and "stages[0].lr 0.001" in message, message
-    data["schedule"] = {"min_lr": 5e-4}  # above the second stage's lr only
-    with pytest.raises(ConfigError, match=r"field 'schedule.min_lr'.*0.0005.*stages\[1\].lr 0.0001"):
-        parse_recipe(data, source="r.yaml")
