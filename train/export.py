@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -23,6 +24,7 @@ from carclf import contract, durable, imaging
 from carclf.errors import InvalidInput
 
 MAX_WARMUP_RECORDS = 1000
+MODEL_NAME = re.compile(r"[A-Za-z0-9_-]+")
 PIXEL_WARMUP_RECORDS = 2  # one uint8 [1, H, W, 3] request is H*W*3 bytes: a few warm the graph
 
 
@@ -115,6 +117,12 @@ def write_warmup_records(path: str | os.PathLike, model_name: str, images: Seque
     return min(len(records), MAX_WARMUP_RECORDS)
 
 
+def check_model_name(name: str, hint: str = "") -> None:
+    """A model name is a folder of the repository and a REST path segment: ASCII letters, digits, '_' or '-'."""
+    if not MODEL_NAME.fullmatch(name or ""):
+        raise InvalidInput(f"model name must be ASCII letters, digits, '_' or '-', received {name!r}{hint}")
+
+
 def export_model(
     model,
     *,
@@ -136,8 +144,7 @@ def export_model(
     """
     import tensorflow as tf
 
-    if not name or not name.replace("_", "").replace("-", "").isalnum():
-        raise InvalidInput(f"model name must be letters, digits, '_' or '-', received {name!r}")
+    check_model_name(name)
     if len(labels) != int(model.output_shape[-1]):
         raise InvalidInput(f"{len(labels)} labels for a model with {model.output_shape[-1]} outputs")
     base = Path(repository) / name

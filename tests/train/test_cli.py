@@ -269,3 +269,26 @@ def test_resume_of_a_run_saved_with_an_empty_tta_list_names_the_field(tmp_path, 
     assert main(["train", "--resume", str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert f"{run_dir / runs.CONFIG}: field 'tta'" in err and "received []" in err, err
+
+
+@pytest.mark.parametrize("name_flag,needle", [
+    ((), "received 'tiny.v2' (the run's recipe name): give --name"),
+    (("--name", "caf\u00e9"), "received 'caf\u00e9'"),
+], ids=["recipe_name_with_a_dot", "non_ascii_name"])
+def test_export_refuses_a_model_name_before_loading_the_run(tmp_path, two_class_data, capsys, monkeypatch, name_flag,
+                                                            needle):
+    """A recipe may be named 'tiny.v2'; a model may not. The default export name was refused only after the
+    model had been rebuilt and its weights loaded; now at once (the run folder needs no weights to say so)."""
+    from carclf.cli import main
+    from carclf.train import runs
+
+    loaded = []
+    monkeypatch.setattr(runs, "load_run", lambda *a, **k: loaded.append(a))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / runs.CONFIG).write_text(yaml.safe_dump(tiny_recipe(two_class_data, name="tiny.v2")))
+    repository = tmp_path / "repository"
+    assert main(["export", str(run_dir), "--repository", str(repository), *name_flag]) == 2
+    err = capsys.readouterr().err
+    assert "model name must be ASCII letters, digits, '_' or '-'" in err and needle in err, err
+    assert loaded == [] and not any(repository.glob("*/*"))

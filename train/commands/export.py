@@ -14,7 +14,7 @@ from carclf import backbones
 from carclf.destinations import check_folder
 from carclf.errors import InvalidInput
 from carclf.train import data, runs
-from carclf.train.export import export_model
+from carclf.train.export import check_model_name, export_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +64,11 @@ def run(args: argparse.Namespace) -> int:
     if args.name is not None and not args.name.strip():
         raise InvalidInput("--name is empty; give a model name, or leave --name out for the run's recipe name")
     check_folder(args.repository, "--repository")
+    if args.name is not None:
+        check_model_name(args.name)
+    else:  # before the model is loaded: a recipe name may hold a '.', which a model name may not
+        name = runs.load_config(Path(args.run_dir)).name
+        check_model_name(name, hint=" (the run's recipe name): give --name")
     trained = runs.load_run(args.run_dir)
     photos = real_photos(trained, max(args.warmup, args.verify))
     name = args.name or trained.recipe.name

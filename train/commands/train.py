@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="recipe name used for the run folder")
     parser.add_argument("--runs", default="runs", help="folder that holds the run folders (default: runs)")
     parser.add_argument("--time-budget", type=float, metavar="MINUTES",
-                        help="stop after the epoch in which this many minutes have passed, then evaluate")
+                        help="stop after the epoch in which this many minutes have passed, then evaluate; "
+                             "--resume continues the run from that epoch")
     parser.add_argument("--verbose", type=int, choices=(0, 1, 2), help="Keras progress output")
 
 
