@@ -699,14 +699,9 @@ def test_a_server_still_refusing_after_the_retries_stops_the_run_with_what_was_a
 def slim_ensemble_server(tiny_repository_template, tmp_path):
     """An ensemble whose config lists only some outputs (allowed): no top-k probabilities, no member versions,
     probabilities or latencies."""
-    from carclf.ensemble.config import render
-    from tests.ensemble.servers import TINY_ENSEMBLE_PARAMETERS, TINY_MEMBERS, embedded_server
+    from tests.ensemble.servers import SLIM_OUTPUTS, embedded_server, write_ensemble_config
 
-    config = tmp_path / "slim" / "config.pbtxt"
-    config.parent.mkdir()
-    config.write_text(render("slim", list(TINY_MEMBERS), parameters=TINY_ENSEMBLE_PARAMETERS,
-                             outputs=("probabilities", "label", "top_k_labels", "member_names", "member_answered",
-                                      "member_labels")))
+    config = write_ensemble_config(tmp_path, name="slim", outputs=SLIM_OUTPUTS)
     with embedded_server(tiny_repository_template, tmp_path / "server", ensembles=[config]) as server:
         yield server
 
@@ -731,13 +726,9 @@ def test_an_output_filter_naming_an_output_the_signature_lacks_is_refused_on_bot
     """A one-output model answers REST without the output's name; the REST client took the name the caller
     filtered for, so asking a probabilities-only model for ``label`` returned its probabilities as ``label``.
     Both clients refuse it as the server's gRPC does, refuse a repeated name, and name the one output right."""
-    from carclf.ensemble.config import render
-    from tests.ensemble.servers import TINY_ENSEMBLE_PARAMETERS, TINY_MEMBERS, embedded_server
+    from tests.ensemble.servers import embedded_server, write_ensemble_config
 
-    config = tmp_path / "only_probs" / "config.pbtxt"
-    config.parent.mkdir()
-    config.write_text(render("only_probs", list(TINY_MEMBERS), parameters=TINY_ENSEMBLE_PARAMETERS,
-                             outputs=("probabilities",)))
+    config = write_ensemble_config(tmp_path, name="only_probs", outputs=("probabilities",))
     image = [photos[0].read_bytes()]
     with embedded_server(tiny_repository_template, tmp_path / "server", ensembles=[config]) as server, \
             connect(url(server)) as client:

@@ -252,14 +252,9 @@ def test_an_ensemble_without_some_outputs_shows_what_it_answered(browser, tiny_r
     """An ensemble whose config lists no top-k probabilities, member versions, probabilities or latencies (allowed):
     the page read those columns anyway and said "Could not reach the server" for a 200 answer. It shows the
     ranked labels, the top one's probability, each member's label, and leaves the rest blank."""
-    from carclf.ensemble.config import render
-    from tests.ensemble.servers import TINY_ENSEMBLE_PARAMETERS, TINY_MEMBERS, embedded_server
+    from tests.ensemble.servers import SLIM_OUTPUTS, embedded_server, write_ensemble_config
 
-    config = tmp_path / "slim" / "config.pbtxt"
-    config.parent.mkdir()
-    config.write_text(render("slim", list(TINY_MEMBERS), parameters=TINY_ENSEMBLE_PARAMETERS,
-                             outputs=("probabilities", "label", "top_k_labels", "member_names", "member_answered",
-                                      "member_labels")))
+    config = write_ensemble_config(tmp_path, name="slim", outputs=SLIM_OUTPUTS)
     with embedded_server(tiny_repository_template, tmp_path / "server", ensembles=[config]) as server:
         with connect(rest_url(server)) as client:
             out = client.predict("slim", images=[photos[0].read_bytes()]).outputs

@@ -15,6 +15,9 @@ from carclf.ensemble.config import render
 TINY_MEMBERS = ("tiny_a", "tiny_b")
 TINY_LABELS = {"tiny_a": {"stable": 2, "canary": 1}}  # version labels of the shared server
 # The tiny models answer in milliseconds; a generous deadline keeps a loaded CI machine from flaking.
+# An ensemble config may list only some outputs: these leave out top-k probabilities and the members' versions,
+# probabilities and latencies.
+SLIM_OUTPUTS = ("probabilities", "label", "top_k_labels", "member_names", "member_answered", "member_labels")
 TINY_ENSEMBLE_PARAMETERS = {"tta_policy": "hflip", "aggregation": "weighted_mean", "weight.tiny_a": "2",
                             "weight.tiny_b": "1", "top_k": "3", "deadline_ms": "20000",
                             "failure_policy": "degrade", "quorum": "1"}
@@ -33,11 +36,15 @@ def models_config(repository: Path, names: Sequence[str], labels: Mapping[str, M
     return "\n".join(parts) + "\n"
 
 
-def write_ensemble_config(folder: Path, name: str = "tiny_ensemble", members=TINY_MEMBERS, **parameters) -> Path:
+def write_ensemble_config(folder: Path, name: str = "tiny_ensemble", members=TINY_MEMBERS,
+                          outputs: tuple[str, ...] | None = None, **parameters) -> Path:
+    """``folder/name/config.pbtxt`` of an ensemble over ``members`` (every aggregate output unless ``outputs``)."""
     folder = folder / name
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.pbtxt"
-    path.write_text(render(name, members, parameters={**TINY_ENSEMBLE_PARAMETERS, **parameters}), encoding="utf-8")
+    chosen = {} if outputs is None else {"outputs": outputs}
+    path.write_text(render(name, members, parameters={**TINY_ENSEMBLE_PARAMETERS, **parameters}, **chosen),
+                    encoding="utf-8")
     return path
 
 
