@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from carclf import contract
 from carclf.contract import Size, plain_size, side_pair, size_text  # noqa: F401 - the size forms, as imaging.*
@@ -259,6 +261,22 @@ def is_photo_file(path) -> bool:
     """A file with a photo's ending and not hidden: macOS's ``._name.jpg`` companions and other dot-files, which
     archives carry along, are not photos."""
     return path.suffix.lower() in PHOTO_SUFFIXES and not path.name.startswith(".") and path.is_file()
+
+
+def photo_files(folder: Path) -> tuple[list[Path], list[str]]:
+    """A folder's photo files sorted by name, and the names of its other files (hidden ones and folders aside):
+    a command that leaves them out of a submission says so (``left_out``)."""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    photos = [p for p in entries if is_photo_file(p)]
+    chosen = {p.name for p in photos}
+    return photos, [p.name for p in entries if p.name not in chosen and not p.is_dir()]
+
+
+def left_out(folder: str | os.PathLike, names: list[str]) -> str:
+    """The line that names a folder's files that are not photos (a submission has no row for them)."""
+    shown = ", ".join(repr(name) for name in names[:3]) + (", ..." if len(names) > 3 else "")
+    return (f"{folder}: {len(names)} files are not readable photo files and are left out ({shown}); photos are "
+            f"{', '.join(PHOTO_SUFFIXES)} files")
 
 
 # ---------------------------------------------------------------------------------------------

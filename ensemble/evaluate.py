@@ -227,7 +227,7 @@ def write_submission(config: EnsembleConfig, repository, folder: Path, class_ids
     """Kaggle CSV (Id,Category) for a folder of photos, through the configured ensemble."""
     from carclf.train.data import list_photos
 
-    photos = list_photos(folder)  # main() has checked every photo (check_test_folder); a bad one is named anyway
+    photos = list_photos(folder, warn=False)  # main() has checked every photo (check_test_folder) and named the rest
     runtime = EnsembleRuntime(config.with_overrides(deadline_s=600.0), SavedModelMemberCaller(repository))
     runtime.prepare()
     ids = []

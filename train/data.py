@@ -419,14 +419,17 @@ def extra_training_samples(sources: Sequence[Any], dataset: Dataset, split: Spli
     return samples, skipped
 
 
-def list_photos(folder: str | os.PathLike) -> list[Path]:
-    """Image files of a folder (a Kaggle test_upload), sorted by name."""
+def list_photos(folder: str | os.PathLike, warn: bool = True) -> list[Path]:
+    """Image files of a folder (a Kaggle test_upload), sorted by name; with ``warn``, its other files are named
+    in a warning (they get no row)."""
     root = Path(folder)
     if root.is_file():
         raise InvalidInput(f"{str(root)!r} is a file; give the folder of photos")
     if not root.is_dir():
         raise NotFound(f"photo folder {str(root)!r} does not exist")
-    photos = sorted(p for p in root.iterdir() if imaging.is_photo_file(p))
+    photos, others = imaging.photo_files(root)
     if not photos:
         raise InvalidInput(f"photo folder {str(root)!r} has no images ({', '.join(imaging.PHOTO_SUFFIXES)})")
+    if others and warn:
+        log.warning("%s", imaging.left_out(folder, others))
     return photos

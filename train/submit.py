@@ -37,7 +37,7 @@ VERB = "predict"  # what a resumed run does to the photos its partial file lacks
 def check_before_loading(photos_dir: str | os.PathLike, out_csv: str | os.PathLike, resume: bool) -> None:
     """What ``write_submission`` refuses that needs no model (a photo folder missing or without photos, a
     stopped run's partial file without ``resume``), for a command to ask before it loads its models."""
-    data.list_photos(photos_dir)
+    data.list_photos(photos_dir, warn=False)  # said when the photos are read for the run
     check_start(Path(out_csv), resume, VERB)
 
 

@@ -91,15 +91,11 @@ def collect(paths: Sequence[str]) -> tuple[list[Path], bool]:
         path = Path(raw)
         if path.is_dir():
             folder_given = True
-            entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-            found = [p for p in entries if imaging.is_photo_file(p)]
+            found, others = imaging.photo_files(path)
             if not found:
                 raise InvalidInput(f"folder {raw!r} has no photos ({', '.join(imaging.PHOTO_SUFFIXES)})")
-            skipped = [p.name for p in entries if p not in found and not p.is_dir()]
-            if skipped:  # a submission without their rows must not go unnoticed
-                shown = ", ".join(repr(name) for name in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
-                note(f"{raw}: {len(skipped)} files are not readable photo files and are left out ({shown}); photos are "
-                     f"{', '.join(imaging.PHOTO_SUFFIXES)} files")
+            if others:  # a submission without their rows must not go unnoticed
+                note(imaging.left_out(raw, others))
             photos.extend(found)
         elif path.is_file():
             photos.append(path)

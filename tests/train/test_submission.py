@@ -82,3 +82,28 @@ def test_a_version_without_a_usable_model_card_is_refused_by_name(tiny_repositor
     assert ("is missing: it records the model's input size" if card is None
             else "has no usable input_size (received 'large')") in err
     assert not out.exists()
+
+
+def test_files_of_the_photo_folder_that_are_not_photos_are_named_once(tiny_repository_template, tmp_path, caplog):
+    """A .tif scan and a text file beside the photos get no row: one warning names them (not one per look at
+    the folder), hidden files and sub-folders aside, and the photos are all answered."""
+    import logging
+    import shutil
+
+    folder = tmp_path / "test_upload"
+    folder.mkdir()
+    photos = sorted(PHOTOS.glob("*.jpg"))[:3]
+    for photo in photos:
+        shutil.copyfile(photo, folder / photo.name)
+    (folder / "scan.tif").write_bytes(b"II*\x00")
+    (folder / "notes.txt").write_text("not a photo")
+    (folder / ".DS_Store").write_bytes(b"\x00")
+    (folder / "more").mkdir()
+    out = tmp_path / "submission.csv"
+    with caplog.at_level(logging.WARNING):
+        assert carclf_main(["submit", str(tiny_repository_template / "tiny_a" / "1"), str(folder), "--out", str(out),
+                            "--tta", "none"]) == 0
+    said = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(said) == 1 and "2 files are not readable photo files" in said[0], said
+    assert "'notes.txt', 'scan.tif'" in said[0] and str(folder) in said[0]
+    assert [row[0] for row in _rows(out)[1:]] == [p.name for p in photos]

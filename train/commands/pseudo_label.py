@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--out {args.out!r} holds {FOLD_PLACEHOLDER}, which only --per-fold fills (one CSV per "
                            "fold run)")
     check_file(args.out.replace(FOLD_PLACEHOLDER, "0"), "--out")  # these before any model loads
-    data.list_photos(args.photos)
+    data.list_photos(args.photos, warn=False)  # said when the photos are read for the run
     paths = crossval.model_paths(args.model)
     if not args.per_fold:
         _label([load_model(p) for p in paths], args.out, args)
