@@ -71,7 +71,7 @@ def test_a_split_that_holds_out_every_usable_photo_is_refused(two_class_data, tm
 
 @pytest.mark.slow
 def test_a_run_cut_by_its_time_budget_resumes_inside_the_cut_stage(two_class_data, tmp_path, monkeypatch):
-    """A budget that runs out in the first epoch cuts stage "head" (3 epochs) after 1: the checkpoint says so,
+    """A budget that runs out in the first epoch cuts stage "head" (2 epochs) after 1: the checkpoint says so,
     the run is not finished, and --resume trains every remaining epoch of "head", then all of "top", each once."""
     import keras
     import numpy as np
@@ -86,7 +86,7 @@ def test_a_run_cut_by_its_time_budget_resumes_inside_the_cut_stage(two_class_dat
         return history
 
     monkeypatch.setattr(keras.Model, "fit", fit)
-    stages = [_stage("head", 3), _stage("top", 2)]
+    stages = [_stage("head", 2), _stage("top", 1)]
     recipe = parse_recipe(tiny_recipe(two_class_data, tta=["none"], stages=stages), source="tiny")
     run_dir = loop.train(recipe, runs_root=tmp_path / "runs", verbose=0, time_budget_s=1e-3)
 
