@@ -16,10 +16,10 @@ and warmup records in ``assets.extra/tf_serving_warmup_requests``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from carclf.errors import FailedPrecondition
+from carclf.errors import FailedPrecondition, InvalidInput
 
 SIGNATURE_BYTES = "serving_default"
 SIGNATURE_PIXELS = "serving_pixels"
@@ -57,6 +57,19 @@ def version_number(name: str) -> int | None:
         return None
     number = int(name)
     return number if number <= MAX_VERSION else None
+
+
+def check_output_filter(outputs: Collection[str], output_filter: Sequence[str]) -> None:
+    """TF Serving's refusal of an ``output_filter`` that names an output the signature lacks, or one twice: the
+    server checks requests with it, and the REST client (TF Serving's REST API has no filter) its answers."""
+    seen: set[str] = set()
+    for alias in output_filter:
+        if alias not in outputs:
+            raise InvalidInput(f"output tensor alias not found in signature: {alias} Outputs expected to be in "
+                               f"the set {{{','.join(sorted(outputs))}}}.")
+        if alias in seen:
+            raise InvalidInput(f"duplicate output tensor alias: {alias}")
+        seen.add(alias)
 
 
 def card_resize(card: Mapping[str, Any]) -> str:

@@ -203,14 +203,8 @@ class RestClient(ModelClient):
             decoded = {name: decode_value(value, name) for name, value in outputs.items()}
         except (TypeError, ValueError) as exc:  # b64 that is not base64, ragged lists
             raise _wrong_shape(url, exc) from None
-        if output_filter:  # TF Serving's REST API has no output_filter: applied here, checked like gRPC does
-            repeated = next((name for i, name in enumerate(output_filter) if name in output_filter[:i]), None)
-            if repeated is not None:
-                raise InvalidInput(f"duplicate output tensor alias: {repeated}")
-            unknown = [name for name in output_filter if name not in decoded]
-            if unknown:
-                raise InvalidInput(f"output tensor alias not found in signature: {unknown[0]} Outputs expected to "
-                                   f"be in the set {{{','.join(sorted(decoded))}}}.")
+        if output_filter:  # TF Serving's REST API has no output_filter: applied here, checked as the server does
+            contract.check_output_filter(decoded, output_filter)
             decoded = {name: decoded[name] for name in output_filter}
         return PredictResult(model_name=model, version=version, signature_name=signature_name,
                              outputs=decoded, latency_ms=latency, transport=self.transport)

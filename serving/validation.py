@@ -33,17 +33,6 @@ def _names(names) -> str:
     return "{" + ",".join(sorted(names)) + "}"
 
 
-def check_output_filter(signature: Signature, output_filter: Sequence[str]) -> None:
-    seen: set[str] = set()
-    for alias in output_filter:
-        if alias not in signature.outputs:
-            raise InvalidInput(f"output tensor alias not found in signature: {alias} Outputs expected to be in "
-                               f"the set {_names(signature.outputs)}.")
-        if alias in seen:
-            raise InvalidInput(f"duplicate output tensor alias: {alias}")
-        seen.add(alias)
-
-
 def _format_shape(shape) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]" if shape is not None else "[?]"
 
@@ -116,7 +105,7 @@ def check_request(
             f"input size does not match signature: {len(inputs)}!={len(signature.inputs)} "
             f"len({_names(inputs)}) != len({_names(signature.inputs)}). Sent extra: {_names(extra)}. "
             f"Missing but required: {_names(missing)}.")
-    check_output_filter(signature, output_filter)
+    contract.check_output_filter(signature.outputs, output_filter)
     for name, info in signature.inputs.items():
         check_tensor(signature, info, inputs[name])
     if all(info.shape and info.shape[0] == -1 for info in signature.inputs.values()):

@@ -25,7 +25,7 @@ from carclf.errors import CarClfError, FailedPrecondition, InvalidInput, NotFoun
 from carclf.imaging import Size, side_pair, size_text
 from carclf.train import data as data_mod
 from carclf.train import evaluate, pipeline, runs
-from carclf.train.augment import Augmenter, build_compose
+from carclf.train.augment import Augmenter
 from carclf.train.callbacks import (
     ExponentialDecay,
     LinearWarmup,
@@ -105,9 +105,7 @@ def train(recipe: Recipe, runs_root: str | Path = "runs", run_dir: str | Path | 
     ``resume`` continues it from that epoch.
     """
     recipe = runs.absolute_data_paths(recipe)  # the run's config must read the same data from any folder
-    for size in {side_pair(stage.image_size): stage.image_size for stage in recipe.stages}.values():
-        build_compose(recipe.augmentation, size, recipe.seed, recipe.source)  # a bad transform: refused before
-    root_made = run_dir is None and not Path(runs_root).exists()          # any folder or model is made
+    root_made = run_dir is None and not Path(runs_root).exists()  # (a bad transform was refused by validate())
     path = Path(run_dir) if run_dir else runs.new_run_dir(runs.run_name(recipe), runs_root)
     (path / runs.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     try:

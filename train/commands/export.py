@@ -64,14 +64,11 @@ def run(args: argparse.Namespace) -> int:
     if args.name is not None and not args.name.strip():
         raise InvalidInput("--name is empty; give a model name, or leave --name out for the run's recipe name")
     check_folder(args.repository, "--repository")
-    if args.name is not None:
-        check_model_name(args.name)
-    else:  # before the model is loaded: a recipe name may hold a '.', which a model name may not
-        name = runs.load_config(Path(args.run_dir)).name
-        check_model_name(name, hint=" (the run's recipe name): give --name")
+    # checked before the model is loaded: a recipe name may hold a '.', which a model name may not
+    name = args.name if args.name is not None else runs.load_config(Path(args.run_dir)).name
+    check_model_name(name, hint="" if args.name is not None else " (the run's recipe name): give --name")
     trained = runs.load_run(args.run_dir)
     photos = real_photos(trained, max(args.warmup, args.verify))
-    name = args.name or trained.recipe.name
     version = export_model(trained.model, repository=args.repository, name=name, input_size=trained.image_size,
                            labels=trained.class_names, warmup_images=photos[: args.warmup],
                            verify_images=photos[: args.verify], card=model_card(trained),
