@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default %(default)s)")
     parser.add_argument("--retries", type=int, default=3,
                         help="times a request is tried again when the server answers UNAVAILABLE or that its "
-                             "queue is full, waiting 0.5, 1, 2, 4 s between tries (0: never; default %(default)s)")
+                             "queue is full, waiting 0.5, 1, 2, then 4 s between tries (0: never; default %(default)s)")
     parser.add_argument("--root-cert", type=Path, default=None, help="PEM root certificates for TLS")
     parser.add_argument("--json", action="store_true", help="print one JSON object per photo instead of text")
 
