@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
 from carclf.errors import InvalidInput
+from carclf.tfprotos import tensor_pb2, tensor_shape_pb2, types_pb2
 
 # A tensor filled from fewer values than it has elements (TF's repeat-the-last-value rule) may not
 # allocate more than this many elements: a 10-byte proto must not ask for gigabytes.

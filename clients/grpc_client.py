@@ -99,7 +99,8 @@ class GrpcClient(ModelClient):
         options: Sequence[tuple[str, object]] = (),
     ):
         import grpc
-        from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+        from carclf.tfprotos import model_service_pb2_grpc, prediction_service_pb2_grpc
 
         super().__init__(target, timeout=timeout)
         defaults = [("grpc.max_send_message_length", int(max_message_bytes)),
@@ -154,7 +155,7 @@ class GrpcClient(ModelClient):
                         signature_name: str = contract.SIGNATURE_BYTES, version: int | None = None,
                         version_label: str | None = None, output_filter: Sequence[str] = ()):
         """The PredictRequest protobuf this client would send (also used by load tests)."""
-        from tensorflow_serving.apis import predict_pb2
+        from carclf.tfprotos import predict_pb2
 
         request = predict_pb2.PredictRequest()
         self._model_spec(request.model_spec, model, signature_name, version, version_label)
@@ -188,7 +189,7 @@ class GrpcClient(ModelClient):
         )
 
     def metadata(self, model, *, version=None, version_label=None, timeout=None) -> ModelMetadata:
-        from tensorflow_serving.apis import get_model_metadata_pb2
+        from carclf.tfprotos import get_model_metadata_pb2
 
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
         self._model_spec(request.model_spec, model, None, version, version_label)
@@ -203,7 +204,7 @@ class GrpcClient(ModelClient):
                              signatures=signatures)
 
     def status(self, model, *, version=None, version_label=None, timeout=None) -> list[VersionStatus]:
-        from tensorflow_serving.apis import get_model_status_pb2
+        from carclf.tfprotos import get_model_status_pb2
 
         request = get_model_status_pb2.GetModelStatusRequest()
         self._model_spec(request.model_spec, model, None, version, version_label)
@@ -229,7 +230,7 @@ def _error_code_name(code: int) -> str:
 
 
 def _tensor_spec(name: str, info) -> TensorSpec:
-    from tensorflow.core.framework import types_pb2
+    from carclf.tfprotos import types_pb2
 
     if info.tensor_shape.unknown_rank:
         shape = None

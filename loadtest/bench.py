@@ -177,7 +177,8 @@ Validator = Callable[[dict], None]
 def grpc_workers(target: str, requests: Sequence, validate: Validator) -> loadgen.WorkerFactory:
     """One channel per worker sending the pre-built ``requests`` in turn, every answer checked."""
     import grpc
-    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    from carclf.tfprotos import prediction_service_pb2_grpc
 
     def make(index: int):
         channel = grpc.insecure_channel(target, options=protocol.GRPC_CHANNEL_OPTIONS)

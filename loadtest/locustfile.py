@@ -34,13 +34,13 @@ from locust import FastHttpUser, User, events, task  # noqa: E402
 from locust import log as locust_log  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
-# Imported now (this also loads TensorFlow, whose protos the API uses) so that building the workload
-# at test start takes milliseconds and does not eat into --run-time.
-from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: E402
-
 from carclf.errors import CarClfError, error_for_code  # noqa: E402
 from carclf.loadtest import checks, protocol, thresholds  # noqa: E402
 from carclf.loadtest.photos import load_photos  # noqa: E402
+
+# TF Serving's protocol modules without TensorFlow's runtime (carclf.tfprotos): each locust process
+# stays small, and building the workload at test start does not eat into --run-time.
+from carclf.tfprotos import prediction_service_pb2_grpc  # noqa: E402
 
 log = logging.getLogger("carclf.loadtest")
 

@@ -58,9 +58,8 @@ def photo_inputs(signature: str, data: bytes) -> dict[str, np.ndarray]:
 
 def grpc_request(model: str, signature: str, inputs: Mapping[str, np.ndarray], version: int | None = None):
     """A ``PredictRequest`` for ``model`` (latest version unless ``version``)."""
-    from tensorflow_serving.apis import predict_pb2
-
     from carclf.tensors import fill_proto
+    from carclf.tfprotos import predict_pb2
 
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model

@@ -172,7 +172,7 @@ def is_serving(address: ServerAddress, models: Sequence[str], timeout: float = P
 
 def models_config(models: dict[str, str | os.PathLike]):
     """A TF Serving ``ModelServerConfig`` serving the latest version of each ``name -> base_path``."""
-    from tensorflow_serving.config import model_server_config_pb2
+    from carclf.tfprotos import model_server_config_pb2
 
     config = model_server_config_pb2.ModelServerConfig()
     for name, base_path in models.items():
@@ -197,7 +197,8 @@ def write_models_config(path: str | os.PathLike, repository: str | os.PathLike, 
 def config_model_names(path: str | os.PathLike) -> list[str]:
     """Names of the models a TF Serving models.config file lists."""
     from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
+
+    from carclf.tfprotos import model_server_config_pb2
 
     path = Path(path)
     try:
@@ -210,7 +211,8 @@ def config_model_names(path: str | os.PathLike) -> list[str]:
 def reload_config(address: ServerAddress, config, timeout: float = 300.0) -> None:
     """Replace the server's whole model config (ModelService.HandleReloadConfigRequest)."""
     import grpc
-    from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
+
+    from carclf.tfprotos import model_management_pb2, model_service_pb2_grpc
 
     with grpc.insecure_channel(address.grpc_target) as channel:
         stub = model_service_pb2_grpc.ModelServiceStub(channel)

@@ -192,7 +192,7 @@ def parse_text_proto(text: str, proto, what: str, source: str) -> None:
 
 
 def parse_models_config(text: str, resolver: BasePathResolver, *, source: str = "<models.config>") -> ModelsConfig:
-    from tensorflow_serving.config import model_server_config_pb2
+    from carclf.tfprotos import model_server_config_pb2
 
     proto = model_server_config_pb2.ModelServerConfig()
     parse_text_proto(text, proto, "ModelServerConfig text proto", source)
@@ -216,7 +216,7 @@ def single_model_config(name: str, base_path: str, resolver: BasePathResolver) -
 
 def models_config_to_text(models: Iterable[tuple[str, str, VersionPolicy, Mapping[str, int]]]) -> str:
     """Write a ModelServerConfig text proto (name, base_path, policy, labels per model)."""
-    from tensorflow_serving.config import model_server_config_pb2
+    from carclf.tfprotos import model_server_config_pb2
 
     proto = model_server_config_pb2.ModelServerConfig()
     proto.model_config_list.SetInParent()  # no models is "model_config_list {}", which serves nothing

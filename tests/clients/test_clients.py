@@ -624,3 +624,55 @@ def test_a_grpc_call_the_server_ends_cancelled_is_unavailable_unless_this_client
             client.predict("slow", images=[b"a photo"])
         assert time.monotonic() - start < 20  # at the close, not the server's 30 s
         assert ended.wait(10), "the server never saw its call end"
+
+
+CLIENT_PROCESS = r"""
+import json, sys
+import numpy as np
+from carclf.clients import connect
+from carclf.errors import CarClfError
+
+url, photo = sys.argv[1], sys.argv[2]
+pixels = np.arange(2 * 40 * 48 * 3, dtype=np.uint8).reshape(2, 40, 48, 3)
+answers = {}
+with connect(url) as client:
+    a = client.predict("tiny_a", images=[open(photo, "rb").read()])
+    b = client.predict("tiny_b", inputs={"pixels": pixels}, signature_name="serving_pixels")
+    answers["tiny_a"] = {k: np.asarray(v).tolist() for k, v in a.outputs.items()}
+    answers["tiny_b"] = np.asarray(b.outputs["probabilities"]).tolist()
+    answers["signatures"] = sorted(client.metadata("tiny_a").signatures)
+    answers["status"] = [(s.version, s.state) for s in client.status("tiny_a")]
+    try:
+        client.predict("no_such_model", images=[b"x"])
+    except CarClfError as error:
+        answers["error"] = [type(error).__name__, str(error)]
+answers["tensorflow_started"] = sorted(m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow.python"))
+print(json.dumps(answers))
+"""
+
+
+def test_a_grpc_client_process_gets_the_same_answers_without_starting_tensorflow(clients, photos):
+    """TF Serving's protocol modules come without TensorFlow's runtime (carclf.tfprotos): a client process
+    answers as one that runs TensorFlow (this test's process) and never loads TensorFlow itself."""
+    import json
+    import subprocess
+    import sys
+
+    url = f"grpc://{clients[0].target}"
+    result = subprocess.run([sys.executable, "-c", CLIENT_PROCESS, url, str(photos[0])],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["tensorflow_started"] == []
+    here = clients[0]
+    a = here.predict("tiny_a", images=[photos[0].read_bytes()])
+    pixels = np.arange(2 * 40 * 48 * 3, dtype=np.uint8).reshape(2, 40, 48, 3)
+    b = here.predict("tiny_b", inputs={"pixels": pixels}, signature_name="serving_pixels")
+    np.testing.assert_allclose(seen["tiny_a"]["probabilities"], a.outputs["probabilities"], rtol=1e-6)
+    assert seen["tiny_a"]["label"] == np.asarray(a.outputs["label"]).tolist()
+    np.testing.assert_allclose(seen["tiny_b"], b.outputs["probabilities"], rtol=1e-6)
+    assert seen["signatures"] == sorted(here.metadata("tiny_a").signatures)
+    assert seen["status"] == [[s.version, s.state] for s in here.status("tiny_a")]
+    with pytest.raises(NotFound) as error:
+        here.predict("no_such_model", images=[b"x"])
+    assert seen["error"] == ["NotFound", str(error.value)]
