@@ -7,7 +7,10 @@
 4. start the embedded TF-Serving-compatible server (gRPC + REST) hosting the backbones and the ensemble;
 5. classify a few sample photos through ``car_ensemble`` over gRPC and over REST, then stop the server.
 
-Every step runs the real ``carclf`` command a user would run, and prints it first.
+Every step runs the real ``carclf`` command a user would run, and prints it first. ``--skip-training`` exports
+the newest finished run of each demo recipe (run.json says finished, final weights written) and trains only a
+recipe that has none. Ctrl-C stops the step that runs (it gets the same SIGINT and ends on its own, else it is
+sent SIGTERM after ``STOP_GRACE_S``) and the server, and ends the demo with "demo: interrupted", status 130.
 
 EfficientNetB0 and Xception have no ImageNet weights offline: trained from scratch on 50 photos for a few
 seconds they stay at chance (validation accuracy about 0.1) and answer nearly the same probabilities for
@@ -31,24 +34,51 @@ from pathlib import Path
 
 from carclf import exits
 from carclf.cli import CommandParser
+from carclf.train import runs as run_files
 
 DEMO_RECIPES = ("demo_mobilenet_v2", "demo_efficientnet_b0", "demo_xception")
 ENSEMBLE_TTA = "hflip"
 ENSEMBLE_PARAMETERS = {"aggregation": "mean", "top_k": "3", "deadline_ms": "30000", "failure_policy": "degrade",
                        "quorum": "2"}
+STOP_GRACE_S = 30.0  # after Ctrl-C: how long a step or the server has to end on its own before SIGTERM
 
 
 def _carclf(*args: str) -> list[str]:
     return [sys.executable, "-m", "carclf", *args]
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+def _stop(child: subprocess.Popen, grace_s: float | None = None) -> None:
+    """Stop ``child`` after a Ctrl-C: a terminal sent it the same SIGINT, so it has ``grace_s`` to end on its
+    own, then SIGTERM and as long again, then SIGKILL; a second Ctrl-C meanwhile kills it at once."""
+    grace_s = STOP_GRACE_S if grace_s is None else grace_s
+    try:
+        for stop in (None, child.terminate):
+            if stop is not None:
+                stop()
+            try:
+                child.wait(timeout=grace_s)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+    except KeyboardInterrupt:
+        pass
+    child.kill()
+    child.wait()
+
+
+def _run(cmd: list[str]) -> int:
+    """Run one step (printed first as the ``carclf`` command a user would type); SystemExit when it fails."""
     shown = " ".join(shlex.quote(c) for c in (["carclf", *cmd[3:]] if cmd[1:3] == ["-m", "carclf"] else cmd))
     print(f"\n$ {shown}", flush=True)
-    result = subprocess.run(cmd, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"demo: step failed ({exits.describe(result.returncode)}): {shown}")
-    return result
+    child = subprocess.Popen(cmd, text=True)
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        _stop(child)
+        raise
+    if code != 0:
+        raise SystemExit(f"demo: step failed ({exits.describe(code)}): {shown}")
+    return code
 
 
 def _free_port() -> int:
@@ -57,11 +87,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _newest_run(runs: Path, recipe: str) -> Path:
-    candidates = sorted(runs.glob(f"{recipe}-*"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise SystemExit(f"demo: no run folder for {recipe} under {runs}")
-    return candidates[-1]
+def _finished(run: Path) -> bool:
+    """Whether ``run`` finished training: its final weights written and its run.json saying so (an interrupted
+    run has neither, one cut short by a time budget says ``finished: false``)."""
+    info = run / run_files.RUN_INFO
+    if not info.is_file() or not (run / run_files.FINAL_WEIGHTS).is_file():
+        return False
+    try:
+        return run_files.read_json(info).get("finished") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def newest_finished_run(runs: Path, recipe: str) -> Path | None:
+    """The run of ``recipe`` under ``runs`` that finished training last (by its run.json), or None."""
+    finished = [p for p in runs.glob(f"{recipe}-*") if p.is_dir() and _finished(p)]
+    return max(finished, key=lambda p: (p / run_files.RUN_INFO).stat().st_mtime, default=None)
 
 
 def _wait_ready(rest_url: str, server: subprocess.Popen, timeout: float = 300.0) -> None:
@@ -85,10 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs/demo", help="where the demo's run folders go")
     parser.add_argument("--repository", default="model_repository", help="model repository to export into")
     parser.add_argument("--skip-training", action="store_true",
-                        help="reuse the newest demo runs instead of training again")
+                        help="reuse the newest finished run of each demo recipe; train a recipe that has none")
     parser.add_argument("--photos", nargs="*", default=None, help="photos to classify (default: 3 from data/sample)")
     args = parser.parse_args(argv)
+    try:
+        return _demo(args)
+    except KeyboardInterrupt:  # the step and the server running were stopped on the way out
+        print("demo: interrupted", file=sys.stderr, flush=True)
+        return 130
 
+
+def _demo(args: argparse.Namespace) -> int:
     runs, repository = Path(args.runs), Path(args.repository)
     work = runs / "serving"
     work.mkdir(parents=True, exist_ok=True)
@@ -96,9 +144,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print("== 1-2. train and export the demo backbones", flush=True)
     for recipe in DEMO_RECIPES:
-        if not args.skip_training or not list(runs.glob(f"{recipe}-*")):
+        run = newest_finished_run(runs, recipe) if args.skip_training else None
+        if args.skip_training:
+            print(f"demo: reusing {run}" if run else f"demo: no finished {recipe} run under {runs}: training it",
+                  flush=True)
+        if run is None:
             _run(_carclf("train", recipe, "--runs", str(runs), "--allow-scratch", "--verbose", "2"))
-        _run(_carclf("export", str(_newest_run(runs, recipe)), "--repository", str(repository), "--name", recipe))
+            run = newest_finished_run(runs, recipe)
+            if run is None:
+                raise SystemExit(f"demo: carclf train {recipe} ended without a finished run under {runs}")
+        _run(_carclf("export", str(run), "--repository", str(repository), "--name", recipe))
 
     print("\n== 3. serving configuration", flush=True)
     models_config = work / "models.config"
@@ -132,13 +187,18 @@ def main(argv: list[str] | None = None) -> int:
         _run(_carclf("predict", *photos, "--server", rest_url, "--model", "car_ensemble", "--top-k", "3"))
         _run(_carclf("predict", photos[0], "--server", rest_url, "--model", DEMO_RECIPES[0], "--top-k", "3",
                      "--classes", "data/sample/classes.json"))
+    except KeyboardInterrupt:
+        _stop(server)  # it had the same Ctrl-C and drains; a SIGTERM now would end it at once
+        raise
     finally:
-        print("\n== stop the server (SIGTERM: drains in-flight requests)", flush=True)
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        if server.returncode is None:
+            print("\n== stop the server (SIGTERM: drains in-flight requests)", flush=True)
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s; server {exits.describe(server.returncode)}")
     print("\nEfficientNetB0 and Xception trained from scratch (no ImageNet weights offline) and stay at chance; "
           "they show the registry and the ensemble's fan-out.")

@@ -38,13 +38,33 @@ ROOT = Path(__file__).resolve().parent.parent
 SIDES = ("baseline", "candidate")
 
 
+def package_dirs(checkout: Path, pyproject: Path) -> dict[str, str]:
+    """``pyproject``'s ``[tool.setuptools] package-dir`` table (package -> folder), with the top ``carclf``;
+    ConfigError naming ``checkout`` and what is missing otherwise."""
+    where = f"{str(checkout)!r} is not a carclf checkout: its pyproject.toml"
+    try:
+        data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where} is not valid TOML ({exc})", field="--baseline-checkout") from None
+    mapping: object = data
+    for key in ("tool", "setuptools", "package-dir"):
+        mapping = mapping.get(key) if isinstance(mapping, dict) else None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise ConfigError(f"{where} has no [tool.setuptools] package-dir table (package = folder), received "
+                          f"{mapping!r}", field="--baseline-checkout")
+    if "carclf" not in mapping:
+        raise ConfigError(f"{where} has no 'carclf' entry in its [tool.setuptools] package-dir table, received "
+                          f"{sorted(mapping)!r}", field="--baseline-checkout")
+    return mapping
+
+
 def shadow_tree(checkout: Path, into: Path) -> Path:
     """Lay out ``checkout``'s packages as importable folders under ``into`` (symlinks); returns ``into``."""
     pyproject = checkout / "pyproject.toml"
     if not pyproject.is_file():
         raise ConfigError(f"no pyproject.toml in {str(checkout)!r}: not a carclf checkout",
                           field="--baseline-checkout")
-    mapping = tomllib.loads(pyproject.read_text(encoding="utf-8"))["tool"]["setuptools"]["package-dir"]
+    mapping = package_dirs(checkout, pyproject)
     for package, folder in sorted(mapping.items(), key=lambda item: item[0].count(".")):
         target = into.joinpath(*package.split("."))
         if target.exists():  # already reached through its parent's link

@@ -22,17 +22,20 @@ import grpc.experimental.gevent as grpc_gevent  # isort: skip
 
 grpc_gevent.init_gevent()
 
+import contextlib  # noqa: E402
 import logging  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
 from locust import FastHttpUser, User, events, task  # noqa: E402
 from locust import log as locust_log  # noqa: E402
-from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
+from locust.exception import StopUser  # noqa: E402
+from locust.runners import STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRunner  # noqa: E402
 
 from carclf.errors import CarClfError, error_for_code  # noqa: E402
 from carclf.loadtest import checks, protocol, thresholds  # noqa: E402
@@ -95,7 +98,8 @@ class Workload:
     def build(cls, options) -> Workload:
         work = cls(options, load_photos(options.photo_folder))
         models = [options.target_model] + ([options.ensemble_model] if options.ensemble_weight > 0 else [])
-        inputs = [protocol.photo_inputs(options.signature, p.data) for p in work.photos]
+        inputs = [protocol.photo_inputs(options.signature, p.data, f"photo {p.name!r} of {options.photo_folder}")
+                  for p in work.photos]
         fallback = None
         for model in models:
             work.grpc_requests[model] = [protocol.grpc_request(model, options.signature, x) for x in inputs]
@@ -119,10 +123,14 @@ class Workload:
 
 _workload: Workload | None = None
 _built_from: dict = {}
+_unbuilt = False  # a worker whose workload could not be built (its master was told): its users stop at once
+WORKLOAD_ERROR = "carclf_workload_error"  # the message a worker sends its master then
 
 
 def workload() -> Workload:
     if _workload is None:
+        if _unbuilt:
+            raise StopUser()
         raise RuntimeError("the workload is built when locust starts (init) or at test start (workers)")
     return _workload
 
@@ -148,10 +156,10 @@ def _prepare(environment) -> None:
 OPTION_NAMES = {"users": "num_users"}
 
 
-def check_options(options) -> None:
+def check_options(options, files: bool = True) -> None:
     """The checks ``python -m carclf.loadtest.run`` makes before it starts locust, for a plain ``locust`` run:
-    ConfigError naming the setting and its value (numbers in range, a run time > 0, photos, signature,
-    labels file)."""
+    ConfigError naming the setting and its value (numbers in range, a run time > 0, a known signature; with
+    ``files`` also the photos and the labels file, which a distributed run's master may not have)."""
     from carclf.loadtest.run import NUMBERS, check_settings
 
     settings = {}
@@ -162,52 +170,113 @@ def check_options(options) -> None:
     if getattr(options, "run_time", None) is not None:  # locust has parsed it to seconds; 0 would mean no limit
         settings["run-time"] = f"{options.run_time}s"
     settings.update({"photo-folder": options.photo_folder, "signature": options.signature,
-                     "labels-file": options.labels_file})
-    check_settings(settings)
+                     "labels-file": options.labels_file, "ensemble-rest-host": options.ensemble_rest_host})
+    check_settings(settings, files=files)
 
 
 @events.init.add_listener
 def _prepare_local(environment, **_kwargs) -> None:
-    """A single-process run checks its options and builds its workload before the run time starts counting.
-    A bad setting ends it at once with one line and exit status 2, as under ``carclf.loadtest.run``."""
-    if environment.parsed_options is not None and not isinstance(environment.runner, MasterRunner | WorkerRunner):
-        try:
-            check_options(environment.parsed_options)
+    """A single-process run checks its options and builds its workload before the run time starts counting; a
+    distributed run's master checks the options that do not name its workers' files. A bad setting ends it at
+    once with one line and exit status 2, as under ``carclf.loadtest.run``."""
+    runner = environment.runner
+    if environment.parsed_options is None or isinstance(runner, WorkerRunner):
+        return
+    master = isinstance(runner, MasterRunner)
+    try:
+        check_options(environment.parsed_options, files=not master)
+        if not master:
             _prepare(environment)
-        except CarClfError as exc:
-            log.error("cannot start the load test: %s", exc.message)
-            sys.exit(2)  # SystemExit passes through locust's event handler (it catches Exception only)
+    except CarClfError as exc:
+        log.error("cannot start the load test: %s", exc.message)
+        if master:
+            _stop_forked_workers()
+        sys.exit(2)  # SystemExit passes through locust's event handler (it catches Exception only)
+    if master:
+        runner.register_message(WORKLOAD_ERROR, _on_workload_error)
+
+
+def _stop_forked_workers() -> None:
+    """Kill the workers ``--processes N`` forked from this master: locust's own clean-up at exit takes them for
+    exited at once (it reads ``waitpid(pid, WNOHANG)``'s (0, 0) as an exit), and they would stay behind,
+    ready to join the next master on the same port. They have done nothing yet."""
+    import psutil
+
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+def _on_workload_error(environment, msg, **_kwargs) -> None:
+    """Master: a worker could not build its workload (its photos or labels): the run ends with exit status 2."""
+    log.error("cannot start the load test: worker %s: %s", msg.node_id, msg.data)
+    environment.process_exit_code = 2
+    gevent.spawn(environment.runner.quit)  # not from this greenlet: quit() kills the master's greenlets
 
 
 @events.test_start.add_listener
 def _prepare_worker(environment, **_kwargs) -> None:
     """Workers build theirs at test start, when the master's options have arrived (a single process again only
-    if the web UI changed them)."""
-    if not isinstance(environment.runner, MasterRunner):
-        try:
-            _prepare(environment)
-        except CarClfError as exc:
+    if the web UI changed them). A worker that cannot says so in one line, tells its master (which ends the
+    run with exit status 2), and its users stop at once."""
+    global _unbuilt
+    if isinstance(environment.runner, MasterRunner):
+        return
+    try:
+        _prepare(environment)
+    except CarClfError as exc:
+        if not isinstance(environment.runner, WorkerRunner):
             log.error("cannot build the workload: %s", exc.message)
             raise
+        log.error("cannot build the workload on this worker: %s", exc.message)
+        _unbuilt = True
+        environment.runner.send_message(WORKLOAD_ERROR, exc.message)
 
 
 @events.quitting.add_listener
-def _final_csv_rows(environment, **_kwargs) -> None:
+def _on_quitting(environment, **_kwargs) -> None:
+    """The end of a run, in this order: users still running are stopped, the CSV files get their final pass,
+    the thresholds decide the exit status. At the end of the run time the users have stopped already; on
+    SIGTERM (how ``carclf.loadtest.run`` stops locust on Ctrl-C) locust fires this event while they still
+    run and writes no HTML report, so the users are stopped here and the HTML written, and the CSV files, the
+    printed table and the verdict all count the same requests."""
+    if environment.parsed_options is None or isinstance(environment.runner, WorkerRunner):
+        return
+    stopped_here = environment.runner.state in (STATE_SPAWNING, STATE_RUNNING)
+    if stopped_here:
+        environment.runner.stop()
+    _final_csv_rows(environment)
+    if stopped_here and getattr(environment.parsed_options, "html_file", None):
+        _write_html_report(environment)
+    _enforce_thresholds(environment)
+
+
+def _final_csv_rows(environment) -> None:
     """Let locust's CSV writer (it rewrites the files once a second) take one more pass now that the users
     have stopped, so that the CSV files hold the same final counts as the printed table."""
     from locust.stats import CSV_STATS_INTERVAL_SEC
 
-    if environment.parsed_options is not None and getattr(environment.parsed_options, "csv_prefix", None):
+    if getattr(environment.parsed_options, "csv_prefix", None):
         gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.25)
 
 
-@events.quitting.add_listener
-def _enforce_thresholds(environment, **_kwargs) -> None:
+def _write_html_report(environment) -> None:
+    """Locust's HTML report at ``--html``, as locust writes it at the end of a run that was not stopped."""
+    from locust.html import get_html_report, process_html_filename
+
+    options = environment.parsed_options
+    process_html_filename(options)
+    path = Path(options.html_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(get_html_report(environment, show_download_link=False), encoding="utf-8")
+
+
+def _enforce_thresholds(environment) -> None:
     """Decide a headless run's exit status by the thresholds: 1 when the failure ratio is above
     ``--max-fail-ratio`` or the p95 above ``--max-p95-ms``, 0 otherwise. (Left alone, locust exits 1 on any
     failed request, whatever the ratio allows.) A status already set (2: bad settings) and an exception raised
     in the users' own code still fail the run."""
-    if isinstance(environment.runner, WorkerRunner) or environment.parsed_options is None:
+    if environment.process_exit_code == 2:  # the run could not start as set: that, not its figures, decides
         return
     total = environment.stats.total
     p95 = total.get_response_time_percentile(0.95) if total.num_requests else None
@@ -264,6 +333,8 @@ class GrpcPredictUser(User):
         return workload().options.think_time
 
     def on_start(self) -> None:
+        if _unbuilt:
+            return  # its first task stops it (StopUser), quietly; raised here, locust would log a traceback
         work = workload()
         self.rng = random.Random(id(self))
         interceptor = ReportingInterceptor(self.environment, work.validate_grpc)

@@ -39,21 +39,20 @@ def signature_input(signature: str) -> str:
     return names[signature]
 
 
-def decode_pixels(data: bytes) -> np.ndarray:
-    """uint8 [H, W, 3] pixels of encoded photo bytes, decoded by the product's one decoder (traced once)."""
-    import tensorflow as tf
-
+def decode_pixels(data: bytes, what: str = "") -> np.ndarray:
+    """uint8 [H, W, 3] pixels of encoded photo bytes, decoded by the product's one decoder (traced once);
+    InvalidInput naming ``what`` when they do not decode."""
     from carclf import imaging
 
-    return imaging.traced_decode()(tf.constant(data)).numpy()
+    return imaging.decode_checked(data, what).numpy()
 
 
-def photo_inputs(signature: str, data: bytes) -> dict[str, np.ndarray]:
-    """The named input tensors that send one photo through ``signature`` (a batch of one)."""
+def photo_inputs(signature: str, data: bytes, what: str = "") -> dict[str, np.ndarray]:
+    """The named input tensors that send one photo (``what``, in errors) through ``signature`` (a batch of one)."""
     name = signature_input(signature)
     if name == contract.INPUT_IMAGE_BYTES:
         return {name: np.array([data], dtype=object)}
-    return {name: decode_pixels(data)[np.newaxis]}
+    return {name: decode_pixels(data, what)[np.newaxis]}
 
 
 def grpc_request(model: str, signature: str, inputs: Mapping[str, np.ndarray], version: int | None = None):

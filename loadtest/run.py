@@ -37,6 +37,7 @@ LOCUSTFILE = HERE / "locustfile.py"
 DEFAULT_CONF = HERE / "locust.conf"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 FIRST_PROBE_S = 10.0  # the status GET that decides between using a server and starting one
+REPORT_SETTINGS = ("csv", "html")  # locust.conf keys (and LOCUST_CSV / LOCUST_HTML) of the report paths
 
 # run.py flag -> locust setting it forwards to (also the key read from locust.conf / LOCUST_* variables).
 FORWARDED = {
@@ -110,6 +111,10 @@ def resolve(args: argparse.Namespace) -> dict[str, str]:
         env = os.environ.get("LOCUST_" + key.upper().replace("-", "_"))
         if env is not None:
             settings[key] = env
+    for key in REPORT_SETTINGS:  # locust's own variables for its report paths
+        env = os.environ.get("LOCUST_" + key.upper())
+        if env is not None:
+            settings[key] = env
     for attr, key in FORWARDED.items():
         value = getattr(args, attr)
         if value is not None:
@@ -149,9 +154,10 @@ def _number(kind: type, text: str) -> float | None:
         return None
 
 
-def check_settings(settings: dict[str, str], where: dict[str, str] | None = None) -> None:
+def check_settings(settings: dict[str, str], where: dict[str, str] | None = None, files: bool = True) -> None:
     """Raise ConfigError naming the setting, its value and where it came from unless locust can run with
-    ``settings``: numbers in range, a run time > 0, photos, a known signature, a readable labels file."""
+    ``settings``: numbers in range, a run time > 0, a known signature, a REST URL for the ensemble when given;
+    with ``files``, photos and a readable labels file."""
     where = where or {}
     for key, (kind, accepted, expected) in NUMBERS.items():
         if key in settings:
@@ -165,8 +171,12 @@ def check_settings(settings: dict[str, str], where: dict[str, str] | None = None
         seconds = options.timespan_s(settings["run-time"])
         options.require(seconds is not None and seconds > 0, "run-time", settings["run-time"],
                         "a run time > 0 such as 30s, 2m or 1h30m", where.get("run-time", ""))
-    load_photos(settings.get("photo-folder", "data/sample"), limit=1)
     protocol.signature_input(settings.get("signature", "serving_default"))
+    if settings.get("ensemble-rest-host"):
+        rest_host_port(settings["ensemble-rest-host"], "ensemble-rest-host")
+    if not files:
+        return
+    load_photos(settings.get("photo-folder", "data/sample"), limit=1)
     if settings.get("labels-file"):
         checks.read_labels(settings["labels-file"])
 
@@ -184,14 +194,26 @@ def reports_folder(settings: dict[str, str], flag: str) -> Path:
 def server_address(settings: dict[str, str]) -> srv.ServerAddress:
     """The REST host and port of ``host`` with the gRPC port of ``grpc-host`` (ConfigError naming the setting
     unless they read as http://HOST:PORT and HOST:PORT)."""
-    rest = urlsplit(settings.get("host", "http://127.0.0.1:8501"))
+    host, rest_port = rest_host_port(settings.get("host", "http://127.0.0.1:8501"), "host")
     grpc_text = settings.get("grpc-host", "127.0.0.1:8500")
     grpc_host, _, grpc_port = grpc_text.rpartition(":")
-    if not rest.hostname or not rest.port:
-        raise ConfigError(f"expected http://HOST:PORT, received {settings.get('host')!r}", field="host")
-    if "://" in grpc_text or not grpc_host or not grpc_port.isdigit():
-        raise ConfigError(f"expected HOST:PORT (no scheme), received {grpc_text!r}", field="grpc-host")
-    return srv.ServerAddress(rest.hostname, int(grpc_port), rest.port)
+    if "://" in grpc_text or not grpc_host or not grpc_port.isdigit() or not 0 < int(grpc_port) < 65536:
+        raise ConfigError(f"expected HOST:PORT (no scheme, a port from 1 to 65535), received {grpc_text!r}",
+                          field="grpc-host")
+    return srv.ServerAddress(host, int(grpc_port), rest_port)
+
+
+def rest_host_port(url: str, field: str) -> tuple[str, int]:
+    """(host, port) of a REST base URL; ConfigError naming ``field`` unless it reads as http://HOST:PORT with a
+    port from 1 to 65535."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or out of range
+        port = None
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port:
+        raise ConfigError(f"expected http://HOST:PORT (a port from 1 to 65535), received {url!r}", field=field)
+    return parts.hostname, port
 
 
 def same_host(settings: dict[str, str]) -> None:
@@ -217,19 +239,26 @@ HOW_TO_CHOOSE = {"backbone": "give --target-model NAME (or LOCUST_TARGET_MODEL=N
                  "ensemble": "give --ensemble-weight 0 to run without ensemble tasks"}
 
 
-def check_served(address: srv.ServerAddress, called: dict[str, str]) -> None:
+def check_served(address: srv.ServerAddress, called: dict[str, str], ensemble_rest_host: str = "") -> None:
     """Raise NotFound / Unavailable, naming the model and what the server has, unless every called model is
-    AVAILABLE on the server already answering at ``address``."""
+    AVAILABLE on the server already answering at ``address`` (the ensemble at ``ensemble_rest_host`` when
+    given: a gateway in front of real TF Serving)."""
     for role, model in called.items():
-        state, message = srv.model_status(address.rest_url, model)
+        url = address.rest_url
+        if role == "ensemble" and ensemble_rest_host:
+            rest_host_port(ensemble_rest_host, "ensemble-rest-host")
+            url = ensemble_rest_host.rstrip("/")
+        state, message = srv.model_status(url, model)
         if state == "AVAILABLE":
             continue
-        served = srv.served_models(address.rest_url)
+        if state is None:
+            raise Unavailable(f"nothing answers at {url}, where the {role} model {model!r} is called")
+        served = srv.served_models(url)
         listing = f"; it serves {', '.join(served)}" if served else ""
         why = "does not serve" if state == "NOT_FOUND" else "has no AVAILABLE version of"
         detail = f" ({state}: {message})" if message and state != "NOT_FOUND" else ""
         error = NotFound if state == "NOT_FOUND" else Unavailable
-        raise error(f"the server at {address.rest_url} {why} the {role} model {model!r}{detail}{listing}; "
+        raise error(f"the server at {url} {why} the {role} model {model!r}{detail}{listing}; "
                     f"{HOW_TO_CHOOSE[role]}")
 
 
@@ -311,7 +340,7 @@ def start_server(args, settings: dict[str, str], address: srv.ServerAddress, rep
     server.start()
     try:
         server.wait_ready(waited, timeout=args.server_timeout)
-    except CarClfError:
+    except BaseException:  # a refusal, or Ctrl-C while the models load
         server.stop()
         raise
     return server
@@ -324,6 +353,18 @@ def locust_command(args, settings: dict[str, str]) -> list[str]:
             cmd += [f"--{key}", settings[key]]
     extra = list(args.locust_args or [])
     return cmd + (extra[1:] if extra[:1] == ["--"] else extra)
+
+
+CSV_SUFFIXES = ("_stats.csv", "_stats_history.csv", "_failures.csv", "_exceptions.csv")  # locust's CSV files
+
+
+def clear_reports(settings: dict[str, str]) -> None:
+    """Remove an earlier run's CSV and HTML reports at this run's paths, so that a run which stops before
+    locust writes its own (a bad locust flag, Ctrl-C at once) shows no figures but its own."""
+    paths = [Path(settings["csv"] + suffix) for suffix in CSV_SUFFIXES] if settings.get("csv") else []
+    paths += [Path(settings["html"])] if settings.get("html") else []
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def summarize(csv_prefix: str) -> list[dict[str, str]]:
@@ -359,9 +400,10 @@ def run(args: argparse.Namespace) -> int:
         server = start_server(args, settings, address, reports)
     else:
         print(f"loadtest: using the server already answering at {address.rest_url}", flush=True)
-        check_served(address, called_models(settings))
+        check_served(address, called_models(settings), settings.get("ensemble-rest-host", ""))
         check_grpc_served(settings, called_models(settings))
     try:
+        clear_reports(settings)
         cmd = locust_command(args, settings)
         (reports / "run.json").write_text(json.dumps(
             {"settings": settings, "command": cmd, "started_server": server is not None,
@@ -401,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     except CarClfError as exc:
         print(f"loadtest: error: {exc.message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before locust ran (while a started server loaded its models): nothing to report
+        print("loadtest: interrupted before the load test began; no load test was run", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

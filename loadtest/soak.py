@@ -3,9 +3,11 @@
 Starts the embedded server (``carclf serve``, a subprocess, so that its memory is its own) over the ensemble
 config's members, runs the project's locustfile headless against ``car_ensemble`` only (both users: gRPC
 and REST), samples the server's RSS every few seconds, and reports failed requests and the RSS growth after
-warm-up (median of the last minute over the median of the first minute after warm-up). Exits 1 when a
-request failed or the growth is over ``--max-rss-growth``; figures go to ``<reports>/soak.json`` and
-``soak.md``.
+warm-up: the median of the last window over the median of the first window after warm-up, each window a
+minute, or a quarter of the time after warm-up when that is under four minutes (and at least 2 samples), so
+that the two never overlap. The clock starts when locust's users start (its stats history), not when locust is
+launched. Exits 1 when a request failed, the growth is over ``--max-rss-growth`` or there is no memory verdict
+(fewer than 4 samples after warm-up); figures go to ``<reports>/soak.json`` and ``soak.md``.
 
     nice -n 10 python -m carclf.loadtest.soak                       # 10 minutes, real members
     python -m carclf.loadtest.soak --minutes 1 --warmup-minutes 0.25 --model-repository R --ensemble-config C
@@ -14,6 +16,7 @@ request failed or the growth is over ``--max-rss-growth``; figures go to ``<repo
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import sys
@@ -29,11 +32,12 @@ from carclf.loadtest import run as loadtest_run
 from carclf.loadtest import server as srv
 
 HERE = Path(__file__).resolve().parent
+MIN_WINDOW_SAMPLES = 2  # per window; a window shorter in time takes this many samples all the same
 
 
 @dataclass(frozen=True)
 class Sample:
-    seconds: float   # since the load started
+    seconds: float   # since the load started (negative: taken before it)
     rss_bytes: int
 
 
@@ -48,14 +52,26 @@ class MemoryVerdict:
 
 
 def memory_verdict(samples: list[Sample], warmup_s: float, window_s: float = 60.0) -> MemoryVerdict:
-    """RSS growth after warm-up: median of the last ``window_s`` over the median of the first ``window_s``."""
-    steady = [s for s in samples if s.seconds >= warmup_s]
-    if len(steady) < 4:
+    """RSS growth after warm-up: median of the last window over the median of the first.
+
+    Each window is ``window_s``, or a quarter of the span of the samples after warm-up when that is shorter
+    (half the span lies between the windows, and a steady rise shows as at least 3/4 of itself), and holds at
+    least ``MIN_WINDOW_SAMPLES`` samples. ConfigError (no verdict) when fewer than two windows' worth of samples
+    fall after warm-up, or when samples so unevenly spaced would put one in both windows."""
+    steady = sorted((s for s in samples if s.seconds >= warmup_s), key=lambda s: s.seconds)
+    if len(steady) < 2 * MIN_WINDOW_SAMPLES:
         raise ConfigError(f"only {len(steady)} memory samples after warm-up; run longer or sample more often",
                           field="--minutes")
-    end = steady[-1].seconds
-    first = [s.rss_bytes for s in steady if s.seconds < warmup_s + window_s] or [steady[0].rss_bytes]
-    last = [s.rss_bytes for s in steady if s.seconds > end - window_s] or [steady[-1].rss_bytes]
+    start, end = steady[0].seconds, steady[-1].seconds
+    window = min(window_s, (end - start) / 4)
+    in_first = max(MIN_WINDOW_SAMPLES, sum(1 for s in steady if s.seconds < start + window))
+    in_last = max(MIN_WINDOW_SAMPLES, sum(1 for s in steady if s.seconds > end - window))
+    if in_first + in_last > len(steady):
+        raise ConfigError(f"the {len(steady)} memory samples after warm-up ({end - start:.1f} s) are too unevenly "
+                          f"spaced for two windows of {window:.1f} s and {MIN_WINDOW_SAMPLES} samples each that do "
+                          "not overlap; run longer or sample more often", field="--minutes")
+    first = [s.rss_bytes for s in steady[:in_first]]
+    last = [s.rss_bytes for s in steady[-in_last:]]
     baseline, final = statistics.median(first), statistics.median(last)
     xs = [s.seconds / 60 for s in steady]
     ys = [s.rss_bytes / 2**20 for s in steady]
@@ -66,8 +82,22 @@ def memory_verdict(samples: list[Sample], warmup_s: float, window_s: float = 60.
                          final / baseline - 1, slope, len(steady))
 
 
+def load_started_at(csv_prefix: str) -> float | None:
+    """When locust's users started (wall-clock seconds, to about one second): the first row of its stats
+    history (``<prefix>_stats_history.csv``, a row a second) that counts users; None when there is none."""
+    try:
+        with open(csv_prefix + "_stats_history.csv", newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                if row.get("Name") == "Aggregated" and int(row.get("User Count") or 0) > 0:
+                    return float(row["Timestamp"])
+    except (OSError, KeyError, ValueError):
+        return None
+    return None
+
+
 class RssSampler(threading.Thread):
-    """Samples one process's resident memory every ``every`` seconds until stopped."""
+    """Samples one process's resident memory every ``every`` seconds until stopped; ``started_at`` is the
+    wall-clock time of its zero."""
 
     def __init__(self, server: srv.EmbeddedServer, every: float):
         super().__init__(name="rss-sampler", daemon=True)
@@ -75,6 +105,7 @@ class RssSampler(threading.Thread):
         self.samples: list[Sample] = []
         self._stop_event = threading.Event()
         self._start = time.monotonic()
+        self.started_at = time.time()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
@@ -163,6 +194,9 @@ def soak(args: argparse.Namespace) -> dict:
         samples = sampler.stop()
     finally:
         exit_status = server.stop()
+    load_start = load_started_at(settings["csv"])  # locust's start-up (seconds, no load) falls before 0
+    if load_start is not None:
+        samples = [Sample(s.seconds - (load_start - sampler.started_at), s.rss_bytes) for s in samples]
     rows = loadtest_run.summarize(settings["csv"])
     total = next((r for r in rows if r["Name"] == "Aggregated"), {})
     try:
@@ -179,6 +213,7 @@ def soak(args: argparse.Namespace) -> dict:
         "p95_ms": total.get("95%"), "p99_ms": total.get("99%"),
         "memory": asdict(verdict) if verdict else None, "no_verdict": no_verdict,
         "max_rss_growth": args.max_rss_growth,
+        "load_clock": "locust stats history" if load_start is not None else "locust launch (no users in its history)",
         "rss_samples": [(round(s.seconds, 1), s.rss_bytes) for s in samples],
         "passed": (failures == 0 and requests > 0 and verdict is not None and verdict.growth < args.max_rss_growth
                    and code == 0),
@@ -199,8 +234,8 @@ def markdown(result: dict) -> str:
     if memory is None:
         return head + (f"| memory | {result['no_verdict']} |\n"
                        f"| server exit status (SIGTERM drain) | {result['server_exit_status']} |\n")
-    return head + (f"| server RSS after warm-up (first minute median) | {memory['baseline_mib']:.0f} MiB |\n"
-                   f"| server RSS at the end (last minute median) | {memory['final_mib']:.0f} MiB |\n"
+    return head + (f"| server RSS after warm-up (first window median) | {memory['baseline_mib']:.0f} MiB |\n"
+                   f"| server RSS at the end (last window median) | {memory['final_mib']:.0f} MiB |\n"
                    f"| RSS growth after warm-up | {100 * memory['growth']:+.2f} % (target < "
                    f"{100 * result['max_rss_growth']:.0f} %) |\n"
                    f"| RSS slope after warm-up | {memory['slope_mib_per_min']:+.2f} MiB/min |\n"

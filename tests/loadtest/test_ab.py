@@ -94,3 +94,37 @@ def test_rounds_alternate_which_side_is_measured_first(tmp_path, monkeypatch, ca
     for number, row in enumerate(per_round):
         first, second = ("baseline", "candidate") if number % 2 == 0 else ("candidate", "baseline")
         assert row == [("grpc", first), ("grpc", second), ("rest", first), ("rest", second)], (number, row)
+
+
+@pytest.mark.parametrize("pyproject,missing", [
+    ("[project]\nname = 'carclf'\n", "no [tool.setuptools] package-dir table"),
+    ("[tool.setuptools]\nzip-safe = false\n", "no [tool.setuptools] package-dir table"),
+    ("[tool.setuptools.package-dir]\n'carclf.serving' = 'serving'\n", "no 'carclf' entry"),
+    ("[tool.setuptools\n", "not valid TOML"),
+], ids=["no-tool-table", "no-package-dir", "no-top-package", "bad-toml"])
+def test_shadow_tree_refuses_a_checkout_whose_pyproject_maps_no_packages(tmp_path, pyproject, missing):
+    """It was KeyError: 'tool' (a traceback, exit 1) for a pyproject.toml without the package map."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "pyproject.toml").write_text(pyproject)
+    with pytest.raises(ConfigError) as raised:
+        shadow_tree(checkout, tmp_path / "shadow")
+    message = str(raised.value)
+    assert message.startswith("field '--baseline-checkout': ") and str(checkout) in message, message
+    assert missing in message, message
+    assert not (tmp_path / "shadow").exists()
+
+
+def test_ab_names_a_checkout_without_a_package_map_in_one_line_and_exits_2(tmp_path, monkeypatch, capsys):
+    from carclf.loadtest import ab
+
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "pyproject.toml").write_text("[project]\nname = 'carclf'\n")
+    monkeypatch.setattr(ab.Workload, "of_photos", classmethod(lambda cls, *_a: object()))
+    monkeypatch.setattr(ab, "start_servers", lambda *_a: pytest.fail("no server may start"))
+    assert ab.main(["--baseline-checkout", str(checkout), "--model", "m", "--batching-config", "",
+                    "--out", str(tmp_path / "ab")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ab: field '--baseline-checkout': "), lines
+    assert str(checkout) in lines[0] and "package-dir" in lines[0], lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -21,9 +22,10 @@ from carclf.loadtest import server as srv
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_loadtest(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
+def run_loadtest(*args: str, timeout: float = 150, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "carclf.loadtest.run", *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def run_locust(reports: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -188,14 +190,25 @@ def test_settings_that_would_call_nothing_or_a_wrong_port_stop_before_any_reques
         (["--host", f"http://127.0.0.1:{address.grpc_port}", "--grpc-host", address.grpc_target],
          "does not answer HTTP/1.x (BadStatusLine), as a gRPC port does: give the REST port (http://host:port)"),
         (["--host", address.rest_url, "--grpc-host", f"http://{address.grpc_target}"],
-         f"field 'grpc-host': expected HOST:PORT (no scheme), received 'http://{address.grpc_target}'"),
+         f"field 'grpc-host': expected HOST:PORT (no scheme, a port from 1 to 65535), received "
+         f"'http://{address.grpc_target}'"),
+        (["--host", "http://127.0.0.1:99999", "--grpc-host", address.grpc_target],
+         "field 'host': expected http://HOST:PORT (a port from 1 to 65535), received 'http://127.0.0.1:99999'"),
+        (["--host", "http://127.0.0.1:85o1", "--grpc-host", address.grpc_target],
+         "field 'host': expected http://HOST:PORT (a port from 1 to 65535), received 'http://127.0.0.1:85o1'"),
+        (["--host", address.rest_url, "--grpc-host", "127.0.0.1:70000"],
+         "field 'grpc-host': expected HOST:PORT (no scheme, a port from 1 to 65535), received '127.0.0.1:70000'"),
+        (["--host", address.rest_url, "--grpc-host", address.grpc_target, "--ensemble-weight", "1",
+          "--ensemble-rest-host", f"127.0.0.1:{address.rest_port}"],
+         f"field 'ensemble-rest-host': expected http://HOST:PORT (a port from 1 to 65535), received "
+         f"'127.0.0.1:{address.rest_port}'"),
         (["--host", address.rest_url, "--grpc-host", address.grpc_target, "--backbone-weight", "0"],
          "field 'backbone-weight': expected a weight > 0 here or for ensemble-weight: with both 0 the users have "
          "nothing to call, received '0'"),
     ]
     for number, (flags, needle) in enumerate(cases):
         reports = tmp_path / f"case{number}"
-        result = run_loadtest(*flags, "--no-start", "--target-model", "tiny_a", "--ensemble-weight", "0",
+        result = run_loadtest("--no-start", "--target-model", "tiny_a", "--ensemble-weight", "0", *flags,
                               "--photo-folder", str(sample_dir), "--run-time", "2s", "--reports", str(reports),
                               timeout=60)
         assert result.returncode == 2, (flags, result.stdout[-2000:], result.stderr[-2000:])
@@ -269,8 +282,13 @@ def test_a_rest_answer_that_is_no_prediction_is_a_failed_request(tmp_path, sampl
 
 def test_ctrl_c_ends_the_run_with_its_figures_so_far(tiny_deployment, tmp_path, sample_dir):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) stops locust cleanly: the table of what
-    was measured, an INTERRUPTED verdict and exit status 130, no traceback."""
+    was measured, an INTERRUPTED verdict and exit status 130, no traceback. The CSV counts the same requests
+    as the printed table (the users stop before the CSV's last pass), and the HTML report is this run's: an
+    earlier run's reports in the folder are gone (locust writes no HTML when stopped by SIGTERM)."""
     address, reports = tiny_deployment.address, tmp_path / "reports"
+    reports.mkdir()
+    (reports / "locust_stats.csv").write_text(STALE_STATS)
+    (reports / "locust.html").write_text("an earlier run's report")
     child = subprocess.Popen([sys.executable, "-m", "carclf.loadtest.run", "--host", address.rest_url,
                               "--grpc-host", address.grpc_target, "--no-start", "--users", "2", "--spawn-rate", "2",
                               "--run-time", "60s", "--target-model", "tiny_a", "--ensemble-weight", "0",
@@ -289,9 +307,137 @@ def test_ctrl_c_ends_the_run_with_its_figures_so_far(tiny_deployment, tmp_path, 
             os.killpg(child.pid, signal.SIGKILL)
     assert child.returncode == 130, out[-2000:] + err[-3000:]
     assert "loadtest: interrupted; the figures up to then follow" in out
-    assert re.search(r"^\s*Aggregated\s+[1-9]\d*\s", out, re.M), out[-2000:]
+    summary = re.search(r"^\s*Aggregated\s+([1-9]\d*)\s", out, re.M)
+    assert summary, out[-2000:]
     assert "loadtest: INTERRUPTED (locust exit status 130)" in out
     assert "Traceback" not in out + err, err[-3000:]
+    printed = re.findall(r"^\s*Aggregated\s+(\d+)\s+\d+\(", err, re.M)  # locust's own final table
+    assert printed and printed[-1] == summary.group(1) == stats(reports)["Aggregated"]["Request Count"], \
+        (printed, summary.group(1), stats(reports)["Aggregated"])
+    html = (reports / "locust.html").read_text()
+    assert len(html) > 10_000 and "an earlier run" not in html
+
+
+STALE_STATS = ("Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,Min Response Time,"
+               "Max Response Time,Average Content Size,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,"
+               "99.99%,100%\n,Aggregated,28,0,40,41.0,30,60,100,5.0,0.0,40,42,44,46,50,55,58,60,60,60,60\n")
+
+
+def test_a_run_that_stops_before_locust_reports_shows_no_earlier_runs_figures(tiny_deployment, tmp_path,
+                                                                              sample_dir):
+    """A locust that refuses a flag of its own writes nothing: the summary must not print the figures an earlier
+    run left in the same reports folder (28 requests here) as if they were this run's."""
+    address, reports = tiny_deployment.address, tmp_path / "reports"
+    reports.mkdir()
+    (reports / "locust_stats.csv").write_text(STALE_STATS)
+    result = run_loadtest("--host", address.rest_url, "--grpc-host", address.grpc_target, "--no-start",
+                          "--target-model", "tiny_a", "--ensemble-weight", "0", "--photo-folder", str(sample_dir),
+                          "--run-time", "2s", "--reports", str(reports), "--", "--no-such-locust-flag", timeout=60)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "unrecognized arguments: --no-such-locust-flag" in result.stderr
+    assert "Aggregated" not in result.stdout and not (reports / "locust_stats.csv").exists()
+    assert result.stdout.strip().splitlines()[-1] == f"loadtest: FAILED (locust exit status 2); reports in {reports}/"
+
+
+def test_the_ensemble_at_a_host_of_its_own_is_checked_and_called_there(tiny_deployment, lt_repository, tmp_path,
+                                                                       sample_dir):
+    """``--ensemble-rest-host``/``--ensemble-grpc-host`` (a gateway in front of real TF Serving): the backbone's
+    server need not serve the ensemble. The check before the run asked the backbone's REST host for it and
+    refused every such run."""
+    from tests.loadtest.conftest import start_tiny_server
+
+    backbones = start_tiny_server(lt_repository, tmp_path / "backbones", None)  # tiny_a and tiny_b, no ensemble
+    try:
+        gateway = tiny_deployment.address
+        common = ("--host", backbones.address.rest_url, "--grpc-host", backbones.address.grpc_target, "--no-start",
+                  "--target-model", "tiny_a", "--ensemble-weight", "1", "--photo-folder", str(sample_dir),
+                  "--model-repository", str(lt_repository), "--users", "2", "--spawn-rate", "2", "--run-time", "3s",
+                  "--max-p95-ms", "0")
+        result = run_loadtest(*common, "--ensemble-rest-host", gateway.rest_url,
+                              "--ensemble-grpc-host", gateway.grpc_target, "--reports", str(tmp_path / "ok"))
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        rows = stats(tmp_path / "ok")
+        for name in ("grpc Predict car_ensemble", "POST POST /v1/models/car_ensemble:predict"):
+            assert int(rows[name]["Request Count"]) > 0 and rows[name]["Failure Count"] == "0", rows[name]
+        # the ensemble's REST host that lacks it is the one named
+        result = run_loadtest(*common, "--ensemble-rest-host", backbones.address.rest_url,
+                              "--ensemble-grpc-host", gateway.grpc_target, "--reports", str(tmp_path / "wrong"),
+                              timeout=60)
+        assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+        assert result.stderr.strip().splitlines()[-1].startswith(
+            f"loadtest: error: the server at {backbones.address.rest_url} does not serve the ensemble model "
+            f"'car_ensemble'")
+    finally:
+        backbones.stop()
+
+
+def test_environment_variables_name_the_report_paths_as_for_locust(tiny_deployment, tmp_path, sample_dir):
+    """LOCUST_CSV and LOCUST_HTML (locust's own variables) place the reports, under the flags' precedence."""
+    address = tiny_deployment.address
+    prefix, html = tmp_path / "from_env" / "run", tmp_path / "from_env" / "page.html"
+    result = run_loadtest("--host", address.rest_url, "--grpc-host", address.grpc_target, "--no-start",
+                          "--target-model", "tiny_a", "--ensemble-weight", "0", "--photo-folder", str(sample_dir),
+                          "--users", "1", "--run-time", "2s", "--max-p95-ms", "0",
+                          env={"LOCUST_CSV": str(prefix), "LOCUST_HTML": str(html)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert int(stats_at(prefix)["Aggregated"]["Request Count"]) > 0 and html.stat().st_size > 10_000
+    assert result.stdout.strip().splitlines()[-1].endswith(f"reports in {prefix.parent}/")
+
+
+def stats_at(prefix: Path) -> dict[str, dict[str, str]]:
+    with Path(f"{prefix}_stats.csv").open(newline="") as handle:
+        return {f"{row['Type']} {row['Name']}".strip(): row for row in csv.DictReader(handle)}
+
+
+def test_photos_that_do_not_decode_for_the_pixels_signature_are_a_setting_error(tiny_deployment, tmp_path,
+                                                                                sample_dir):
+    """``--signature serving_pixels`` decodes every photo before the run: one that does not decode stops it with
+    one line naming the photo and exit status 2, not a TensorFlow traceback and a failed load test."""
+    photos = _mixed_photos(tmp_path / "photos", sample_dir, good=2)
+    address = tiny_deployment.address
+    result = run_loadtest("--host", address.rest_url, "--grpc-host", address.grpc_target, "--no-start",
+                          "--target-model", "tiny_a", "--ensemble-weight", "0", "--photo-folder", str(photos),
+                          "--signature", "serving_pixels", "--run-time", "2s", "--reports", str(tmp_path / "r"),
+                          timeout=90)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if "/ERROR/" in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"cannot start the load test: photo 'not_a_photo.jpg' of {photos} does not decode (truncated or corrupt): "
+        "Unknown image file format. One of JPEG, JPEG XL, PNG, GIF, BMP, WebP required."), errors
+    assert "Traceback" not in output
+
+
+def test_ctrl_c_while_a_started_server_loads_stops_it_without_a_traceback(lt_repository, tmp_path, sample_dir):
+    """Ctrl-C before locust starts (the server it started still loading its models): one line, exit status 130,
+    and the server it started is stopped, its ports free."""
+    import psutil
+
+    rest, grpc_port = srv.free_port(), srv.free_port()
+    reports = tmp_path / "reports"
+    child = subprocess.Popen([sys.executable, "-m", "carclf.loadtest.run", "--host", f"http://127.0.0.1:{rest}",
+                              "--grpc-host", f"127.0.0.1:{grpc_port}", "--target-model", "tiny_a",
+                              "--ensemble-weight", "0", "--photo-folder", str(sample_dir), "--model-repository",
+                              str(lt_repository), "--run-time", "30s", "--reports", str(reports)],
+                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        while "loadtest: starting the embedded server" not in (line := child.stdout.readline()):
+            assert line, "run.py ended before it started a server"
+        time.sleep(0.5)
+        server = [p for p in psutil.Process(child.pid).children(recursive=True) if "serve" in " ".join(p.cmdline())]
+        os.killpg(child.pid, signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 130, out[-2000:] + err[-3000:]
+    assert err.strip().splitlines()[-1] == "loadtest: interrupted before the load test began; no load test was run"
+    assert "Traceback" not in out + err, err[-3000:]
+    assert server and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in server)
+    for port in (rest, grpc_port):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))  # free again
 
 
 @pytest.mark.parametrize("sig,hint", [(signal.SIGABRT, ""), (signal.SIGKILL, " (the system may have run out of memory)")])
@@ -436,3 +582,41 @@ def test_distributed_mode_with_forked_workers_aggregates_both_users(tiny_deploym
     rows = stats(tmp_path)
     for name in ("grpc Predict tiny_a", "POST POST /v1/models/tiny_a:predict"):
         assert int(rows[name]["Request Count"]) > 0 and rows[name]["Failure Count"] == "0", rows[name]
+
+
+def _processes_of(marker: Path) -> list:
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if str(marker) in " ".join(process.info["cmdline"] or []):
+                found.append(process)
+    return found
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--run-time", "0s", "--photo-folder", "PHOTOS"],
+     "cannot start the load test: field 'run-time': expected a run time > 0 such as 30s, 2m or 1h30m, received '0s'"),
+    (["--run-time", "5s", "--photo-folder", "/no/such/photos"],
+     "cannot start the load test: worker "),
+])
+def test_a_distributed_run_refuses_bad_settings_in_one_line_and_leaves_no_worker(tiny_deployment, tmp_path,
+                                                                               sample_dir, flags, needle):
+    """``--processes 2``: the master checks what it can (a run time of 0 ran without limit before); a worker that
+    cannot read its photos says so in one line and the master ends the run with exit status 2 (before: tracebacks
+    from every user for the whole run time, then exit 1). No forked worker outlives the master."""
+    address = tiny_deployment.address
+    flags = [str(sample_dir) if f == "PHOTOS" else f for f in flags]
+    result = run_locust(tmp_path, "--processes", "2", "--host", address.rest_url, "--grpc-host", address.grpc_target,
+                        "--users", "2", "--spawn-rate", "2", "--target-model", "tiny_a", "--ensemble-weight", "0",
+                        *flags, timeout=90)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if "/ERROR/carclf" in line]
+    assert errors and all(needle in line for line in errors if "cannot start" in line), errors
+    assert any("cannot start the load test" in line for line in errors) and "Traceback" not in output, output[-3000:]
+    deadline = time.monotonic() + 10
+    while _processes_of(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_of(tmp_path) == []
