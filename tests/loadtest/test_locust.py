@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,21 @@ def run_locust(reports: Path, *args: str, timeout: float = 120) -> subprocess.Co
     return subprocess.run([sys.executable, "-m", "locust", "--config", str(REPO_ROOT / "loadtest" / "locust.conf"),
                            *args, "--csv", str(reports / "locust"), "--html", str(reports / "locust.html")],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def interrupt_run(when: Callable[[subprocess.Popen], None], *args: str) -> tuple[subprocess.Popen, str, str]:
+    """Start ``python -m carclf.loadtest.run *args`` in a session of its own, wait for ``when(child)``, then send
+    its process group SIGINT (a terminal's Ctrl-C); the child, its stdout and its stderr once it has ended."""
+    child = subprocess.Popen([sys.executable, "-m", "carclf.loadtest.run", *args], cwd=REPO_ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        when(child)
+        os.killpg(child.pid, signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    return child, out, err
 
 
 def stats(reports: Path) -> dict[str, dict[str, str]]:
@@ -289,22 +305,16 @@ def test_ctrl_c_ends_the_run_with_its_figures_so_far(tiny_deployment, tmp_path, 
     reports.mkdir()
     (reports / "locust_stats.csv").write_text(STALE_STATS)
     (reports / "locust.html").write_text("an earlier run's report")
-    child = subprocess.Popen([sys.executable, "-m", "carclf.loadtest.run", "--host", address.rest_url,
-                              "--grpc-host", address.grpc_target, "--no-start", "--users", "2", "--spawn-rate", "2",
-                              "--run-time", "60s", "--target-model", "tiny_a", "--ensemble-weight", "0",
-                              "--photo-folder", str(sample_dir), "--reports", str(reports)],
-                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
-    try:
+    def some_requests_made(_child) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (reports / "locust_stats_history.csv").is_file():
             time.sleep(0.2)
-        time.sleep(3)  # some requests made
-        os.killpg(child.pid, signal.SIGINT)
-        out, err = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
+        time.sleep(3)
+
+    child, out, err = interrupt_run(some_requests_made, "--host", address.rest_url, "--grpc-host",
+                                    address.grpc_target, "--no-start", "--users", "2", "--spawn-rate", "2",
+                                    "--run-time", "60s", "--target-model", "tiny_a", "--ensemble-weight", "0",
+                                    "--photo-folder", str(sample_dir), "--reports", str(reports))
     assert child.returncode == 130, out[-2000:] + err[-3000:]
     assert "loadtest: interrupted; the figures up to then follow" in out
     summary = re.search(r"^\s*Aggregated\s+([1-9]\d*)\s", out, re.M)
@@ -415,22 +425,18 @@ def test_ctrl_c_while_a_started_server_loads_stops_it_without_a_traceback(lt_rep
 
     rest, grpc_port = srv.free_port(), srv.free_port()
     reports = tmp_path / "reports"
-    child = subprocess.Popen([sys.executable, "-m", "carclf.loadtest.run", "--host", f"http://127.0.0.1:{rest}",
-                              "--grpc-host", f"127.0.0.1:{grpc_port}", "--target-model", "tiny_a",
-                              "--ensemble-weight", "0", "--photo-folder", str(sample_dir), "--model-repository",
-                              str(lt_repository), "--run-time", "30s", "--reports", str(reports)],
-                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
-    try:
+    server = []
+
+    def server_loading(child) -> None:
         while "loadtest: starting the embedded server" not in (line := child.stdout.readline()):
             assert line, "run.py ended before it started a server"
         time.sleep(0.5)
-        server = [p for p in psutil.Process(child.pid).children(recursive=True) if "serve" in " ".join(p.cmdline())]
-        os.killpg(child.pid, signal.SIGINT)
-        out, err = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
+        server.extend(p for p in psutil.Process(child.pid).children(recursive=True) if "serve" in " ".join(p.cmdline()))
+
+    child, out, err = interrupt_run(server_loading, "--host", f"http://127.0.0.1:{rest}", "--grpc-host",
+                                    f"127.0.0.1:{grpc_port}", "--target-model", "tiny_a", "--ensemble-weight", "0",
+                                    "--photo-folder", str(sample_dir), "--model-repository", str(lt_repository),
+                                    "--run-time", "30s", "--reports", str(reports))
     assert child.returncode == 130, out[-2000:] + err[-3000:]
     assert err.strip().splitlines()[-1] == "loadtest: interrupted before the load test began; no load test was run"
     assert "Traceback" not in out + err, err[-3000:]
