@@ -251,6 +251,31 @@ def _on_quitting(environment, **_kwargs) -> None:
     _enforce_thresholds(environment)
 
 
+def _stop_csv_writer_before_its_files_close() -> None:
+    """Locust (2.47) closes its CSV files at exit without stopping the greenlet that rewrites them every second;
+    a ``--processes`` master then waits for its workers (a gevent sleep), and that greenlet, run again, ends in
+    "ValueError: I/O operation on closed file" tracebacks after the verdict. The writer greenlet is remembered
+    when it starts and stopped before its files close."""
+    from locust.stats import StatsCSVFileWriter
+
+    write, close = StatsCSVFileWriter.stats_writer, StatsCSVFileWriter.close_files
+
+    def stats_writer(self) -> None:
+        self.carclf_writer = gevent.getcurrent()
+        write(self)
+
+    def close_files(self) -> None:
+        writer = getattr(self, "carclf_writer", None)
+        if writer is not None and writer is not gevent.getcurrent():
+            writer.kill(block=True, timeout=5)
+        close(self)
+
+    StatsCSVFileWriter.stats_writer, StatsCSVFileWriter.close_files = stats_writer, close_files
+
+
+_stop_csv_writer_before_its_files_close()
+
+
 def _final_csv_rows(environment) -> None:
     """Let locust's CSV writer (it rewrites the files once a second) take one more pass now that the users
     have stopped, so that the CSV files hold the same final counts as the printed table."""

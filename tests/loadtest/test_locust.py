@@ -632,3 +632,29 @@ def test_a_distributed_run_refuses_bad_settings_in_one_line_and_leaves_no_worker
     assert errors and all(needle in line for line in errors if "cannot start" in line), errors
     assert any("cannot start the load test" in line for line in errors) and "Traceback" not in output, output[-3000:]
     assert left == [], [p.pid for p in left]
+
+
+CSV_WRITER_AFTER_CLOSE = """
+import sys, tempfile
+import gevent
+import carclf.loadtest.locustfile  # noqa: F401 - what locust imports first
+from locust.env import Environment
+from locust.stats import PERCENTILES_TO_REPORT, StatsCSVFileWriter
+
+writer = StatsCSVFileWriter(Environment(), PERCENTILES_TO_REPORT, tempfile.mkdtemp() + "/locust")
+greenlet = gevent.spawn(writer.stats_writer)
+gevent.sleep(0.2)          # it wrote its first pass and sleeps
+writer.close_files()       # locust's shutdown
+gevent.sleep(1.5)          # a --processes master waiting for its workers
+print("writer ended with", repr(greenlet.exception), "dead:", greenlet.dead)
+"""
+
+
+def test_locusts_csv_writer_never_runs_on_its_closed_files():
+    """The locust file stops locust's CSV writer greenlet before its files close: a --processes master that
+    waited for its workers after closing them printed "I/O operation on closed file" tracebacks."""
+    result = subprocess.run([sys.executable, "-c", CSV_WRITER_AFTER_CLOSE], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "writer ended with None dead: True"
+    assert "Traceback" not in result.stderr and "closed file" not in result.stderr, result.stderr[-3000:]
