@@ -87,21 +87,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _finished(run: Path) -> bool:
-    """Whether ``run`` finished training: its final weights written and its run.json saying so (an interrupted
-    run has neither, one cut short by a time budget says ``finished: false``)."""
-    info = run / run_files.RUN_INFO
-    if not info.is_file() or not (run / run_files.FINAL_WEIGHTS).is_file():
-        return False
-    try:
-        return run_files.read_json(info).get("finished") is True
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def newest_finished_run(runs: Path, recipe: str) -> Path | None:
     """The run of ``recipe`` under ``runs`` that finished training last (by its run.json), or None."""
-    finished = [p for p in runs.glob(f"{recipe}-*") if p.is_dir() and _finished(p)]
+    finished = [p for p in runs.glob(f"{recipe}-*") if p.is_dir() and run_files.finished_training(p)]
     return max(finished, key=lambda p: (p / run_files.RUN_INFO).stat().st_mtime, default=None)
 
 

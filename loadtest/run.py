@@ -245,8 +245,7 @@ def check_served(address: srv.ServerAddress, called: dict[str, str], ensemble_re
     given: a gateway in front of real TF Serving)."""
     for role, model in called.items():
         url = address.rest_url
-        if role == "ensemble" and ensemble_rest_host:
-            rest_host_port(ensemble_rest_host, "ensemble-rest-host")
+        if role == "ensemble" and ensemble_rest_host:  # checked as an http://HOST:PORT by check_settings
             url = ensemble_rest_host.rstrip("/")
         state, message = srv.model_status(url, model)
         if state == "AVAILABLE":
@@ -355,7 +354,8 @@ def locust_command(args, settings: dict[str, str]) -> list[str]:
     return cmd + (extra[1:] if extra[:1] == ["--"] else extra)
 
 
-CSV_SUFFIXES = ("_stats.csv", "_stats_history.csv", "_failures.csv", "_exceptions.csv")  # locust's CSV files
+STATS_CSV, HISTORY_CSV = "_stats.csv", "_stats_history.csv"  # locust's CSV files: <csv prefix><suffix>
+CSV_SUFFIXES = (STATS_CSV, HISTORY_CSV, "_failures.csv", "_exceptions.csv")
 
 
 def clear_reports(settings: dict[str, str]) -> None:
@@ -369,7 +369,7 @@ def clear_reports(settings: dict[str, str]) -> None:
 
 def summarize(csv_prefix: str) -> list[dict[str, str]]:
     """Rows of locust's ``<prefix>_stats.csv`` (one per request name, plus the Aggregated row)."""
-    path = Path(csv_prefix + "_stats.csv")
+    path = Path(csv_prefix + STATS_CSV)
     if not path.is_file():
         return []
     with path.open(newline="") as handle:

@@ -86,7 +86,7 @@ def load_started_at(csv_prefix: str) -> float | None:
     """When locust's users started (wall-clock seconds, to about one second): the first row of its stats
     history (``<prefix>_stats_history.csv``, a row a second) that counts users; None when there is none."""
     try:
-        with open(csv_prefix + "_stats_history.csv", newline="", encoding="utf-8") as handle:
+        with open(csv_prefix + loadtest_run.HISTORY_CSV, newline="", encoding="utf-8") as handle:
             for row in csv.DictReader(handle):
                 if row.get("Name") == "Aggregated" and int(row.get("User Count") or 0) > 0:
                     return float(row["Timestamp"])

@@ -184,6 +184,18 @@ class TrainedRun:
         return list(self.info["class_names"])
 
 
+def finished_training(run_dir: str | os.PathLike) -> bool:
+    """Whether a run finished training: its final weights written and its run.json saying so (an interrupted
+    run has neither; one cut short by a time budget says ``finished: false``)."""
+    path = Path(run_dir)
+    if not (path / RUN_INFO).is_file() or not (path / FINAL_WEIGHTS).is_file():
+        return False
+    try:
+        return read_json(path / RUN_INFO).get("finished") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_run(run_dir: str | os.PathLike, weights_file: str = FINAL_WEIGHTS) -> TrainedRun:
     """Rebuild a run's classifier from its config and load its trained weights."""
     from carclf.train.model import build_classifier

@@ -51,9 +51,14 @@ def interrupt_run(when: Callable[[subprocess.Popen], None], *args: str) -> tuple
     return child, out, err
 
 
-def stats(reports: Path) -> dict[str, dict[str, str]]:
-    with (reports / "locust_stats.csv").open(newline="") as handle:
+def stats_at(prefix: Path) -> dict[str, dict[str, str]]:
+    """Rows of locust's ``<prefix>_stats.csv`` by "Type Name"."""
+    with Path(f"{prefix}_stats.csv").open(newline="") as handle:
         return {f"{row['Type']} {row['Name']}".strip(): row for row in csv.DictReader(handle)}
+
+
+def stats(reports: Path) -> dict[str, dict[str, str]]:
+    return stats_at(reports / "locust")
 
 
 @pytest.mark.slow
@@ -392,11 +397,6 @@ def test_environment_variables_name_the_report_paths_as_for_locust(tiny_deployme
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert int(stats_at(prefix)["Aggregated"]["Request Count"]) > 0 and html.stat().st_size > 10_000
     assert result.stdout.strip().splitlines()[-1].endswith(f"reports in {prefix.parent}/")
-
-
-def stats_at(prefix: Path) -> dict[str, dict[str, str]]:
-    with Path(f"{prefix}_stats.csv").open(newline="") as handle:
-        return {f"{row['Type']} {row['Name']}".strip(): row for row in csv.DictReader(handle)}
 
 
 def test_photos_that_do_not_decode_for_the_pixels_signature_are_a_setting_error(tiny_deployment, tmp_path,
