@@ -26,7 +26,7 @@ from aiohttp import web
 
 from carclf.cancel import CancelToken
 from carclf.errors import CarClfError, InvalidInput, NotFound, RequestTooLarge, Unimplemented
-from carclf.serving import apis, json_codec
+from carclf.serving import apis, content_coding, json_codec
 from carclf.serving.config import MonitoringConfig
 from carclf.serving.gate import TRANSPORT_GRACE_S, BodyTimeout, RequestGate
 from carclf.serving.manager import ModelManager
@@ -163,23 +163,37 @@ class RestApi:
         raise malformed
 
     async def _receive(self, request: web.Request) -> bytes:
-        """The request body, at most ``--max_request_bytes``, arrived within ``--rest_api_timeout_in_ms``."""
+        """The request body, at most ``--max_request_bytes`` as sent and once inflated (``content_coding``),
+        arrived within ``--rest_api_timeout_in_ms``."""
         length = request.content_length
         if length is not None and length > self._max_bytes:
             raise RequestTooLarge(f"request body is {length} bytes, larger than the limit of {self._max_bytes} "
                                   "bytes (--max_request_bytes)")
+        # Where the host's runner let aiohttp inflate the body already (``auto_decompress``), it is plain here.
+        inflated = getattr(request.content, "total_compressed_bytes", None) is not None
+        applied = [] if inflated else content_coding.codings(request.headers.get("Content-Encoding"))
         try:
-            return await asyncio.wait_for(request.read(), self._timeout)
+            body = await asyncio.wait_for(request.read(), self._timeout)
         except web.HTTPRequestEntityTooLarge:
             raise RequestTooLarge(f"request body is larger than the limit of {self._max_bytes} bytes "
                                   "(--max_request_bytes)") from None
         except TimeoutError:
             raise BodyTimeout(f"the request body did not arrive within {self._timeout:g} s "
                               "(--rest_api_timeout_in_ms); nothing was run") from None
+        if not applied:
+            return body
+        # Off the loop whatever the body's size: a small body may inflate to the whole limit.
+        return await self._in_worker(content_coding.decode, body, applied, self._max_bytes)
 
     async def _off_loop(self, size: int, function: Callable, *args):
         """Run CPU-heavy decoding in a worker thread when the body is large; inline otherwise."""
-        if size < OFFLOAD_DECODE_BYTES or self._executor is None:
+        if size < OFFLOAD_DECODE_BYTES:
+            return function(*args)
+        return await self._in_worker(function, *args)
+
+    async def _in_worker(self, function: Callable, *args):
+        """``function(*args)`` in the executor (inline where the API was given none)."""
+        if self._executor is None:
             return function(*args)
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
@@ -259,8 +273,9 @@ async def start_rest(api: RestApi, host: str, port: int, idle_timeout_s: float) 
     # aiohttp's default would wait up to 60 s for handlers at shutdown; the server's drain has waited already.
     # handler_cancellation: a client that closes its connection cancels its handler, which takes its request
     # out of the batching queue or the worker pool if it has not started (a run already started finishes).
+    # auto_decompress=False: bodies arrive as sent and RestApi inflates them within the size limit.
     runner = web.AppRunner(api.app(), access_log=None, handle_signals=False, shutdown_timeout=TRANSPORT_GRACE_S,
-                           keepalive_timeout=idle_timeout_s, handler_cancellation=True)
+                           keepalive_timeout=idle_timeout_s, handler_cancellation=True, auto_decompress=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

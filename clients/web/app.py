@@ -75,7 +75,9 @@ def add_routes(app, settings: PageSettings = PageSettings()) -> None:
 
 def application_with_page(rest_api, settings: PageSettings = PageSettings(), *, max_request_bytes: int | None = None):
     """An aiohttp application serving the page and, for every other path, a ``carclf.serving.rest.RestApi``
-    (for hosts that build their own application instead of passing ``extra_routes`` to RestApi)."""
+    (for hosts that build their own application instead of passing ``extra_routes`` to RestApi). Run it with
+    ``web.AppRunner(app, auto_decompress=False)``, as ``serving.rest.start_rest`` does, so that compressed
+    bodies are inflated within the size limit (``serving.content_coding``)."""
     from aiohttp import web
 
     app = web.Application(client_max_size=max_request_bytes or settings.max_bytes * 2)

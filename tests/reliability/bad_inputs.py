@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gzip
 import json
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,8 @@ class RestRequest:
     method: str
     path: str
     body: bytes | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    plain: bytes | None = None  # the body before its Content-Encoding, where it has one
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,21 @@ def rest_json(model: str, doc, suffix: str = "") -> RestRequest:
 
 def rest_raw(model: str, body: bytes) -> RestRequest:
     return RestRequest("POST", predict_path(model), body)
+
+
+def rest_coded(model: str, plain: bytes, coding: str, encode: Callable[[bytes], bytes]) -> RestRequest:
+    """A predict body sent with ``Content-Encoding: coding``, ``encode`` applied to ``plain``."""
+    return RestRequest("POST", predict_path(model), encode(plain), (("Content-Encoding", coding),), plain)
+
+
+def raw_deflate(data: bytes) -> bytes:
+    """Deflate data without zlib's header and checksum, as some clients send ``Content-Encoding: deflate``."""
+    packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return packer.compress(data) + packer.flush()
+
+
+def first_half(data: bytes) -> bytes:
+    return data[:len(data) // 2]
 
 
 def web_upload(data: bytes) -> RestRequest:
@@ -297,6 +316,28 @@ def _cases() -> Iterator[Case]:
                     "body is read (REST); by gRPC's receive limit", grpc_needle="larger than max")
     yield Case("oversized_body", f"request over --max_request_bytes ({MAX_REQUEST_BYTES} bytes)", WEB, ENSEMBLE,
                lambda s: web_upload(b"x" * MAX_REQUEST_BYTES), 413, "larger than the limit")
+
+    # --- REST bodies with a Content-Encoding -----------------------------------------------------------------
+    def photo_json(s: Sample) -> bytes:
+        return json.dumps({"instances": [b64(s.photo)]}).encode()
+
+    yield Case("gzip_body", "photo JSON sent gzip-compressed", REST, m,
+               lambda s: rest_coded(m, photo_json(s), "gzip", gzip.compress), 200,
+               why="inflated within --max_request_bytes, as TF Serving inflates gzip bodies")
+    yield Case("deflate_body", "photo JSON sent as raw deflate (no zlib header)", REST, m,
+               lambda s: rest_coded(m, photo_json(s), "deflate", raw_deflate), 200,
+               why="zlib-wrapped and raw deflate are both read")
+    yield Case("gzip_bomb", "gzip body inflating to 64 x --max_request_bytes", REST, m,
+               lambda s: rest_coded(m, b'{"instances": ["' + b"x" * (64 * MAX_REQUEST_BYTES) + b'"]}', "gzip",
+                                    gzip.compress), 413, "inflates to more than the limit",
+               "inflating stops one byte past the limit: no more memory or time than a plain body of that size")
+    yield Case("corrupt_gzip", "'Content-Encoding: gzip' on a body that is not gzip", REST, m,
+               lambda s: rest_coded(m, photo_json(s), "gzip", lambda b: b), 400, "not valid gzip data")
+    yield Case("cut_short_gzip", "gzip body cut in half", REST, m,
+               lambda s: rest_coded(m, photo_json(s), "gzip", lambda b: first_half(gzip.compress(b))),
+               400, "ends before its compressed data does")
+    yield Case("unsupported_encoding", "'Content-Encoding: br'", REST, m,
+               lambda s: rest_coded(m, photo_json(s), "br", lambda b: b), 400, "unsupported Content-Encoding 'br'")
 
     # --- gRPC messages -------------------------------------------------------------------------------------
     yield Case("missing_model_spec", "PredictRequest without model_spec", GRPC, m,

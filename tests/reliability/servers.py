@@ -30,7 +30,7 @@ def upload_page(server) -> Iterator[str]:
     app = application_with_page(api, PageSettings(model=ENSEMBLE),
                                 max_request_bytes=server.options.max_request_bytes)
     loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, auto_decompress=False)
 
     async def start() -> int:
         await runner.setup()

@@ -65,6 +65,7 @@ class Routes:
 
     def send_rest(self, client: Rest, request: RestRequest) -> Answer:
         headers = {"Content-Type": "application/json"} if request.body is not None else {}
+        headers.update(request.headers)
         try:
             reply = client.request(request.method, request.path, request.body, headers)
         except (ConnectionResetError, BrokenPipeError) as exc:  # the server may close before reading it all
@@ -149,7 +150,7 @@ def _images_sent(request: RestRequest | GrpcRequest) -> list[bytes]:
 
     if isinstance(request, GrpcRequest):
         return list(to_ndarray(request.message.inputs["image_bytes"]))
-    doc = json.loads(request.body)
+    doc = json.loads(request.body if request.plain is None else request.plain)
     items = doc.get("instances") or doc["inputs"]["image_bytes"]
     return [base64.b64decode(item["b64"]) for item in items]
 
