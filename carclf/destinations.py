@@ -16,12 +16,16 @@ from pathlib import Path
 
 from carclf.errors import InvalidInput
 
+STDOUT = "-"
+
 
 def check_file(path: str | os.PathLike, what: str = "submission") -> None:
-    """Refuse a path that cannot become a file. ``what`` names it in the message (a flag such as --out)."""
+    """Refuse a path that cannot become a file. ``what`` names it in the message (a flag such as --out).
+    Commands that can print their file (``write_or_print``) skip this check for '-'."""
     out = Path(path)
     if not str(path).strip():
         raise InvalidInput(f"{what} is empty; give a file path")
+    _refuse_stdout(path, what, "a file path")
     if out.is_dir():
         raise InvalidInput(f"{what} {str(path)!r} is a folder; give a file path")
     _check_writable_ancestor(out.parent, path, what)
@@ -32,9 +36,18 @@ def check_folder(path: str | os.PathLike, what: str) -> None:
     out = Path(path)
     if not str(path).strip():
         raise InvalidInput(f"{what} is empty; give a folder")
+    _refuse_stdout(path, what, "a folder")
     if out.exists() and not out.is_dir():
         raise InvalidInput(f"{what} {str(path)!r} is a file; give a folder")
     _check_writable_ancestor(out, path, what)
+
+
+def _refuse_stdout(path: str | os.PathLike, what: str, wanted: str) -> None:
+    """'-' asks for standard output, which this command cannot write to: refused rather than written as a file
+    or folder named '-' in the working folder."""
+    if str(path) == STDOUT:
+        raise InvalidInput(f"{what} '-' asks for standard output, which this command does not write to; give "
+                           f"{wanted}")
 
 
 def _check_writable_ancestor(folder: Path, path: str | os.PathLike, what: str) -> None:
@@ -58,7 +71,7 @@ def write_or_print(output: str, text: str, summary: str) -> None:
     "wrote <output>: <summary>" on stderr. Written in place, not renamed over: a config file that docker-compose
     bind-mounts into a container (models.config) keeps showing the old inode after a rename; a server polling it
     mid-write reads an empty text (no action) or an unclosed one (refused, read again)."""
-    if output == "-":
+    if output == STDOUT:
         sys.stdout.write(text)
         return
     Path(output).parent.mkdir(parents=True, exist_ok=True)

@@ -86,3 +86,26 @@ def test_a_blank_destination_is_refused_as_empty(tmp_path, monkeypatch, capsys, 
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"{flag} is empty" in line and MISSING not in line, line
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv,flag,folder", [c for c in COMMANDS if c[0][0] != "serving-config"],
+                         ids=[c[0][0] for c in COMMANDS if c[0][0] != "serving-config"])
+def test_a_dash_for_standard_output_is_refused_where_a_command_cannot_print(tmp_path, monkeypatch, capsys, argv,
+                                                                            flag, folder):
+    """'-' is standard output by convention; a command that writes a file or folder refuses it by name instead
+    of creating one named '-' in the working folder. (serving-config and ensemble-config do print for '-'.)"""
+    monkeypatch.chdir(tmp_path)
+    assert carclf_main([arg.replace("{out}", "-") for arg in argv]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{flag} '-' asks for standard output" in line and MISSING not in line, line
+    assert ("a folder" if folder else "a file path") in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_commands_that_print_for_a_dash_still_do(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert carclf_main(["ensemble-config", "mobilenet_v2", "xception", "--output", "-"]) == 0
+    printed = capsys.readouterr().out
+    assert 'name: "car_ensemble"' in printed and 'model_name: "xception"' in printed
+    assert list(tmp_path.iterdir()) == []
+

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from carclf import contract
-from carclf.destinations import check_file, write_or_print
+from carclf.destinations import STDOUT, check_file, write_or_print
 from carclf.ensemble.config import parse_config, render
 from carclf.ensemble.members import info_from_repository
 from carclf.errors import ConfigError
@@ -66,7 +66,7 @@ def parse_parameters(pairs: list[str], tta: str | None) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.output != "-":
+    if args.output != STDOUT:
         check_file(args.output, "--output")
     text = HEADER + render(args.name, parse_members(args.members),
                            parameters=parse_parameters(args.param, args.tta))

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path, PurePosixPath
 
-from carclf.destinations import check_file, write_or_print
+from carclf.destinations import STDOUT, check_file, write_or_print
 from carclf.errors import ConfigError
 from carclf.serving.config import MODEL_NAME_RE, VersionPolicy, models_config_to_text
 from carclf.serving.repository import SAVED_MODEL_FILES, holds_savedmodel, list_models
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.base_path_prefix and not args.base_path_prefix.startswith("/"):
         raise ConfigError(f"received {args.base_path_prefix!r}; TF Serving needs absolute base paths",
                           source="--base_path_prefix")
-    if args.output != "-":
+    if args.output != STDOUT:
         check_file(args.output, "--output")
     entries = build_entries(Path(args.repository), prefix=args.base_path_prefix, only=args.models,
                             policy=args.policy)
