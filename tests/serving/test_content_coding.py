@@ -84,12 +84,13 @@ def test_a_bomb_is_refused_without_inflating_past_the_limit():
 
 @pytest.mark.parametrize("sent,coding,needle", [
     (BODY, "gzip", "not valid gzip data"),
-    (gzip.compress(BODY)[:-8], "gzip", "ends before its compressed data does"),
-    (gzip.compress(BODY)[:100], "gzip", "ends before its compressed data does"),
-    (gzip.compress(BODY) + gzip.compress(b"{}"), "gzip", "bytes after the end of its gzip data"),
+    (gzip.compress(BODY, mtime=0)[:-8], "gzip", "ends before its compressed data does"),
+    (gzip.compress(BODY, mtime=0)[:100], "gzip", "ends before its compressed data does"),
+    (gzip.compress(BODY, mtime=0) + gzip.compress(b"{}", mtime=0), "gzip", "bytes after the end of its gzip data"),
     (zlib_deflate(BODY)[:-3], "deflate", "ends before its compressed data does"),
     (b"\x08\xff\xff\xff", "deflate", "not valid deflate data"),
-])
+], ids=["not_gzip", "gzip_trailer_cut", "gzip_cut_to_100_bytes", "second_gzip_member", "zlib_cut_short",
+        "bad_deflate_stream"])
 def test_a_body_that_is_not_whole_valid_data_is_refused_by_name(sent, coding, needle):
     with pytest.raises(InvalidInput) as error:
         content_coding.decode(sent, [coding], limit=len(BODY))
