@@ -1,9 +1,10 @@
 """REST request bodies sent with a ``Content-Encoding``: inflated here, never past the request-size limit.
 
 TF Serving's HTTP server inflates gzip request bodies. aiohttp would too, but its decoder goes on inflating a
-body to its end after the handler has refused it at ``client_max_size``: a 500 KB gzip of 500 MB cost the
-server about 2 s of CPU and 250 MB that stayed allocated, each time. So the REST transport takes the bytes as
-sent (``auto_decompress=False``) and inflates them here, stopping one byte past the limit.
+body to its end after the handler has refused it at ``client_max_size``: a 0.5 MB gzip of 500 MiB cost the
+server about 2 s of CPU each time, and eight of them raised its memory by up to 1.6 GiB (docs/RELIABILITY.md).
+So the REST transport takes the bytes as sent (``auto_decompress=False``) and inflates them here, stopping one
+byte past the limit.
 
 Accepted codings: ``gzip`` (``x-gzip``), ``deflate`` (zlib-wrapped, or raw as some clients send it) and
 ``identity``, listed in the order they were applied (RFC 9110), case-insensitively.
