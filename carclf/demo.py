@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -47,23 +46,28 @@ def _carclf(*args: str) -> list[str]:
     return [sys.executable, "-m", "carclf", *args]
 
 
+def _terminate(child: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM, ``grace_s`` to end, then SIGKILL."""
+    child.terminate()
+    try:
+        child.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
 def _stop(child: subprocess.Popen, grace_s: float | None = None) -> None:
     """Stop ``child`` after a Ctrl-C: a terminal sent it the same SIGINT, so it has ``grace_s`` to end on its
     own, then SIGTERM and as long again, then SIGKILL; a second Ctrl-C meanwhile kills it at once."""
     grace_s = STOP_GRACE_S if grace_s is None else grace_s
     try:
-        for stop in (None, child.terminate):
-            if stop is not None:
-                stop()
-            try:
-                child.wait(timeout=grace_s)
-                return
-            except subprocess.TimeoutExpired:
-                pass
+        try:
+            child.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            _terminate(child, grace_s)
     except KeyboardInterrupt:
-        pass
-    child.kill()
-    child.wait()
+        child.kill()
+        child.wait()
 
 
 def _run(cmd: list[str]) -> int:
@@ -181,12 +185,7 @@ def _demo(args: argparse.Namespace) -> int:
     finally:
         if server.returncode is None:
             print("\n== stop the server (SIGTERM: drains in-flight requests)", flush=True)
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            _terminate(server, 60.0)
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s; server {exits.describe(server.returncode)}")
     print("\nEfficientNetB0 and Xception trained from scratch (no ImageNet weights offline) and stay at chance; "
           "they show the registry and the ensemble's fan-out.")

@@ -107,12 +107,8 @@ def read_conf(path: str | os.PathLike) -> dict[str, str]:
 def resolve(args: argparse.Namespace) -> dict[str, str]:
     """Effective settings: flags over ``LOCUST_*`` environment variables over the config file."""
     settings = read_conf(args.config)
-    for key in FORWARDED.values():
+    for key in (*FORWARDED.values(), *REPORT_SETTINGS):
         env = os.environ.get("LOCUST_" + key.upper().replace("-", "_"))
-        if env is not None:
-            settings[key] = env
-    for key in REPORT_SETTINGS:  # locust's own variables for its report paths
-        env = os.environ.get("LOCUST_" + key.upper())
         if env is not None:
             settings[key] = env
     for attr, key in FORWARDED.items():

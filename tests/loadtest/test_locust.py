@@ -573,14 +573,21 @@ def test_grpc_users_call_concurrently_and_time_each_call(tmp_path, sample_dir):
     assert float(row["Min Response Time"]) >= delay_s * 1000, row
 
 
+def own_master_port() -> list[str]:
+    """A free port for a ``--processes`` master and its workers: two such runs at once (``pytest -n 2`` without
+    ``--dist loadfile``) would otherwise share locust's default 5557, and one's workers join the other's master."""
+    port = str(srv.free_port())
+    return ["--master-bind-port", port, "--master-port", port]  # the master binds it, its forked workers dial it
+
+
 @pytest.mark.slow
 def test_distributed_mode_with_forked_workers_aggregates_both_users(tiny_deployment, tmp_path, sample_dir):
     """README's one-machine distributed run (``--processes``): a master and two forked workers; the master's
     options reach the workers, every call of both users is answered and checked, and the master reports the
     total."""
     address = tiny_deployment.address
-    result = run_locust(tmp_path, "--processes", "2", "--host", address.rest_url, "--grpc-host", address.grpc_target,
-                        "--users", "4", "--spawn-rate", "4", "--run-time", "3s", "--target-model", "tiny_a",
+    result = run_locust(tmp_path, "--processes", "2", *own_master_port(), "--host", address.rest_url,
+                        "--grpc-host", address.grpc_target, "--users", "4", "--spawn-rate", "4", "--run-time", "3s", "--target-model", "tiny_a",
                         "--ensemble-weight", "0", "--photo-folder", str(sample_dir),
                         "--model-repository", str(tiny_deployment.repository), "--max-p95-ms", "0", timeout=150)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -615,7 +622,7 @@ def test_a_distributed_run_refuses_bad_settings_in_one_line_and_leaves_no_worker
     address = tiny_deployment.address
     flags = [str(sample_dir) if f == "PHOTOS" else f for f in flags]
     try:
-        result = run_locust(tmp_path, "--processes", "2", "--host", address.rest_url, "--grpc-host",
+        result = run_locust(tmp_path, "--processes", "2", *own_master_port(), "--host", address.rest_url, "--grpc-host",
                             address.grpc_target, "--users", "2", "--spawn-rate", "2", "--target-model", "tiny_a",
                             "--ensemble-weight", "0", *flags, timeout=90)
     finally:  # whatever happened, no worker of this test may outlive it (they would join the next master)
