@@ -27,8 +27,10 @@ def prepared_images(samples: Sequence[Sample], image_size: imaging.Size, resize:
     labels = [s.label for s in samples]
     ds = tf.data.Dataset.from_tensor_slices((paths, tf.constant(labels, tf.int32)))
 
+    decode = imaging.traced_decode()  # traced once per process, not once per data set
+
     def load(path, label):
-        image = imaging.to_rgb(imaging.decode_image(tf.io.read_file(path)), channel_order)
+        image = imaging.to_rgb(decode(tf.io.read_file(path)), channel_order)
         image = imaging.prepare(image, image_size, resize)
         return tf.ensure_shape(image, [*imaging.side_pair(image_size), 3]), label
 
