@@ -222,6 +222,18 @@ register(BackboneSpec(
     notes="small and fast; offline ImageNet weights in ../shared/weights",
 ))
 
+register(BackboneSpec(
+    name="tiny_cnn",
+    constructor="carclf.tiny_cnn:TinyCNN",
+    input_size=32,
+    preprocessing="tf",
+    block_pattern=r"^block(\d+)_",
+    weight_sources=(),
+    min_input_size=16,
+    family="test",
+    notes="a few thousand weights for tests and smoke runs; no pretrained weights",
+))
+
 # EfficientNet B0..B7 as thin variants over one builder, Keras-applications style.
 _EFFICIENTNET_SIZES = {0: 224, 1: 240, 2: 260, 3: 300, 4: 380, 5: 456, 6: 528, 7: 600}
 

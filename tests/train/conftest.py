@@ -39,10 +39,11 @@ def two_class_data(tmp_path) -> Path:
 
 
 def tiny_recipe(data_root: Path, **overrides) -> dict:
-    """A recipe dict for MobileNetV2 (random init) at 32 -> 48 px: two stages of one epoch each."""
+    """A recipe dict for the registry's ``tiny_cnn`` (random init) at 32 -> 48 px: two stages of one epoch each.
+    Tests of what a real architecture brings (its blocks, pretrained BatchNorm) pass ``backbone="mobilenet_v2"``."""
     recipe = {
         "name": "tiny",
-        "backbone": "mobilenet_v2",
+        "backbone": "tiny_cnn",
         "weights": "none",
         "seed": 3,
         "data": {"train": str(data_root / "train"), "classes": str(data_root / "classes.json")},

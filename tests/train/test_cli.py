@@ -103,7 +103,7 @@ def _scratch_allowed(recipe: dict) -> None:
     ((), _epochs_misspelt, ("stages[0].epochs", "is required", "'epocs' is unknown")),
     ((), _stage_name_escapes, ("stages[1].name", "plain file name", "'../../top'")),
     (("--folds", "11"), None, ("split.folds 11 is more than the 10 usable photos", "at most 10 folds")),
-    (("--weights", "{tmp}/bad.h5"), None, ("weights file", "bad.h5", "does not load into backbone 'mobilenet_v2'")),
+    (("--weights", "{tmp}/bad.h5"), None, ("weights file", "bad.h5", "does not load into backbone 'tiny_cnn'")),
     (("--weights", "{tmp}/typo.h5"), _scratch_allowed, ("field 'weights'", "an existing weights file", "typo.h5")),
     (("--data", "{tmp}/empty"), None, ("has no class folders",)),
 ], ids=["seed", "split_seed", "name_escapes_runs", "lr_zero", "stage_field_typo", "stage_name_escapes",

@@ -31,7 +31,7 @@ RUN_FILES = {runs.CONFIG, runs.RUN_INFO, runs.LABELS, runs.CLASSES, runs.AUGMENT
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     data_root = make_two_class_data(root / "data")
-    recipe = parse_recipe(tiny_recipe(data_root), source="tiny")
+    recipe = parse_recipe(tiny_recipe(data_root, backbone="mobilenet_v2"), source="tiny")  # a real architecture
     run_dir = loop.train(recipe, runs_root=root / "runs", verbose=0)
     return root, run_dir
 

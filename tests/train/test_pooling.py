@@ -76,7 +76,7 @@ def test_a_bilinear_run_trains_exports_and_serves_the_same_answers(tmp_path, pho
 
     data_root = make_two_class_data(tmp_path / "data")
     recipe = parse_recipe(tiny_recipe(
-        data_root, head={"pooling": "bilinear", "feature_layer": "block_16_project_BN", "hidden_units": [],
+        data_root, backbone="mobilenet_v2", head={"pooling": "bilinear", "feature_layer": "block_16_project_BN", "hidden_units": [],
                          "dropout": 0.0, "l2": 1e-2},
         stages=[{"name": "head", "epochs": 2, "lr": 1e-3, "batch_size": 4, "image_size": 48, "unfreeze": "none"}]),
         source="tiny")

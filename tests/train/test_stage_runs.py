@@ -79,7 +79,7 @@ def test_the_next_stage_starts_from_the_previous_stage_best_checkpoint(two_class
     """Stage "head" runs two epochs; its best epoch (the first: the second, at a negligible rate, scores no
     better) and not its last is what stage "top" starts from."""
     fits = _record_fits(monkeypatch)
-    run_dir = _train(two_class_data, tmp_path, weights=str(PRETRAINED),
+    run_dir = _train(two_class_data, tmp_path, backbone="mobilenet_v2", weights=str(PRETRAINED),
                      head={"hidden_units": [8], "batchnorm": False}, stages=[_stage("head", epochs=2, lr=1e-7), _stage("top", unfreeze="top_blocks 1")])
     recipe = runs.load_config(run_dir)
     best, _ = build_classifier(backbones.get("mobilenet_v2"), 2, recipe.head, 32, None)
@@ -127,7 +127,8 @@ def test_fine_tuning_all_of_a_pretrained_backbone_keeps_its_batchnorm(two_class_
     file's scale, offset and moving statistics, while its convolutions were trained."""
     import keras
 
-    run_dir = _train(two_class_data, tmp_path, weights=str(PRETRAINED), stages=[_stage("all", unfreeze="all")])
+    run_dir = _train(two_class_data, tmp_path, backbone="mobilenet_v2", weights=str(PRETRAINED),
+                     stages=[_stage("all", unfreeze="all")])
     recipe = runs.load_config(run_dir)
     spec = backbones.get("mobilenet_v2")
     pretrained, _ = build_classifier(spec, 2, recipe.head, 32, str(PRETRAINED))

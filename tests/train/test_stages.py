@@ -91,11 +91,11 @@ def test_fine_tuning_a_pretrained_backbone_keeps_batchnorm_statistics(mobilenet)
 
 def test_training_from_scratch_learns_batchnorm_and_backbone():
     """Random initialisation: BatchNorm trains (frozen identity statistics would starve the gradient)."""
-    spec = backbones.get("mobilenet_v2")
+    spec = backbones.get("tiny_cnn")
     model, _ = build_classifier(spec, 2, HeadConfig(hidden_units=(4,)), 32, weights=None, freeze_batchnorm=False)
     set_trainable(model, spec, Unfreeze("all"), freeze_batchnorm=False)
     bn, _ = _bn_and_head(model)
-    conv = backbone_of(model).get_layer("Conv_1")
+    conv = backbone_of(model).get_layer("block4_conv")  # its last convolution
     before_bn, before_conv = np.array(bn.moving_mean), np.array(conv.kernel)
     _train_step(model)
     assert not np.allclose(before_bn, np.array(bn.moving_mean))

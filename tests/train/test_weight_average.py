@@ -81,7 +81,7 @@ def test_a_stage_with_average_last_ends_on_the_mean_weights(tmp_path, two_class_
     monkeypatch.setattr(loop, "_callbacks", lambda *a, **k: original(*a, **k) + [Record()])
     run_dir = loop.train(parsed, runs_root=tmp_path / "runs", verbose=0)
     assert runs.read_json(run_dir / runs.RUN_INFO)["averaged_epochs"] == {"all": [2, 3]}
-    spec = backbones.get("mobilenet_v2")
+    spec = backbones.get(parsed.backbone)
     final, _ = build_classifier(spec, 2, parsed.head, 32, None, freeze_batchnorm=False)
     final.load_weights(str(run_dir / runs.FINAL_WEIGHTS))
     bn = final.get_layer("head_bn")
