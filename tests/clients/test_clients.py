@@ -583,7 +583,8 @@ def test_a_long_lived_grpc_client_is_served_again_soon_after_its_server_comes_ba
         server.stop(0)
         away = time.monotonic()
         while time.monotonic() - away < 20:
-            with pytest.raises(Unavailable):
+            # UNAVAILABLE, or no answer in time when the call waits on a reconnect attempt (a busy machine)
+            with pytest.raises((Unavailable, DeadlineExceeded)):
                 client.status("m", timeout=0.5)
             time.sleep(0.2)
         server, bound = serve(port)
@@ -594,7 +595,7 @@ def test_a_long_lived_grpc_client_is_served_again_soon_after_its_server_comes_ba
                 try:
                     client.status("m", timeout=0.5)
                     break
-                except Unavailable:
+                except (Unavailable, DeadlineExceeded):
                     assert time.monotonic() - back < 30, "not served again 30 s after the server came back"
                     time.sleep(0.1)
             waited = time.monotonic() - back
