@@ -231,7 +231,7 @@ register(BackboneSpec(
     weight_sources=(),
     min_input_size=16,
     family="test",
-    notes="a few thousand weights for tests and smoke runs; no pretrained weights",
+    notes="about 13,000 weights, for tests and smoke runs; no pretrained weights",
 ))
 
 # EfficientNet B0..B7 as thin variants over one builder, Keras-applications style.

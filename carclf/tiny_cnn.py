@@ -1,4 +1,4 @@
-"""A convolutional backbone of a few thousand weights for tests and smoke runs (timm registers ``test_*``
+"""A convolutional backbone of about 13,000 weights for tests and smoke runs (timm registers ``test_*``
 models for the same reason).
 
 It has what the training loop relies on in a real backbone (a stem, numbered blocks with BatchNorm for staged
