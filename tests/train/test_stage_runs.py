@@ -79,10 +79,10 @@ def test_the_next_stage_starts_from_the_previous_stage_best_checkpoint(two_class
     """Stage "head" runs two epochs; its best epoch (the first: the second, at a negligible rate, scores no
     better) and not its last is what stage "top" starts from."""
     fits = _record_fits(monkeypatch)
-    run_dir = _train(two_class_data, tmp_path, backbone="mobilenet_v2", weights=str(PRETRAINED),
-                     head={"hidden_units": [8], "batchnorm": False}, stages=[_stage("head", epochs=2, lr=1e-7), _stage("top", unfreeze="top_blocks 1")])
+    run_dir = _train(two_class_data, tmp_path, head={"hidden_units": [8], "batchnorm": False},
+                     stages=[_stage("head", epochs=2, lr=1e-7), _stage("top", unfreeze="top_blocks 1")])
     recipe = runs.load_config(run_dir)
-    best, _ = build_classifier(backbones.get("mobilenet_v2"), 2, recipe.head, 32, None)
+    best, _ = build_classifier(backbones.get(recipe.backbone), 2, recipe.head, 32, None)
     runs.load_weights(best, runs.best_weights(run_dir, "head"))
     history = runs.read_json(run_dir / runs.HISTORY_JSON)
     assert [h["stage"] for h in history] == ["head", "head", "top"]
