@@ -46,16 +46,6 @@ def _carclf(*args: str) -> list[str]:
     return [sys.executable, "-m", "carclf", *args]
 
 
-def _terminate(child: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM, ``grace_s`` to end, then SIGKILL."""
-    child.terminate()
-    try:
-        child.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
-
-
 def _stop(child: subprocess.Popen, grace_s: float | None = None) -> None:
     """Stop ``child`` after a Ctrl-C: a terminal sent it the same SIGINT, so it has ``grace_s`` to end on its
     own, then SIGTERM and as long again, then SIGKILL; a second Ctrl-C meanwhile kills it at once."""
@@ -64,7 +54,7 @@ def _stop(child: subprocess.Popen, grace_s: float | None = None) -> None:
         try:
             child.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
-            _terminate(child, grace_s)
+            exits.terminate(child, grace_s)
     except KeyboardInterrupt:
         child.kill()
         child.wait()
@@ -185,7 +175,7 @@ def _demo(args: argparse.Namespace) -> int:
     finally:
         if server.returncode is None:
             print("\n== stop the server (SIGTERM: drains in-flight requests)", flush=True)
-            _terminate(server, 60.0)
+            exits.terminate(server, 60.0)
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s; server {exits.describe(server.returncode)}")
     print("\nEfficientNetB0 and Xception trained from scratch (no ImageNet weights offline) and stay at chance; "
           "they show the registry and the ensemble's fan-out.")

@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+
+
+def terminate(child: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM, ``grace_s`` for ``child`` to end, then SIGKILL."""
+    child.terminate()
+    try:
+        child.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 def describe(code: int) -> str:

@@ -57,12 +57,7 @@ def call_child(command: Sequence[str], stop_timeout_s: float = 30.0) -> int:
     try:
         return child.wait()
     except BaseException:
-        child.terminate()
-        try:
-            child.wait(timeout=stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        exits.terminate(child, stop_timeout_s)
         raise
 
 
