@@ -48,8 +48,6 @@ class SavedModelInfo:
 
 def load_savedmodel(path: str | os.PathLike, batch_size: int = 32) -> SavedModelInfo:
     """A SavedModel version folder (or a model folder: its highest version) as a pixel predictor."""
-    import tensorflow as tf
-
     folder = Path(path)
     if folder.is_dir() and not (folder / "saved_model.pb").exists():
         versions = sorted((n for p in folder.iterdir() if (n := contract.version_number(p.name)) is not None),
@@ -62,6 +60,8 @@ def load_savedmodel(path: str | os.PathLike, batch_size: int = 32) -> SavedModel
     card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.exists() else None
     size = contract.required_input_size(card, card_path)
     labels = (folder / "assets" / contract.LABELS_ASSET).read_text(encoding="utf-8").splitlines()
+    import tensorflow as tf  # after the checks above: a wrong path is named without TensorFlow's start-up
+
     loaded = tf.saved_model.load(str(folder))
     signature = loaded.signatures[contract.SIGNATURE_PIXELS]
 

@@ -164,6 +164,28 @@ def load_config(run_dir: Path) -> Recipe:
     return parse_recipe(data, source=str(path))
 
 
+def resume_point(run_dir: str | os.PathLike) -> tuple[Recipe, dict[str, Any]]:
+    """The saved recipe and checkpoint state (``state.json``) a run resumes from, read without TensorFlow so that
+    a missing folder, a run that stopped before its first epoch ended, or a finished run is refused at once."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise NotFound(f"no run folder at {str(path)!r}")
+    recipe = load_config(path)
+    state_file, last = path / CHECKPOINTS / STATE, path / CHECKPOINTS / LAST_WEIGHTS
+    if not state_file.is_file() or not last.is_file():
+        missing = state_file if not state_file.is_file() else last
+        raise FailedPrecondition(f"run {str(path)!r} has no checkpoint to resume from ({missing} is missing: it "
+                                 "stopped before its first epoch ended); start a new run")
+    state = read_json(state_file)
+    info_file = path / RUN_INFO
+    if int(state["stage_index"]) >= len(recipe.stages) and info_file.is_file() and read_json(info_file).get(
+            "finished"):
+        raise FailedPrecondition(f"run {str(path)!r} finished training already (its results: "
+                                 f"{path / METRICS}); evaluate it with 'carclf evaluate {path}' or start a "
+                                 "new run")
+    return recipe, state
+
+
 @dataclass
 class TrainedRun:
     path: Path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -127,6 +128,37 @@ def test_a_refused_run_names_the_problem_and_leaves_no_folder(tmp_path, two_clas
 
 def test_resume_of_a_missing_folder_says_so(tmp_path):
     _assert_clean_error(_carclf("train", "--resume", str(tmp_path / "nope")), "no run folder at")
+
+
+# runs one carclf command in a fresh process; its last line: the exit status, and whether TensorFlow was imported
+_TENSORFLOW_STARTED = """import json, sys
+from carclf.cli import main
+code = main(sys.argv[1:])
+print(json.dumps([code, "tensorflow" in sys.modules]))
+"""
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("train", "--resume", "{tmp}/nope"), "no run folder at"),
+    (("train", "--resume", "{tmp}/unstarted"), "has no checkpoint to resume from"),
+    (("train", "{tmp}/recipe.yaml", "--data", "{tmp}/empty"), "has no class folders"),
+    (("submit", "{tmp}/empty", str(PHOTOS)), "no SavedModel at"),
+], ids=["resume_missing_folder", "resume_without_checkpoint", "data_without_classes", "submit_without_savedmodel"])
+def test_refusals_that_need_no_model_come_before_tensorflow_starts(tmp_path, args, needle):
+    """TensorFlow's start-up takes seconds: a wrong path is named without it."""
+    from carclf.train import runs
+    from carclf.train.recipe import parse_recipe
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(tiny_recipe(tmp_path)))
+    (tmp_path / "unstarted").mkdir()  # a run folder whose process stopped before its first epoch ended
+    runs.save_config(tmp_path / "unstarted", parse_recipe(tiny_recipe(tmp_path), source="tiny"))
+    result = subprocess.run([sys.executable, "-c", _TENSORFLOW_STARTED, *(a.replace("{tmp}", str(tmp_path))
+                                                                          for a in args)],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [2, False], result.stderr[-3000:]
+    assert needle in result.stderr
 
 
 def test_scan_of_the_layouts_root_points_at_its_train_folder(two_class_data):
