@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from carclf import backbones
-from carclf.errors import CarClfError, FailedPrecondition, InvalidInput, NotFound
+from carclf.errors import CarClfError, InvalidInput
 from carclf.imaging import Size, side_pair, size_text
 from carclf.train import data as data_mod
 from carclf.train import evaluate, pipeline, runs
@@ -124,22 +124,7 @@ def resume(run_dir: str | Path, verbose: int | None = None, time_budget_s: float
     """Continue a run from its last completed epoch: that epoch's weights, and the optimizer's state (step,
     learning rate, moments) when the run stopped inside a stage."""
     path = Path(run_dir)
-    if not path.is_dir():
-        raise NotFound(f"no run folder at {str(path)!r}")
-    recipe = runs.load_config(path)
-    state_file = path / runs.CHECKPOINTS / runs.STATE
-    last = path / runs.CHECKPOINTS / runs.LAST_WEIGHTS
-    if not state_file.is_file() or not last.is_file():
-        missing = state_file if not state_file.is_file() else last
-        raise FailedPrecondition(f"run {str(path)!r} has no checkpoint to resume from ({missing} is missing: it "
-                                 "stopped before its first epoch ended); start a new run")
-    raw = runs.read_json(state_file)
-    info_file = path / runs.RUN_INFO
-    if int(raw["stage_index"]) >= len(recipe.stages) and info_file.is_file() and runs.read_json(info_file).get(
-            "finished"):
-        raise FailedPrecondition(f"run {str(path)!r} finished training already (its results: "
-                                 f"{path / runs.METRICS}); evaluate it with 'carclf evaluate {path}' or start a "
-                                 "new run")
+    recipe, raw = runs.resume_point(path)
     if "global_epoch" in raw:
         history = runs.trim_history(path, int(raw["global_epoch"]))
     else:
@@ -202,6 +187,7 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
     train_seconds = 0.0
     averaged: dict[str, list[int]] = {}
     cut_short = False  # by the time budget: stages or epochs left for --resume
+    plotted: int | None = None  # epochs in the curves last drawn
     epoch_offset = sum(s.epochs for s in recipe.stages[: state.stage_index])
 
     for index, stage in enumerate(recipe.stages):
@@ -309,12 +295,14 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
                          "global_epoch": int(state.history[-1]["epoch"]) if state.history else 0})
         epoch_offset += stage.epochs
         plot_curves(state.history, run_dir / runs.CURVES)
+        plotted = len(state.history)
 
     if model is None:  # resumed a run whose stages were all done
         model, _ = build_classifier(spec, dataset.num_classes, recipe.head, final_size, None)
         runs.load_weights(model, run_dir / runs.CHECKPOINTS / runs.LAST_WEIGHTS)
     runs.save_weights(model, run_dir / runs.FINAL_WEIGHTS)
-    plot_curves(state.history, run_dir / runs.CURVES)
+    if plotted != len(state.history):  # a stage cut by the budget, or a resumed run with nothing left to train
+        plot_curves(state.history, run_dir / runs.CURVES)
     runs.write_json(run_dir / runs.HISTORY_JSON, state.history)
 
     results: dict[str, Any] = {}
