@@ -3,8 +3,9 @@
 PYTHON ?= python3.11
 PORT      ?= 8500
 REST_PORT ?= 8501
-# Test processes (pytest-xdist, whole files per process). Two suit a 2-core machine: most tests spend their
-# time in one Python thread (tracing graphs, starting servers), so a second process halves the wall time.
+# Test processes (pytest-xdist, whole files per process, the files with slow tests handed out first: see
+# tests/conftest.py). Two suit a 2-core machine: most tests spend their time in one Python thread (tracing
+# graphs, starting servers), so a second process halves the wall time.
 TEST_WORKERS ?= 2
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -26,10 +27,10 @@ demo: setup
 	$(PY) -m carclf.demo
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not browser"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow and not browser"
 
 lint: setup
 	$(VENV)/bin/ruff check carclf train serving ensemble clients loadtest tests

@@ -13,6 +13,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from tests.fixtures import SAMPLE_DIR, export_tiny, sample_labels, sample_photos  # noqa: E402
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with slow tests first, each file's tests in their own order. ``make test`` hands whole files to its
+    workers in collection order (``--dist loadfile --no-loadscope-reorder``): a long file taken last would keep
+    one worker busy while the other has nothing left to do."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # a stable sort keeps the order within each group
+
+
 @pytest.fixture(scope="session")
 def labels() -> list[str]:
     return sample_labels()

@@ -120,6 +120,7 @@ def test_a_resume_with_other_models_policy_or_order_is_refused_and_the_same_mode
     assert out.read_text().splitlines() == expected and not partial.exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_command_with_its_rows_kept_and_the_same_command_with_resume_finishes(
         tiny_repository_template, tmp_path, capsys):
     """The real command in a process of its own, sent SIGINT once its first chunk of 64 rows is on disk: exit
