@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from carclf import backbones
 from carclf.errors import CarClfError, InvalidInput
@@ -26,18 +26,12 @@ from carclf.imaging import Size, side_pair, size_text
 from carclf.train import data as data_mod
 from carclf.train import evaluate, pipeline, runs
 from carclf.train.augment import Augmenter
-from carclf.train.callbacks import (
-    ExponentialDecay,
-    LinearWarmup,
-    ResumeState,
-    TimeBudget,
-    Timing,
-    WeightAverage,
-    restore_optimizer_state,
-)
 from carclf.train.model import build_classifier, refresh_head_batchnorm, set_trainable, transfer_weights
 from carclf.train.plots import plot_curves
 from carclf.train.recipe import LossConfig, OptimizerConfig, Recipe
+
+if TYPE_CHECKING:
+    from carclf.train.callbacks import Timing
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +130,21 @@ def resume(run_dir: str | Path, verbose: int | None = None, time_budget_s: float
 
 def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | None,
          time_budget_s: float | None = None) -> Path:
+    started = time.time()
+    dataset = data_mod.read_dataset(recipe.data)  # before TensorFlow starts: data without classes is named at once
     import keras
 
-    started = time.time()
+    from carclf.train.callbacks import (
+        LinearWarmup,
+        TimeBudget,
+        Timing,
+        WeightAverage,
+        restore_optimizer_state,
+    )
+
     budget = TimeBudget(started + time_budget_s) if time_budget_s else None
     verbose = verbose if verbose is not None else (1 if sys.stdout.isatty() else 2)
     keras.utils.set_random_seed(recipe.seed)
-    dataset = data_mod.read_dataset(recipe.data)
     resuming = state is not None
     if not resuming:
         log.info("scanning %d files under %s", len(dataset.samples), dataset.root)
@@ -338,6 +340,8 @@ def _no_training_photos(dataset: data_mod.Dataset, report: data_mod.ScanReport, 
 def _callbacks(recipe: Recipe, run_dir: Path, stage_name: str, index: int, epoch_offset: int,
                history: list[dict[str, Any]], best: float | None, timing: Timing, has_val: bool) -> list:
     import keras
+
+    from carclf.train.callbacks import ExponentialDecay, ResumeState
 
     sched = recipe.schedule
     monitor = sched.monitor if has_val else sched.monitor.removeprefix("val_")

@@ -69,9 +69,6 @@ def run(args: argparse.Namespace) -> int:
         if changed:
             raise InvalidInput(f"--resume continues {args.resume!r} with the config saved in it; "
                                f"{', '.join(changed)} cannot change it (start a new run instead)")
-        from carclf.train import runs
-
-        runs.resume_point(args.resume)  # a folder that cannot resume is named before TensorFlow starts
         from carclf.train import loop
 
         path = loop.resume(args.resume, verbose=args.verbose, time_budget_s=_budget(args))
@@ -86,9 +83,6 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInput(f"--val-fraction {args.val_fraction} does not apply with --folds {args.folds}: each "
                                "fold validates on its 1/K of the photos")
         check_folder(args.runs, "--runs")
-        from carclf.train import data
-
-        data.read_dataset(recipe.data)  # a data folder without classes is named before TensorFlow starts
         if args.folds is not None and args.fold is None and recipe.split.folds:
             return _cross_validate(recipe, args)
         from carclf.train import loop
