@@ -17,10 +17,14 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(STAMP)
 
+# uv installs the pinned packages (downloads in parallel, byte-compiles on both cores: about half of pip's time
+# on a fresh machine, the same versions); pip is the fallback, and reads the machine's pip.conf.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,loadtest]'
+	$(PY) -m pip install -q --upgrade pip -c constraints.txt uv
+	$(PY) -m uv pip install -q --python $(PY) --compile-bytecode -c constraints.txt -e '.[dev,loadtest]' \
+	  || { echo "uv could not install the packages (it reads no pip.conf: set UV_INDEX_URL for a mirror); pip installs them"; \
+	       $(PY) -m pip install -q -c constraints.txt -e '.[dev,loadtest]'; }
 	touch $(STAMP)
 
 demo: setup
