@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +121,31 @@ def resolve_weights(spec: BackboneSpec, weights: str | None) -> str | None:
         source=f"backbone {spec.name}",
         field="weights",
     )
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def weights_file_problem(path: str) -> str | None:
+    """Why a local file cannot hold Keras weights, told from its bytes without TensorFlow, or None.
+
+    Only the format its name claims is checked: ``.h5``/``.hdf5`` must be HDF5 (the signature sits at byte 0,
+    or at 512, 1024, 2048... after a user block) and ``.keras`` a zip archive. Whether the weights fit the
+    backbone only loading them tells (:class:`WeightsUnreadable`).
+    """
+    name = path.lower()
+    if name.endswith(".keras"):
+        return None if zipfile.is_zipfile(path) else "a .keras file must be a zip archive; this one is not"
+    if not name.endswith((".h5", ".hdf5")):
+        return None
+    size, offset = os.path.getsize(path), 0
+    with open(path, "rb") as f:
+        while offset + len(_HDF5_SIGNATURE) <= size:
+            f.seek(offset)
+            if f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+                return None
+            offset = 512 if offset == 0 else offset * 2
+    return "an .h5 file must be HDF5; this one has no HDF5 signature"
 
 
 def preprocessing_layer(mode: str):

@@ -482,6 +482,35 @@ def test_torch_preprocessing_divides_by_the_standard_deviation():
     np.testing.assert_allclose(got, (pixels / 255.0 - mean) / std, rtol=1e-5, atol=1e-5)
 
 
+def test_a_file_that_cannot_hold_keras_weights_is_told_from_its_bytes(tmp_path):
+    """HDF5's signature may sit at byte 0 or after a user block (512, 1024, 2048... bytes); .keras is a zip."""
+    import zipfile
+
+    import h5py
+
+    signature = b"\x89HDF\r\n\x1a\n"
+    with h5py.File(tmp_path / "real.h5", "w") as f:
+        f.create_dataset("x", data=np.zeros(2))
+    with h5py.File(tmp_path / "user_block.hdf5", "w", userblock_size=1024) as f:
+        f.create_dataset("x", data=np.zeros(2))
+    assert (tmp_path / "user_block.hdf5").read_bytes()[1024:1032] == signature
+    (tmp_path / "mid.h5").write_bytes(b"\0" * 100 + signature + b"\0" * 900)  # not at a place HDF5 allows
+    (tmp_path / "short.h5").write_bytes(signature[:5])
+    (tmp_path / "text.weights.h5").write_text("weights")
+    with zipfile.ZipFile(tmp_path / "model.keras", "w") as z:
+        z.writestr("config.json", "{}")
+    (tmp_path / "plain.keras").write_bytes(signature)
+    (tmp_path / "sharded.weights.json").write_text("{}")  # a format judged by Keras alone
+    problems = {p.name: backbones.weights_file_problem(str(p)) for p in tmp_path.iterdir()}
+    assert problems == {
+        "real.h5": None, "user_block.hdf5": None, "model.keras": None, "sharded.weights.json": None,
+        "mid.h5": "an .h5 file must be HDF5; this one has no HDF5 signature",
+        "short.h5": "an .h5 file must be HDF5; this one has no HDF5 signature",
+        "text.weights.h5": "an .h5 file must be HDF5; this one has no HDF5 signature",
+        "plain.keras": "a .keras file must be a zip archive; this one is not",
+    }
+
+
 def test_a_weights_path_under_the_home_folder_is_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "weights").mkdir()

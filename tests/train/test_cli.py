@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -104,13 +105,20 @@ def _scratch_allowed(recipe: dict) -> None:
     ((), _epochs_misspelt, ("stages[0].epochs", "is required", "'epocs' is unknown")),
     ((), _stage_name_escapes, ("stages[1].name", "plain file name", "'../../top'")),
     (("--folds", "11"), None, ("split.folds 11 is more than the 10 usable photos", "at most 10 folds")),
-    (("--weights", "{tmp}/bad.h5"), None, ("weights file", "bad.h5", "does not load into backbone 'tiny_cnn'")),
+    # not HDF5 at all: refused before TensorFlow starts, even where a missing file would mean training from scratch
+    (("--weights", "{tmp}/bad.h5"), _scratch_allowed, ("field 'weights'", "bad.h5", "has no HDF5 signature")),
+    (("--weights", "{tmp}/other.h5"), None, ("weights file", "other.h5", "does not load into backbone 'tiny_cnn'")),
     (("--weights", "{tmp}/typo.h5"), _scratch_allowed, ("field 'weights'", "an existing weights file", "typo.h5")),
     (("--data", "{tmp}/empty"), None, ("has no class folders",)),
 ], ids=["seed", "split_seed", "name_escapes_runs", "lr_zero", "stage_field_typo", "stage_name_escapes",
-        "more_folds_than_photos", "weights_not_hdf5", "explicit_weights_missing", "empty_data"])
+        "more_folds_than_photos", "weights_not_hdf5", "weights_of_another_model", "explicit_weights_missing",
+        "empty_data"])
 def test_a_refused_run_names_the_problem_and_leaves_no_folder(tmp_path, two_class_data, args, change, needles):
+    import h5py
+
     (tmp_path / "bad.h5").write_text("not an HDF5 file")
+    with h5py.File(tmp_path / "other.h5", "w") as f:  # real HDF5, but no layers of this backbone
+        f.create_dataset("x", data=np.zeros(3))
     (tmp_path / "empty").mkdir()
     recipe = tiny_recipe(two_class_data)
     if change:
@@ -143,13 +151,16 @@ print(json.dumps([code, "tensorflow" in sys.modules]))
     (("train", "--resume", "{tmp}/unstarted"), "has no checkpoint to resume from"),
     (("train", "{tmp}/recipe.yaml", "--data", "{tmp}/empty"), "has no class folders"),
     (("submit", "{tmp}/empty", str(PHOTOS)), "no SavedModel at"),
-], ids=["resume_missing_folder", "resume_without_checkpoint", "data_without_classes", "submit_without_savedmodel"])
+    (("train", "{tmp}/recipe.yaml", "--weights", "{tmp}/bad.h5"), "has no HDF5 signature"),
+], ids=["resume_missing_folder", "resume_without_checkpoint", "data_without_classes", "submit_without_savedmodel",
+        "weights_not_hdf5"])
 def test_refusals_that_need_no_model_come_before_tensorflow_starts(tmp_path, args, needle):
     """TensorFlow's start-up takes seconds: a wrong path is named without it."""
     from carclf.train import runs
     from carclf.train.recipe import parse_recipe
 
     (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.h5").write_bytes(b"PK\x03\x04 a zip, not HDF5")
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(tiny_recipe(tmp_path)))
     (tmp_path / "unstarted").mkdir()  # a run folder whose process stopped before its first epoch ended
     runs.save_config(tmp_path / "unstarted", parse_recipe(tiny_recipe(tmp_path), source="tiny"))
