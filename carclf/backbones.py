@@ -134,17 +134,20 @@ def weights_file_problem(path: str) -> str | None:
     backbone only loading them tells (:class:`WeightsUnreadable`).
     """
     name = path.lower()
-    if name.endswith(".keras"):
-        return None if zipfile.is_zipfile(path) else "a .keras file must be a zip archive; this one is not"
-    if not name.endswith((".h5", ".hdf5")):
+    if not name.endswith((".keras", ".h5", ".hdf5")):
         return None
-    size, offset = os.path.getsize(path), 0
-    with open(path, "rb") as f:
-        while offset + len(_HDF5_SIGNATURE) <= size:
-            f.seek(offset)
-            if f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
-                return None
-            offset = 512 if offset == 0 else offset * 2
+    try:
+        with open(path, "rb") as f:
+            if name.endswith(".keras"):
+                return None if zipfile.is_zipfile(f) else "a .keras file must be a zip archive; this one is not"
+            size, offset = os.fstat(f.fileno()).st_size, 0
+            while offset + len(_HDF5_SIGNATURE) <= size:
+                f.seek(offset)
+                if f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+                    return None
+                offset = 512 if offset == 0 else offset * 2
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
     return "an .h5 file must be HDF5; this one has no HDF5 signature"
 
 

@@ -511,6 +511,19 @@ def test_a_file_that_cannot_hold_keras_weights_is_told_from_its_bytes(tmp_path):
     }
 
 
+def test_a_weights_file_that_cannot_be_opened_is_named_as_such_not_as_a_wrong_format(tmp_path, monkeypatch):
+    """Root reads any file, so the refusal to open is simulated: the reason is the operating system's."""
+    (tmp_path / "locked.keras").write_bytes(b"PK")
+    (tmp_path / "locked.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(backbones, "open", refuse, raising=False)
+    for name in ("locked.keras", "locked.h5"):
+        assert backbones.weights_file_problem(str(tmp_path / name)) == "it cannot be read (Permission denied)"
+
+
 def test_a_weights_path_under_the_home_folder_is_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "weights").mkdir()
