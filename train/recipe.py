@@ -486,13 +486,13 @@ def validate(recipe: Recipe) -> Recipe:
         raise ConfigError(exc.message.split(": ", 1)[-1], source=src, field="backbone") from None
     if recipe.weights is not None and recipe.weights not in spec.weight_sources:
         path = os.path.expanduser(recipe.weights)
-        if not os.path.isfile(path) and recipe.on_missing_weights == "fail":
-            raise ConfigError(f"expected None, one of {list(spec.weight_sources)} or an existing weights file, "
-                              f"received {recipe.weights!r}", source=src, field="weights")
+        if not os.path.isfile(path):
+            if recipe.on_missing_weights == "fail":
+                raise ConfigError(f"expected None, one of {list(spec.weight_sources)} or an existing weights "
+                                  f"file, received {recipe.weights!r}", source=src, field="weights")
         # A file that cannot be weights is refused here, before TensorFlow starts, whatever on_missing_weights
         # says: an unreadable file is never a reason to train from scratch.
-        problem = os.path.isfile(path) and backbones.weights_file_problem(path)
-        if problem:
+        elif problem := backbones.weights_file_problem(path):
             raise ConfigError(f"expected Keras weights of {spec.name!r}, received {recipe.weights!r}: {problem}",
                               source=src, field="weights")
     data = recipe.data
