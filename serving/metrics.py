@@ -26,10 +26,18 @@ from carclf.errors import CarClfError
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+def exponential_buckets(scale: float, growth: float, count: int) -> tuple[float, ...]:
+    """``scale * growth**k`` for k < count, each held at the six significant digits TF Serving prints.
+
+    TF Serving writes a bucket's ``le`` with absl's StrCat (``le="32.4"``); the exact products would be
+    exported as ``le="32.400000000000006"``."""
+    return tuple(float(f"{scale * growth ** k:.6g}") for k in range(count))
+
+
 # TF Serving's request latency buckets: exponential, 10 us * 1.8^k, 33 buckets.
-LATENCY_BUCKETS_US = tuple(10 * 1.8 ** k for k in range(33))
+LATENCY_BUCKETS_US = exponential_buckets(10, 1.8, 33)
 # batching_session queuing latency: 100 us * 1.2^k, 52 buckets.
-QUEUE_BUCKETS_US = tuple(100 * 1.2 ** k for k in range(52))
+QUEUE_BUCKETS_US = exponential_buckets(100, 1.2, 52)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
 
 

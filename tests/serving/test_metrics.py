@@ -50,6 +50,15 @@ def test_request_count_and_latency_follow_each_calls_status_and_transport(privat
     grpc_calls = metric(text, f'{latency}{{API="Predict",entrypoint="GRPC",model_name="{MODEL}"}}')
     assert (rest_calls, grpc_calls) == (4, 2)
 
+    # The latency buckets are TF Serving's (10 us * 1.8^k, 33 of them, then +Inf), each `le` written with at most
+    # the six significant digits TF Serving prints, so a dashboard's bucket series read the same on both servers.
+    prefix = f'{latency[:-len("_count")]}_bucket{{API="Predict",entrypoint="GRPC",le="'
+    bounds = [line[len(prefix):].split('"', 1)[0] for line in text.splitlines() if line.startswith(prefix)]
+    assert len(bounds) == 34 and bounds[-1] == "+Inf"
+    for k, bound in enumerate(bounds[:-1]):
+        assert abs(float(bound) / (10 * 1.8 ** k) - 1) < 1e-5, (k, bound)
+        assert float(f"{float(bound):.6g}") == float(bound) and len(bound) <= 12, (k, bound)
+
 
 def test_a_client_that_hangs_up_mid_upload_is_no_server_error(private_server, conformance_repository, caplog):
     """A REST client that closes its connection half-way through its request body (a user leaving the upload
