@@ -26,6 +26,7 @@ from carclf.errors import CarClfError
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+
 def exponential_buckets(scale: float, growth: float, count: int) -> tuple[float, ...]:
     """``scale * growth**k`` for k < count, each held at the six significant digits TF Serving prints.
 
