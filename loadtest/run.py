@@ -318,8 +318,9 @@ def start_server(args, settings: dict[str, str], address: srv.ServerAddress, rep
         if not served:
             raise ConfigError(f"no models to serve: {repository!r} holds no model with a version folder",
                               field="model-repository")
-        config = srv.write_models_config(reports / "models.config", repository, served)
     check_repository(repository, served, called, args.ensemble_config)
+    if not args.model_config:  # written once the run is sure to start: a refusal keeps the last run's file
+        config = srv.write_models_config(reports / "models.config", repository, served)
     # As the deployments do (serving/models.config): labels may name versions not exported yet.
     flags = ["--allow_version_labels_for_unavailable_models"]
     if "ensemble" in called:

@@ -109,8 +109,13 @@ def test_a_started_server_serves_the_repository_and_is_stopped(lt_repository, tm
 
 def test_a_model_the_repository_lacks_stops_before_any_server_or_request(lt_repository, tmp_path, sample_dir):
     address = srv.ServerAddress(srv.LOOPBACK, srv.free_port(), srv.free_port())
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    earlier = reports / "models.config"  # what an earlier run in this folder served: a refusal keeps it
+    earlier.write_text('model_config_list { config { name: "earlier_run" base_path: "/models/earlier_run" } }\n')
+    kept = earlier.read_bytes()
     common = ("--host", address.rest_url, "--grpc-host", address.grpc_target, "--photo-folder", str(sample_dir),
-              "--model-repository", str(lt_repository), "--reports", str(tmp_path / "reports"))
+              "--model-repository", str(lt_repository), "--reports", str(reports))
     result = run_loadtest(*common, "--target-model", "no_such_model", "--ensemble-weight", "0", timeout=60)
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
     held = ", ".join(srv.repository_models(lt_repository))
@@ -118,7 +123,8 @@ def test_a_model_the_repository_lacks_stops_before_any_server_or_request(lt_repo
         f"loadtest: error: field 'target-model': target-model 'no_such_model' is not in the model repository "
         f"'{lt_repository}' (it holds {held}); give --target-model NAME (or LOCUST_TARGET_MODEL=NAME)")
     assert "starting the embedded server" not in result.stdout
-    assert not (tmp_path / "reports" / "locust_stats.csv").exists()
+    assert not (reports / "locust_stats.csv").exists()
+    assert earlier.read_bytes() == kept
 
     from carclf.ensemble.config import render
 
@@ -131,6 +137,7 @@ def test_a_model_the_repository_lacks_stops_before_any_server_or_request(lt_repo
     assert f"car_ensemble needs 2 of its members tiny_a, mobilenet_v2, but the model repository '{lt_repository}' " \
            "lacks mobilenet_v2" in last and "--ensemble-weight 0" in last
     assert "starting the embedded server" not in result.stdout
+    assert earlier.read_bytes() == kept
 
 
 def test_a_running_server_without_the_model_stops_before_any_request(tiny_deployment, tmp_path, sample_dir):
