@@ -23,18 +23,18 @@ from carclf.serving.servable import Servable
 from carclf.serving.server import ModelServer
 
 
-def grpc_client(url: str, root_certificates: bytes | None = None):
+def grpc_client(url: str, root_certificates: bytes | None = None, *, field: str = "--members"):
     """A GrpcClient for ``grpc://host:port`` (``grpcs://`` for TLS, trusting ``root_certificates`` when given:
-    a plaintext member URL ignores them); REST URLs are refused."""
+    a plaintext member URL ignores them); REST URLs are refused, naming ``field``, the flag that gave ``url``."""
     from carclf.clients.grpc_client import GrpcClient
 
     if url.split("://", 1)[0].lower() not in ("grpc", "grpcs"):  # also a bare host:port, which reads as REST
         raise ConfigError(f"members are called over gRPC: expected grpc://host:port, received {url!r}",
-                          field="--members")
+                          field=field)
     try:
         _, target, tls = parse_server_url(url)
     except InvalidInput as exc:
-        raise ConfigError(exc.message, field="--members") from None
+        raise ConfigError(exc.message, field=field) from None
     return GrpcClient(target, tls=tls, root_certificates=root_certificates if tls else None)
 
 
@@ -47,7 +47,8 @@ def build_ensemble(config_path: str | os.PathLike, members_url: str, *, member_u
     if unknown:
         raise ConfigError(f"--member names {sorted(unknown)}, which are not members of {config.name!r} "
                           f"({list(config.member_names)})", source=str(config_path), field="--member")
-    clients = {name: grpc_client(url, root_certificates) for name, url in (member_urls or {}).items()}
+    clients = {name: grpc_client(url, root_certificates, field=f"--member {name}")
+               for name, url in (member_urls or {}).items()}
     caller = GrpcMemberCaller(grpc_client(members_url, root_certificates), clients=clients,
                               model_repository=model_repository)
     servable = EnsembleServable(EnsembleRuntime(config, caller))
@@ -65,9 +66,18 @@ class Gateway(ModelServer):
         if not self.ensemble_paths:
             raise ConfigError("the gateway serves ensembles: give at least one --ensemble_config_file",
                               source="--ensemble_config_file")
-        grpc_client(members_url).close()  # check the address now, with a clear error
-        self.members_url = members_url
+        # the configs and addresses are checked now, before TensorFlow starts, each error naming its flag
+        self.ensemble_members = {path: load_config(path).member_names for path in self.ensemble_paths}
         self.member_urls = dict(member_urls or {})
+        called = {name for names in self.ensemble_members.values() for name in names}
+        unknown = sorted(set(self.member_urls) - called)
+        if unknown:
+            served = "; ".join(f"{path}: {list(names)}" for path, names in self.ensemble_members.items())
+            raise ConfigError(f"no ensemble of --ensemble_config_file calls {unknown} ({served})", field="--member")
+        grpc_client(members_url).close()
+        for name, url in self.member_urls.items():
+            grpc_client(url, field=f"--member {name}").close()
+        self.members_url = members_url
         self.root_certificates = root_certificates
 
     def static_servables(self) -> list[Servable]:
@@ -75,5 +85,7 @@ class Gateway(ModelServer):
         repository = self.options.model_repository or None
         if repository is not None and not Path(repository).is_dir():
             raise ConfigError(f"no such folder: {repository}", source="--model_repository")
-        return [build_ensemble(path, self.members_url, member_urls=self.member_urls, model_repository=repository,
-                               root_certificates=self.root_certificates) for path in self.ensemble_paths]
+        return [build_ensemble(path, self.members_url, model_repository=repository,
+                               member_urls={name: url for name, url in self.member_urls.items() if name in members},
+                               root_certificates=self.root_certificates)
+                for path, members in self.ensemble_members.items()]

@@ -117,6 +117,39 @@ def test_the_gateway_refuses_a_member_url_for_a_name_that_is_not_a_member(tiny_e
         build_ensemble(config, grpc_url(tiny_ensemble_server), member_urls={"tiny_c": grpc_url(tiny_ensemble_server)})
 
 
+def test_a_gateway_of_two_ensembles_places_a_member_of_only_one_of_them_elsewhere(tiny_ensemble_server,
+                                                                                   tiny_repository_template,
+                                                                                   photo_bytes, tmp_path):
+    """``--member tiny_a=...`` with two ensembles, one over tiny_a and tiny_b, one over tiny_b alone: tiny_a is
+    called where ``--member`` puts it (``--members`` serves tiny_b only) and the other ensemble is not refused for
+    lacking it; a ``--member`` that no ensemble calls is refused before anything starts, naming every ensemble."""
+    from carclf.ensemble.gateway import Gateway
+    from carclf.serving.options import ServerOptions
+
+    pair = write_ensemble_config(tmp_path, failure_policy="fail", quorum="2")
+    solo = tmp_path / "tiny_solo.pbtxt"
+    solo.write_text(render("tiny_solo", ("tiny_b",), parameters={"failure_policy": "fail"}), encoding="utf-8")
+    options = ServerOptions(ensemble_config_file=[str(pair), str(solo)], port=0, rest_api_port=0,
+                            model_repository=str(tiny_repository_template), file_system_poll_wait_seconds=0)
+    images = list(photo_bytes[:2])
+    with embedded_server(tiny_repository_template, tmp_path / "b", models=["tiny_b"]) as server_b:
+        gateway = Gateway(options, grpc_url(server_b), member_urls={"tiny_a": grpc_url(tiny_ensemble_server)}).start()
+        try:
+            with connect(f"grpc://127.0.0.1:{gateway.grpc_port}") as client:
+                got = {name: client.predict(name, images=images) for name in ("tiny_ensemble", "tiny_solo")}
+        finally:
+            gateway.stop(drain_timeout=1.0)
+    for name, config in (("tiny_ensemble", pair), ("tiny_solo", solo)):
+        assert got[name].outputs["member_answered"].all()
+        want = in_process(tiny_repository_template, config, images)
+        np.testing.assert_allclose(got[name].probabilities, want.probabilities, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError) as info:
+        Gateway(options, grpc_url(tiny_ensemble_server), member_urls={"tiny_c": grpc_url(tiny_ensemble_server)})
+    assert info.value.field == "--member"
+    assert info.value.detail == (f"no ensemble of --ensemble_config_file calls ['tiny_c'] "
+                                 f"({pair}: ['tiny_a', 'tiny_b']; {solo}: ['tiny_b'])")
+
+
 def test_the_gateway_gives_its_root_certificates_to_a_member_placed_elsewhere(request, tiny_ensemble_server,
                                                                               tiny_repository_template,
                                                                               photo_bytes, tmp_path):

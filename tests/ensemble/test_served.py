@@ -165,6 +165,13 @@ def test_gateway_command_refuses_a_rest_members_address(tmp_path, capsys):
     for address in ("127.0.0.1:8500", "grpc://h:notaport"):  # a bare host:port; a bad port: named as --members
         assert cli.main(["gateway", "--members", address, "--ensemble_config_file", str(config)]) == 2
         assert "error: field '--members': " in capsys.readouterr().err
+    member = TINY_MEMBERS[1]  # a member placed elsewhere at a bare or REST address: named as --member NAME
+    for address in ("127.0.0.1:8500", "http://127.0.0.1:8501"):
+        assert cli.main(["gateway", "--members", "grpc://h:1", "--member", f"{member}={address}",
+                         "--ensemble_config_file", str(config)]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == \
+            f"carclf gateway: error: field '--member {member}': members are called over gRPC: expected " \
+            f"grpc://host:port, received {address!r}"
     assert cli.main(["gateway", "--members", "grpc://h:1", "--member", "oops", "--ensemble_config_file",
                      str(config)]) == 2
     assert "expected NAME=URL, received 'oops'" in capsys.readouterr().err
