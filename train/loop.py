@@ -287,8 +287,8 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
         elif best_file.is_file():
             runs.load_weights(model, best_file)
         if cut:
-            log.warning("time budget of %.0f s spent after epoch %d of stage %r's %d: stopping here (continue with "
-                        "carclf train --resume %s)", time_budget_s, done + ran, stage.name, stage.epochs, run_dir)
+            log.warning("time budget of %.0f s spent after epoch %d of %d of stage %r: stopping here (continue "
+                        "with carclf train --resume %s)", time_budget_s, done + ran, stage.epochs, stage.name, run_dir)
             cut_short = True
             break
         runs.save_weights(model, run_dir / runs.CHECKPOINTS / runs.LAST_WEIGHTS)

@@ -3,6 +3,7 @@ recipe names its data relative to the folder it was started from, used from anot
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -70,9 +71,10 @@ def test_a_split_that_holds_out_every_usable_photo_is_refused(two_class_data, tm
 
 
 @pytest.mark.slow
-def test_a_run_cut_by_its_time_budget_resumes_inside_the_cut_stage(two_class_data, tmp_path, monkeypatch):
-    """A budget that runs out in the first epoch cuts stage "head" (2 epochs) after 1: the checkpoint says so,
-    the run is not finished, and --resume trains every remaining epoch of "head", then all of "top", each once."""
+def test_a_run_cut_by_its_time_budget_resumes_inside_the_cut_stage(two_class_data, tmp_path, monkeypatch, caplog):
+    """A budget that runs out in the first epoch cuts stage "head" (2 epochs) after 1: the checkpoint and the log
+    say so, the run is not finished, and --resume trains every remaining epoch of "head", then all of "top", each
+    once."""
     import keras
     import numpy as np
 
@@ -88,11 +90,14 @@ def test_a_run_cut_by_its_time_budget_resumes_inside_the_cut_stage(two_class_dat
     monkeypatch.setattr(keras.Model, "fit", fit)
     stages = [_stage("head", 2), _stage("top", 1)]
     recipe = parse_recipe(tiny_recipe(two_class_data, tta=["none"], stages=stages), source="tiny")
-    run_dir = loop.train(recipe, runs_root=tmp_path / "runs", verbose=0, time_budget_s=1e-3)
+    with caplog.at_level(logging.WARNING, logger=loop.log.name):
+        run_dir = loop.train(recipe, runs_root=tmp_path / "runs", verbose=0, time_budget_s=1e-3)
 
     cut_history = runs.read_json(run_dir / runs.HISTORY_JSON)
     done = len(cut_history)
     assert 0 < done < stages[0]["epochs"] and {h["stage"] for h in cut_history} == {"head"} and len(fits) == 1
+    assert f"time budget of 0 s spent after epoch {done} of {stages[0]['epochs']} of stage 'head': stopping here " \
+           f"(continue with carclf train --resume {run_dir})" in caplog.messages
     state = runs.read_json(run_dir / runs.CHECKPOINTS / runs.STATE)
     assert (state["stage_index"], state["stage_epochs_done"], state["global_epoch"]) == (0, done, done)
     info = runs.read_json(run_dir / runs.RUN_INFO)
