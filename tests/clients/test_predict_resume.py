@@ -111,6 +111,15 @@ def test_a_run_stopped_twice_resumes_twice(folder, tmp_path, capsys):
     assert len(last.sent) == 3 and out.read_text().splitlines() == expected and not partial.exists()
 
 
+def signal_lines(pid: int) -> str:
+    """The SigBlk, SigIgn and SigCgt lines of a running process's /proc status (bit 2 of each is SIGINT)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            return "; ".join(line.strip() for line in status if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+    except OSError as exc:
+        return f"unknown ({exc})"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
 def test_a_run_stopped_by_a_signal_keeps_every_answered_row(folder, tmp_path, capsys, sig):
     """Ctrl-C (or a kill) while the third photo waits for its answer: the two answered rows are on disk (they
@@ -125,6 +134,7 @@ def test_a_run_stopped_by_a_signal_keeps_every_answered_row(folder, tmp_path, ca
                                  env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
         try:
             assert held.arrived.wait(120), child.stderr.read() if child.poll() is not None else "no third request"
+            dispositions = signal_lines(child.pid)  # for the failure message: is SIGINT caught, blocked, ignored?
             child.send_signal(sig)
             _, stderr = child.communicate(timeout=60)
         finally:
@@ -133,7 +143,7 @@ def test_a_run_stopped_by_a_signal_keeps_every_answered_row(folder, tmp_path, ca
                 child.kill()
     assert not out.exists() and partial.read_text().splitlines() == [RUN, *expected.splitlines()[:3]]
     if sig == signal.SIGINT:
-        assert child.returncode == 130, stderr
+        assert child.returncode == 130, f"{stderr}\nthe child's signal masks when it was sent SIGINT: {dispositions}"
         assert own_lines(stderr) == [f"carclf predict: the 2 of 6 photos answered so far are in {partial}: the same "
                                      "command with --resume sends only the others", "carclf predict: interrupted"]
     else:
