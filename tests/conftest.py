@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,15 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tests.fixtures import SAMPLE_DIR, export_tiny, sample_labels, sample_photos  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The commands the tests start take Ctrl-C (SIGINT) as from a terminal. A suite started with SIGINT ignored
+    (``make test &`` from a script: a shell without job control ignores SIGINT and SIGQUIT in its background
+    jobs) passed that on to every process it started, so the tests that press Ctrl-C on a command saw it ignored
+    (the command ran to its end); with Python's handler here, they inherit the default disposition instead."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -62,3 +62,13 @@ def version_numbers(model_dir: Path) -> list[int]:
 def break_version(version_dir: Path) -> None:
     """Make a version folder one TensorFlow cannot load (its saved_model.pb is not a SavedModel)."""
     (Path(version_dir) / "saved_model.pb").write_bytes(b"\x08\x01 this is not a SavedModel")
+
+
+def signal_lines(pid: int) -> str:
+    """The SigBlk, SigIgn and SigCgt lines of a running process's /proc status (bit 2 of each is SIGINT), for the
+    failure message of a test that signals a command."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            return "; ".join(line.strip() for line in status if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+    except OSError as exc:
+        return f"unknown ({exc})"

@@ -19,7 +19,7 @@ import pytest
 
 from carclf import cli
 from tests.clients.predict_stubs import own_lines, stub_prediction_service
-from tests.fixtures import REPO_ROOT
+from tests.fixtures import REPO_ROOT, signal_lines
 
 CLASSES = 7
 RUN = "# carclf predict --model m"  # the partial file's first line: the options of the runs below
@@ -109,15 +109,6 @@ def test_a_run_stopped_twice_resumes_twice(folder, tmp_path, capsys):
     with stub_prediction_service(last) as url:
         assert predict(url, folder, out, "--resume") == 0
     assert len(last.sent) == 3 and out.read_text().splitlines() == expected and not partial.exists()
-
-
-def signal_lines(pid: int) -> str:
-    """The SigBlk, SigIgn and SigCgt lines of a running process's /proc status (bit 2 of each is SIGINT)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            return "; ".join(line.strip() for line in status if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
-    except OSError as exc:
-        return f"unknown ({exc})"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
