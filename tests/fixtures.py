@@ -65,7 +65,7 @@ def break_version(version_dir: Path) -> None:
 
 
 def signal_lines(pid: int) -> str:
-    """The SigBlk, SigIgn and SigCgt lines of a running process's /proc status (bit 2 of each is SIGINT), for the
+    """The SigBlk, SigIgn and SigCgt lines of a running process's /proc status (SIGINT is 0x2 in each mask), for the
     failure message of a test that signals a command."""
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as status:
