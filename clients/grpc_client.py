@@ -52,18 +52,30 @@ MAX_RECONNECT_BACKOFF_MS = 2000
 LOCAL_DEADLINE_DETAILS = "Deadline Exceeded"
 
 
-def error_from_rpc(exc, target: str = "", timeout: float | None = None) -> CarClfError:
+def error_from_rpc(exc, target: str = "", timeout: float | None = None, *, tls: bool | None = None) -> CarClfError:
     """The product's error for a failed gRPC call: same code name, the server's message (or, where grpc's
-    own words say little, which server did not answer and within what time)."""
+    own words say little, which server did not answer and within what time, or which scheme the port wants).
+    ``tls``: whether the channel spoke TLS (None: not known)."""
     import grpc
 
     code = exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None
     name = code.name if code is not None else "INTERNAL"
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    server = target or "the server"
     if name == "DEADLINE_EXCEEDED" and details == LOCAL_DEADLINE_DETAILS and timeout is not None:
-        details = f"no answer from {target or 'the server'} within {timeout:.3g} s"
+        details = f"no answer from {server} within {timeout:.3g} s"
     elif "Trying to connect an http1.x server" in (details or ""):
-        details = f"{target or 'the server'} answers HTTP/1.x, as a REST port does: give http://host:port for it"
+        details = f"{server} answers HTTP/1.x, as a REST port does: give http://host:port for it"
+    elif "WRONG_VERSION_NUMBER" in (details or ""):  # the TLS handshake met a peer that does not speak TLS
+        details = f"{server} does not answer TLS, as a plaintext gRPC port does: give grpc://host:port for it"
+    elif "CERTIFICATE_VERIFY_FAILED" in (details or ""):
+        reason = (details or "").rsplit("CERTIFICATE_VERIFY_FAILED:", 1)[-1].strip().removesuffix(": OK")
+        details = (f"TLS certificate verification of {server} failed ({reason}): pass the server's root "
+                   "certificates")
+    elif name == "UNAVAILABLE" and tls is False and "failed to connect" in (details or "") \
+            and "Socket closed" in (details or ""):  # a TLS port ends a plaintext handshake so
+        details = (f"{details} (server {server}; a port that requires TLS closes plaintext connections like "
+                   "this: give grpcs://host:port if it is one)")
     elif name == "UNAVAILABLE" and target and target not in (details or ""):
         details = f"{details} (server {target})"
     if name == "RESOURCE_EXHAUSTED" and "message larger than max" in (details or ""):  # gRPC's size limit
@@ -103,12 +115,13 @@ class GrpcClient(ModelClient):
         from carclf.tfprotos import model_service_pb2_grpc, prediction_service_pb2_grpc
 
         super().__init__(target, timeout=timeout)
+        self.tls = bool(tls or root_certificates is not None)
         defaults = [("grpc.max_send_message_length", int(max_message_bytes)),
                     ("grpc.max_receive_message_length", int(max_message_bytes)),
                     ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)]
         given = {key for key, _ in options}
         channel_options = [*(item for item in defaults if item[0] not in given), *options]
-        if tls or root_certificates is not None:
+        if self.tls:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self._channel = grpc.secure_channel(target, credentials, options=channel_options)
         else:
@@ -145,7 +158,7 @@ class GrpcClient(ModelClient):
         except grpc.FutureCancelledError:
             raise Cancelled(f"the call to {self.target} was cancelled by its caller") from None
         except grpc.RpcError as exc:
-            error = error_from_rpc(exc, self.target, timeout)
+            error = error_from_rpc(exc, self.target, timeout, tls=self.tls)
             if isinstance(error, Cancelled) and not self._closed and not (cancel is not None and cancel.cancelled):
                 error = Unavailable(f"{self.target} ended the call before answering it ({error.message}), as a "
                                     f"server that begins shutting down does; send it again")

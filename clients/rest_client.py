@@ -261,6 +261,8 @@ def _reason(exc) -> str:
     text = str(exc)
     if "CERTIFICATE_VERIFY_FAILED" in text:
         return "TLS certificate verification failed (pass the server's root certificates)"
+    if "WRONG_VERSION_NUMBER" in text:  # https:// to a port that does not speak TLS (TF Serving's REST never does)
+        return "it does not answer TLS, as a plain HTTP port does: give http://host:port for it"
     if "BadStatusLine('\\x00\\x00" in text or "BadStatusLine(b'\\x00\\x00" in text:
         return "it answers in HTTP/2 frames, as a gRPC port does: give grpc://host:port for it"
     for marker in ("Connection refused", "Name or service not known", "timed out", "Connection reset"):

@@ -81,18 +81,33 @@ def test_tls_with_private_root_certificates(tls_ports, certificate, tiny_ensembl
     for url in (f"grpcs://127.0.0.1:{grpc_port}", f"https://127.0.0.1:{rest_port}"):
         with connect(url, root_certificates=certificate[0], timeout=20) as client:
             np.testing.assert_allclose(client.predict("tiny_a", images=images).probabilities, want, rtol=1e-6)
-        with connect(url, timeout=5) as untrusting, pytest.raises(Unavailable):  # system roots: refused
+        with connect(url, timeout=5) as untrusting, pytest.raises(Unavailable) as refused:  # system roots: refused
             untrusting.status("tiny_a")
+        assert "TLS certificate verification" in refused.value.message, refused.value.message
+        assert "pass the server's root certificates" in refused.value.message
+    # grpc:// to the TLS port: the server closes the plaintext connection, and the error says TLS may be why
+    with connect(f"grpc://127.0.0.1:{grpc_port}", timeout=5) as plain, pytest.raises(Unavailable) as refused:
+        plain.status("tiny_a")
+    assert refused.value.message.endswith(f"(server 127.0.0.1:{grpc_port}; a port that requires TLS closes "
+                                          "plaintext connections like this: give grpcs://host:port if it is one)")
 
 
 def test_grpcs_without_root_certificates_speaks_tls_and_a_plaintext_port_refuses_it(tiny_ensemble_server):
     """grpcs:// means TLS even when no --root-cert is given (the system roots then): pointed at a plaintext
-    gRPC port, the handshake fails and the call is Unavailable, never answered in clear text."""
+    gRPC port, the handshake fails and the call is Unavailable, never answered in clear text; the error says to
+    give grpc://. https:// to the plain REST port likewise says to give http://."""
     port = grpc_url(tiny_ensemble_server).rsplit(":", 1)[1]
     with connect(f"grpc://127.0.0.1:{port}", timeout=10) as plain:
         assert plain.status("tiny_a")  # the port answers plaintext gRPC
-    with connect(f"grpcs://127.0.0.1:{port}", timeout=10) as client, pytest.raises(Unavailable):
+    with connect(f"grpcs://127.0.0.1:{port}", timeout=10) as client, pytest.raises(Unavailable) as refused:
         client.status("tiny_a")
+    assert refused.value.message == (f"127.0.0.1:{port} does not answer TLS, as a plaintext gRPC port does: give "
+                                     "grpc://host:port for it")
+    rest_port = rest_url(tiny_ensemble_server).rsplit(":", 1)[1]  # and https:// to the plain REST port
+    with connect(f"https://127.0.0.1:{rest_port}", timeout=10) as client, pytest.raises(Unavailable) as refused:
+        client.status("tiny_a")
+    assert refused.value.message == (f"cannot reach https://127.0.0.1:{rest_port}: it does not answer TLS, as a "
+                                     "plain HTTP port does: give http://host:port for it")
 
 
 def test_root_certificates_given_mean_tls_on_either_transport(tiny_ensemble_server, certificate):
