@@ -275,8 +275,9 @@ def photo_files(folder: Path) -> tuple[list[Path], list[str]]:
 def left_out(folder: str | os.PathLike, names: list[str]) -> str:
     """The line that names a folder's files that are not photos (a submission has no row for them)."""
     shown = ", ".join(repr(name) for name in names[:3]) + (", ..." if len(names) > 3 else "")
-    return (f"{folder}: {len(names)} files are not readable photo files and are left out ({shown}); photos are "
-            f"{', '.join(PHOTO_SUFFIXES)} files")
+    these = "1 file is not a readable photo file and is" if len(names) == 1 else \
+        f"{len(names)} files are not readable photo files and are"
+    return f"{folder}: {these} left out ({shown}); photos are {', '.join(PHOTO_SUFFIXES)} files"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -382,7 +382,8 @@ def write_submission(client, args, kept: PartialSubmission, category_of: dict[st
             bar.update(len(batch))
         bar.update(len(failures))  # done with too, though not classified
     count = kept.finish()
-    missing = f"; {len(failures)} photos missing, see the errors above" if failures else ""
+    photos = "1 photo" if len(failures) == 1 else f"{len(failures)} photos"
+    missing = f"; {photos} missing, see the errors above" if failures else ""
     print(f"wrote {count} predictions to {kept.output}{missing}")
 
 

@@ -112,7 +112,7 @@ def test_a_truncated_photo_the_server_refuses_is_named_and_the_rest_stillanswer(
     folder_run = carclf("predict", str(folder), "--server", grpc_url(tiny_ensemble_server), "--model", model,
                         "--output", str(out), "--batch-size", "8", "--classes", str(sample_dir / "classes.json"))
     assert folder_run.returncode == 1, folder_run.stderr
-    assert "wrote 4 predictions" in folder_run.stdout and "1 photos missing" in folder_run.stdout
+    assert "wrote 4 predictions" in folder_run.stdout and "1 photo missing" in folder_run.stdout
     assert f"carclf predict: error: {cut}: " in folder_run.stderr
     assert sorted(row[0] for row in list(csv.reader(out.open()))[1:]) == sorted(p.name for p in good)
 
@@ -786,3 +786,10 @@ def test_files_of_a_folder_that_are_not_photos_are_named_not_left_out_silently(t
     assert said == [f"carclf predict: {folder}: 3 files are not readable photo files and are left out ('gone.jpg', "
                     f"'notes.txt', 'scan.tif'); photos are {', '.join(imaging.PHOTO_SUFFIXES)} files"], err
     assert [row[0] for row in csv.reader(out.open())][1:] == sorted(p.name for p in photos[:2])
+    (folder / "gone.jpg").unlink()
+    (folder / "scan.tif").unlink()  # one left: said in the singular
+    assert cli.main(["predict", str(folder), "--server", grpc_url(tiny_ensemble_server), "--model", "tiny_a",
+                     "--output", str(out)]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "left out" in line]
+    assert said == [f"carclf predict: {folder}: 1 file is not a readable photo file and is left out ('notes.txt'); "
+                    f"photos are {', '.join(imaging.PHOTO_SUFFIXES)} files"]
