@@ -61,24 +61,24 @@ def error_from_rpc(exc, target: str = "", timeout: float | None = None, *, tls: 
     code = exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None
     name = code.name if code is not None else "INTERNAL"
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    text = details or ""  # grpc's words, matched below
     server = target or "the server"
     if name == "DEADLINE_EXCEEDED" and details == LOCAL_DEADLINE_DETAILS and timeout is not None:
         details = f"no answer from {server} within {timeout:.3g} s"
-    elif "Trying to connect an http1.x server" in (details or ""):
+    elif "Trying to connect an http1.x server" in text:
         details = f"{server} answers HTTP/1.x, as a REST port does: give http://host:port for it"
-    elif "WRONG_VERSION_NUMBER" in (details or ""):  # the TLS handshake met a peer that does not speak TLS
+    elif "WRONG_VERSION_NUMBER" in text:  # the TLS handshake met a peer that does not speak TLS
         details = f"{server} does not answer TLS, as a plaintext gRPC port does: give grpc://host:port for it"
-    elif "CERTIFICATE_VERIFY_FAILED" in (details or ""):
-        reason = (details or "").rsplit("CERTIFICATE_VERIFY_FAILED:", 1)[-1].strip().removesuffix(": OK")
+    elif "CERTIFICATE_VERIFY_FAILED" in text:
+        reason = text.rsplit("CERTIFICATE_VERIFY_FAILED:", 1)[-1].strip().removesuffix(": OK")
         details = (f"TLS certificate verification of {server} failed ({reason}): pass the server's root "
                    "certificates")
-    elif name == "UNAVAILABLE" and tls is False and "failed to connect" in (details or "") \
-            and "Socket closed" in (details or ""):  # a TLS port ends a plaintext handshake so
+    elif name == "UNAVAILABLE" and tls is False and "failed to connect" in text and "Socket closed" in text:
         details = (f"{details} (server {server}; a port that requires TLS closes plaintext connections like "
-                   "this: give grpcs://host:port if it is one)")
-    elif name == "UNAVAILABLE" and target and target not in (details or ""):
+                   "this: give grpcs://host:port if it is one)")  # a TLS port ends a plaintext handshake so
+    elif name == "UNAVAILABLE" and target and target not in text:
         details = f"{details} (server {target})"
-    if name == "RESOURCE_EXHAUSTED" and "message larger than max" in (details or ""):  # gRPC's size limit
+    if name == "RESOURCE_EXHAUSTED" and "message larger than max" in text:  # gRPC's size limit
         return RequestTooLarge(details)
     return error_for_code(name, details or name)
 

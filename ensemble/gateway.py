@@ -23,18 +23,25 @@ from carclf.serving.servable import Servable
 from carclf.serving.server import ModelServer
 
 
-def grpc_client(url: str, root_certificates: bytes | None = None, *, field: str = "--members"):
-    """A GrpcClient for ``grpc://host:port`` (``grpcs://`` for TLS, trusting ``root_certificates`` when given:
-    a plaintext member URL ignores them); REST URLs are refused, naming ``field``, the flag that gave ``url``."""
-    from carclf.clients.grpc_client import GrpcClient
-
-    if url.split("://", 1)[0].lower() not in ("grpc", "grpcs"):  # also a bare host:port, which reads as REST
+def member_address(url: str, field: str = "--members") -> tuple[str, bool]:
+    """``(host:port, tls)`` of a member URL, ``grpc://host:port`` or ``grpcs://`` for TLS; REST URLs (and a bare
+    host:port, which reads as REST) are refused, naming ``field``, the flag that gave ``url``."""
+    if url.split("://", 1)[0].lower() not in ("grpc", "grpcs"):
         raise ConfigError(f"members are called over gRPC: expected grpc://host:port, received {url!r}",
                           field=field)
     try:
         _, target, tls = parse_server_url(url)
     except InvalidInput as exc:
         raise ConfigError(exc.message, field=field) from None
+    return target, tls
+
+
+def grpc_client(url: str, root_certificates: bytes | None = None, *, field: str = "--members"):
+    """A GrpcClient for a member URL (``member_address``), trusting ``root_certificates`` when given for
+    ``grpcs://`` (a plaintext member URL ignores them)."""
+    from carclf.clients.grpc_client import GrpcClient
+
+    target, tls = member_address(url, field)
     return GrpcClient(target, tls=tls, root_certificates=root_certificates if tls else None)
 
 
@@ -74,9 +81,9 @@ class Gateway(ModelServer):
         if unknown:
             served = "; ".join(f"{path}: {list(names)}" for path, names in self.ensemble_members.items())
             raise ConfigError(f"no ensemble of --ensemble_config_file calls {unknown} ({served})", field="--member")
-        grpc_client(members_url).close()
+        member_address(members_url)
         for name, url in self.member_urls.items():
-            grpc_client(url, field=f"--member {name}").close()
+            member_address(url, f"--member {name}")
         self.members_url = members_url
         self.root_certificates = root_certificates
 
