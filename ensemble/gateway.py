@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
+from carclf import sources
 from carclf.clients.base import parse_server_url
 from carclf.ensemble.config import load_config
 from carclf.ensemble.members import GrpcMemberCaller
@@ -90,8 +90,8 @@ class Gateway(ModelServer):
     def static_servables(self) -> list[Servable]:
         """The ensembles, over gRPC members (not in-process ones)."""
         repository = self.options.model_repository or None
-        if repository is not None and not Path(repository).is_dir():
-            raise ConfigError(f"no such folder: {repository}", source="--model_repository")
+        if repository is not None and (why := sources.why_not(repository, "folder")):
+            raise ConfigError(f"{str(repository)!r} {why}", source="--model_repository")
         return [build_ensemble(path, self.members_url, model_repository=repository,
                                member_urls={name: url for name, url in self.member_urls.items() if name in members},
                                root_certificates=self.root_certificates)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from carclf import contract, tf_threads
+from carclf import contract, sources, tf_threads
 from carclf.errors import CarClfError, ConfigError, DeadlineExceeded
 from carclf.loadtest import checks, inprocess, loadgen, metrics, options, payload, protocol, report
 from carclf.loadtest import server as srv
@@ -354,8 +354,8 @@ def load_ensemble(settings: dict, repository: Path):
     if not settings["ensemble_model"]:
         return None, "--no-ensemble given"
     path = Path(settings["ensemble_config"])
-    if not path.is_file():
-        return None, f"ensemble config {str(path)!r} does not exist"
+    if why := sources.why_not(path, "file"):
+        return None, f"ensemble config {str(path)!r} {why}"
     try:
         from carclf.ensemble.config import load_config
     except ImportError as exc:

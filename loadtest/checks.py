@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from carclf import contract
+from carclf import contract, sources
 from carclf.errors import ConfigError, Internal
 
 PROBABILITY_TOLERANCE = 1e-3
@@ -68,8 +68,8 @@ def check_prediction(outputs: Mapping[str, np.ndarray], labels: Sequence[str] | 
 def read_labels(path: str | os.PathLike) -> list[str]:
     """Labels from a ``labels.txt`` (one per line) or a ``classes.json`` ({"0": name, ...})."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"labels file does not exist, received {str(path)!r}", field="labels_file")
+    if why := sources.why_not(path, "file"):
+        raise ConfigError(f"labels file {why}, received {str(path)!r}", field="labels_file")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:

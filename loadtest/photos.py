@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from carclf import sources
 from carclf.errors import ConfigError
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -22,8 +23,8 @@ class Photo:
 def load_photos(folder: str | os.PathLike, limit: int | None = None) -> list[Photo]:
     """All JPEG/PNG photos under ``folder`` (recursively, sorted by path), at most ``limit`` of them."""
     root = Path(folder)
-    if not root.is_dir():
-        raise ConfigError(f"photo folder does not exist, received {str(root)!r}", field="photo_folder")
+    if why := sources.why_not(root, "folder"):
+        raise ConfigError(f"photo folder {why}, received {str(root)!r}", field="photo_folder")
     paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
     if limit is not None:
         paths = paths[: max(0, int(limit))]

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from carclf import exits, tf_threads
+from carclf import exits, sources, tf_threads
 from carclf.cli import CommandParser
 from carclf.errors import CarClfError, ConfigError, DeadlineExceeded, NotFound, Unavailable
 from carclf.loadtest import checks, options, protocol
@@ -90,8 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_conf(path: str | os.PathLike) -> dict[str, str]:
     """``key = value`` lines of a locust config file (comments and blank lines skipped)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"locust config file does not exist, received {str(path)!r}", field="--config")
+    if why := sources.why_not(path, "file"):
+        raise ConfigError(f"locust config file {why}, received {str(path)!r}", field="--config")
     settings = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.split("#", 1)[0].strip()
@@ -282,8 +282,8 @@ def check_repository(repository: str, served: list[str], called: dict[str, str],
                           f"(it holds {listing}); {HOW_TO_CHOOSE['backbone']}", field="target-model")
     if "ensemble" not in called:
         return
-    if not Path(ensemble_config).is_file():
-        raise ConfigError(f"ensemble tasks are on but {ensemble_config!r} does not exist "
+    if why := sources.why_not(ensemble_config, "file"):
+        raise ConfigError(f"ensemble tasks are on but {ensemble_config!r} {why} "
                           f"({HOW_TO_CHOOSE['ensemble']})", field="ensemble-config")
     from carclf.ensemble.config import load_config
 
@@ -310,8 +310,8 @@ def start_server(args, settings: dict[str, str], address: srv.ServerAddress, rep
     called = called_models(settings)
     if args.model_config:
         config = Path(args.model_config)
-        if not config.is_file():
-            raise ConfigError(f"no such file: {str(config)!r}", field="model-config")
+        if why := sources.why_not(config, "file"):
+            raise ConfigError(f"{str(config)!r} {why}", field="model-config")
         served = [m for m in srv.config_model_names(config) if m in srv.repository_models(repository)]
     else:
         served = srv.repository_models(repository)

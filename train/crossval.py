@@ -165,12 +165,19 @@ def compare(a: dict[str, Any], b: dict[str, Any], policy: str) -> dict[str, Any]
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """A plain-text table of ``summarize``'s result."""
-    lines = [f"{summary['recipe']}: {summary['folds']}-fold cross-validation over {summary['photos']} photos "
-             f"(split seed {summary['split_seed']})", "",
-             f"{'policy':<12} {'pooled':>16} {'± s.e.':>7} {'log loss':>9}  per fold (correct)"]
+    """A plain-text table of ``summarize``'s result, its columns as wide as their widest cell."""
+    rows = []
     for policy, p in summary["policies"].items():
-        loss = f"{p['log_loss']:.3f}" if p["log_loss"] is not None else "-"
-        lines.append(f"{policy:<12} {p['accuracy']:>7.3f} ({p['correct']}/{p['count']}) {p['standard_error']:>6.3f} "
-                     f"{loss:>9}  {' '.join(str(c) for c in p['per_fold_correct'])}")
+        rows.append((policy, f"{p['accuracy']:.3f} ({p['correct']}/{p['count']})", f"{p['standard_error']:.3f}",
+                     f"{p['log_loss']:.3f}" if p["log_loss"] is not None else "-",
+                     " ".join(str(c) for c in p["per_fold_correct"])))
+    header = ("policy", "pooled", "± s.e.", "log loss", "per fold (correct)")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return (f"{cells[0]:<{widths[0]}}  {cells[1]:>{widths[1]}}  {cells[2]:>{widths[2]}}  "
+                f"{cells[3]:>{widths[3]}}  {cells[4]}")
+
+    lines = [f"{summary['recipe']}: {summary['folds']}-fold cross-validation over {summary['photos']} photos "
+             f"(split seed {summary['split_seed']})", "", line(header), *(line(row) for row in rows)]
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from carclf import contract, imaging
+from carclf import contract, imaging, sources
 from carclf.errors import ConfigError, InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,7 @@ def load_class_names(path: str | os.PathLike | None, class_ids: Sequence[str]) -
     """Names for ``class_ids`` from classes.json ({"0": "name", ...}) or a text file (one name per line)."""
     if path is None:
         return list(class_ids)
-    p = Path(path)
-    if not p.is_file():
-        raise NotFound(f"class-names file {str(p)!r} does not exist")
+    p = sources.require(path, "file", "class-names file")
     if p.suffix == ".json":
         try:
             mapping = json.loads(p.read_text(encoding="utf-8-sig"))
@@ -79,9 +77,7 @@ def _sort_ids(ids: Iterable[str]) -> list[str]:
 
 def read_folder_layout(train_dir: str | os.PathLike, classes: str | os.PathLike | None = None) -> Dataset:
     """``train_dir/<class id>/<image>``: every file inside a class folder is a candidate sample."""
-    root = Path(train_dir)
-    if not root.is_dir():
-        raise NotFound(f"training folder {str(root)!r} does not exist")
+    root = sources.require(train_dir, "folder", "training folder")
     class_ids = _sort_ids(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     nested = root / "train"
     if "train" in class_ids and any(p.is_dir() for p in nested.iterdir()):
@@ -101,11 +97,8 @@ def read_folder_layout(train_dir: str | os.PathLike, classes: str | os.PathLike 
 def read_csv_layout(csv_path: str | os.PathLike, images_dir: str | os.PathLike,
                     classes: str | os.PathLike | None = None) -> Dataset:
     """A CSV ``Id,Category`` listing files of ``images_dir`` and their category ids."""
-    csv_file, root = Path(csv_path), Path(images_dir)
-    if not csv_file.is_file():
-        raise NotFound(f"label CSV {str(csv_file)!r} does not exist")
-    if not root.is_dir():
-        raise NotFound(f"image folder {str(root)!r} does not exist")
+    csv_file = sources.require(csv_path, "file", "label CSV")
+    root = sources.require(images_dir, "folder", "image folder")
     with csv_file.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"Id", "Category"} <= set(reader.fieldnames):

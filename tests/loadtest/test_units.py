@@ -305,6 +305,9 @@ def _one_line(capsys) -> str:
     (["--max-fail-ratio", "1.5"], "field 'max-fail-ratio'"),
     (["--photo-folder", "/no/such/photos"], "photo folder does not exist, received '/no/such/photos'"),
     (["--labels-file", "/no/such/labels.txt"], "labels file does not exist, received '/no/such/labels.txt'"),
+    (["--photo-folder", "{tmp}/locust.conf"], "photo folder is a file, not a folder, received '{tmp}/locust.conf'"),
+    (["--labels-file", "{tmp}"], "labels file is a folder, not a file, received '{tmp}'"),
+    (["--config", "{tmp}"], "locust config file is a folder, not a file, received '{tmp}'"),
     (["--signature", "serving_jpeg"], "signature must be one of ['serving_default', 'serving_pixels'], "
                                       "received 'serving_jpeg'"),
     (["--tensorflow-intra-op-parallelism", "-1"], "field '--tensorflow-intra-op-parallelism': expected a thread "
@@ -314,6 +317,8 @@ def test_loadtest_run_refuses_bad_settings_before_anything_starts(flags, expecte
                                                                  monkeypatch, capsys):
     _no_start(monkeypatch)
     reports = tmp_path / "reports"
+    (tmp_path / "locust.conf").write_text("users = 1\n")
+    flags, expected = [f.replace("{tmp}", str(tmp_path)) for f in flags], expected.replace("{tmp}", str(tmp_path))
     args = ["--photo-folder", str(sample_dir), "--reports", str(reports), *flags]
     assert run.main(args) == 2
     line = _one_line(capsys)

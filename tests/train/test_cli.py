@@ -66,10 +66,11 @@ def test_resume_refuses_options_that_would_change_the_saved_recipe(tmp_path):
     (("submit", "{tmp}", "{photos}"), "no SavedModel at"),
     (("submit", "{tmp}", "/no/such/photos"), "photo folder '/no/such/photos' does not exist"),  # before the model
     (("evaluate", "{tmp}", "--tta", "sideways"), "unknown TTA policy 'sideways'"),
+    (("scan", "{photos}/../classes.json"), "training folder '{photos}/../classes.json' is a file, not a folder"),
 ])
 def test_missing_or_wrong_paths(tmp_path, args, needle):
     _assert_clean_error(_carclf(*(a.replace("{tmp}", str(tmp_path)).replace("{photos}", str(PHOTOS)) for a in args)),
-                        needle)
+                        needle.replace("{photos}", str(PHOTOS)))
 
 
 def test_scan_reports_bad_files_and_writes_eda(tmp_path, two_class_data):

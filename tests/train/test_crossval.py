@@ -50,8 +50,9 @@ def test_every_fold_is_trained_and_pooled(two_folds, capsys):
         assert pooled["count"] == len(photos)
         assert pooled["per_fold_correct"] == [m["policies"][policy]["correct"] for m in metrics]
         assert len(pooled["photo_correct"]) == len(photos) and sum(pooled["photo_correct"].values()) == pooled["correct"]
-    # the command on the same folders reproduces the file, and prints the pooled table
-    out = two_folds / "again.json"
+    # the command on the same folders reproduces the file (its folder made, as --out of every command), and
+    # prints the pooled table
+    out = two_folds / "summaries" / "again.json"
     assert carclf_main(["crossval", *map(str, folders), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["policies"] == summary["policies"]
     assert f"({summary['policies']['none']['correct']}/{len(photos)})" in capsys.readouterr().out

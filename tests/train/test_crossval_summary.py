@@ -73,3 +73,18 @@ def test_the_pooled_log_loss_weighs_each_fold_by_its_photos(tmp_path):
     pooled = crossval.summarize(folders)["policies"]["none"]
     assert pooled["count"] == 31
     assert pooled["log_loss"] == pytest.approx((10 * 0.2 + 10 * 0.4 + 11 * 1.3) / 31)
+
+
+@pytest.mark.parametrize("photos, correct", [(30, (7, 4, 9)), (3000, (700, 45, 999))])
+def test_the_printed_table_keeps_its_columns_under_their_headings(tmp_path, photos, correct):
+    """Counts of two digits or four: each figure ends in the column where its heading ends, so the table reads the
+    same over 50 photos or a whole competition set."""
+    names = [f"c{i % 2}/{i:04d}.jpg" for i in range(photos)]
+    summary = crossval.summarize([_fold_run(tmp_path, fold, 3, c, names) for fold, c in enumerate(correct)])
+    header, row = crossval.format_summary(summary).splitlines()[2:4]
+    pooled = summary["policies"]["none"]
+    cells = {"pooled": f"{pooled['accuracy']:.3f} ({pooled['correct']}/{pooled['count']})",
+             "± s.e.": f"{pooled['standard_error']:.3f}", "log loss": f"{pooled['log_loss']:.3f}"}
+    for heading, cell in cells.items():
+        assert row.index(cell) + len(cell) == header.index(heading) + len(heading), (heading, header, row)
+    assert row.startswith("none ") and row.endswith(" ".join(str(c) for c in correct))

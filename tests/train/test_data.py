@@ -246,6 +246,25 @@ def test_missing_folders_are_clear_errors(tmp_path):
         data.read_folder_layout(tmp_path / "flat")
 
 
+def test_a_file_given_for_a_folder_or_a_folder_for_a_file_is_called_what_it_is(tmp_path):
+    """A CSV given as the training folder (or a folder as the label CSV) is there: the error says what it is, not
+    that it does not exist, which would send its user looking for a path that is right there."""
+    labels = tmp_path / "train.csv"
+    labels.write_text("Id,Category\n")
+    images = tmp_path / "images"
+    images.mkdir()
+    with pytest.raises(InvalidInput, match=re.escape(f"training folder {str(labels)!r} is a file, not a folder")):
+        data.read_folder_layout(labels)
+    with pytest.raises(InvalidInput, match=re.escape(f"label CSV {str(images)!r} is a folder, not a file")):
+        data.read_csv_layout(images, images)
+    with pytest.raises(InvalidInput, match=re.escape(f"image folder {str(labels)!r} is a file, not a folder")):
+        data.read_csv_layout(labels, labels)
+    with pytest.raises(InvalidInput, match=re.escape(f"class-names file {str(images)!r} is a folder, not a file")):
+        data.load_class_names(images, ["0"])
+    with pytest.raises(NotFound, match=re.escape(f"label CSV {str(tmp_path / 'no.csv')!r} does not exist")):
+        data.read_csv_layout(tmp_path / "no.csv", images)
+
+
 def test_prepared_images_follow_the_resize_mode(two_class_data):
     import tensorflow as tf
 

@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{c['second_correct']}/{c['photos']}; only the first right on {c['only_first']}, only the "
                       f"second on {c['only_second']} (McNemar p = {c['mcnemar_p']:.3f})")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(args.out), summary)
         print(f"cross-validation summary: {args.out}")
     return 0

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from carclf import contract, tta
+from carclf import contract, sources, tta
 from carclf.destinations import check_folder
 from carclf.errors import InvalidInput
 from carclf.train import data, evaluate
@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"data {data_root} has classes {dataset.class_ids}, the model has {model.class_ids}")
     split_path = None if args.all else (args.split or model.info.get("split_file"))
     if split_path:
-        if not Path(split_path).is_file():
-            raise InvalidInput(f"split file {str(split_path)!r} does not exist; pass --split FILE or --all")
+        if why := sources.why_not(split_path, "file"):
+            raise InvalidInput(f"split file {str(split_path)!r} {why}; pass --split FILE or --all")
         samples = data.load_split(split_path, dataset).val
         if not samples:
             raise InvalidInput(f"split {str(split_path)!r} holds no validation photos (the run trained on all of "
