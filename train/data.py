@@ -377,7 +377,8 @@ def extra_training_samples(sources: Sequence[Any], dataset: Dataset, split: Spli
                            min_side: int = 32) -> tuple[list[Sample], list[dict[str, str]]]:
     """The photos of ``data.extra_train`` (``recipe.ExtraSource``), labelled with ``dataset``'s classes.
 
-    Each CSV names its categories by class id; an id the dataset does not have is an error. A photo whose
+    Each CSV names its categories by class id; an id the dataset does not have is an error, and so is an image
+    folder that holds none of the photos a CSV lists (the wrong folder: training would go on without them). A photo whose
     bytes equal a validation photo's is refused: training on it would leak that photo's label into the
     score. Copies of training photos and files that do not decode are skipped, and returned as
     ``{"file", "reason"}`` so the run can list them.
@@ -393,6 +394,10 @@ def extra_training_samples(sources: Sequence[Any], dataset: Dataset, split: Spli
     for i, source in enumerate(sources):
         where = f"data.extra_train[{i}]"
         extra = read_csv_layout(source.csv_for(split.fold), source.images)
+        if extra.samples and not any(Path(s.path).is_file() for s in extra.samples):
+            raise ConfigError(f"none of the {len(extra.samples)} photos it lists is in {source.images!r} (the first: "
+                              f"{extra.samples[0].rel!r}); give the folder that holds them",
+                              source=source.csv_for(split.fold), field=f"{where}.images")
         unknown = [cid for cid in extra.class_ids if cid not in index]
         if unknown:
             raise ConfigError(f"names categories {unknown} that the training data does not have "

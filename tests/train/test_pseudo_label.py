@@ -88,6 +88,27 @@ def test_a_copy_of_a_validation_photo_is_refused_and_copies_of_training_photos_s
         data.extra_training_samples(sources, dataset, split)
 
 
+def test_an_image_folder_without_any_of_the_listed_photos_is_refused_not_trained_without(split_of_two_classes,
+                                                                                          tmp_path):
+    """A pseudo-label CSV given with the wrong image folder: each photo would be skipped as unreadable and the run
+    would train on none of them, so it is refused naming the folder; a folder missing only some is trained on."""
+    dataset, split = split_of_two_classes
+    photos = sorted(PHOTOS.glob("*.jpg"))[:2]
+    _write_labels(tmp_path / "labels.csv", [[photos[0].name, "1"], [photos[1].name, "0"]])
+    wrong = tmp_path / "elsewhere"
+    wrong.mkdir()
+    with pytest.raises(ConfigError) as refused:
+        data.extra_training_samples([ExtraSource(str(tmp_path / "labels.csv"), str(wrong))], dataset, split)
+    assert refused.value.message == (
+        f"{tmp_path / 'labels.csv'}: field 'data.extra_train[0].images': none of the 2 photos it lists is in "
+        f"{str(wrong)!r} (the first: {photos[0].name!r}); give the folder that holds them")
+    shutil.copy(photos[1], wrong / photos[1].name)
+    samples, skipped = data.extra_training_samples([ExtraSource(str(tmp_path / "labels.csv"), str(wrong))],
+                                                   dataset, split)
+    assert [s.path for s in samples] == [str((wrong / photos[1].name).resolve())]
+    assert [row["file"] for row in skipped] == [photos[0].name]
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: fold runs label the photos, and a second cross-validation trains on them
 # ---------------------------------------------------------------------------------------------
