@@ -9,6 +9,8 @@ augmentations do not depend on thread scheduling.
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -54,6 +56,13 @@ def build_compose(transforms: Sequence[Mapping[str, Any]], image_size: Size, see
         if not isinstance(cls, type) or not issubclass(cls, A.BasicTransform):
             raise ConfigError(f"unknown albumentations transform {name!r}", source=source,
                               field=f"augmentation[{i}].name")
+        accepted = sorted(set(inspect.signature(cls.__init__).parameters) - {"self"})
+        unknown = sorted(set(item) - set(accepted))
+        if unknown:  # albumentations only warns, then builds the transform with its default for the parameter
+            near = difflib.get_close_matches(unknown[0], accepted, n=1)
+            hint = f" (a misspelling of {near[0]!r}?)" if near else ""
+            raise ConfigError(f"{name} has no parameter {unknown[0]!r}{hint}; expected some of {accepted}",
+                              source=source, field=f"augmentation[{i}].{unknown[0]}")
         params = _resolve_params(item, image_size, source, f"augmentation[{i}]")
         try:
             built.append(cls(**params))

@@ -26,7 +26,13 @@ from carclf.imaging import Size, side_pair, size_text
 from carclf.train import data as data_mod
 from carclf.train import evaluate, pipeline, runs
 from carclf.train.augment import Augmenter
-from carclf.train.model import build_classifier, refresh_head_batchnorm, set_trainable, transfer_weights
+from carclf.train.model import (
+    build_classifier,
+    check_unfreeze,
+    refresh_head_batchnorm,
+    set_trainable,
+    transfer_weights,
+)
 from carclf.train.plots import plot_curves
 from carclf.train.recipe import LossConfig, OptimizerConfig, Recipe
 
@@ -212,6 +218,7 @@ def _run(recipe: Recipe, run_dir: Path, state: _State | None, verbose: int | Non
                 if weights_used is None and recipe.weights is not None:  # fell back to scratch: BN must learn
                     model, _ = build_classifier(spec, dataset.num_classes, recipe.head, size, None,
                                                 freeze_batchnorm=False)
+                check_unfreeze(model, spec, recipe.stages, recipe.source)
         elif tuple(model.input_shape[1:3]) != side_pair(size):
             resized, _ = build_classifier(spec, dataset.num_classes, recipe.head, size, None,
                                           freeze_batchnorm=weights_used is not None)

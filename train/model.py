@@ -114,6 +114,18 @@ def set_trainable(model, spec: BackboneSpec, unfreeze, freeze_batchnorm: bool = 
     return counts
 
 
+def check_unfreeze(model, spec: BackboneSpec, stages, source: str) -> None:
+    """Refuse a stage's ``top_blocks N`` with more blocks than the backbone has (the stem and its numbered
+    blocks): it would quietly unfreeze everything, as 'all' says plainly. Checked once the backbone is built,
+    before the first epoch."""
+    blocks = backbones.num_blocks(spec, backbone_of(model)) + 1  # block 0 is the stem
+    for i, stage in enumerate(stages):
+        if stage.unfreeze.mode == "top_blocks" and stage.unfreeze.blocks > blocks:
+            raise ConfigError(f"top_blocks {stage.unfreeze.blocks} is more than the {blocks} blocks of {spec.name} "
+                              f"(its stem and {blocks - 1} numbered blocks): give at most {blocks}, or 'all'",
+                              source=source, field=f"stages[{i}].unfreeze")
+
+
 def transfer_weights(source, target) -> None:
     """Copy every weight between two models of the same architecture built at different input sizes."""
     target.set_weights(source.get_weights())

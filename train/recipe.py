@@ -196,6 +196,8 @@ class Recipe:
     def with_overrides(self, **changes: Any) -> Recipe:
         """A copy with top-level fields or ``data``/``split`` fields replaced (None values are ignored)."""
         changes = {k: v for k, v in changes.items() if v is not None}
+        if not changes:  # errors found later name the file alone, not overrides nobody gave
+            return self
         data_fields = {f.name for f in dataclasses.fields(DataConfig)}
         split_fields = {"val_fraction", "split_seed", "folds", "fold"}
         data = {k: v for k, v in changes.items() if k in data_fields}

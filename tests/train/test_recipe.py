@@ -139,6 +139,10 @@ def test_unfreeze_forms_and_overrides(tmp_path):
     assert changed.split.val_fraction == 0.3 and changed.name == recipe.name
     with pytest.raises(ConfigError, match="field 'weights'"):
         recipe.with_overrides(weights="/no/such/file.h5")
+    # the command line passes every flag, given or not: a recipe without overrides keeps naming its file alone
+    named = parse_recipe(data, source="r.yaml")
+    assert named.with_overrides(train=None, seed=None).source == "r.yaml"
+    assert named.with_overrides(seed=3).source == "r.yaml (with command-line overrides)"
 
 
 def test_fold_must_lie_inside_the_k_fold_split(tmp_path):
@@ -161,6 +165,11 @@ def test_fold_must_lie_inside_the_k_fold_split(tmp_path):
     ({"name": "NoSuchTransform"}, "augmentation[0].name", "unknown albumentations transform"),
     ({"name": "HorizontalFlip", "p": 7}, "augmentation[0]", "invalid parameters"),
     ({"name": "Resize", "height": 10, "width": 10}, "augmentation[0]", "must keep uint8 images of 32x32x3"),
+    # albumentations only warns about a parameter its transform lacks and builds it with the default value
+    ({"name": "RandomBrightnessContrast", "brightness_limt": 0.4}, "augmentation[0].brightness_limt",
+     "RandomBrightnessContrast has no parameter 'brightness_limt' (a misspelling of 'brightness_limit'?)"),
+    ({"name": "HorizontalFlip", "p": 0.5, "always_apply": True}, "augmentation[0].always_apply",
+     "HorizontalFlip has no parameter 'always_apply'; expected some of ['p']"),
 ])
 def test_augmentation_errors_name_the_transform(transform, field, needle):
     with pytest.raises(ConfigError) as info:

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from carclf import backbones
-from carclf.train.model import backbone_of, build_classifier, set_trainable, transfer_weights
-from carclf.train.recipe import HeadConfig, Unfreeze
+from carclf.errors import ConfigError
+from carclf.train.model import backbone_of, build_classifier, check_unfreeze, set_trainable, transfer_weights
+from carclf.train.recipe import HeadConfig, Stage, Unfreeze
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,26 @@ def test_top_blocks_stage_unfreezes_exactly_the_top_blocks(mobilenet, blocks):
                 and not isinstance(layer, keras.layers.BatchNormalization)}
     assert _trainable_backbone_layers(model) == expected
     assert expected  # the top blocks own weights
+
+
+def test_top_blocks_beyond_the_backbones_blocks_is_refused_naming_the_stage(mobilenet):
+    """top_blocks counts the stem as the last block: every block is a valid count; one more would unfreeze the same
+    layers as 'all' while reading like a part (as "the top 100 layers" of a Keras guide), so it is refused."""
+    spec, model = mobilenet
+    blocks = max(backbones.block_indices(spec, backbone_of(model)).values()) + 1  # the stem is block 0
+    stages = [Stage("head", 1, 1e-3, 8, 32, Unfreeze("none")), Stage("top", 1, 1e-4, 8, 32, Unfreeze("top_blocks",
+                                                                                                       blocks))]
+    check_unfreeze(model, spec, stages, "r.yaml")  # all of them, the stem included
+    set_trainable(model, spec, stages[1].unfreeze)
+    everything = _trainable_backbone_layers(model)
+    set_trainable(model, spec, Unfreeze("all"))
+    assert everything == _trainable_backbone_layers(model)
+    stages[1] = Stage("top", 1, 1e-4, 8, 32, Unfreeze("top_blocks", blocks + 1))
+    with pytest.raises(ConfigError) as refused:
+        check_unfreeze(model, spec, stages, "r.yaml")
+    assert str(refused.value) == (f"r.yaml: field 'stages[1].unfreeze': top_blocks {blocks + 1} is more than the "
+                                  f"{blocks} blocks of mobilenet_v2 (its stem and {blocks - 1} numbered blocks): "
+                                  f"give at most {blocks}, or 'all'")
 
 
 def test_all_stage_unfreezes_everything_but_batchnorm(mobilenet):
