@@ -47,7 +47,9 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 @dataclass(frozen=True)
 class Unfreeze:
-    """Which backbone layers a stage trains: none (frozen), the top ``blocks`` blocks, or all."""
+    """Which backbone layers a stage trains: none (frozen), the top ``blocks`` blocks, or all. Blocks are the
+    backbone's numbered blocks and its stem (``backbones.block_indices``); more than it has is refused once the
+    backbone is built (``model.check_unfreeze``)."""
 
     mode: str = "none"
     blocks: int = 0
