@@ -273,15 +273,21 @@ DEFAULT_SUBMISSION = Path("results/cars10_ensemble_submission.csv")
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = CommandParser(prog="python -m carclf.ensemble.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=Path("ensemble/car_ensemble/config.pbtxt"))
-    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--config", type=Path, default=Path("ensemble/car_ensemble/config.pbtxt"),
+                        help="the ensemble's config.pbtxt (default: %(default)s)")
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"),
+                        help="where its members' SavedModels are (<name>/<version>/; default: %(default)s)")
     parser.add_argument("--train", type=Path, required=True, help="train/<class id>/<photo> folder")
     parser.add_argument("--classes", type=Path, default=None, help="classes.json")
     parser.add_argument("--split", type=Path, required=True, help="split.json written by the training run(s)")
-    parser.add_argument("--policies", default="none,hflip,hflip_crops")
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("results/cars10_ensemble_eval.json"))
+    parser.add_argument("--policies", default="none,hflip,hflip_crops",
+                        help="comma-separated TTA policies to score (default: %(default)s)")
+    parser.add_argument("--folds", type=int, default=5,
+                        help="folds of the validation photos over which weighted-mean weights are fit, each photo "
+                             "scored by weights fit on the others (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of those folds (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("results/cars10_ensemble_eval.json"),
+                        help="the report as JSON, with a Markdown table beside it (.md) (default: %(default)s)")
     parser.add_argument("--test", type=Path, default=None, help="unlabelled photo folder for a submission")
     parser.add_argument("--submission", type=Path, default=None,
                         help=f"where the --test submission goes (default: {DEFAULT_SUBMISSION})")
@@ -290,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--channel-order", choices=imaging.CHANNEL_ORDERS, default="rgb",
                         help="how the photo files (--train and --test) store colours: bgr for a data set saved with red "
                              "and blue swapped, such as cars10 (default: rgb)")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
         from carclf.train.data import load_split, read_folder_layout

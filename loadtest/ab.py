@@ -189,18 +189,25 @@ def parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="python -m carclf.loadtest.ab", description=__doc__.split("\n\n")[0])
     p.add_argument("--baseline-checkout", required=True, help="a carclf checkout (e.g. a git worktree)")
     p.add_argument("--model", required=True, help="exported model to serve on both sides")
-    p.add_argument("--model-repository", default=str(ROOT / "model_repository"))
-    p.add_argument("--photo-folder", default=str(ROOT / "data" / "sample"))
+    p.add_argument("--model-repository", default=str(ROOT / "model_repository"),
+                   help="where --model is exported (default: this checkout's model_repository)")
+    p.add_argument("--photo-folder", default=str(ROOT / "data" / "sample"),
+                   help="photos the requests send (default: this checkout's data/sample)")
     p.add_argument("--photo-limit", type=int, default=0, help="use at most this many photos (0: all)")
     p.add_argument("--batching-config", default=str(ROOT / "serving" / "batching.config"),
                    help="BatchingParameters for both servers ('' for batching off)")
-    p.add_argument("--transports", default="grpc,rest")
-    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--transports", default="grpc,rest", help="comma-separated: grpc, rest (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=8,
+                   help="rounds, each measuring every transport against both servers (default: %(default)s)")
     p.add_argument("--slice", type=float, default=4.0, help="measured seconds per side, transport and round")
-    p.add_argument("--warmup", type=float, default=0.5)
-    p.add_argument("--max-requests", type=int, default=100_000)
-    p.add_argument("--server-timeout", type=float, default=300.0)
-    p.add_argument("--out", default="reports/ab")
+    p.add_argument("--warmup", type=float, default=0.5,
+                   help="seconds of unmeasured requests before each slice (default: %(default)s)")
+    p.add_argument("--max-requests", type=int, default=100_000,
+                   help="requests at most per slice, whatever its seconds (default: %(default)s)")
+    p.add_argument("--server-timeout", type=float, default=300.0,
+                   help="seconds each server may take to load the model and answer (default: %(default)s)")
+    p.add_argument("--out", default="reports/ab", help="folder for ab.json, ab.md and the servers' logs "
+                                                         "(default: %(default)s)")
     return p
 
 

@@ -127,11 +127,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", type=int, default=4, help="concurrent locust users (half gRPC, half REST)")
     parser.add_argument("--sample-every", type=float, default=5.0, help="seconds between RSS samples")
     parser.add_argument("--max-rss-growth", type=float, default=0.05, help="fail above this growth (0.05 = 5%%)")
-    parser.add_argument("--model-repository", default="model_repository")
-    parser.add_argument("--ensemble-config", default="ensemble/car_ensemble/config.pbtxt")
-    parser.add_argument("--batching-config", default="serving/batching.config")
-    parser.add_argument("--photo-folder", default="data/sample")
-    parser.add_argument("--reports", default="reports/soak")
+    parser.add_argument("--model-repository", default="model_repository",
+                        help="where the ensemble's members are exported (default: %(default)s)")
+    parser.add_argument("--ensemble-config", default="ensemble/car_ensemble/config.pbtxt",
+                        help="the ensemble served and loaded (default: %(default)s)")
+    parser.add_argument("--batching-config", default="serving/batching.config",
+                        help="the server's BatchingParameters file (default: %(default)s)")
+    parser.add_argument("--photo-folder", default="data/sample", help="photos the users send (default: %(default)s)")
+    parser.add_argument("--reports", default="reports/soak",
+                        help="folder for soak.json, soak.md and locust's reports (default: %(default)s)")
     parser.add_argument("--tensorflow-intra-op-parallelism", type=int, default=0, metavar="N",
                         help="TensorFlow threads inside one op for the server (0: TensorFlow's default)")
 

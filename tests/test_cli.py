@@ -99,3 +99,35 @@ def test_the_make_entry_points_refuse_abbreviated_and_mistyped_flags_alike(modul
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line == f"python -m {module}: error: unrecognized arguments: {argv[0]} (did you mean {meant}?)"
     assert list(tmp_path.iterdir()) == []
+
+
+class _Built(Exception):
+    """Raised by the patched parse_args with the parser an entry point built."""
+
+    def __init__(self, parser):
+        super().__init__("built")
+        self.parser = parser
+
+
+def _flags_without_help(parser) -> list[str]:
+    return [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_every_flag_of_every_command_says_what_it_is_for(command):
+    assert _flags_without_help(cli.parsers(command)[1]) == [], command
+
+
+@pytest.mark.parametrize("module", ["carclf.ensemble.evaluate", "carclf.loadtest.run", "carclf.loadtest.soak",
+                                    "carclf.loadtest.ab", "carclf.demo"])
+def test_every_flag_of_the_python_m_entry_points_says_what_it_is_for(module, monkeypatch):
+    """The parser each ``python -m`` entry point builds, caught as it parses (nothing runs)."""
+    def caught(self, *args, **kwargs):
+        raise _Built(self)
+
+    monkeypatch.setattr(cli.CommandParser, "parse_args", caught)
+    monkeypatch.setattr(cli.CommandParser, "parse_known_args", caught)
+    entry = importlib.import_module(module)
+    with pytest.raises(_Built) as built:
+        entry.parser().parse_args([]) if hasattr(entry, "parser") else entry.main([])
+    assert _flags_without_help(built.value.parser) == [], module
