@@ -75,6 +75,16 @@ def _sort_ids(ids: Iterable[str]) -> list[str]:
     return sorted(ids, key=int) if all(contract.ascii_digits(i) for i in ids) else sorted(ids)
 
 
+def classes_beside(train_dir: str | os.PathLike) -> str | None:
+    """The class-names file of a Kaggle-style layout for ``train_dir``: ``classes.json`` beside it (cars10/
+    classes.json next to cars10/train/), else inside it; None when there is neither."""
+    root = Path(train_dir)
+    for candidate in (root.parent / "classes.json", root / "classes.json"):
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
 def read_folder_layout(train_dir: str | os.PathLike, classes: str | os.PathLike | None = None) -> Dataset:
     """``train_dir/<class id>/<image>``: every file inside a class folder is a candidate sample."""
     root = sources.require(train_dir, "folder", "training folder")

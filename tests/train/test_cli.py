@@ -336,3 +336,28 @@ def test_export_refuses_a_model_name_before_loading_the_run(tmp_path, two_class_
     err = capsys.readouterr().err
     assert "model name must be ASCII letters, digits, '_' or '-'" in err and needle in err, err
     assert loaded == [] and not any(repository.glob("*/*"))
+
+
+@pytest.mark.parametrize("layout,extra,expected", [
+    ("beside", ("--data", "{root}/train"), "{root}/classes.json"),   # the Kaggle layout: classes.json next to train/
+    ("inside", ("--data", "{root}/train"), "{root}/train/classes.json"),
+    ("none", ("--data", "{root}/train"), None),                       # no names file: the class folders' names
+    ("beside", ("--data", "{root}/train", "--classes", "{root}/other.json"), "{root}/other.json"),
+    ("beside", (), "recipe"),                                         # the recipe's own data, its own names
+])
+def test_a_data_folder_brings_its_own_class_names_not_the_recipes(tmp_path, layout, extra, expected):
+    """The recipe's data.classes names the classes of its own data set (cars10's models); another folder's
+    class 0 may be another car (sf-dl's is a Lada Priora), so its names come from beside it or from its folders."""
+    from carclf.cli import build_parser
+    from carclf.train.commands.train import recipe_from
+    from carclf.train.recipe import load_recipe
+
+    (tmp_path / "train" / "0").mkdir(parents=True)
+    if layout != "none":
+        (tmp_path / ("classes.json" if layout == "beside" else "train/classes.json")).write_text('{"0": "car"}')
+    argv = ["train", "mobilenet_v2_224x448", *(a.replace("{root}", str(tmp_path)) for a in extra)]
+    classes = recipe_from(build_parser("train").parse_args(argv)).data.classes
+    if expected == "recipe":
+        assert classes == load_recipe("mobilenet_v2_224x448").data.classes and classes
+    else:
+        assert classes == (expected.replace("{root}", str(tmp_path)) if expected else None)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import math
-import os
 from pathlib import Path
 
+from carclf import sources
 from carclf.destinations import check_folder
 from carclf.errors import InvalidInput
+from carclf.train import data
 from carclf.train.commands import add_channel_order_argument, channel_order_for, setup_logging
 from carclf.train.recipe import ExtraSource, Recipe, load_recipe, recipe_names
+
+log = logging.getLogger(__name__)
 
 # options that change the recipe, so a resumed run (which keeps its saved config) refuses them
 _RECIPE_OVERRIDES = ("data", "classes", "channel_order", "extra_train", "weights", "allow_scratch", "seed",
@@ -21,8 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", help=f"recipe name ({', '.join(recipe_names(experiments=False))}, or one "
                                                    "of train/recipes/experiments/) or a YAML file")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last epoch")
-    parser.add_argument("--data", help="training folder of class folders (overrides the recipe's data.train)")
-    parser.add_argument("--classes", help="class-names file (overrides data.classes)")
+    parser.add_argument("--data", help="training folder of class folders (overrides the recipe's data.train; its "
+                                       "class names come from the classes.json beside it, else its folder names)")
+    parser.add_argument("--classes", help="class-names file (overrides data.classes, and the one beside --data)")
     add_channel_order_argument(parser, default=None, extra_help=" (overrides data.channel_order; a folder given "
                                                                 "with --data is read as rgb unless told)")
     parser.add_argument("--extra-train", nargs=2, action="append", metavar=("CSV", "IMAGES"),
@@ -49,14 +55,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def recipe_from(args: argparse.Namespace) -> Recipe:
-    """The named recipe with the command line's overrides."""
+    """The named recipe with the command line's overrides. A folder named by ``--data`` brings its own class
+    names, as it brings its own channel order: the ``classes.json`` beside it (the Kaggle layout's), else its
+    class folders' names; the recipe's ``data.classes`` names another data set's classes (``--classes``
+    overrides both)."""
     channel_order = channel_order_for(args.channel_order, bool(args.data), None)  # None: keep the recipe's
-    return load_recipe(args.recipe).with_overrides(
-        train=args.data, classes=args.classes, channel_order=channel_order, extra_train=_extra_sources(args.extra_train),
+    classes = args.classes or (data.classes_beside(args.data) if args.data else None)
+    recipe = load_recipe(args.recipe).with_overrides(
+        train=args.data, classes=classes, channel_order=channel_order, extra_train=_extra_sources(args.extra_train),
         weights=args.weights, seed=args.seed, name=args.name, split_seed=args.split_seed,
         val_fraction=args.val_fraction, folds=args.folds, fold=args.fold,
         # Weights named on the command line are the ones wanted: they fall back to scratch only when told.
         on_missing_weights="scratch" if args.allow_scratch else ("fail" if args.weights else None))
+    if args.data and not args.classes:
+        log.info("class names of --data: %s", classes or "its class folders' names (no classes.json beside it; "
+                                                          "--classes FILE names them)")
+        if not classes and recipe.data.classes:
+            recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, classes=None))
+    return recipe
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,9 +92,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.recipe:
             raise InvalidInput(f"name a recipe ({', '.join(recipe_names(experiments=False))}, or one of "
                                "train/recipes/experiments/) or a YAML file, or --resume RUN_DIR")
+        if args.data and (why := sources.why_not(args.data, "folder")):
+            raise InvalidInput(f"--data {args.data!r} {why}")
         recipe = recipe_from(args)
-        if args.data and not os.path.isdir(args.data):
-            raise InvalidInput(f"--data {args.data!r} is not a folder")
         if args.folds is not None and args.val_fraction is not None:
             raise InvalidInput(f"--val-fraction {args.val_fraction} does not apply with --folds {args.folds}: each "
                                "fold validates on its 1/K of the photos")
