@@ -56,8 +56,10 @@ def build_compose(transforms: Sequence[Mapping[str, Any]], image_size: Size, see
         if not isinstance(cls, type) or not issubclass(cls, A.BasicTransform):
             raise ConfigError(f"unknown albumentations transform {name!r}", source=source,
                               field=f"augmentation[{i}].name")
-        accepted = sorted(set(inspect.signature(cls.__init__).parameters) - {"self"})
-        unknown = sorted(set(item) - set(accepted))
+        signature = inspect.signature(cls.__init__).parameters
+        accepted = sorted(set(signature) - {"self"})
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
+        unknown = [] if takes_any else sorted(set(item) - set(accepted))
         if unknown:  # albumentations only warns, then builds the transform with its default for the parameter
             near = difflib.get_close_matches(unknown[0], accepted, n=1)
             hint = f" (a misspelling of {near[0]!r}?)" if near else ""

@@ -383,14 +383,14 @@ def load_split(path: str | os.PathLike, dataset: Dataset) -> Split:
                  number("folds", int, 0), number("fold", int, 0), extra)
 
 
-def extra_training_samples(sources: Sequence[Any], dataset: Dataset, split: Split,
+def extra_training_samples(extra_sources: Sequence[Any], dataset: Dataset, split: Split,
                            min_side: int = 32) -> tuple[list[Sample], list[dict[str, str]]]:
     """The photos of ``data.extra_train`` (``recipe.ExtraSource``), labelled with ``dataset``'s classes.
 
     Each CSV names its categories by class id; an id the dataset does not have is an error, and so is an image
-    folder that holds none of the photos a CSV lists (the wrong folder: training would go on without them). A photo whose
-    bytes equal a validation photo's is refused: training on it would leak that photo's label into the
-    score. Copies of training photos and files that do not decode are skipped, and returned as
+    folder that holds none of the photos a CSV lists (the wrong folder: training would go on without them). A
+    photo whose bytes equal a validation photo's is refused: training on it would leak that photo's label into
+    the score. Copies of training photos and files that do not decode are skipped, and returned as
     ``{"file", "reason"}`` so the run can list them.
     """
     def digest(path: str) -> str:
@@ -401,7 +401,7 @@ def extra_training_samples(sources: Sequence[Any], dataset: Dataset, split: Spli
     index = {cid: i for i, cid in enumerate(dataset.class_ids)}
     samples: list[Sample] = []
     skipped: list[dict[str, str]] = []
-    for i, source in enumerate(sources):
+    for i, source in enumerate(extra_sources):
         where = f"data.extra_train[{i}]"
         extra = read_csv_layout(source.csv_for(split.fold), source.images)
         if extra.samples and not any(Path(s.path).is_file() for s in extra.samples):

@@ -56,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def recipe_from(args: argparse.Namespace) -> Recipe:
     """The named recipe with the command line's overrides. A folder named by ``--data`` brings its own class
-    names, as it brings its own channel order: the ``classes.json`` beside it (the Kaggle layout's), else its
-    class folders' names; the recipe's ``data.classes`` names another data set's classes (``--classes``
+    names, as it brings its own channel order: the ``classes.json`` beside it (the Kaggle layout's) or inside it,
+    else its class folders' names; the recipe's ``data.classes`` names another data set's classes (``--classes``
     overrides both)."""
     channel_order = channel_order_for(args.channel_order, bool(args.data), None)  # None: keep the recipe's
     classes = args.classes or (data.classes_beside(args.data) if args.data else None)
