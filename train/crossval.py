@@ -34,6 +34,7 @@ class FoldRun:
     data_size: int
     policies: dict[str, dict[str, Any]]
     config: dict[str, Any]  # the resolved recipe without its fold: equal for the folds of one cross-validation
+    cut_short: bool = False  # stopped by --time-budget before its last epoch (run.json), evaluated as it stood
 
 
 def read_fold_run(path: str | Path, metrics_name: str = runs.METRICS) -> FoldRun:
@@ -54,9 +55,10 @@ def read_fold_run(path: str | Path, metrics_name: str = runs.METRICS) -> FoldRun
     config.get("split", {}).pop("fold", None)
     config.pop("source", None)
     recipe = metrics.get("recipe") or config.get("name")
+    info = runs.read_json(run / runs.RUN_INFO) if (run / runs.RUN_INFO).is_file() else {}
     return FoldRun(run, str(recipe), folds, int(split["fold"]), int(split["seed"]),
                    tuple((rel, int(label)) for rel, label in split["val"]), len(split["val"]) + len(split["train"]),
-                   policies, config)
+                   policies, config, cut_short="cut_short_by_time_budget_s" in info)
 
 
 def read_summary(path: str | Path, what: str = "summary") -> dict[str, Any]:
@@ -121,7 +123,8 @@ def summarize(paths: Sequence[str | Path]) -> dict[str, Any]:
         raise InvalidInput(f"the folds validate on {len(seen)} photos, the data has {first.data_size}")
     policies = [p for p in first.policies if all(p in r.policies for r in fold_runs)]
     summary: dict[str, Any] = {"recipe": first.recipe, "folds": first.folds, "split_seed": first.split_seed,
-                               "photos": len(seen), "runs": [str(r.path) for r in fold_runs], "policies": {}}
+                               "photos": len(seen), "runs": [str(r.path) for r in fold_runs], "policies": {},
+                               "cut_short_folds": [r.fold for r in fold_runs if r.cut_short]}
     for policy in policies:
         rows = [r.policies[policy] for r in fold_runs]
         correct, count = sum(int(x["correct"]) for x in rows), sum(int(x["count"]) for x in rows)
@@ -180,4 +183,9 @@ def format_summary(summary: dict[str, Any]) -> str:
 
     lines = [f"{summary['recipe']}: {summary['folds']}-fold cross-validation over {summary['photos']} photos "
              f"(split seed {summary['split_seed']})", "", line(header), *(line(row) for row in rows)]
+    cut = summary.get("cut_short_folds") or []
+    if cut:
+        lines.append(f"fold{'s' if len(cut) > 1 else ''} {', '.join(map(str, cut))} of {summary['folds']} stopped "
+                     f"at the time budget (each fold has its own): these figures are of the shortened "
+                     f"run{'s' if len(cut) > 1 else ''}; finish with carclf train --resume RUN, then carclf crossval")
     return "\n".join(lines)

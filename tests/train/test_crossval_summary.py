@@ -88,3 +88,18 @@ def test_the_printed_table_keeps_its_columns_under_their_headings(tmp_path, phot
     for heading, cell in cells.items():
         assert row.index(cell) + len(cell) == header.index(heading) + len(heading), (heading, header, row)
     assert row.startswith("none ") and row.endswith(" ".join(str(c) for c in correct))
+
+
+def test_folds_cut_by_the_time_budget_are_named_under_the_table(tmp_path):
+    """Each fold of `carclf train --folds K --time-budget M` has its own budget; a fold it stopped early is
+    evaluated as it stood, so the pooled figures are of a shortened run and the summary says which."""
+    photos = [f"c{i % 2}/{i:03d}.jpg" for i in range(30)]
+    folders = [_fold_run(tmp_path, fold, 3, correct, photos) for fold, correct in enumerate((7, 4, 9))]
+    for fold, info in enumerate(({"finished": True}, {"finished": False, "cut_short_by_time_budget_s": 60.0}, {})):
+        runs.write_json(folders[fold] / runs.RUN_INFO, info)
+    summary = crossval.summarize(folders)
+    assert summary["cut_short_folds"] == [1]
+    assert crossval.format_summary(summary).splitlines()[-1].startswith("fold 1 of 3 stopped at the time budget")
+    runs.write_json(folders[1] / runs.RUN_INFO, {"finished": True})  # resumed to its end
+    finished = crossval.summarize(folders)
+    assert finished["cut_short_folds"] == [] and "time budget" not in crossval.format_summary(finished)

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", default="runs", help="folder that holds the run folders (default: runs)")
     parser.add_argument("--time-budget", type=float, metavar="MINUTES",
                         help="stop after the epoch in which this many minutes have passed, then evaluate; "
-                             "--resume continues the run from that epoch")
+                             "--resume continues the run from that epoch (with --folds, each fold has this budget)")
     parser.add_argument("--verbose", type=int, choices=(0, 1, 2), help="Keras progress output")
 
 
