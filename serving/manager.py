@@ -28,7 +28,13 @@ from carclf.errors import (
     Unavailable,
 )
 from carclf.serving.config import ModelConfig, ModelsConfig
-from carclf.serving.repository import fingerprint, holds_savedmodel, list_versions, scan_versions
+from carclf.serving.repository import (
+    fingerprint,
+    holds_savedmodel,
+    is_training_run,
+    list_versions,
+    scan_versions,
+)
 from carclf.serving.servable import Dependencies, Servable
 
 log = logging.getLogger(__name__)
@@ -285,6 +291,9 @@ class ModelManager:
             if holds_savedmodel(config.base_path):
                 hint = (f" ({config.base_path} is itself a SavedModel: base_path is the folder that holds the "
                         f"version folders, here {config.base_path.parent})")
+            elif is_training_run(config.base_path):
+                hint = (f" ({config.base_path} is a training run folder: carclf export RUN --repository REPO writes "
+                        "its SavedModel as REPO/<name>/<version>/, and REPO/<name> is the base_path)")
             log.warning("model %s: no version folder under %s yet%s", name, config.base_path, hint)
         model.warned_missing = not on_disk
         # The policy picks among versions that have not failed (unless their files changed since): a broken

@@ -12,11 +12,17 @@ from pathlib import Path
 from carclf import contract
 
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+TRAINING_RUN_FILE = "run.json"  # carclf.train.runs.RUN_INFO: what every training run folder holds
 
 
 def holds_savedmodel(folder: Path) -> bool:
     """Whether ``folder`` holds a SavedModel's graph file (binary or text)."""
     return any((folder / name).is_file() for name in SAVED_MODEL_FILES)
+
+
+def is_training_run(folder: Path) -> bool:
+    """Whether ``folder`` is a ``carclf train`` run folder (weights and a recipe, not a SavedModel)."""
+    return (folder / TRAINING_RUN_FILE).is_file() and not holds_savedmodel(folder)
 
 
 def scan_versions(base_path: Path) -> dict[int, Path] | None:

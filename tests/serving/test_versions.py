@@ -445,6 +445,22 @@ def test_a_version_folder_given_as_base_path_gets_a_hint(private_server, private
     assert f"{version_folder} is itself a SavedModel" in warning and f"here {private_repository / MODEL}" in warning
 
 
+def test_a_training_run_folder_given_as_base_path_gets_a_hint(private_server, private_repository, caplog):
+    """A run folder of ``carclf train`` (weights, a recipe and run.json, no SavedModel) given as the base path: the
+    warning says to export it and which folder to give then."""
+    from carclf.train import runs
+
+    run = private_repository / "mobilenet_v2-20261208-013000"
+    run.mkdir()
+    runs.write_json(run / runs.RUN_INFO, {"finished": True})
+    (run / runs.CONFIG).write_text("name: mobilenet_v2\n")
+    server = private_server(model_name=MODEL, model_base_path=str(run), model_repository=str(private_repository),
+                            enable_model_warmup=False)
+    assert server.manager.readiness() == {MODEL: False}
+    (warning,) = [r.getMessage() for r in caplog.records if "no version folder under" in r.getMessage()]
+    assert f"{run} is a training run folder: carclf export RUN --repository REPO" in warning, warning
+
+
 def test_labels_may_point_at_the_versions_served_around_a_broken_newest_one(private_server, private_repository,
                                                                              jpegs):
     """With ``latest { num_versions: 2 }`` and a newest version that fails to load, the server serves the two
