@@ -272,6 +272,17 @@ def photo_files(folder: Path) -> tuple[list[Path], list[str]]:
     return photos, [p.name for p in entries if p.name not in chosen and not p.is_dir()]
 
 
+def no_photos(folder: str | os.PathLike, what: str = "photo folder") -> str:
+    """The message for a folder without photo files; when it holds one folder that has them (an archive unpacked
+    into a folder of its own name, as Kaggle's test_upload/test_upload/), the message names that one."""
+    root = Path(folder)
+    message = f"{what} {str(folder)!r} has no photos ({', '.join(PHOTO_SUFFIXES)})"
+    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
+    if len(folders) == 1 and any(is_photo_file(p) for p in folders[0].iterdir()):
+        message += f"; its folder {folders[0].name!r} has them: pass {str(Path(folder) / folders[0].name)!r}"
+    return message
+
+
 def left_out(folder: str | os.PathLike, names: list[str]) -> str:
     """The line that names a folder's files that are not photos (a submission has no row for them)."""
     shown = ", ".join(repr(name) for name in names[:3]) + (", ..." if len(names) > 3 else "")

@@ -437,7 +437,7 @@ def list_photos(folder: str | os.PathLike, warn: bool = True) -> list[Path]:
         raise NotFound(f"photo folder {str(root)!r} does not exist")
     photos, others = imaging.photo_files(root)
     if not photos:
-        raise InvalidInput(f"photo folder {str(root)!r} has no images ({', '.join(imaging.PHOTO_SUFFIXES)})")
+        raise InvalidInput(imaging.no_photos(folder))
     if others and warn:
         log.warning("%s", imaging.left_out(folder, others))
     return photos

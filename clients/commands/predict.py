@@ -93,7 +93,7 @@ def collect(paths: Sequence[str]) -> tuple[list[Path], bool]:
             folder_given = True
             found, others = imaging.photo_files(path)
             if not found:
-                raise InvalidInput(f"folder {raw!r} has no photos ({', '.join(imaging.PHOTO_SUFFIXES)})")
+                raise InvalidInput(imaging.no_photos(raw, "folder"))
             if others:  # a submission without their rows must not go unnoticed
                 note(imaging.left_out(raw, others))
             photos.extend(found)

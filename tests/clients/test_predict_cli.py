@@ -145,17 +145,21 @@ def test_a_batch_above_the_servers_limit_falls_back_to_one_photo_per_request(tin
      "Unrecognized servable version label: nolabel"),
     (["{photo}", "--classes", "{missing_classes}"], "does not exist"),
     (["{empty_folder}"], "has no photos"),
+    (["{nested_folder}"], "has no photos (.jpg, .jpeg, .png, .bmp, .gif, .webp); its folder 'inner' has them: pass "
+                          "'{nested_folder}/inner'"),
     (["{photo}", "--json", "--verbose", "--output", "{out}"],
      "--json and --verbose print each photo, --output writes a submission CSV: give one or the other"),
 ])
 def test_user_errors_are_one_line(tiny_ensemble_server, photos, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "nested" / "inner").mkdir(parents=True)
+    (tmp_path / "nested" / "inner" / photos[0].name).write_bytes(photos[0].read_bytes())
     values = {"photo": str(photos[0]), "grpc": grpc_url(tiny_ensemble_server), "rest": rest_url(tiny_ensemble_server),
               "missing_classes": str(tmp_path / "classes.json"), "empty_folder": str(tmp_path / "empty"),
-              "out": str(tmp_path / "out.csv")}
+              "nested_folder": str(tmp_path / "nested"), "out": str(tmp_path / "out.csv")}
     assert cli.main(["predict", *[a.format(**values) for a in args]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("carclf predict: error: ") and message in err[0], err
+    assert len(err) == 1 and err[0].startswith("carclf predict: error: ") and message.format(**values) in err[0], err
 
 
 def test_server_down_is_one_line(capsys, photos):

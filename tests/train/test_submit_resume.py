@@ -185,8 +185,12 @@ def test_what_needs_no_model_is_refused_before_any_model_loads(tiny_repository_t
     out = tmp_path / "out.csv"
     empty = tmp_path / "empty"
     empty.mkdir()
+    nested = tmp_path / "test_upload"  # Kaggle's archive unpacks into test_upload/test_upload/
+    shutil.copytree(PHOTOS, nested / "test_upload")
     cases = [(tmp_path / "nope", f"photo folder {str(tmp_path / 'nope')!r} does not exist"),
-             (empty, f"photo folder {str(empty)!r} has no images")]
+             (empty, f"photo folder {str(empty)!r} has no photos"),
+             (nested, f"photo folder {str(nested)!r} has no photos (.jpg, .jpeg, .png, .bmp, .gif, .webp); its folder "
+                      f"'test_upload' has them: pass {str(nested / 'test_upload')!r}")]
     if command == "submit":
         partial, stopped = tmp_path / "out.partial.csv", "# carclf submit whatever\nId,Category\n006605.jpg,3\n"
         partial.write_text(stopped)
