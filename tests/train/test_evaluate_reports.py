@@ -38,3 +38,29 @@ def test_data_whose_class_ids_differ_from_the_models_is_refused(tiny_repository_
     assert code == 2, err
     assert "has classes ['1', '2'," in err and "the model has ['0', '1'," in err
     assert not out.exists()
+
+
+def test_data_of_the_same_ids_named_as_other_cars_is_refused(tiny_repository_template, sample_dir, tmp_path, capsys):
+    """Another data set numbered 0..9 too (the competition's class 0 is a Lada Priora, cars10's a GMC van): the
+    classes.json beside --data tells them apart, so the accuracy is not taken of one set's photos against the
+    other's classes; the same names (or no names file) evaluate as before."""
+    import shutil
+
+    from carclf.train import evaluate
+
+    data = tmp_path / "other"
+    shutil.copytree(sample_dir / "train", data / "train")
+    names = json.loads((sample_dir / "classes.json").read_text())
+    model = evaluate.load_model(tiny_repository_template / "tiny_a")
+    assert model.class_names == [names[cid] for cid in model.class_ids]  # trained on data/sample, named by it
+    names["3"] = "Lada Priora"
+    (data / "classes.json").write_text(json.dumps(names))
+    out = tmp_path / "report"
+    args = ["evaluate", str(tiny_repository_template / "tiny_a"), "--tta", "none", "--all",
+            "--data", str(data / "train"), "--out", str(out)]
+    assert carclf_main(args) == 2
+    assert (f"{data / 'classes.json'} names class 3 'Lada Priora', the model {model.class_names[3]!r}: --data holds "
+            "another data set's classes under the same ids") in capsys.readouterr().err
+    assert not out.exists()
+    (data / "classes.json").unlink()
+    assert carclf_main(args) == 0 and (out / "eval.json").is_file()

@@ -43,6 +43,12 @@ def run(args: argparse.Namespace) -> int:
         dataset = data.read_folder_layout(data_root)
     if dataset.class_ids != model.class_ids:
         raise InvalidInput(f"data {data_root} has classes {dataset.class_ids}, the model has {model.class_ids}")
+    if args.data and (names_file := data.classes_beside(args.data)):  # the same ids may be other cars
+        named = data.load_class_names(names_file, dataset.class_ids)
+        for cid, ours, theirs in zip(model.class_ids, model.class_names, named, strict=True):
+            if ours != cid and ours != theirs:
+                raise InvalidInput(f"{names_file} names class {cid} {theirs!r}, the model {ours!r}: --data holds "
+                                   "another data set's classes under the same ids")
     split_path = None if args.all else (args.split or model.info.get("split_file"))
     if split_path:
         if why := sources.why_not(split_path, "file"):
