@@ -272,6 +272,15 @@ def test_serving_config_cli_refuses_an_empty_repository(tmp_path):
     assert result.returncode == 2 and "no model with integer version folders" in result.stderr
 
 
+def test_serving_config_given_one_models_folder_names_the_repository_above_it(conformance_repository):
+    """``--repository model_repository/tiny_a`` (a model, its folders versions): refused, naming the folder to give."""
+    with pytest.raises(ConfigError) as refused:
+        serving_config.build_entries(conformance_repository / "tiny_a")
+    versions = sorted(int(p.name) for p in (conformance_repository / "tiny_a").iterdir() if p.name.isdigit())
+    assert (f"is itself a model: its folders {versions} are versions; give the repository that holds it, here "
+            f"{conformance_repository.absolute()})") in str(refused.value)
+
+
 def test_serving_config_cli_refuses_a_folder_as_output_in_one_line(conformance_repository, tmp_path):
     result = subprocess.run([sys.executable, "-m", "carclf", "serving-config", "--repository",
                              str(conformance_repository), "--output", str(tmp_path)],
