@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -166,3 +167,20 @@ def test_pixels_matching_only_one_side_of_a_rectangular_model_are_resized(tmp_pa
         expected = model(tf.cast(imaging.prepare(pixels, size), tf.float32), training=False)
         got = serve(**{contract.INPUT_PIXELS: pixels})[contract.OUTPUT_PROBABILITIES]
         np.testing.assert_allclose(got.numpy(), np.asarray(expected), atol=1e-5, err_msg=str(sent))
+
+
+def test_a_models_own_folder_given_as_the_repository_is_refused_before_the_run_loads(tiny_repository_template,
+                                                                                     tmp_path, capsys):
+    """``carclf export RUN --repository model_repository/tiny_a`` would write tiny_a/<name>/1, which no server
+    reads as a version: refused, naming the repository to give, before the run is read (there is none here)."""
+    from carclf.cli import main as carclf_main
+
+    model = tmp_path / "repo" / "tiny_a"
+    model.parent.mkdir()
+    shutil.copytree(tiny_repository_template / "tiny_a", model)
+    before = sorted(p.name for p in model.iterdir())
+    assert carclf_main(["export", str(tmp_path / "no_run"), "--repository", str(model), "--name", "tiny_a"]) == 2
+    versions = sorted(int(name) for name in before if name.isdigit())
+    assert (f"--repository {str(model)!r} is itself a model (its version folders {versions}): give the repository "
+            f"that holds it, here {str(model.parent)!r}") in capsys.readouterr().err
+    assert sorted(p.name for p in model.iterdir()) == before

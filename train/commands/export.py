@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from carclf import backbones
+from carclf import backbones, contract
 from carclf.destinations import check_folder
 from carclf.errors import InvalidInput
 from carclf.train import data, runs
@@ -58,12 +58,24 @@ def real_photos(trained: runs.TrainedRun, count: int) -> list[bytes]:
     return [Path(s.path).read_bytes() for s in samples]
 
 
+def _refuse_a_models_folder(repository: Path) -> None:
+    """``--repository model_repository/<name>``: one model's folder (its children are version folders holding
+    SavedModels), not the repository; the export would go to <name>/<name>/1, a folder no server reads."""
+    versions = sorted(n for p in repository.iterdir() if (n := contract.version_number(p.name)) is not None
+                      and (p / "saved_model.pb").is_file()) if repository.is_dir() else []
+    if versions:
+        raise InvalidInput(f"--repository {str(repository)!r} is itself a model (its version folders {versions}): "
+                           f"give the repository that holds it, here {str(repository.absolute().parent)!r}; the "
+                           "export goes to <repository>/<name>/<next version>")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.warmup < 0 or args.verify < 1:
         raise InvalidInput(f"--warmup must be >= 0 and --verify >= 1, received {args.warmup} and {args.verify}")
     if args.name is not None and not args.name.strip():
         raise InvalidInput("--name is empty; give a model name, or leave --name out for the run's recipe name")
     check_folder(args.repository, "--repository")
+    _refuse_a_models_folder(Path(args.repository))
     # checked before the model is loaded: a recipe name may hold a '.', which a model name may not
     name = args.name if args.name is not None else runs.load_config(Path(args.run_dir)).name
     check_model_name(name, hint="" if args.name is not None else " (the run's recipe name): give --name")
