@@ -29,7 +29,7 @@ from carclf import contract, imaging
 from carclf.cancel import CancelToken
 from carclf.ensemble.config import Member
 from carclf.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, NotFound, Unavailable
-from carclf.serving.repository import list_versions
+from carclf.serving.repository import list_versions, model_versions
 
 
 class InputSpec(NamedTuple):
@@ -140,7 +140,11 @@ def info_from_repository(repository: str | os.PathLike, member: Member, version:
         versions = [v for v in versions if int(v.name) == wanted]
     if not versions:
         which = f"version {wanted}" if wanted is not None else "version folder"
-        raise NotFound(f"member {member.name!r}: no {which} under {str(Path(repository) / member.name)!r}")
+        hint = ""
+        if inside := model_versions(Path(repository)):
+            hint = (f" ({str(repository)!r} is itself a model, of versions {inside}: the model repository is the "
+                    f"folder that holds the members, here {str(Path(repository).absolute().parent)!r})")
+        raise NotFound(f"member {member.name!r}: no {which} under {str(Path(repository) / member.name)!r}{hint}")
     return info_from_card(read_model_card(versions[-1]), member, str(versions[-1]), int(versions[-1].name))
 
 def declared_info(member: Member, model_repository: str | os.PathLike | None, hint: str,

@@ -45,6 +45,12 @@ def list_versions(base_path: Path) -> dict[int, Path]:
     return scan_versions(base_path) or {}
 
 
+def model_versions(folder: Path) -> list[int]:
+    """The versions ``folder`` holds as one model's folder (integer folders with a SavedModel), oldest first; not
+    empty when a model's folder is given where the repository that holds it is wanted."""
+    return sorted(version for version, path in list_versions(folder).items() if holds_savedmodel(path))
+
+
 def list_models(repository: Path) -> dict[str, dict[int, Path]]:
     """Model name -> versions, for every folder of ``repository`` that holds at least one version."""
     models = {}

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from carclf.destinations import STDOUT, check_file, write_or_print
 from carclf.errors import ConfigError
 from carclf.serving.config import MODEL_NAME_RE, VersionPolicy, models_config_to_text
-from carclf.serving.repository import SAVED_MODEL_FILES, holds_savedmodel, list_models, list_versions
+from carclf.serving.repository import SAVED_MODEL_FILES, holds_savedmodel, list_models, model_versions
 
 HEADER = ("# ModelServerConfig for TensorFlow Serving (--model_config_file), written by `carclf serving-config`.\n"
           "# Labels: stable = the version users get, canary = the newest export under trial.\n")
@@ -55,9 +55,9 @@ def build_entries(repository: Path, *, prefix: str = "", only: list[str] | None 
         models = {name: models[name] for name in only}
     if not models:
         hint = ""
-        if any(holds_savedmodel(path) for path in list_versions(repository).values()):
-            hint = (f" ({repository} is itself a model: its folders {sorted(list_versions(repository))} are versions; "
-                    f"give the repository that holds it, here {repository.absolute().parent})")
+        if versions := model_versions(repository):
+            hint = (f" ({repository} is itself a model: its folders {versions} are versions; give the repository "
+                    f"that holds it, here {repository.absolute().parent})")
         raise ConfigError(f"no model with integer version folders under {repository.absolute()}{hint}",
                           source="--repository")
     entries = []

@@ -63,6 +63,8 @@ def test_without_out_the_config_goes_to_standard_output(capsys):
     (["tiny_a", "--tta", "hflip", "--param", "tta_policy=none"], "'tta_policy' is given twice (--tta sets"),
     (["tiny_a", "tiny_c", "--repository", "{repo}"], "member 'tiny_c': no version folder under"),
     (["tiny_a:7", "--repository", "{repo}"], "member 'tiny_a': no version 7 under"),
+    (["tiny_a", "--repository", "{repo}/tiny_a"], "('{repo}/tiny_a' is itself a model, of versions [1, 2]: the model "
+                                                  "repository is the folder that holds the members, here '{repo}')"),
 ])
 def test_a_refused_config_names_the_problem_and_leaves_the_old_file(tiny_repository_template, tmp_path, capsys,
                                                                     args, needle):
@@ -76,6 +78,7 @@ def test_a_refused_config_names_the_problem_and_leaves_the_old_file(tiny_reposit
     assert code == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("carclf")]
+    needle = needle.replace("{repo}", str(tiny_repository_template))
     assert len(lines) == 1 and lines[0].startswith("carclf ensemble-config: error: ") and needle in lines[0], err
     assert out.read_text() == "the config in use\n"
     assert [p.name for p in tmp_path.iterdir()] == ["config.pbtxt"]

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from carclf import backbones, contract
+from carclf import backbones
 from carclf.destinations import check_folder
 from carclf.errors import InvalidInput
 from carclf.train import data, runs
@@ -61,9 +61,9 @@ def real_photos(trained: runs.TrainedRun, count: int) -> list[bytes]:
 def _refuse_a_models_folder(repository: Path) -> None:
     """``--repository model_repository/<name>``: one model's folder (its children are version folders holding
     SavedModels), not the repository; the export would go to <name>/<name>/1, a folder no server reads."""
-    versions = sorted(n for p in repository.iterdir() if (n := contract.version_number(p.name)) is not None
-                      and (p / "saved_model.pb").is_file()) if repository.is_dir() else []
-    if versions:
+    from carclf.serving.repository import model_versions
+
+    if versions := model_versions(repository):
         raise InvalidInput(f"--repository {str(repository)!r} is itself a model (its version folders {versions}): "
                            f"give the repository that holds it, here {str(repository.absolute().parent)!r}; the "
                            "export goes to <repository>/<name>/<next version>")
