@@ -28,13 +28,7 @@ from carclf.errors import (
     Unavailable,
 )
 from carclf.serving.config import ModelConfig, ModelsConfig
-from carclf.serving.repository import (
-    fingerprint,
-    holds_savedmodel,
-    is_training_run,
-    list_versions,
-    scan_versions,
-)
+from carclf.serving.repository import fingerprint, list_versions, misplaced_base_path, scan_versions
 from carclf.serving.servable import Dependencies, Servable
 
 log = logging.getLogger(__name__)
@@ -287,14 +281,9 @@ class ModelManager:
             model.warned_unlisted = False
         on_disk = on_disk or {}
         if not on_disk and not model.versions and not model.warned_missing:
-            hint = ""
-            if holds_savedmodel(config.base_path):
-                hint = (f" ({config.base_path} is itself a SavedModel: base_path is the folder that holds the "
-                        f"version folders, here {config.base_path.parent})")
-            elif is_training_run(config.base_path):
-                hint = (f" ({config.base_path} is a training run folder: carclf export RUN --repository REPO writes "
-                        "its SavedModel as REPO/<name>/<version>/, and REPO/<name> is the base_path)")
-            log.warning("model %s: no version folder under %s yet%s", name, config.base_path, hint)
+            hint = misplaced_base_path(config.base_path)
+            log.warning("model %s: no version folder under %s yet%s", name, config.base_path,
+                        f" ({hint})" if hint else "")
         model.warned_missing = not on_disk
         # The policy picks among versions that have not failed (unless their files changed since): a broken
         # newest version leaves the next one serving. Loading may reveal new failures, hence the loop.

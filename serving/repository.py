@@ -20,9 +20,6 @@ def holds_savedmodel(folder: Path) -> bool:
     return any((folder / name).is_file() for name in SAVED_MODEL_FILES)
 
 
-def is_training_run(folder: Path) -> bool:
-    """Whether ``folder`` is a ``carclf train`` run folder (weights and a recipe, not a SavedModel)."""
-    return (folder / TRAINING_RUN_FILE).is_file() and not holds_savedmodel(folder)
 
 
 def scan_versions(base_path: Path) -> dict[int, Path] | None:
@@ -43,6 +40,22 @@ def scan_versions(base_path: Path) -> dict[int, Path] | None:
 def list_versions(base_path: Path) -> dict[int, Path]:
     """Integer version -> folder, for every numeric sub-folder of ``base_path`` (empty when it cannot be listed)."""
     return scan_versions(base_path) or {}
+
+
+def misplaced_base_path(base_path: Path) -> str:
+    """Which other folder a base path without version folders is, and the one to give instead: a version folder
+    (a SavedModel), a ``carclf train`` run folder, or the repository that holds models; "" for none of these."""
+    if holds_savedmodel(base_path):
+        return (f"{base_path} is itself a SavedModel: base_path is the folder that holds the version folders, here "
+                f"{base_path.parent}")
+    if (base_path / TRAINING_RUN_FILE).is_file():
+        return (f"{base_path} is a training run folder: carclf export RUN --repository REPO writes its SavedModel as "
+                "REPO/<name>/<version>/, and REPO/<name> is the base_path")
+    models = sorted(list_models(base_path))
+    if models:
+        return (f"{base_path} is a model repository, of models {models}: base_path is one model's folder, such as "
+                f"{base_path / models[0]}")
+    return ""
 
 
 def model_versions(folder: Path) -> list[int]:

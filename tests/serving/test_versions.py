@@ -461,6 +461,18 @@ def test_a_training_run_folder_given_as_base_path_gets_a_hint(private_server, pr
     assert f"{run} is a training run folder: carclf export RUN --repository REPO" in warning, warning
 
 
+def test_the_repository_given_as_base_path_gets_a_hint(private_server, private_repository, caplog):
+    """``--model_base_path model_repository`` (the folder of every model): the warning names one model's folder."""
+    server = private_server(model_name=MODEL, model_base_path=str(private_repository),
+                            model_repository=str(private_repository), enable_model_warmup=False)
+    assert server.manager.readiness() == {MODEL: False}
+    (warning,) = [r.getMessage() for r in caplog.records if "no version folder under" in r.getMessage()]
+    models = sorted(p.name for p in private_repository.iterdir() if p.is_dir() and any(
+        c.name.isdigit() for c in p.iterdir()))
+    assert (f"{private_repository} is a model repository, of models {models}: base_path is one model's folder, such "
+            f"as {private_repository / models[0]}") in warning, warning
+
+
 def test_labels_may_point_at_the_versions_served_around_a_broken_newest_one(private_server, private_repository,
                                                                              jpegs):
     """With ``latest { num_versions: 2 }`` and a newest version that fails to load, the server serves the two
