@@ -20,8 +20,6 @@ def holds_savedmodel(folder: Path) -> bool:
     return any((folder / name).is_file() for name in SAVED_MODEL_FILES)
 
 
-
-
 def scan_versions(base_path: Path) -> dict[int, Path] | None:
     """Integer version -> folder, for every numeric sub-folder of ``base_path``; None when ``base_path`` cannot be
     listed (missing, not a folder, unreadable), which the server tells apart from a folder without versions."""

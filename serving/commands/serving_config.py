@@ -55,8 +55,8 @@ def build_entries(repository: Path, *, prefix: str = "", only: list[str] | None 
         models = {name: models[name] for name in only}
     if not models:
         hint = ""
-        if versions := model_versions(repository):
-            hint = (f" ({repository} is itself a model: its folders {versions} are versions; give the repository "
+        if inside := model_versions(repository):
+            hint = (f" ({repository} is itself a model: its folders {inside} are versions; give the repository "
                     f"that holds it, here {repository.absolute().parent})")
         raise ConfigError(f"no model with integer version folders under {repository.absolute()}{hint}",
                           source="--repository")

@@ -13,6 +13,7 @@ from pathlib import Path
 from carclf import backbones
 from carclf.destinations import check_folder
 from carclf.errors import InvalidInput
+from carclf.serving.repository import model_versions
 from carclf.train import data, runs
 from carclf.train.export import check_model_name, export_model
 
@@ -61,8 +62,6 @@ def real_photos(trained: runs.TrainedRun, count: int) -> list[bytes]:
 def _refuse_a_models_folder(repository: Path) -> None:
     """``--repository model_repository/<name>``: one model's folder (its children are version folders holding
     SavedModels), not the repository; the export would go to <name>/<name>/1, a folder no server reads."""
-    from carclf.serving.repository import model_versions
-
     if versions := model_versions(repository):
         raise InvalidInput(f"--repository {str(repository)!r} is itself a model (its version folders {versions}): "
                            f"give the repository that holds it, here {str(repository.absolute().parent)!r}; the "
